@@ -1,0 +1,291 @@
+"""The single-point pipeline config: one teacher → assistant → student run.
+
+A `pxd train` file and a search-space file share this format; in a search space any leaf may be a
+distribution instead of a value (see `orchestrator.spec`). Everything that can be checked before
+compute is checked here, and every error names its field (`student.resolution: ...`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pxd.errors import ConfigError
+
+__all__ = [
+    "DISTILL_TERMS",
+    "BLOCKWISE_FAMILIES",
+    "DatasetConfig",
+    "ModelConfig",
+    "TeacherConfig",
+    "StudentConfig",
+    "AssistantConfig",
+    "DistillConfig",
+    "TrainConfig",
+    "PipelineConfig",
+    "parse_dataclass",
+]
+
+DATASET_KINDS = ("synthetic", "imagefolder", "cifar10", "cifar100")
+BLOCKWISE_FAMILIES = ("blockwise_resnet", "blockwise_mobilenet")
+OPTIMIZERS = ("sgd", "adamw")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    kind: str = "synthetic"
+    path: str | None = None
+    # synthetic: native image side; imagefolder: side images are stored at (shorter side resized,
+    # center-cropped) after decoding once into memory. CIFAR is always 32.
+    image_size: int = 64
+    num_classes: int = 8  # synthetic only
+    train_per_class: int = 48  # synthetic: images made; imagefolder/cifar: cap per class (0 = all)
+    val_per_class: int = 24
+    eval_crop: float = 1.0  # center-crop fraction at evaluation (ImageNet habit: 0.875)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet18"
+    resolution: int = 64
+    checkpoint: str | None = None
+    pretrained: bool = False
+    patch_size: int | None = None  # ViTs only; None picks one that suits the resolution
+    depths: tuple[int, ...] | None = None  # block-wise families only: blocks per stage
+    widths: tuple[int, ...] | None = None  # block-wise families only: channels per stage
+
+
+@dataclass(frozen=True)
+class TeacherConfig(ModelConfig):
+    arch: str = "resnet18"
+    resolution: int = 64
+    epochs: int = 4
+
+
+@dataclass(frozen=True)
+class StudentConfig(ModelConfig):
+    arch: str = "resnet10t"
+    resolution: int = 16
+    epochs: int | None = None  # None: train.epochs
+
+
+@dataclass(frozen=True)
+class AssistantConfig:
+    # false: one-stage teacher → student pixel distillation (for comparison with TAS)
+    enabled: bool = True
+    epochs: int | None = None  # None: train.epochs
+
+
+# Weight of every optional loss term; 0 switches a term off. Names are the ones logged everywhere.
+DISTILL_TERMS = ("ce", "kd", "isrd", "feature", "attention", "pairwise", "mmd", "adversarial")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    ce: float = 1.0  # cross-entropy on labels
+    kd: float = 1.0  # logit KD weight α (Hinton et al. 2015)
+    temperature: float = 4.0  # KD temperature T
+    isrd: float = 1.0  # ISRD weight η (Guo et al., TPAMI 2024)
+    feature: float = 0.0  # cross-resolution feature MSE
+    attention: float = 0.0  # attention transfer (Zagoruyko & Komodakis 2017)
+    pairwise: float = 0.0  # RAKD pair-wise similarity (Feng et al., TIP 2021)
+    mmd: float = 0.0  # RAKD maximum mean discrepancy
+    adversarial: float = 0.0  # RAKD adversarial feature discriminator
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    batch_size: int = 64
+    epochs: int = 3  # assistant and student epochs unless they set their own
+    device: str = "auto"  # auto: cuda when available
+    # Data kept on the training device up to this many bytes (uint8 images); the rest stays on the host.
+    max_device_data_bytes: int = 4 * 1024**3
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str = "pxd"
+    seed: int = 0
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    assistant: AssistantConfig = field(default_factory=AssistantConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, ignore: tuple[str, ...] = ("search",)) -> PipelineConfig:
+        """Parse and validate; raises `ConfigError` naming the first bad field."""
+        raw = {k: v for k, v in raw.items() if k not in ignore}
+        config = parse_dataclass(cls, raw, prefix="")
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def assistant_epochs(self) -> int:
+        return self.assistant.epochs if self.assistant.epochs is not None else self.train.epochs
+
+    @property
+    def student_epochs(self) -> int:
+        return self.student.epochs if self.student.epochs is not None else self.train.epochs
+
+    def validate(self) -> None:
+        """Checks that need no compute (timm names, sizes, paths). Raises `ConfigError`."""
+        _validate_dataset(self.dataset)
+        _validate_model("teacher", self.teacher)
+        _validate_model("student", self.student)
+        if self.student.resolution > self.teacher.resolution:
+            raise ConfigError(
+                "student.resolution",
+                f"{self.student.resolution} is larger than teacher.resolution "
+                f"{self.teacher.resolution}; pixel distillation needs student ≤ teacher",
+            )
+        if self.teacher.epochs < 0 or (self.teacher.epochs == 0 and not _has_weights(self.teacher)):
+            raise ConfigError(
+                "teacher.epochs",
+                f"must be > 0 (got {self.teacher.epochs}); 0 is allowed only with "
+                "teacher.checkpoint or teacher.pretrained",
+            )
+        _positive("train.epochs", self.train.epochs)
+        if self.assistant.epochs is not None:
+            _positive("assistant.epochs", self.assistant.epochs)
+        if self.student.epochs is not None:
+            _positive("student.epochs", self.student.epochs)
+        _positive("train.batch_size", self.train.batch_size)
+        _positive("train.lr", self.train.lr)
+        if self.train.optimizer not in OPTIMIZERS:
+            raise ConfigError("train.optimizer", f"unknown {self.train.optimizer!r}; use one of {OPTIMIZERS}")
+        if self.train.device not in DEVICES:
+            raise ConfigError("train.device", f"unknown {self.train.device!r}; use one of {DEVICES}")
+        if self.train.weight_decay < 0:
+            raise ConfigError("train.weight_decay", "must be ≥ 0")
+        for name in DISTILL_TERMS:
+            value = getattr(self.distill, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"distill.{name}", f"weight must be a finite number ≥ 0 (got {value})")
+        _positive("distill.temperature", self.distill.temperature)
+
+
+def _has_weights(model: ModelConfig) -> bool:
+    return model.checkpoint is not None or model.pretrained
+
+
+def _positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(name, f"must be > 0 (got {value!r})")
+
+
+def _validate_dataset(ds: DatasetConfig) -> None:
+    if ds.kind not in DATASET_KINDS:
+        raise ConfigError("dataset.kind", f"unknown {ds.kind!r}; use one of {DATASET_KINDS}")
+    _positive("dataset.image_size", ds.image_size)
+    if not 0 < ds.eval_crop <= 1:
+        raise ConfigError("dataset.eval_crop", f"must be in (0, 1] (got {ds.eval_crop})")
+    if ds.kind == "synthetic":
+        if ds.num_classes < 2:
+            raise ConfigError("dataset.num_classes", f"must be ≥ 2 (got {ds.num_classes})")
+        _positive("dataset.train_per_class", ds.train_per_class)
+        _positive("dataset.val_per_class", ds.val_per_class)
+        return
+    if ds.train_per_class < 0 or ds.val_per_class < 0:
+        raise ConfigError("dataset.train_per_class", "caps must be ≥ 0 (0 = use every image)")
+    if not ds.path:
+        raise ConfigError("dataset.path", f"dataset.kind {ds.kind!r} needs a local path; nothing is downloaded")
+    if not Path(ds.path).expanduser().exists():
+        raise ConfigError("dataset.path", f"{ds.path} does not exist; nothing is downloaded, point it at local files")
+
+
+def _validate_model(role: str, model: ModelConfig) -> None:
+    import timm  # local: importing timm costs a second, keep `import pxd.config` cheap
+
+    _positive(f"{role}.resolution", model.resolution)
+    if model.arch in BLOCKWISE_FAMILIES:
+        if not model.depths or not model.widths:
+            raise ConfigError(f"{role}.depths", f"{model.arch} needs depths and widths (one per stage)")
+        if len(model.depths) != len(model.widths):
+            raise ConfigError(f"{role}.widths", "needs as many entries as depths")
+        if any(d < 1 for d in model.depths) or any(w < 1 for w in model.widths):
+            raise ConfigError(f"{role}.depths", "depths and widths must be ≥ 1")
+    elif not timm.is_model(model.arch):
+        close = timm.list_models(f"*{model.arch.split('_')[0]}*")[:5]
+        hint = f"; did you mean one of {close}?" if close else "; see timm.list_models()"
+        raise ConfigError(f"{role}.arch", f"unknown timm model {model.arch!r}{hint}")
+    elif model.depths is not None or model.widths is not None:
+        raise ConfigError(f"{role}.depths", f"depths/widths apply only to {BLOCKWISE_FAMILIES}")
+    if model.checkpoint is not None and not Path(model.checkpoint).expanduser().is_file():
+        raise ConfigError(f"{role}.checkpoint", f"{model.checkpoint} is not a file")
+    if model.patch_size is not None and (model.patch_size < 1 or model.resolution % model.patch_size):
+        raise ConfigError(f"{role}.patch_size", f"must divide {role}.resolution {model.resolution}")
+
+
+# ---------------------------------------------------------------------------------------------
+# dict → dataclass, with errors naming the field
+
+
+def parse_dataclass(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key; known keys here: {sorted(known)}")
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return parse_dataclass(hint, value, prefix=f"{name}.")
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, name)
+    if isinstance(value, dict):
+        raise ConfigError(name, f"expected a single value, got a mapping {value!r} (distributions belong in a search space run by `pxd sweep`)")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(name, f"expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, f"expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, f"expected a whole number, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads `5e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(name, f"expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(name, f"expected a string, got {value!r}")
+        return value
+    return value
