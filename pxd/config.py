@@ -80,6 +80,9 @@ class AssistantConfig:
     # false: one-stage teacher → student pixel distillation (for comparison with TAS)
     enabled: bool = True
     epochs: int | None = None  # None: train.epochs
+    # The student starts from the assistant's weights (same architecture, new input size), as when
+    # fine-tuning at a new resolution; false starts it from scratch.
+    init_student: bool = True
 
 
 # Weight of every optional loss term; 0 switches a term off. Names are the ones logged everywhere.
@@ -177,6 +180,8 @@ class PipelineConfig:
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"distill.{name}", f"weight must be a finite number ≥ 0 (got {value})")
         _positive("distill.temperature", self.distill.temperature)
+        if not any(getattr(self.distill, name) > 0 for name in DISTILL_TERMS):
+            raise ConfigError("distill", "every loss weight is 0: nothing would train the student; set distill.ce or distill.kd > 0")
 
 
 def _has_weights(model: ModelConfig) -> bool:
@@ -229,6 +234,9 @@ def _validate_model(role: str, model: ModelConfig) -> None:
         raise ConfigError(f"{role}.checkpoint", f"{model.checkpoint} is not a file")
     if model.patch_size is not None and (model.patch_size < 1 or model.resolution % model.patch_size):
         raise ConfigError(f"{role}.patch_size", f"must divide {role}.resolution {model.resolution}")
+    from pxd.models import check_model_supported  # builds on the meta device: no memory, no download
+
+    check_model_supported(model, role)
 
 
 # ---------------------------------------------------------------------------------------------

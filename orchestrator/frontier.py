@@ -1,0 +1,346 @@
+"""Pareto frontier and hypervolume of a sweep's trials.
+
+A trial is **on the frontier** when no other completed, full-budget, feasible trial of the sweep
+is at least as good on every objective and better on one. As in Optuna
+(``optuna/study/_multi_objective.py``) every direction is first normalised to minimisation
+("max" objectives are negated), ineligible trials are dropped, and only then is dominance computed.
+
+This module takes plain rows (no Ray, no MLflow) so it can be used and tested alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pxd.errors import ConfigError
+
+__all__ = [
+    "TrialRow",
+    "normalise",
+    "non_dominated_mask",
+    "eligible",
+    "frontier",
+    "hypervolume",
+    "hypervolume_of_rows",
+    "frontier_table",
+    "table_to_json",
+    "write_table",
+    "format_table",
+]
+
+Objectives = Sequence[tuple[str, str]]
+_DIRECTIONS = ("min", "max")
+
+
+@dataclass
+class TrialRow:
+    """One trial of a sweep as the frontier sees it."""
+
+    trial_id: str
+    run_id: str | None
+    metrics: dict[str, float]
+    params: dict[str, Any]
+    state: str  # "COMPLETE", "FAILED", "PRUNED" or "RUNNING"
+    full_budget: bool = True
+    feasible: bool = True
+    model_uri: str | None = None
+
+
+def _check_directions(directions: Sequence[str]) -> None:
+    for index, direction in enumerate(directions):
+        if direction not in _DIRECTIONS:
+            raise ConfigError(
+                f"objectives[{index}].direction",
+                f"got {direction!r}; use 'min' or 'max'",
+            )
+
+
+def _split(objectives: Objectives) -> tuple[list[str], list[str]]:
+    names = [name for name, _ in objectives]
+    directions = [direction for _, direction in objectives]
+    if not names:
+        raise ConfigError("objectives", "give at least one, e.g. [('val_top1', 'max')]")
+    if len(set(names)) != len(names):
+        raise ConfigError("objectives", f"each metric may appear once, got {names}")
+    _check_directions(directions)
+    return names, directions
+
+
+def normalise(points: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """Return a float copy of ``points`` [n, k] with every objective turned into minimisation."""
+    _check_directions(directions)
+    array = np.array(points, dtype=float, ndmin=2)
+    if array.shape[1] != len(directions):
+        raise ValueError(f"points have {array.shape[1]} columns but {len(directions)} directions")
+    signs = np.array([-1.0 if d == "max" else 1.0 for d in directions])
+    return array * signs
+
+
+def non_dominated_mask(points_min: np.ndarray) -> np.ndarray:
+    """Boolean mask of the rows of ``points_min`` [n, k] (minimisation) that no other row dominates.
+
+    Exact, O(n² k) time and O(n k) memory. Identical rows do not dominate each other, so all copies
+    of a non-dominated point stay on the front. ±inf compare as ordinary extreme values. A row
+    holding any NaN is never on the front and never dominates another row: NaN is not a value.
+    """
+    points = np.array(points_min, dtype=float, ndmin=2)
+    if points.ndim != 2:
+        raise ValueError(f"points must be a 2-D array [n, k], got shape {points.shape}")
+    valid = ~np.isnan(points).any(axis=1)
+    candidates = points[valid]
+    on_front_valid = np.ones(len(candidates), dtype=bool)
+    for index, point in enumerate(candidates):
+        not_worse = np.all(candidates <= point, axis=1)
+        better = np.any(candidates < point, axis=1)
+        on_front_valid[index] = not np.any(not_worse & better)
+    mask = np.zeros(len(points), dtype=bool)
+    mask[valid] = on_front_valid
+    return mask
+
+
+def _is_eligible(row: TrialRow, names: Sequence[str]) -> bool:
+    if row.state != "COMPLETE" or not row.full_budget or not row.feasible:
+        return False
+    return all(name in row.metrics and not math.isnan(float(row.metrics[name])) for name in names)
+
+
+def eligible(rows: Sequence[TrialRow], objectives: Objectives) -> list[TrialRow]:
+    """Rows that may be on the frontier: COMPLETE, full budget, feasible, no objective NaN."""
+    names, _ = _split(objectives)
+    return [row for row in rows if _is_eligible(row, names)]
+
+
+def _points_min(rows: Sequence[TrialRow], objectives: Objectives) -> np.ndarray:
+    names, directions = _split(objectives)
+    raw = np.array([[float(row.metrics[name]) for name in names] for row in rows], dtype=float)
+    return normalise(raw.reshape(len(rows), len(names)), directions)
+
+
+def _best_first(rows: Sequence[TrialRow], points_min: np.ndarray) -> list[int]:
+    # First objective decides; the others and the trial id only break ties, for a stable order.
+    return sorted(range(len(rows)), key=lambda i: (*points_min[i].tolist(), rows[i].trial_id))
+
+
+def frontier(rows: Sequence[TrialRow], objectives: Objectives) -> list[TrialRow]:
+    """Eligible rows on the Pareto frontier, sorted by the first objective, best first."""
+    candidates = eligible(rows, objectives)
+    if not candidates:
+        return []
+    points = _points_min(candidates, objectives)
+    mask = non_dominated_mask(points)
+    return [candidates[i] for i in _best_first(candidates, points) if mask[i]]
+
+
+def _hypervolume_min(points: np.ndarray, reference: np.ndarray) -> float:
+    """Exact hypervolume for minimisation; every point is finite and strictly below ``reference``.
+
+    Slices along the last objective (HSO, While et al. 2006): between consecutive values of that
+    objective, the dominated region is a prism whose base is the (k-1)-D hypervolume of the points
+    already passed. The 2-D base case is a sweep over the first objective.
+    """
+    if len(points) == 0:
+        return 0.0
+    if points.shape[1] == 1:
+        return float(reference[0] - points[:, 0].min())
+    if points.shape[1] == 2:
+        order = np.argsort(points[:, 0], kind="stable")
+        xs = points[order, 0]
+        best_y = np.minimum.accumulate(points[order, 1])
+        widths = np.diff(np.append(xs, reference[0]))
+        return float(np.sum(widths * (reference[1] - best_y)))
+    points = np.unique(points, axis=0)
+    points = points[non_dominated_mask(points)]
+    points = points[np.argsort(points[:, -1], kind="stable")]
+    cuts = np.append(points[:, -1], reference[-1])
+    total = 0.0
+    for index in range(len(points)):
+        depth = cuts[index + 1] - cuts[index]
+        if depth > 0:
+            total += depth * _hypervolume_min(points[: index + 1, :-1], reference[:-1])
+    return total
+
+
+def hypervolume(points: np.ndarray, directions: Sequence[str], reference: Sequence[float]) -> float:
+    """Hypervolume dominated by ``points`` [n, k] and bounded by ``reference``.
+
+    ``points`` and ``reference`` are in the ORIGINAL metric units (e.g. val_top1 in [0, 1], gmacs,
+    pixels); both are normalised to minimisation with ``directions`` before computing, so the value
+    is the volume, in those units, of the region every point of which some point is at least as
+    good as and the reference is at most as good as. A point that is not strictly better than the
+    reference on every objective contributes nothing (also NaN points). A point with an infinitely
+    good value that is otherwise better than the reference gives ``inf``. Exact for any k;
+    intended for n up to a few hundred.
+    """
+    reference_min = normalise(np.asarray(reference, dtype=float).reshape(1, -1), directions)[0]
+    if not np.all(np.isfinite(reference_min)):
+        raise ConfigError("reference_point", f"every value must be finite, got {list(reference)}")
+    array = np.array(points, dtype=float).reshape(-1, len(directions))
+    points_min = normalise(array, directions)
+    inside = points_min[np.all(points_min < reference_min, axis=1)]
+    if np.any(np.isinf(inside)):
+        return math.inf
+    return _hypervolume_min(inside, reference_min)
+
+
+def _reference_vector(objectives: Objectives, reference: Mapping[str, float]) -> list[float]:
+    names, _ = _split(objectives)
+    missing = [name for name in names if name not in reference]
+    if missing:
+        raise ConfigError(
+            f"reference_point.{missing[0]}",
+            f"missing; give a value for every objective {names}, e.g. val_top1: 0.0, gmacs: 1.0",
+        )
+    return [float(reference[name]) for name in names]
+
+
+def hypervolume_of_rows(
+    rows: Sequence[TrialRow], objectives: Objectives, reference: Mapping[str, float]
+) -> float:
+    """Hypervolume of the eligible rows; reference in original metric units (``hypervolume``)."""
+    vector = _reference_vector(objectives, reference)
+    candidates = eligible(rows, objectives)
+    names, directions = _split(objectives)
+    raw = [[float(row.metrics[name]) for name in names] for row in candidates]
+    return hypervolume(np.array(raw, dtype=float).reshape(-1, len(names)), directions, vector)
+
+
+def frontier_table(
+    rows: Sequence[TrialRow], objectives: Objectives, reference: Mapping[str, float] | None
+) -> dict[str, Any]:
+    """Every eligible row with its ``on_frontier`` flag, frontier rows first, plus the hypervolume.
+
+    Each table row is ``{trial_id, run_id, model_uri, on_frontier, metrics: {...}, params: {...}}``
+    (metrics and params stay separate so a param can never shadow a metric of the same name).
+    ``hypervolume`` is None when no reference point is given.
+    """
+    names, directions = _split(objectives)
+    candidates = eligible(rows, objectives)
+    points = _points_min(candidates, objectives) if candidates else np.zeros((0, len(names)))
+    mask = non_dominated_mask(points) if candidates else np.zeros(0, dtype=bool)
+    order = _best_first(candidates, points)
+    order = [i for i in order if mask[i]] + [i for i in order if not mask[i]]
+    table_rows = [
+        {
+            "trial_id": candidates[i].trial_id,
+            "run_id": candidates[i].run_id,
+            "model_uri": candidates[i].model_uri,
+            "on_frontier": bool(mask[i]),
+            "metrics": {key: float(value) for key, value in candidates[i].metrics.items()},
+            "params": dict(candidates[i].params),
+        }
+        for i in order
+    ]
+    return {
+        "objectives": [{"name": n, "direction": d} for n, d in zip(names, directions)],
+        "reference_point": None if reference is None else dict(reference),
+        "hypervolume": (
+            None if reference is None else hypervolume_of_rows(rows, objectives, reference)
+        ),
+        "n_eligible": len(candidates),
+        "n_frontier": int(mask.sum()),
+        "rows": table_rows,
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    # Strict JSON has no Infinity/NaN (browsers and MLflow's viewer reject them): write them as
+    # the strings "inf", "-inf", "nan", which float() reads back.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def table_to_json(table: Mapping[str, Any]) -> str:
+    """The table as strict JSON text (non-finite floats as strings, other objects via ``str``)."""
+    return json.dumps(_json_safe(table), indent=2, allow_nan=False, default=str)
+
+
+def _metric_columns(table: Mapping[str, Any]) -> list[str]:
+    objective_names = [objective["name"] for objective in table["objectives"]]
+    others = sorted({key for row in table["rows"] for key in row["metrics"]} - set(objective_names))
+    return objective_names + others
+
+
+def _param_columns(table: Mapping[str, Any]) -> list[str]:
+    return sorted({key for row in table["rows"] for key in row["params"]})
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (str, int, float, bool)):
+        return str(value)
+    return json.dumps(_json_safe(value), default=str)
+
+
+def write_table(table: Mapping[str, Any], directory: str | Path) -> list[Path]:
+    """Write ``frontier.csv`` (a line per eligible trial, frontier first) and ``frontier.json``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    metric_columns = _metric_columns(table)
+    param_columns = _param_columns(table)
+    csv_path = directory / "frontier.csv"
+    with csv_path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(
+            ["on_frontier", "trial_id", "run_id", "model_uri"]
+            + metric_columns
+            + [f"params.{name}" for name in param_columns]
+        )
+        for row in table["rows"]:
+            writer.writerow(
+                [_cell(row[key]) for key in ("on_frontier", "trial_id", "run_id", "model_uri")]
+                + [_cell(row["metrics"].get(name)) for name in metric_columns]
+                + [_cell(row["params"].get(name)) for name in param_columns]
+            )
+    json_path = directory / "frontier.json"
+    json_path.write_text(table_to_json(table) + "\n", encoding="utf-8")
+    return [csv_path, json_path]
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return _cell(value)
+
+
+def format_table(table: Mapping[str, Any], max_rows: int | None = None) -> str:
+    """Fixed-width text table for terminals; frontier rows are marked ``*`` and listed first."""
+    metric_columns = _metric_columns(table)
+    param_columns = _param_columns(table)
+    header = ["", "trial_id", "run_id"] + metric_columns + param_columns
+    shown = table["rows"] if max_rows is None else table["rows"][:max_rows]
+    lines = [
+        ["*" if row["on_frontier"] else "", _cell(row["trial_id"]), _cell(row["run_id"])]
+        + [_short(row["metrics"].get(name)) for name in metric_columns]
+        + [_short(row["params"].get(name)) for name in param_columns]
+        for row in shown
+    ]
+    widths = [max(len(cells[c]) for cells in [header, *lines]) for c in range(len(header))]
+    text = [
+        "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
+        for cells in [header, *lines]
+    ]
+    hidden = len(table["rows"]) - len(shown)
+    if hidden > 0:
+        text.append(f"... {hidden} more eligible trials not shown")
+    objectives = ", ".join(f"{o['name']} ({o['direction']})" for o in table["objectives"])
+    volume = table.get("hypervolume")
+    volume_text = "n/a (no reference point)" if volume is None else f"{volume:.6g}"
+    text.append(
+        f"{table['n_frontier']} on the frontier of {table['n_eligible']} eligible trials; "
+        f"objectives: {objectives}; hypervolume: {volume_text}"
+    )
+    return "\n".join(text)

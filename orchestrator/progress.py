@@ -1,0 +1,86 @@
+"""Live sweep progress on the terminal: trials done / running / failed, frontier size, hypervolume."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any
+
+from ray import tune
+
+from orchestrator.frontier import TrialRow, frontier_table
+
+__all__ = ["SweepProgress"]
+
+
+class SweepProgress(tune.Callback):
+    """A Tune callback that prints one status line per event (and at most every `every_s` otherwise)."""
+
+    def __init__(self, spec: Any, *, total: int, quiet: bool = False, every_s: float = 15.0, stream: Any = None) -> None:
+        self.objectives = list(zip(spec.objective_metrics, spec.objective_modes))
+        self.reference = dict(spec.search.reference_point)
+        self.total = total
+        self.quiet = quiet
+        self.every_s = every_s
+        self.stream = stream or sys.stderr
+        self.started = time.monotonic()
+        self.last_print = 0.0
+        self.running: set[str] = set()
+        self.done: dict[str, TrialRow] = {}
+        self.failed: set[str] = set()
+        self.frontier_size = 0
+        self.hypervolume = 0.0
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running.add(trial.trial_id)
+        self._print(f"trial {trial.trial_id} started")
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get("done") and "val_top1" in result:
+            self.done[trial.trial_id] = TrialRow(
+                trial_id=trial.trial_id, run_id=result.get("mlflow_run_id"),
+                metrics={k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                params={}, state="COMPLETE", feasible=bool(result.get("feasible", True)),
+            )
+        elif time.monotonic() - self.last_print > self.every_s:
+            self._print(f"trial {trial.trial_id} {result.get('stage', '')} epoch {result.get('epoch', '?')}: "
+                        f"val_top1 {result.get('epoch_val_top1', float('nan')):.3f}")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running.discard(trial.trial_id)
+        if trial.trial_id not in self.done:
+            self.failed.add(trial.trial_id)
+        self._refresh_frontier()
+        row = self.done.get(trial.trial_id)
+        detail = f"val_top1 {row.metrics['val_top1']:.3f}" if row else "no final result"
+        self._print(f"trial {trial.trial_id} finished ({detail})", force=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running.discard(trial.trial_id)
+        self.failed.add(trial.trial_id)
+        self.done.pop(trial.trial_id, None)
+        self._print(f"trial {trial.trial_id} FAILED (its MLflow run holds the error)", force=True)
+
+    def _refresh_frontier(self) -> None:
+        rows = list(self.done.values())
+        if not rows:
+            return
+        table = frontier_table(rows, self.objectives, self.reference)
+        self.frontier_size = int(table["n_frontier"])
+        hv = table["hypervolume"]
+        self.hypervolume = float(hv) if hv is not None and math.isfinite(hv) else 0.0
+
+    def status(self) -> str:
+        elapsed = time.monotonic() - self.started
+        return (f"[pxd] {len(self.done)}/{self.total} done · {len(self.running)} running · {len(self.failed)} failed"
+                f" · frontier {self.frontier_size} · hypervolume {self.hypervolume:.4g} · {elapsed:5.0f}s")
+
+    def _print(self, event: str, force: bool = False) -> None:
+        if self.quiet:
+            return
+        self.last_print = time.monotonic()
+        print(f"{self.status()}  | {event}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        self._print("sweep finished", force=True)

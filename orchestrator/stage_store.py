@@ -1,0 +1,333 @@
+"""Content-addressed stage store on MLflow, with single-flight training across trials and nodes.
+
+A finished stage is an MLflow run in the experiment `pxd-stages`, tagged with its `pxd.stage_key`, its
+checkpoint an artifact (`stage/checkpoint.pt`) whose sha256 is recorded in a tag. The run is marked
+usable (`pxd.stage_complete = true`, status FINISHED) only after the artifact is uploaded, and a load
+verifies the hash, so a half-written or corrupt stage is never used: it is tagged `pxd.stage_corrupt`
+and trained again.
+
+Single-flight: before training a missing stage a trial takes a lease on its key from a lease table
+(a named Ray actor, shared by every trial and node of the Ray cluster). The holder renews the lease
+while it trains; the others poll the store. If the holder dies, its lease expires after
+`PXD_STAGE_LEASE_TTL_S` seconds (default 60) and the next waiter takes over. Waiting is bounded by the
+space's `search.stage_wait_timeout_s`, after which the trial fails with a clear error.
+
+While it waits a trial sleeps: it has created its models on the CPU only and put nothing on the GPU,
+but Tune still holds the trial's resource reservation. To keep that window short, `pxd sweep` trains
+the sweep's teacher (the one stage every trial needs) before it launches trials; see docs/stages.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "STAGES_EXPERIMENT",
+    "StageWaitTimeout",
+    "MlflowStageStore",
+    "LocalLeases",
+    "RayLeases",
+    "make_provider",
+    "list_stages",
+]
+
+STAGES_EXPERIMENT = "pxd-stages"
+CHECKPOINT = "stage/checkpoint.pt"
+LEASE_ACTOR = "pxd-stage-leases"
+LEASE_NAMESPACE = "pxd"
+
+
+class StageWaitTimeout(RuntimeError):
+    pass
+
+
+def lease_ttl_s() -> float:
+    return float(os.environ.get("PXD_STAGE_LEASE_TTL_S", "60"))
+
+
+class LocalLeases:
+    """Leases within one process (tests, `pxd train`); same contract as `RayLeases`."""
+
+    def __init__(self) -> None:
+        self._table: dict[str, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, key: str, owner: str, ttl_s: float) -> bool:
+        with self._lock:
+            holder = self._table.get(key)
+            now = time.monotonic()
+            if holder is None or holder[0] == owner or holder[1] < now:
+                self._table[key] = (owner, now + ttl_s)
+                return True
+            return False
+
+    renew = acquire
+
+    def release(self, key: str, owner: str) -> None:
+        with self._lock:
+            if self._table.get(key, ("",))[0] == owner:
+                del self._table[key]
+
+    def holder(self, key: str) -> str | None:
+        with self._lock:
+            holder = self._table.get(key)
+            return holder[0] if holder and holder[1] >= time.monotonic() else None
+
+
+class RayLeases:
+    """Leases held by one named, detached Ray actor, so every node of the cluster sees the same table."""
+
+    def __init__(self) -> None:
+        import ray
+
+        actor_class = ray.remote(num_cpus=0, max_restarts=-1)(LocalLeases)
+        self._actor = actor_class.options(
+            name=LEASE_ACTOR, namespace=LEASE_NAMESPACE, lifetime="detached", get_if_exists=True
+        ).remote()
+
+    def acquire(self, key: str, owner: str, ttl_s: float) -> bool:
+        import ray
+
+        return bool(ray.get(self._actor.acquire.remote(key, owner, ttl_s)))
+
+    def renew(self, key: str, owner: str, ttl_s: float) -> bool:
+        import ray
+
+        return bool(ray.get(self._actor.renew.remote(key, owner, ttl_s)))
+
+    def release(self, key: str, owner: str) -> None:
+        import ray
+
+        ray.get(self._actor.release.remote(key, owner))
+
+    def holder(self, key: str) -> str | None:
+        import ray
+
+        return ray.get(self._actor.holder.remote(key))
+
+
+class _Heartbeat:
+    """Renews a lease in the background while the holder trains."""
+
+    def __init__(self, leases: Any, key: str, owner: str, ttl_s: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(leases, key, owner, ttl_s), daemon=True)
+
+    def _run(self, leases: Any, key: str, owner: str, ttl_s: float) -> None:
+        while not self._stop.wait(ttl_s / 3):
+            leases.renew(key, owner, ttl_s)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class MlflowStageStore:
+    """`pxd.pipeline.StageProvider` backed by an MLflow tracking server."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        *,
+        leases: Any,
+        force_retrain: bool = False,
+        wait_timeout_s: float = 3600.0,
+        poll_s: float = 1.0,
+        trial_run_id: str | None = None,
+        sweep_name: str | None = None,
+    ) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        self.leases = leases
+        self.force_retrain = force_retrain
+        self.wait_timeout_s = wait_timeout_s
+        self.poll_s = poll_s
+        self.trial_run_id = trial_run_id
+        self.sweep_name = sweep_name
+        self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._experiment_id: str | None = None
+
+    # -- lookup and load ---------------------------------------------------------------------------
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            from mlflow.exceptions import MlflowException
+
+            experiment = self.client.get_experiment_by_name(STAGES_EXPERIMENT)
+            if experiment is None:
+                try:
+                    self._experiment_id = self.client.create_experiment(STAGES_EXPERIMENT)
+                except MlflowException:  # another trial created it first
+                    self._experiment_id = self.client.get_experiment_by_name(STAGES_EXPERIMENT).experiment_id
+            else:
+                self._experiment_id = experiment.experiment_id
+        return str(self._experiment_id)
+
+    def lookup(self, key: str) -> Any | None:
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=(f"tags.`pxd.stage_key` = '{key}' and tags.`pxd.stage_complete` = 'true' "
+                           "and attributes.status = 'FINISHED'"),
+            order_by=["attributes.start_time DESC"],
+            max_results=20,
+        )
+        return next((r for r in runs if r.data.tags.get("pxd.stage_corrupt") != "true"), None)
+
+    def load(self, run: Any) -> Any | None:
+        """The stage's result, or None (and the run tagged corrupt) when its checkpoint fails the hash."""
+        import torch
+
+        from pxd.train import StageResult
+
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = self.client.download_artifacts(run.info.run_id, CHECKPOINT, tmp)
+                payload = Path(path).read_bytes()
+            except Exception as exc:  # noqa: BLE001 - a missing artifact is a corrupt stage, recorded below
+                self.client.set_tag(run.info.run_id, "pxd.stage_corrupt", "true")
+                self.client.set_tag(run.info.run_id, "pxd.stage_corrupt_reason", f"artifact unreadable: {exc}"[:500])
+                return None
+        if hashlib.sha256(payload).hexdigest() != run.data.tags.get("pxd.checkpoint_sha256"):
+            self.client.set_tag(run.info.run_id, "pxd.stage_corrupt", "true")
+            self.client.set_tag(run.info.run_id, "pxd.stage_corrupt_reason", "checkpoint sha256 mismatch")
+            return None
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        metrics = {k: v for k, v in run.data.metrics.items()}
+        return StageResult(kind=run.data.tags["pxd.stage"], state_dict=state, metrics=metrics)
+
+    def _find(self, key: str) -> tuple[Any, str] | None:
+        while True:
+            run = self.lookup(key)
+            if run is None:
+                return None
+            result = self.load(run)
+            if result is not None:
+                return result, run.info.run_id
+
+    # -- save ------------------------------------------------------------------------------------------
+    def save(self, kind: str, key: str, describe: dict[str, Any], result: Any) -> str:
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(result.state_dict, buffer)
+        payload = buffer.getvalue()
+        tags = {"pxd.kind": "stage", "pxd.stage": kind, "pxd.stage_key": key, "pxd.stage_complete": "false",
+                "pxd.trained_by": self.owner}
+        if self.sweep_name:
+            tags["pxd.sweep"] = self.sweep_name
+        if self.trial_run_id:
+            tags["pxd.trained_for_run"] = self.trial_run_id
+        run = self.client.create_run(self.experiment_id, run_name=f"{kind}-{key[:10]}", tags=tags)
+        run_id = run.info.run_id
+        try:
+            for name, value in describe.items():
+                self.client.log_param(run_id, name, value)
+            for name, value in result.metrics.items():
+                self.client.log_metric(run_id, name, float(value))
+            for record in result.history:
+                step = int(record.get("epoch", 0))
+                for name, value in record.items():
+                    if name != "epoch":
+                        self.client.log_metric(run_id, f"epoch.{name}", float(value), step=step)
+            self.client.log_metric(run_id, "checkpoint_bytes", float(len(payload)))
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "checkpoint.pt"
+                path.write_bytes(payload)
+                self.client.log_artifact(run_id, str(path), "stage")
+            # usable only from here on: the artifact is complete and its hash recorded
+            self.client.set_tag(run_id, "pxd.checkpoint_sha256", hashlib.sha256(payload).hexdigest())
+            self.client.set_tag(run_id, "pxd.stage_complete", "true")
+            self.client.set_terminated(run_id, status="FINISHED")
+        except BaseException:
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        return str(run_id)
+
+    # -- the provider contract ---------------------------------------------------------------------
+    def get_or_train(self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], Any]) -> Any:
+        from pxd.pipeline import StageOutcome
+
+        if not self.force_retrain:
+            found = self._find(key)
+            if found is not None:
+                return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
+        deadline = time.monotonic() + self.wait_timeout_s
+        ttl = lease_ttl_s()
+        while True:
+            if self.leases.acquire(key, self.owner, ttl):
+                try:
+                    found = None if self.force_retrain else self._find(key)  # finished while we polled
+                    if found is not None:
+                        return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
+                    with _Heartbeat(self.leases, key, self.owner, ttl):
+                        result = train()
+                        run_id = self.save(kind, key, describe, result)
+                    return StageOutcome(result=result, key=key, reused=False, ref=run_id)
+                finally:
+                    self.leases.release(key, self.owner)
+            if time.monotonic() > deadline:
+                raise StageWaitTimeout(
+                    f"waited {self.wait_timeout_s:.0f}s for the {kind} stage {key[:12]} that "
+                    f"{self.leases.holder(key) or 'another trial'} is training; raise search.stage_wait_timeout_s "
+                    "or check that trial's MLflow run"
+                )
+            time.sleep(self.poll_s)
+            if not self.force_retrain:
+                found = self._find(key)
+                if found is not None:
+                    return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
+
+
+def make_provider(context: Any, parent_run_id: str | None = None) -> Any:
+    """The stage provider a trial uses: the MLflow store with cluster-wide leases."""
+    import ray
+
+    leases = RayLeases() if ray.is_initialized() else LocalLeases()
+    return MlflowStageStore(
+        context.tracking_uri,
+        leases=leases,
+        force_retrain=context.force_retrain or not context.reuse_stages,
+        wait_timeout_s=context.stage_wait_timeout_s,
+        trial_run_id=parent_run_id,
+        sweep_name=context.sweep_name,
+    )
+
+
+def list_stages(tracking_uri: str) -> list[dict[str, Any]]:
+    """Every stored stage: key, kind, metrics, checkpoint size, state."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(STAGES_EXPERIMENT)
+    if experiment is None:
+        return []
+    rows = []
+    for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000):
+        tags = run.data.tags
+        usable = tags.get("pxd.stage_complete") == "true" and tags.get("pxd.stage_corrupt") != "true" and run.info.status == "FINISHED"
+        rows.append({
+            "key": tags.get("pxd.stage_key", ""),
+            "stage": tags.get("pxd.stage", ""),
+            "arch": run.data.params.get("arch", ""),
+            "resolution": run.data.params.get("resolution", ""),
+            "val_top1": run.data.metrics.get("val_top1", float("nan")),
+            "train_seconds": run.data.metrics.get("train_seconds", float("nan")),
+            "size_mb": run.data.metrics.get("checkpoint_bytes", 0.0) / 1e6,
+            "state": "ok" if usable else ("corrupt" if tags.get("pxd.stage_corrupt") == "true" else run.info.status.lower()),
+            "run_id": run.info.run_id,
+        })
+    return rows

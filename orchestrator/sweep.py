@@ -1,0 +1,311 @@
+"""`pxd sweep`: Ray Tune + Optuna (multi-objective) over TAS pipelines, tracked in MLflow.
+
+Layout of one sweep under the results root (`--root`, `PXD_HOME`, default ./pxd-results):
+
+    sweeps/<sweep name>/spec.yaml     the resolved search space, as launched
+    sweeps/<sweep name>/optuna.db     the Optuna study (RDB storage; open it in optuna-dashboard)
+    sweeps/<sweep name>/tune/         Ray Tune's experiment state (what `--resume` restores)
+
+MLflow: experiment = the space's `name`; one parent run per sweep (tag `pxd.sweep`), one child run per
+trial, separate runs for shared stages (experiment `pxd-stages`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestrator.frontier import TrialRow, frontier_table, format_table, hypervolume_of_rows, write_table
+from orchestrator.tracking import TrackingTarget, resolve_tracking, results_root, ui_command
+from orchestrator.trial import TrialContext, run_trial
+
+__all__ = ["SweepOptions", "SweepOutcome", "run_sweep", "collect_rows", "find_sweep_run", "sweep_objectives"]
+
+
+@dataclass
+class SweepOptions:
+    name: str | None = None
+    resume: bool = False
+    tracking_uri: str | None = None
+    ray_address: str | None = None
+    optuna_storage: str | None = None
+    root: str | None = None
+    reuse_stages: bool = True
+    force_retrain: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class SweepOutcome:
+    sweep_name: str
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    table: dict[str, Any]
+    rows: list[TrialRow]
+    ui: str
+
+
+def _make_searcher(spec: Any, sweep_name: str, storage_url: str) -> Any:
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator.spec import constraint_names, define_by_run, make_sampler
+
+    names = constraint_names(spec)
+    metrics, modes = list(spec.objective_metrics), list(spec.objective_modes)
+
+    class ParetoOptunaSearch(OptunaSearch):
+        """OptunaSearch that records constraints and marks incomplete trials FAIL (never half-told)."""
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            ot_trial = self._ot_trials.get(trial_id)
+            if ot_trial is None or trial_id in self._completed_trials:
+                return
+            values = [result.get(m) for m in metrics] if result else []
+            complete = (not error and result is not None and result.get("done")
+                        and all(isinstance(v, (int, float)) and not math.isnan(v) for v in values))
+            if result and result.get("mlflow_run_id"):
+                ot_trial.set_user_attr("mlflow_run_id", result["mlflow_run_id"])
+            if not complete:
+                self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
+                self._completed_trials.add(trial_id)
+                return
+            # Optuna ≥ 5 reads constraints set on the trial before `tell` (≤ 0 means satisfied)
+            for name, value in zip(names, result.get("constraints") or []):
+                ot_trial.set_constraint(name, value)
+            super().on_trial_complete(trial_id, result=result, error=False)
+
+    storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=None)
+    return ParetoOptunaSearch(
+        space=define_by_run(spec),
+        metric=metrics,
+        mode=modes,
+        sampler=make_sampler(spec),
+        storage=storage,
+        study_name=sweep_name,
+    )
+
+
+def _default_name(spec: Any) -> str:
+    return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _latest_sweep(root: Path, space_name: str) -> str | None:
+    sweeps = sorted((p for p in (root / "sweeps").glob(f"{space_name}-*") if (p / "tune").exists()), key=lambda p: p.stat().st_mtime)
+    return sweeps[-1].name if sweeps else None
+
+
+def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
+    """Launch (or resume) a sweep and return its frontier. `spec` is an `orchestrator.spec.SweepSpec`."""
+    import mlflow
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from orchestrator.progress import SweepProgress
+
+    root = results_root(options.root)
+    name = options.name or (_latest_sweep(root, spec.name) if options.resume else None) or _default_name(spec)
+    sweep_dir = root / "sweeps" / name
+    if options.resume and not (sweep_dir / "tune").exists():
+        from pxd.errors import ConfigError
+
+        raise ConfigError("--resume", f"no sweep named {name!r} under {root / 'sweeps'}; check --name and --root")
+    spec.require_search()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+    storage_url = options.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
+
+    target = resolve_tracking(options.tracking_uri, root, cluster=options.ray_address is not None)
+    try:
+        client = MlflowClient(target.uri)
+        mlflow.set_tracking_uri(target.uri)
+        experiment_id = _experiment_id(client, spec.name)
+        parent_run_id = _parent_run(client, experiment_id, name, spec, storage_url, resume=options.resume)
+        context = TrialContext(
+            spec=spec, sweep_name=name, tracking_uri=target.uri, experiment_id=experiment_id,
+            parent_run_id=parent_run_id, reuse_stages=options.reuse_stages, force_retrain=options.force_retrain,
+            stage_wait_timeout_s=float(spec.search.stage_wait_timeout_s),
+        )
+        os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        if not ray.is_initialized():
+            ray.init(address=options.ray_address, include_dashboard=False, log_to_driver=False,
+                     configure_logging=True, logging_level="ERROR")
+        resources = {"cpu": spec.search.resources_cpu, "gpu": spec.search.resources_gpu}
+        trainable = tune.with_resources(tune.with_parameters(_trainable, context=context), resources)
+        progress = SweepProgress(spec, total=spec.search.trials, quiet=options.quiet)
+        run_config = tune.RunConfig(
+            name="tune", storage_path=str(sweep_dir), callbacks=[progress], verbose=0,
+            failure_config=tune.FailureConfig(max_failures=0),
+        )
+        tune_path = str(sweep_dir / "tune")
+        if options.resume and tune.Tuner.can_restore(tune_path):
+            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=_make_searcher(spec, name, storage_url), num_samples=spec.search.trials,
+                    max_concurrent_trials=spec.search.max_concurrent, time_budget_s=spec.search.timeout_s,
+                ),
+                run_config=run_config,
+            )
+        tuner.fit()
+        progress.close()
+        table, rows = finish_sweep(client, spec, parent_run_id)
+        return SweepOutcome(name, parent_run_id, experiment_id, target.uri, table, rows, ui_command(target))
+    finally:
+        target.close()
+
+
+def _trainable(config: dict[str, Any], context: TrialContext) -> None:
+    run_trial(config, context)
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            client.restore_experiment(experiment.experiment_id)
+        return str(experiment.experiment_id)
+    return str(client.create_experiment(name))
+
+
+def _parent_run(client: Any, experiment_id: str, name: str, spec: Any, storage_url: str, *, resume: bool) -> str:
+    if resume:
+        found = find_sweep_run(client, name)
+        if found is not None:
+            client.update_run(found.info.run_id, status="RUNNING")
+            return str(found.info.run_id)
+    objectives = [[m, d] for m, d in zip(spec.objective_metrics, spec.objective_modes)]
+    run = client.create_run(experiment_id, run_name=name, tags={
+        "pxd.kind": "sweep",
+        "pxd.sweep": name,
+        "pxd.objectives": json.dumps(objectives),
+        "pxd.reference_point": json.dumps(spec.search.reference_point),
+        "pxd.optuna_storage": storage_url if storage_url.startswith("sqlite") else "(database URL given on the command line)",
+        "pxd.optuna_study": name,
+    })
+    run_id = run.info.run_id
+    client.log_param(run_id, "sampler", spec.search.sampler)
+    client.log_param(run_id, "sampler_seed", spec.search.sampler_seed)
+    client.log_param(run_id, "trials", spec.search.trials)
+    client.log_param(run_id, "objectives", ", ".join(f"{m}:{d}" for m, d in objectives))
+    client.log_param(run_id, "reference_point", json.dumps(spec.search.reference_point))
+    client.log_text(run_id, yaml.safe_dump(spec.raw, sort_keys=False), "spec.yaml")
+    return str(run_id)
+
+
+def find_sweep_run(client: Any, sweep: str) -> Any:
+    """A sweep's parent run, by run id or by sweep name (the most recent launch)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(sweep)
+        if run.data.tags.get("pxd.kind") == "sweep":
+            return run
+    except MlflowException:
+        pass
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.`pxd.sweep` = '{sweep}' and tags.`pxd.kind` = 'sweep'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def sweep_objectives(parent: Any) -> tuple[list[tuple[str, str]], dict[str, float]]:
+    objectives = [tuple(o) for o in json.loads(parent.data.tags["pxd.objectives"])]
+    reference = json.loads(parent.data.tags["pxd.reference_point"])
+    return objectives, reference
+
+
+def collect_rows(client: Any, parent: Any) -> list[TrialRow]:
+    """Every trial of a sweep as recorded in MLflow (the source of truth, across resumes)."""
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                              max_results=5000)
+    rows = []
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("pxd.kind") != "trial":
+            continue
+        state = tags.get("pxd.state", "RUNNING")
+        if state == "RUNNING" and run.info.status in ("FAILED", "KILLED"):
+            state = "FAILED"
+        rows.append(TrialRow(
+            trial_id=tags.get("pxd.trial_id", run.info.run_id),
+            run_id=run.info.run_id,
+            metrics=dict(run.data.metrics),
+            params=json.loads(tags.get("pxd.sampled", "{}")),
+            state=state,
+            full_budget=tags.get("pxd.full_budget") == "true",
+            feasible=tags.get("pxd.feasible") == "true",
+            model_uri=tags.get("pxd.model_uri"),
+        ))
+    return rows
+
+
+def finish_sweep(client: Any, spec: Any, parent_run_id: str) -> tuple[dict[str, Any], list[TrialRow]]:
+    """Frontier of the sweep → the parent run (table, plots, hypervolume) and tags on frontier runs."""
+    from orchestrator.plots import plot_html, plot_png
+
+    parent = client.get_run(parent_run_id)
+    objectives, reference = sweep_objectives(parent)
+    rows = collect_rows(client, parent)
+    table = frontier_table(rows, objectives, reference)
+    on_front = {row["run_id"] for row in table["rows"] if row["on_frontier"]}
+    for row in rows:
+        if row.state == "COMPLETE":
+            client.set_tag(row.run_id, "pxd.on_frontier", str(row.run_id in on_front).lower())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_table(table, folder)
+        x_metrics = tuple(m for m, _ in objectives if m != "val_top1") or ("gmacs",)
+        plot_png(table, folder / "frontier.png", x_metrics=x_metrics)
+        plot_html(table, folder / "frontier.html", x_metrics=x_metrics)
+        client.log_artifacts(parent_run_id, str(folder), "frontier")
+    counts = {state: sum(r.state == state for r in rows) for state in ("COMPLETE", "FAILED")}
+    client.log_metric(parent_run_id, "hypervolume", float(table["hypervolume"]))
+    client.log_metric(parent_run_id, "frontier_size", float(len(on_front)))
+    client.log_metric(parent_run_id, "trials_complete", float(counts["COMPLETE"]))
+    client.log_metric(parent_run_id, "trials_failed", float(counts["FAILED"]))
+    _log_stage_totals(client, parent_run_id, rows)
+    client.set_terminated(parent_run_id, status="FINISHED")
+    return table, rows
+
+
+def _log_stage_totals(client: Any, parent_run_id: str, rows: list[TrialRow]) -> None:
+    """Stages trained vs reused across the sweep's trials, and the training time reuse saved."""
+    trained = reused = 0
+    saved = 0.0
+    for row in rows:
+        trained += int(row.metrics.get("stages_trained", 0))
+        reused += int(row.metrics.get("stages_reused", 0))
+        saved += float(row.metrics.get("stage_seconds_saved", 0.0))
+    client.log_metric(parent_run_id, "stages_trained", float(trained))
+    client.log_metric(parent_run_id, "stages_reused", float(reused))
+    client.log_metric(parent_run_id, "stage_seconds_saved", saved)
+
+
+def summary(outcome: SweepOutcome) -> str:
+    lines = [format_table(outcome.table)]
+    failed = [r for r in outcome.rows if r.state == "FAILED"]
+    lines.append(f"hypervolume {outcome.table['hypervolume']:.6g} · frontier {sum(r['on_frontier'] for r in outcome.table['rows'])}"
+                 f" of {outcome.table['n_eligible']} eligible · {len(failed)} failed")
+    lines.append(f"sweep {outcome.sweep_name}: parent run {outcome.parent_run_id} (experiment {outcome.experiment_id}) at {outcome.tracking_uri}")
+    lines.append(f"MLflow UI: {outcome.ui}")
+    lines.append("frontier runs in the UI: filter  tags.`pxd.on_frontier` = 'true'")
+    return "\n".join(lines)
+
+
+_ = (dataclasses, hypervolume_of_rows)

@@ -1,0 +1,169 @@
+"""What a model costs to run: parameters, multiply-accumulates, input pixels, latency, throughput.
+
+`gmacs` counts one multiply-add as 1 (torch's FlopCounterMode counts 2 FLOPs per MAC), over the
+matrix products and convolutions (incl. attention) of one image; norms, activations and pooling are
+not counted, as in fvcore/ptflops conventions. Everything but latency and throughput is
+deterministic.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from pxd.models import eval_mode
+
+__all__ = ["Cost", "count_params", "count_gmacs", "measure_latency", "measure_cost"]
+
+_AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class Cost:
+    params_m: float  # parameters, millions
+    gmacs: float  # multiply-accumulates per image, billions
+    pixels: int  # H × W of the input per image
+    latency_ms: float  # median batch-1 latency
+    throughput_ips: float  # images per second at `batch_size`
+    batch_size: int  # batch used for throughput
+    device: str
+    dtype: str
+    threads: int  # torch.get_num_threads() while measuring
+    warmup: int
+    repeats: int
+    device_name: str = ""  # CPU model or GPU name, for re-measurement on other hardware
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def count_params(model: nn.Module) -> float:
+    """Parameters in millions (every parameter, trainable or not; buffers are not parameters)."""
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def count_gmacs(model: nn.Module, resolution: int, channels: int = 3) -> float:
+    """Billions of multiply-accumulates for one `channels`×`resolution`×`resolution` image."""
+    param = next(model.parameters())
+    image = torch.zeros(1, channels, resolution, resolution, device=param.device, dtype=param.dtype)
+    counter = FlopCounterMode(display=False)
+    # The fused CPU attention kernel has no FLOP formula in torch; the math backend runs attention as
+    # plain batched matmuls, which the counter sees.
+    with eval_mode(model), torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), counter:
+        model(image)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def measure_latency(
+    model: nn.Module,
+    resolution: int,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    warmup: int = 3,
+    repeats: int = 10,
+    batch_size: int = 1,
+) -> dict[str, Any]:
+    """Median wall time of one forward pass of a `batch_size` batch, on a copy of `model`.
+
+    The copy is moved to `device`, in eval mode; on CUDA it is channels_last and, for bf16/fp16,
+    runs under autocast. The caller's model is left as it was.
+    """
+    if repeats < 1 or warmup < 0 or batch_size < 1:
+        raise ValueError(f"need repeats ≥ 1, warmup ≥ 0, batch_size ≥ 1 (got {repeats}, {warmup}, {batch_size})")
+    target = torch.device(device)
+    is_cuda = target.type == "cuda"
+    # float32 weights: autocast, not the weights' dtype, decides the compute dtype.
+    runner = copy.deepcopy(model).to(device=target, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, resolution, resolution, generator=generator).to(target)
+    if is_cuda:
+        runner = runner.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    if dtype in _AUTOCAST_DTYPES:
+        autocast: Any = torch.autocast(device_type=target.type, dtype=dtype)
+    elif dtype == torch.float32:
+        autocast = nullcontext()
+    else:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16 (got {dtype})")
+    sync: Callable[[], None] = (lambda: torch.cuda.synchronize(target)) if is_cuda else (lambda: None)
+
+    times_s = []
+    with torch.inference_mode(), autocast:
+        for step in range(warmup + repeats):
+            sync()
+            start = time.perf_counter()
+            runner(images)
+            sync()
+            if step >= warmup:
+                times_s.append(time.perf_counter() - start)
+    median_s = statistics.median(times_s)
+    return {
+        "latency_ms": median_s * 1e3,
+        "throughput_ips": batch_size / median_s,
+        "batch_size": batch_size,
+        "device": str(target),
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "warmup": warmup,
+        "repeats": repeats,
+        "device_name": _device_name(target),
+    }
+
+
+def measure_cost(
+    model: nn.Module,
+    resolution: int,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    warmup: int = 3,
+    repeats: int = 10,
+    throughput_batch: int = 16,
+) -> Cost:
+    """Every cost figure of `model` at `resolution`: batch-1 latency, batch-`throughput_batch`
+    throughput. The model's device, dtype and train/eval modes are unchanged afterwards."""
+    single = measure_latency(
+        model, resolution, device=device, dtype=dtype, warmup=warmup, repeats=repeats, batch_size=1
+    )
+    batched = measure_latency(
+        model, resolution, device=device, dtype=dtype, warmup=warmup, repeats=repeats, batch_size=throughput_batch
+    )
+    return Cost(
+        params_m=count_params(model),
+        gmacs=count_gmacs(model, resolution),
+        pixels=resolution * resolution,
+        latency_ms=single["latency_ms"],
+        throughput_ips=batched["throughput_ips"],
+        batch_size=throughput_batch,
+        device=single["device"],
+        dtype=single["dtype"],
+        threads=single["threads"],
+        warmup=warmup,
+        repeats=repeats,
+        device_name=single["device_name"],
+    )
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")  # Linux names the CPU model here; platform.processor() does not
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine() or "cpu"

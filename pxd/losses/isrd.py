@@ -1,0 +1,69 @@
+"""Input spatial representation distillation, ISRD (Guo et al., "Pixel Distillation: Cost-flexible
+Distillation across Image Sizes and Heterogeneous Networks", TPAMI 2024, sec. 4.2).
+
+The low-resolution student's input-module map F_s (C × h × w) is decoded back to the teacher's
+image: a 1×1 conv to 3·s² channels, PixelShuffle(s) (a learned sub-pixel upsampler) and PReLU,
+and the reconstruction is pulled to the high-resolution image with an L1 loss:
+
+    L_ISRD = ‖ D(F_s) − I_T ‖₁   (mean over pixels)
+
+This forces the student's first layers to encode the fine spatial detail the teacher sees.
+The decoder is training-only: it lives in the `Distiller`, not in the student model, so the
+deployed student's cost (params, MACs, pixels) is unchanged.
+
+Any stem reduction and any resolution ratio is handled by choosing the smallest integer upscale
+s = ceil(target / min(h, w)) that covers the target, then cropping to target × target. The crop is
+taken from the **top-left** corner: map cell (i, j) then decodes to image pixels
+[s·i, s·i + s) × [s·j, s·j + s), the same corner-anchored layout a strided, padded conv stem (or a
+ViT patch grid) uses, so any overhang from ceil-rounding lies at the bottom/right border, where
+the stem's extra padded row/column is. In the usual power-of-two cases (e.g. 64 ch at R_s/2 with
+R_T = 2·R_s, or a patch-8 ViT token map 7×7 → 56) s·h equals the target and nothing is cropped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ISRDDecoder", "isrd_loss", "isrd_scale"]
+
+
+def isrd_scale(input_size: tuple[int, int], target_size: int) -> int:
+    """Smallest integer sub-pixel upscale so that the decoded map covers target × target."""
+    return max(1, math.ceil(target_size / min(input_size)))
+
+
+class ISRDDecoder(nn.Module):
+    """1×1 conv (C → 3·s²) → PixelShuffle(s) → PReLU → top-left crop to target × target."""
+
+    def __init__(self, in_channels: int, input_size: tuple[int, int], target_size: int) -> None:
+        super().__init__()
+        if in_channels < 1 or min(input_size) < 1 or target_size < 1:
+            raise ValueError(
+                f"ISRDDecoder needs positive sizes, got in_channels={in_channels}, "
+                f"input_size={input_size}, target_size={target_size}"
+            )
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.target_size = int(target_size)
+        self.scale = isrd_scale(self.input_size, self.target_size)
+        self.project = nn.Conv2d(in_channels, 3 * self.scale**2, kernel_size=1)
+        self.shuffle = nn.PixelShuffle(self.scale)
+        self.activation = nn.PReLU()
+
+    def forward(self, input_map: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] → [B, 3, target, target]."""
+        image = self.activation(self.shuffle(self.project(input_map)))
+        return image[:, :, : self.target_size, : self.target_size]
+
+
+def isrd_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean L1 between the decoded image and the (detached) teacher-resolution image."""
+    if reconstruction.shape != target.shape:
+        raise ValueError(
+            f"ISRD reconstruction {tuple(reconstruction.shape)} does not match the teacher image "
+            f"{tuple(target.shape)}; the teacher view must be at teacher.resolution"
+        )
+    return F.l1_loss(reconstruction, target.detach())

@@ -1,0 +1,230 @@
+"""The teacher → assistant → student (TAS) pipeline of Pixel Distillation (Guo et al., TPAMI 2024).
+
+Stage 0, teacher: `teacher.arch` at `teacher.resolution` (trained with cross-entropy, or loaded).
+Stage 1, model compression: the assistant is the student's architecture at the teacher's resolution,
+distilled from the teacher. Stage 2, input compression: the student at `student.resolution`, distilled
+from the assistant. With `assistant.enabled: false` the student is distilled from the teacher directly
+(one-stage pixel distillation), for comparison.
+
+Each stage is identified by a content-addressed `stage key` (`stage_keys`), and obtained through a
+`StageProvider`, so a sweep can share stages between trials (`orchestrator.stage_store`); the default
+provider simply trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from pxd.config import ModelConfig, PipelineConfig
+from pxd.cost import measure_cost
+from pxd.data import load_dataset
+from pxd.models import create_model
+from pxd.train import EpochCallback, StageResult, autocast_dtype, resolve_device, train_stage
+from pxd.types import DatasetSplits
+
+__all__ = [
+    "STAGE_KEY_VERSION",
+    "StageProvider",
+    "TrainingProvider",
+    "StageOutcome",
+    "PipelineResult",
+    "stage_keys",
+    "run_tas",
+]
+
+# Bump when a change to the training code would change what a stage produces, so stores miss.
+STAGE_KEY_VERSION = 1
+
+
+@dataclass
+class StageOutcome:
+    result: StageResult
+    key: str
+    reused: bool
+    ref: str | None = None  # where the provider keeps it (e.g. an MLflow run id)
+
+
+class StageProvider(Protocol):
+    """Gets a stage by key, training it with `train` only when it is not already available."""
+
+    def get_or_train(self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], StageResult]) -> StageOutcome: ...
+
+
+class TrainingProvider:
+    """The default provider: always trains (no cache)."""
+
+    def get_or_train(self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], StageResult]) -> StageOutcome:
+        return StageOutcome(result=train(), key=key, reused=False)
+
+
+@dataclass
+class PipelineResult:
+    config: PipelineConfig
+    metrics: dict[str, float]  # student val_top1, gmacs, params_m, pixels, latency_ms, ...
+    stages: dict[str, StageOutcome]
+    student: nn.Module = field(repr=False)
+    cost: dict[str, Any] = field(default_factory=dict)
+
+
+def _digest(payload: dict[str, Any]) -> str:
+    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _model_identity(model: ModelConfig, resolution: int) -> dict[str, Any]:
+    identity = dataclasses.asdict(model)
+    identity.pop("epochs", None)
+    identity["resolution"] = resolution
+    if model.checkpoint:
+        # the weights' content matters, not where the file lives
+        identity["checkpoint"] = hashlib.sha256(Path(model.checkpoint).expanduser().read_bytes()).hexdigest()
+    return identity
+
+
+def stage_keys(cfg: PipelineConfig, dataset_fingerprint: str) -> dict[str, str]:
+    """Content-addressed keys: everything that determines each stage's result, and nothing else.
+
+    Not included: the run name, trial ids, device and data placement (they change speed, not the
+    result the stage stands for).
+    """
+    train = dataclasses.asdict(cfg.train)
+    for not_a_result in ("epochs", "device", "max_device_data_bytes"):
+        train.pop(not_a_result)
+    common = {"version": STAGE_KEY_VERSION, "seed": cfg.seed, "dataset": dataset_fingerprint,
+              "eval_crop": cfg.dataset.eval_crop, "train": train}
+    keys = {"teacher": _digest({**common, "kind": "teacher", "epochs": cfg.teacher.epochs,
+                                "model": _model_identity(cfg.teacher, cfg.teacher.resolution)})}
+    distill = dataclasses.asdict(cfg.distill)
+    upstream = keys["teacher"]
+    if cfg.assistant.enabled:
+        keys["assistant"] = _digest({**common, "kind": "assistant", "epochs": cfg.assistant_epochs,
+                                     "model": _model_identity(cfg.student, cfg.teacher.resolution),
+                                     "distill": distill, "upstream": upstream})
+        upstream = keys["assistant"]
+    keys["student"] = _digest({**common, "kind": "student", "epochs": cfg.student_epochs,
+                               "init_from_upstream": cfg.assistant.enabled and cfg.assistant.init_student,
+                               "model": _model_identity(cfg.student, cfg.student.resolution),
+                               "distill": distill, "upstream": upstream})
+    return keys
+
+
+def run_tas(
+    cfg: PipelineConfig,
+    *,
+    provider: StageProvider | None = None,
+    on_epoch: EpochCallback | None = None,
+    progress: bool | None = None,
+    data: DatasetSplits | None = None,
+    measure_latency: bool = True,
+) -> PipelineResult:
+    """Run the whole chain and measure the student's cost. Raises `DivergedError` on a NaN loss."""
+    provider = provider or TrainingProvider()
+    device = resolve_device(cfg.train.device)
+    data = data or load_dataset(cfg.dataset, cfg.seed)
+    keys = stage_keys(cfg, data.fingerprint)
+    num_classes = data.num_classes
+    high = cfg.teacher.resolution
+    common = dict(data=data, image_resolution=high, train=cfg.train, seed=cfg.seed, device=device,
+                  on_epoch=on_epoch, progress=progress)
+    outcomes: dict[str, StageOutcome] = {}
+
+    # Stage 0: teacher
+    teacher = create_model(cfg.teacher, num_classes, field="teacher")
+
+    def train_teacher() -> StageResult:
+        if cfg.teacher.epochs == 0:  # a loaded checkpoint / pretrained teacher, used as is
+            from pxd.train import evaluate
+
+            top1 = evaluate(teacher.to(device), data.val, resolution=high, image_resolution=high,
+                            eval_crop=data.eval_crop, batch_size=cfg.train.batch_size, device=device)
+            state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+            return StageResult("teacher", state, {"val_top1": top1, "epochs": 0.0})
+        return train_stage("teacher", teacher, resolution=high, teacher=None, distill=None,
+                           epochs=cfg.teacher.epochs, **common)
+
+    outcomes["teacher"] = provider.get_or_train("teacher", keys["teacher"], _describe(cfg, "teacher"), train_teacher)
+    teacher.load_state_dict(outcomes["teacher"].result.state_dict)
+    upstream = teacher
+
+    # Stage 1: model compression (assistant = student architecture at the teacher's resolution)
+    if cfg.assistant.enabled:
+        assistant = create_model(dataclasses.replace(cfg.student, resolution=high), num_classes, field="student")
+        outcomes["assistant"] = provider.get_or_train(
+            "assistant", keys["assistant"], _describe(cfg, "assistant"),
+            lambda: train_stage("assistant", assistant, resolution=high, teacher=teacher, distill=cfg.distill,
+                                epochs=cfg.assistant_epochs, **common),
+        )
+        assistant.load_state_dict(outcomes["assistant"].result.state_dict)
+        upstream = assistant
+
+    # Stage 2: input compression (student at low resolution, distilled from its upstream)
+    student = create_model(cfg.student, num_classes, field="student")
+    if cfg.assistant.enabled and cfg.assistant.init_student:
+        init_from(upstream.state_dict(), student)
+    outcomes["student"] = provider.get_or_train(
+        "student", keys["student"], _describe(cfg, "student"),
+        lambda: train_stage("student", student, resolution=cfg.student.resolution, teacher=upstream,
+                            distill=cfg.distill, epochs=cfg.student_epochs, **common),
+    )
+    student.load_state_dict(outcomes["student"].result.state_dict)
+
+    cost = measure_cost(
+        student, cfg.student.resolution, device=str(device), dtype=autocast_dtype(device) or torch.float32,
+        repeats=20 if measure_latency else 1, warmup=5 if measure_latency else 0,
+    ).to_dict()
+    metrics = {
+        "val_top1": outcomes["student"].result.metrics["val_top1"],
+        "gmacs": cost["gmacs"],
+        "params_m": cost["params_m"],
+        "pixels": float(cost["pixels"]),
+        "latency_ms": cost["latency_ms"],
+        "throughput_ips": cost["throughput_ips"],
+    }
+    for kind, outcome in outcomes.items():
+        metrics[f"{kind}_val_top1"] = outcome.result.metrics["val_top1"]
+    return PipelineResult(config=cfg, metrics=metrics, stages=outcomes, student=student.cpu(), cost=cost)
+
+
+def _describe(cfg: PipelineConfig, kind: str) -> dict[str, Any]:
+    """Human-readable parameters recorded next to a stored stage."""
+    model = cfg.teacher if kind == "teacher" else cfg.student
+    resolution = cfg.student.resolution if kind == "student" else cfg.teacher.resolution
+    return {"stage": kind, "arch": model.arch, "resolution": resolution, "seed": cfg.seed,
+            "dataset": cfg.dataset.kind}
+
+
+def init_from(source: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
+    """Copy weights from the same architecture built for another input size; returns the names copied.
+
+    Tensors whose shape depends on the input size (a ViT's position embedding and, when the patch size
+    differs, its patch projection) are resampled with timm's own helpers; anything else that does not
+    match is left as initialised.
+    """
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+
+    target = model.state_dict()
+    copied: dict[str, torch.Tensor] = {}
+    for name, value in source.items():
+        if name not in target:
+            continue
+        wanted = target[name].shape
+        if value.shape == wanted:
+            copied[name] = value
+        elif name.endswith("pos_embed") and value.ndim == 3 and hasattr(model, "patch_embed"):
+            copied[name] = resample_abs_pos_embed(
+                value, new_size=list(model.patch_embed.grid_size),
+                num_prefix_tokens=getattr(model, "num_prefix_tokens", 1),
+            )
+        elif name.endswith("patch_embed.proj.weight") and value.ndim == 4 and value.shape[:2] == wanted[:2]:
+            copied[name] = resample_patch_embed(value, new_size=list(wanted[-2:]))
+    model.load_state_dict(copied, strict=False)
+    return sorted(copied)

@@ -1,0 +1,251 @@
+"""One stage of the TAS chain: a training loop with distillation, best epoch chosen on `val_top1`.
+
+The loop is shared by all three stages: the teacher trains with cross-entropy at its resolution; the
+assistant and the student are distilled from their upstream model. The upstream model always sees the
+teacher-resolution view; the model being trained sees the same crop at its own resolution
+(`pxd.data.views.TwoViewSampler`).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pxd.config import DistillConfig, TrainConfig
+from pxd.data import TwoViewSampler, iterate_batches
+from pxd.errors import DivergedError
+from pxd.losses import Distiller
+from pxd.models import forward_taps, tap_info
+from pxd.types import DatasetSplits, ImageSet
+
+__all__ = ["StageResult", "EpochCallback", "train_stage", "evaluate", "resolve_device", "autocast_dtype"]
+
+# on_epoch(stage kind, epoch number from 1, metrics of that epoch)
+EpochCallback = Callable[[str, int, dict[str, float]], None]
+
+
+@dataclass
+class StageResult:
+    kind: str  # "teacher" | "assistant" | "student"
+    state_dict: dict[str, torch.Tensor]  # the best epoch's weights, on CPU
+    metrics: dict[str, float]  # val_top1 (best epoch), best_epoch, epochs, train_seconds
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA (no loss scaling needed), full precision on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def _place_data(images: ImageSet, device: torch.device, budget_bytes: int) -> ImageSet:
+    """Keep decoded uint8 images on the training device when they fit, so batches never cross PCIe."""
+    if device.type == "cpu" or images.images.numel() > budget_bytes:
+        return images
+    return ImageSet(images.images.to(device), images.labels.to(device))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    split: ImageSet,
+    *,
+    resolution: int,
+    image_resolution: int,
+    eval_crop: float,
+    batch_size: int,
+    device: torch.device,
+) -> float:
+    """Top-1 accuracy with the evaluation view (resize + center crop) at `resolution`."""
+    was_training = model.training
+    model.eval()
+    sampler = TwoViewSampler(image_resolution, resolution, train=False, eval_crop=eval_crop)
+    correct, total = 0, 0
+    amp = autocast_dtype(device)
+    for images, labels in iterate_batches(split, batch_size, shuffle=False, generator=None, device=device):
+        _, view = sampler(images)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(_to_memory_format(view, device))
+        correct += int((logits.argmax(dim=1) == labels.to(device)).sum())
+        total += int(labels.shape[0])
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def _to_memory_format(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+
+
+def _cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = max(1, min(total_steps // 10, 200))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_stage(
+    kind: str,
+    model: nn.Module,
+    data: DatasetSplits,
+    *,
+    resolution: int,
+    image_resolution: int,
+    teacher: nn.Module | None,
+    distill: DistillConfig | None,
+    train: TrainConfig,
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    on_epoch: EpochCallback | None = None,
+    progress: bool | None = None,
+) -> StageResult:
+    """Train `model` at `resolution` for `epochs`, distilling from `teacher` when given.
+
+    `image_resolution` is the teacher-side view (the highest resolution in the chain); the teacher, when
+    given, sees that view and `model` sees the same crop resized to `resolution`. Returns the weights of
+    the epoch with the best `val_top1` on the validation split (never a test split).
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    distiller = _make_distiller(model, teacher, distill, resolution, image_resolution, device)
+    if teacher is not None:
+        teacher.to(device).eval()
+        for param in teacher.parameters():
+            param.requires_grad_(False)
+
+    train_split = _place_data(data.train, device, train.max_device_data_bytes)
+    val_split = _place_data(data.val, device, train.max_device_data_bytes)
+    sampler = TwoViewSampler(image_resolution, resolution, train=True)
+    steps_per_epoch = max(1, len(train_split) // train.batch_size)
+    params = [p for p in model.parameters() if p.requires_grad] + list(distiller.parameters())
+    optimizer = _optimizer(params, train)
+    scheduler = _cosine_with_warmup(optimizer, steps_per_epoch * epochs)
+    amp = autocast_dtype(device)
+
+    bar = _progress_bar(kind, steps_per_epoch * epochs, progress)
+    best_top1, best_epoch, best_state = -1.0, 0, None
+    history: list[dict[str, float]] = []
+    started = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        distiller.train()
+        epoch_start = time.perf_counter()
+        sums: dict[str, float] = {}
+        steps = 0
+        for images, labels in iterate_batches(train_split, train.batch_size, shuffle=True, generator=generator, device=device):
+            teacher_view, student_view = sampler(images, generator)
+            labels = labels.to(device)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                teacher_taps = None
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_taps = forward_taps(teacher, _to_memory_format(teacher_view, device))
+                taps = forward_taps(model, _to_memory_format(student_view, device))
+                losses = distiller(taps, teacher_taps, labels, teacher_view)
+            loss = sum(losses.values())
+            _check_finite(kind, epoch, steps, losses)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            steps += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}", best=f"{max(best_top1, 0):.3f}")
+        val_top1 = evaluate(
+            model, val_split, resolution=resolution, image_resolution=image_resolution,
+            eval_crop=data.eval_crop, batch_size=train.batch_size * 2, device=device,
+        )
+        record = {f"train_{name}": total / max(steps, 1) for name, total in sums.items()}
+        record.update(val_top1=val_top1, epoch=float(epoch), epoch_seconds=time.perf_counter() - epoch_start)
+        history.append(record)
+        if val_top1 > best_top1:
+            best_top1, best_epoch = val_top1, epoch
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if on_epoch is not None:
+            on_epoch(kind, epoch, dict(record))
+    if bar is not None:
+        bar.close()
+    model.load_state_dict(best_state)
+    metrics = {
+        "val_top1": best_top1,
+        "best_epoch": float(best_epoch),
+        "epochs": float(epochs),
+        "train_seconds": time.perf_counter() - started,
+    }
+    return StageResult(kind=kind, state_dict=best_state, metrics=metrics, history=history)
+
+
+def _make_distiller(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    distill: DistillConfig | None,
+    resolution: int,
+    image_resolution: int,
+    device: torch.device,
+) -> Distiller:
+    weights = distill if (distill is not None and teacher is not None) else _ce_only()
+    student_info = tap_info(model, resolution)
+    teacher_info = tap_info(teacher, image_resolution) if teacher is not None else None
+    return Distiller(
+        weights,
+        student=student_info,
+        teacher=teacher_info,
+        teacher_resolution=image_resolution,
+        # ISRD reconstructs the high-resolution input; it applies where the student sees fewer pixels.
+        use_isrd=teacher is not None and resolution < image_resolution,
+    ).to(device)
+
+
+def _ce_only() -> DistillConfig:
+    return DistillConfig(ce=1.0, kd=0.0, isrd=0.0)
+
+
+def _check_finite(kind: str, epoch: int, step: int, losses: dict[str, torch.Tensor]) -> None:
+    for name, value in losses.items():
+        if not torch.isfinite(value.detach()).all():
+            raise DivergedError(
+                f"{kind} stage diverged: loss term {name!r} is {float(value.detach())} at epoch {epoch}, step {step}; "
+                f"lower train.lr or distill.{name}, no model was produced"
+            )
+
+
+def _progress_bar(kind: str, total: int, progress: bool | None) -> Any:
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"{kind:>9}", unit="step", leave=True, dynamic_ncols=True)

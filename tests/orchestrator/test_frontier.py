@@ -1,0 +1,294 @@
+"""Pareto frontier and hypervolume: hand-made points, an independent brute force, table files."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+
+import numpy as np
+import pytest
+
+from orchestrator.frontier import (
+    TrialRow,
+    eligible,
+    format_table,
+    frontier,
+    frontier_table,
+    hypervolume,
+    hypervolume_of_rows,
+    non_dominated_mask,
+    normalise,
+    write_table,
+)
+from pxd.errors import ConfigError
+
+INF = math.inf
+NAN = math.nan
+OBJECTIVES = [("val_top1", "max"), ("gmacs", "min")]
+
+
+def row(trial_id: str, top1: float, gmacs: float, **kwargs) -> TrialRow:
+    kwargs.setdefault("state", "COMPLETE")
+    return TrialRow(
+        trial_id=trial_id,
+        run_id=f"run-{trial_id}",
+        metrics={"val_top1": top1, "gmacs": gmacs, "pixels": 1024.0},
+        params={"arch": "resnet18", "lr": 0.01},
+        **kwargs,
+    )
+
+
+def brute_force_mask(points: np.ndarray) -> list[bool]:
+    """Textbook definition, written independently: nobody is <= everywhere and < somewhere."""
+    result = []
+    for a in points:
+        dominated = False
+        for b in points:
+            if all(bj <= aj for bj, aj in zip(b, a)) and any(bj < aj for bj, aj in zip(b, a)):
+                dominated = True
+        result.append(not dominated)
+    return result
+
+
+def inclusion_exclusion_hv(points_min: np.ndarray, reference: np.ndarray) -> float:
+    """Union of boxes [p, reference] by inclusion-exclusion; exponential, only for tiny n."""
+    inside = [p for p in points_min if np.all(p < reference)]
+    total = 0.0
+    for size in range(1, len(inside) + 1):
+        for subset in itertools.combinations(inside, size):
+            corner = np.max(subset, axis=0)
+            total += (-1) ** (size + 1) * float(np.prod(reference - corner))
+    return total
+
+
+# --- dominance -------------------------------------------------------------------------------
+
+
+def test_simple_domination_and_ties() -> None:
+    points = np.array([[1, 3], [2, 2], [3, 1], [3, 3], [2, 2], [1, 4]], dtype=float)
+    # (3,3) is dominated by (2,2); the two (2,2) copies do not dominate each other;
+    # (1,4) is equal to (1,3) on the first objective and worse on the second: dominated.
+    assert non_dominated_mask(points).tolist() == [True, True, True, False, True, False]
+
+
+def test_equal_on_one_objective_both_kept_when_they_trade_off() -> None:
+    points = np.array([[1, 5, 2], [1, 4, 3]], dtype=float)
+    assert non_dominated_mask(points).tolist() == [True, True]
+
+
+def test_infinities_compare_as_extreme_values() -> None:
+    points = np.array([[-INF, 5], [0, 0], [INF, -1], [INF, INF], [-INF, 5]], dtype=float)
+    # (inf, inf) is dominated by everything; the two (-inf, 5) are identical and both kept.
+    assert non_dominated_mask(points).tolist() == [True, True, True, False, True]
+
+
+def test_nan_row_is_never_on_front_and_never_dominates() -> None:
+    points = np.array([[NAN, 0], [1, 1], [0, NAN], [NAN, NAN]], dtype=float)
+    assert non_dominated_mask(points).tolist() == [False, True, False, False]
+    # (5, 5) would be dominated by (0, 0)-ish values hidden behind a NaN, but a NaN row never
+    # dominates: (5, 5) stays on the front.
+    assert non_dominated_mask(np.array([[0, NAN], [5, 5]])).tolist() == [False, True]
+
+
+def test_empty_points() -> None:
+    assert non_dominated_mask(np.zeros((0, 3))).tolist() == []
+
+
+@pytest.mark.parametrize("n_objectives", [2, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_brute_force_on_random_points_with_ties(n_objectives: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    # Small integer grid so that ties and exact duplicates occur often.
+    points = rng.integers(0, 6, size=(60, n_objectives)).astype(float)
+    assert non_dominated_mask(points).tolist() == brute_force_mask(points)
+
+
+def test_normalise_negates_max_only() -> None:
+    normalised = normalise(np.array([[0.9, 2.0]]), ["max", "min"])
+    assert normalised.tolist() == [[-0.9, 2.0]]
+
+
+def test_unknown_direction_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="use 'min' or 'max'"):
+        normalise(np.array([[1.0]]), ["maximise"])
+
+
+# --- frontier of rows ------------------------------------------------------------------------
+
+
+def test_frontier_mixes_max_and_min_and_sorts_best_first() -> None:
+    rows = [
+        row("cheap", 0.60, 0.1),
+        row("accurate", 0.90, 1.0),
+        row("middle", 0.80, 0.5),
+        row("worse", 0.70, 0.6),  # dominated by middle: less accurate and more expensive
+        row("twin", 0.80, 0.5),  # identical to middle: both stay
+    ]
+    on_front = frontier(rows, OBJECTIVES)
+    assert [r.trial_id for r in on_front] == ["accurate", "middle", "twin", "cheap"]
+
+
+def test_ineligible_rows_never_on_frontier_even_if_they_would_dominate() -> None:
+    good = row("good", 0.8, 0.5)
+    dominating = dict(top1=0.99, gmacs=0.01)
+    rows = [
+        good,
+        row("failed", **dominating, state="FAILED"),
+        row("pruned", **dominating, state="PRUNED"),
+        row("running", **dominating, state="RUNNING"),
+        row("short", **dominating, full_budget=False),
+        row("infeasible", **dominating, feasible=False),
+        row("nan", NAN, 0.01),
+    ]
+    missing = row("missing", 0.99, 0.01)
+    del missing.metrics["gmacs"]
+    rows.append(missing)
+    assert [r.trial_id for r in eligible(rows, OBJECTIVES)] == ["good"]
+    assert [r.trial_id for r in frontier(rows, OBJECTIVES)] == ["good"]
+
+
+def test_frontier_of_nothing_eligible_is_empty() -> None:
+    assert frontier([row("x", 0.5, 1.0, state="FAILED")], OBJECTIVES) == []
+
+
+# --- hypervolume -----------------------------------------------------------------------------
+
+
+def test_hypervolume_2d_staircase() -> None:
+    # Union of [1,4]x[3,4], [2,4]x[2,4], [3,4]x[1,4]: 3 + 2 + 1 = 6 unit squares.
+    points = np.array([[1, 3], [2, 2], [3, 1]], dtype=float)
+    assert hypervolume(points, ["min", "min"], [4, 4]) == pytest.approx(6.0)
+
+
+def test_hypervolume_3d_by_hand() -> None:
+    # Boxes 3*3*1 = 9 and 1*1*3 = 3 overlap in [3,4]^3 = 1: 9 + 3 - 1 = 11.
+    two = np.array([[1, 1, 3], [3, 3, 1]], dtype=float)
+    assert hypervolume(two, ["min"] * 3, [4, 4, 4]) == pytest.approx(11.0)
+    # The cube [1,3]^3 (volume 8) minus the corner [1,2]^3 that no point reaches: 7.
+    three = np.array([[2, 1, 1], [1, 2, 1], [1, 1, 2]], dtype=float)
+    assert hypervolume(three, ["min"] * 3, [3, 3, 3]) == pytest.approx(7.0)
+
+
+def test_hypervolume_max_and_min_in_original_units() -> None:
+    # (top1 0.8, gmacs 0.5) covers top1 in [0, 0.8] x gmacs in [0.5, 1] = 0.4;
+    # (0.6, 0.2) covers 0.6 * 0.8 = 0.48; their overlap [0, 0.6] x [0.5, 1] = 0.3. Total 0.58.
+    points = np.array([[0.8, 0.5], [0.6, 0.2]])
+    assert hypervolume(points, ["max", "min"], [0.0, 1.0]) == pytest.approx(0.58)
+    rows = [row("a", 0.8, 0.5), row("b", 0.6, 0.2), row("failed", 1.0, 0.0, state="FAILED")]
+    reference = {"val_top1": 0.0, "gmacs": 1.0}
+    assert hypervolume_of_rows(rows, OBJECTIVES, reference) == pytest.approx(0.58)
+
+
+def test_points_not_better_than_reference_contribute_nothing() -> None:
+    base = np.array([[1, 3], [2, 2], [3, 1]], dtype=float)
+    worse = np.array([[5, 0], [0, 4], [4, 4], [NAN, 0]], dtype=float)  # outside or on the border
+    assert hypervolume(np.vstack([base, worse]), ["min", "min"], [4, 4]) == pytest.approx(6.0)
+    assert hypervolume(worse, ["min", "min"], [4, 4]) == 0.0
+    assert hypervolume(np.zeros((0, 2)), ["min", "min"], [4, 4]) == 0.0
+
+
+def test_infinitely_good_point_gives_infinite_hypervolume() -> None:
+    assert hypervolume(np.array([[-INF, 1.0]]), ["min", "min"], [4, 4]) == INF
+    assert hypervolume(np.array([[INF, 0.5]]), ["max", "min"], [0.0, 1.0]) == INF
+    # An infinitely BAD value is simply outside the reference box.
+    assert hypervolume(np.array([[INF, 1.0], [1, 3]]), ["min", "min"], [4, 4]) == pytest.approx(3)
+
+
+def test_infinite_metric_is_eligible_and_compared() -> None:
+    rows = [row("unmeasured", 0.9, INF), row("cheap", 0.5, 0.1), row("worse", 0.4, INF)]
+    assert [r.trial_id for r in frontier(rows, OBJECTIVES)] == ["unmeasured", "cheap"]
+
+
+def test_dominated_and_duplicate_points_do_not_change_hypervolume() -> None:
+    base = np.array([[1, 1, 3], [3, 3, 1]], dtype=float)
+    extra = np.array([[1, 1, 3], [3.5, 3.5, 3.5], [2, 2, 3]], dtype=float)
+    assert hypervolume(np.vstack([base, extra]), ["min"] * 3, [4, 4, 4]) == pytest.approx(11.0)
+
+
+@pytest.mark.parametrize("n_objectives", [2, 3, 4])
+def test_hypervolume_matches_inclusion_exclusion(n_objectives: int) -> None:
+    rng = np.random.default_rng(n_objectives)
+    for _ in range(5):
+        points = rng.uniform(0, 1, size=(7, n_objectives))
+        reference = np.full(n_objectives, 0.9)  # some points fall outside the reference box
+        expected = inclusion_exclusion_hv(points, reference)
+        assert hypervolume(points, ["min"] * n_objectives, reference) == pytest.approx(expected)
+
+
+def test_reference_must_be_finite_and_complete() -> None:
+    with pytest.raises(ConfigError, match="reference_point"):
+        hypervolume(np.array([[1.0, 1.0]]), ["min", "min"], [INF, 2.0])
+    with pytest.raises(ConfigError, match="reference_point.gmacs"):
+        hypervolume_of_rows([row("a", 0.5, 0.5)], OBJECTIVES, {"val_top1": 0.0})
+
+
+# --- table -----------------------------------------------------------------------------------
+
+
+def sweep_rows() -> list[TrialRow]:
+    return [
+        row("dominated", 0.70, 1.2),  # accurate is better on both
+        row("cheap", 0.60, 0.1),
+        row("accurate", 0.90, 1.0),
+        row("failed", 0.99, 0.01, state="FAILED"),
+    ]
+
+
+def test_frontier_table_marks_and_orders_rows() -> None:
+    table = frontier_table(sweep_rows(), OBJECTIVES, {"val_top1": 0.0, "gmacs": 2.0})
+    assert table["n_eligible"] == 3 and table["n_frontier"] == 2
+    assert [(r["trial_id"], r["on_frontier"]) for r in table["rows"]] == [
+        ("accurate", True),
+        ("cheap", True),
+        ("dominated", False),
+    ]
+    # accurate covers 0.9 x [1, 2] = 0.9; cheap covers 0.6 x [0.1, 2] = 1.14; overlap 0.6 x 1 = 0.6.
+    assert table["hypervolume"] == pytest.approx(0.9 + 1.14 - 0.6)
+    assert table["rows"][0]["run_id"] == "run-accurate"
+    assert table["rows"][0]["params"] == {"arch": "resnet18", "lr": 0.01}
+
+
+def test_write_table_csv_and_json_are_readable(tmp_path) -> None:
+    rows = sweep_rows()
+    rows[1].metrics["latency_ms"] = INF  # strict JSON has no Infinity: must still be readable
+    table = frontier_table(rows, OBJECTIVES, {"val_top1": 0.0, "gmacs": 2.0})
+    paths = write_table(table, tmp_path / "out")
+    assert sorted(p.name for p in paths) == ["frontier.csv", "frontier.json"]
+
+    with (tmp_path / "out" / "frontier.csv").open(newline="") as handle:
+        lines = list(csv.DictReader(handle))
+    assert [(line["trial_id"], line["on_frontier"]) for line in lines] == [
+        ("accurate", "True"),
+        ("cheap", "True"),
+        ("dominated", "False"),
+    ]
+    assert float(lines[1]["val_top1"]) == 0.60 and float(lines[1]["latency_ms"]) == INF
+    assert lines[0]["params.arch"] == "resnet18" and lines[0]["run_id"] == "run-accurate"
+
+    text = (tmp_path / "out" / "frontier.json").read_text()
+    loaded = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard {name}"))
+    assert loaded["hypervolume"] == pytest.approx(table["hypervolume"])
+    assert [r["trial_id"] for r in loaded["rows"] if r["on_frontier"]] == ["accurate", "cheap"]
+    assert float(loaded["rows"][1]["metrics"]["latency_ms"]) == INF
+
+
+def test_table_without_reference_has_no_hypervolume() -> None:
+    table = frontier_table(sweep_rows(), OBJECTIVES, None)
+    assert table["hypervolume"] is None and table["n_frontier"] == 2
+    assert "no reference point" in format_table(table)
+
+
+def test_format_table_marks_frontier_rows_and_truncates() -> None:
+    table = frontier_table(sweep_rows(), OBJECTIVES, {"val_top1": 0.0, "gmacs": 2.0})
+    lines = format_table(table).splitlines()
+    assert lines[0].split()[:4] == ["trial_id", "run_id", "val_top1", "gmacs"]
+    assert lines[1].startswith("*") and "accurate" in lines[1]
+    assert lines[2].startswith("*") and "cheap" in lines[2]
+    assert not lines[3].startswith("*") and "dominated" in lines[3]
+    # Fixed width: every column starts at the same offset on every line.
+    assert len({line.index("run-") for line in lines[1:4]}) == 1
+    short = format_table(table, max_rows=1)
+    assert "1 more" not in short and "2 more eligible trials not shown" in short
+    assert "dominated" not in short

@@ -1,0 +1,83 @@
+"""The TAS pipeline end to end on the embedded dataset, tiny and on CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pxd.config import PipelineConfig
+from pxd.errors import DivergedError
+from pxd.pipeline import init_from, run_tas, stage_keys
+from pxd.models import create_model
+
+
+def test_tas_runs_and_reports_student_metrics(tiny_raw):
+    config = PipelineConfig.from_dict(tiny_raw)
+    result = run_tas(config, measure_latency=False)
+    metrics = result.metrics
+    assert set(result.stages) == {"teacher", "assistant", "student"}
+    assert 0.0 <= metrics["val_top1"] <= 1.0
+    assert metrics["pixels"] == 16 * 16
+    assert metrics["gmacs"] > 0 and metrics["params_m"] > 0 and metrics["latency_ms"] > 0
+    # the student runs at its own resolution
+    logits = result.student(torch.zeros(2, 3, 16, 16))
+    assert logits.shape == (2, 4)
+
+
+def test_seeded_runs_are_reproducible(tiny_raw):
+    config = PipelineConfig.from_dict(tiny_raw)
+    first = run_tas(config, measure_latency=False)
+    second = run_tas(config, measure_latency=False)
+    assert first.metrics["val_top1"] == second.metrics["val_top1"]
+    for name, tensor in first.student.state_dict().items():
+        assert torch.equal(tensor, second.student.state_dict()[name]), name
+
+
+def test_one_stage_skips_the_assistant(tiny_raw):
+    tiny_raw["assistant"]["enabled"] = False
+    result = run_tas(PipelineConfig.from_dict(tiny_raw), measure_latency=False)
+    assert set(result.stages) == {"teacher", "student"}
+
+
+def test_epoch_callback_sees_every_stage_epoch(tiny_raw):
+    seen = []
+    run_tas(PipelineConfig.from_dict(tiny_raw), on_epoch=lambda kind, epoch, m: seen.append((kind, epoch)), measure_latency=False)
+    assert seen == [("teacher", 1), ("teacher", 2), ("assistant", 1), ("student", 1)]
+
+
+def test_a_diverging_loss_stops_the_stage(tiny_raw):
+    tiny_raw["distill"]["kd"] = 1e39  # overflows float32: the KD term becomes inf on the first step
+    with pytest.raises(DivergedError, match="kd"):
+        run_tas(PipelineConfig.from_dict(tiny_raw), measure_latency=False)
+
+
+def test_stage_keys_depend_on_what_determines_the_result(tiny_raw):
+    base = PipelineConfig.from_dict(tiny_raw)
+    keys = stage_keys(base, "data-A")
+    renamed = stage_keys(dataclasses.replace(base, name="another-sweep"), "data-A")
+    assert keys == renamed, "the run name must not change any stage key"
+    other_data = stage_keys(base, "data-B")
+    assert all(other_data[k] != keys[k] for k in keys)
+    # the student's resolution changes only the student stage
+    lower = stage_keys(dataclasses.replace(base, student=dataclasses.replace(base.student, resolution=8)), "data-A")
+    assert lower["teacher"] == keys["teacher"] and lower["assistant"] == keys["assistant"]
+    assert lower["student"] != keys["student"]
+    # distillation weights do not change the teacher, and do change the assistant
+    weights = stage_keys(dataclasses.replace(base, distill=dataclasses.replace(base.distill, kd=2.0)), "data-A")
+    assert weights["teacher"] == keys["teacher"] and weights["assistant"] != keys["assistant"]
+    # the device does not change what a stage stands for
+    on_gpu = stage_keys(dataclasses.replace(base, train=dataclasses.replace(base.train, device="cuda")), "data-A")
+    assert on_gpu == keys
+
+
+def test_student_starts_from_the_assistant_weights_across_resolutions():
+    from pxd.config import ModelConfig
+
+    vit = ModelConfig(arch="vit_tiny_patch16_224", resolution=32, patch_size=4)
+    source = create_model(vit, 3)
+    target = create_model(dataclasses.replace(vit, resolution=16, patch_size=2), 3)
+    copied = init_from(source.state_dict(), target)
+    assert "pos_embed" in copied and "patch_embed.proj.weight" in copied
+    assert torch.equal(target.state_dict()["blocks.0.attn.qkv.weight"], source.state_dict()["blocks.0.attn.qkv.weight"])
