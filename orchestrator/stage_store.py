@@ -6,8 +6,9 @@ usable (`pxd.stage_complete = true`, status FINISHED) only after the artifact is
 verifies the hash, so a half-written or corrupt stage is never used: it is tagged `pxd.stage_corrupt`
 and trained again.
 
-Single-flight: before training a missing stage a trial takes a lease on its key from a lease table
-(a named Ray actor, shared by every trial and node of the Ray cluster). The holder renews the lease
+Single-flight: before training a missing stage a trial takes a lease on its key in a SQL lease table
+(`SqlLeases`: a SQLite file under the results root by default; on a cluster the sweep's Postgres,
+which every node reaches). The holder renews the lease
 while it trains; the others poll the store. If the holder dies, its lease expires after
 `PXD_STAGE_LEASE_TTL_S` seconds (default 60) and the next waiter takes over. Waiting is bounded by the
 space's `search.stage_wait_timeout_s`, after which the trial fails with a clear error.
@@ -35,15 +36,13 @@ __all__ = [
     "StageWaitTimeout",
     "MlflowStageStore",
     "LocalLeases",
-    "RayLeases",
+    "SqlLeases",
     "make_provider",
     "list_stages",
 ]
 
 STAGES_EXPERIMENT = "pxd-stages"
 CHECKPOINT = "stage/checkpoint.pt"
-LEASE_ACTOR = "pxd-stage-leases"
-LEASE_NAMESPACE = "pxd"
 
 
 class StageWaitTimeout(RuntimeError):
@@ -55,7 +54,7 @@ def lease_ttl_s() -> float:
 
 
 class LocalLeases:
-    """Leases within one process (tests, `pxd train`); same contract as `RayLeases`."""
+    """Leases within one process (tests, `pxd train`); same contract as `SqlLeases`."""
 
     def __init__(self) -> None:
         self._table: dict[str, tuple[str, float]] = {}
@@ -83,36 +82,61 @@ class LocalLeases:
             return holder[0] if holder and holder[1] >= time.monotonic() else None
 
 
-class RayLeases:
-    """Leases held by one named, detached Ray actor, so every node of the cluster sees the same table."""
+class SqlLeases:
+    """Leases in a SQL table every trial can reach: a SQLite file under the results root on one machine,
+    the sweep's Postgres on a cluster. Acquire is one atomic upsert, so exactly one owner wins.
 
-    def __init__(self) -> None:
-        import ray
+    Expiry uses wall-clock time: nodes must keep their clocks in sync (NTP) to well within the TTL.
+    """
 
-        actor_class = ray.remote(num_cpus=0, max_restarts=-1)(LocalLeases)
-        self._actor = actor_class.options(
-            name=LEASE_ACTOR, namespace=LEASE_NAMESPACE, lifetime="detached", get_if_exists=True
-        ).remote()
+    TABLE = "pxd_stage_leases"
+
+    def __init__(self, url: str) -> None:
+        import sqlalchemy as sa
+
+        connect_args = {"timeout": 60} if url.startswith("sqlite") else {}
+        self.url = url
+        self._engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+        with self._engine.begin() as conn:
+            conn.execute(sa.text(
+                f"CREATE TABLE IF NOT EXISTS {self.TABLE} (key VARCHAR(128) PRIMARY KEY, "
+                "owner VARCHAR(256) NOT NULL, expires_at DOUBLE PRECISION NOT NULL)"
+            ))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"url": self.url}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["url"])
 
     def acquire(self, key: str, owner: str, ttl_s: float) -> bool:
-        import ray
+        import sqlalchemy as sa
 
-        return bool(ray.get(self._actor.acquire.remote(key, owner, ttl_s)))
+        now = time.time()
+        with self._engine.begin() as conn:
+            conn.execute(sa.text(
+                f"INSERT INTO {self.TABLE} (key, owner, expires_at) VALUES (:key, :owner, :expires) "
+                f"ON CONFLICT (key) DO UPDATE SET owner = :owner, expires_at = :expires "
+                f"WHERE {self.TABLE}.owner = :owner OR {self.TABLE}.expires_at < :now"
+            ), {"key": key, "owner": owner, "expires": now + ttl_s, "now": now})
+            holder = conn.execute(sa.text(f"SELECT owner FROM {self.TABLE} WHERE key = :key"), {"key": key}).scalar()
+        return holder == owner
 
     def renew(self, key: str, owner: str, ttl_s: float) -> bool:
-        import ray
-
-        return bool(ray.get(self._actor.renew.remote(key, owner, ttl_s)))
+        return self.acquire(key, owner, ttl_s)
 
     def release(self, key: str, owner: str) -> None:
-        import ray
+        import sqlalchemy as sa
 
-        ray.get(self._actor.release.remote(key, owner))
+        with self._engine.begin() as conn:
+            conn.execute(sa.text(f"DELETE FROM {self.TABLE} WHERE key = :key AND owner = :owner"), {"key": key, "owner": owner})
 
     def holder(self, key: str) -> str | None:
-        import ray
+        import sqlalchemy as sa
 
-        return ray.get(self._actor.holder.remote(key))
+        with self._engine.begin() as conn:
+            row = conn.execute(sa.text(f"SELECT owner, expires_at FROM {self.TABLE} WHERE key = :key"), {"key": key}).first()
+        return str(row[0]) if row and row[1] >= time.time() else None
 
 
 class _Heartbeat:
@@ -293,10 +317,8 @@ class MlflowStageStore:
 
 
 def make_provider(context: Any, parent_run_id: str | None = None) -> Any:
-    """The stage provider a trial uses: the MLflow store with cluster-wide leases."""
-    import ray
-
-    leases = RayLeases() if ray.is_initialized() else LocalLeases()
+    """The stage provider a trial uses: the MLflow store with leases in the sweep's lease database."""
+    leases = SqlLeases(context.lease_url) if context.lease_url else LocalLeases()
     return MlflowStageStore(
         context.tracking_uri,
         leases=leases,

@@ -136,8 +136,11 @@ def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
             spec=spec, sweep_name=name, tracking_uri=target.uri, experiment_id=experiment_id,
             parent_run_id=parent_run_id, reuse_stages=options.reuse_stages, force_retrain=options.force_retrain,
             stage_wait_timeout_s=float(spec.search.stage_wait_timeout_s),
+            lease_url=_lease_url(options, root),
         )
         os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+        # per-epoch reports carry progress only; the objectives come with the final report
+        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         if not ray.is_initialized():
             ray.init(address=options.ray_address, include_dashboard=False, log_to_driver=False,
@@ -167,6 +170,14 @@ def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
         return SweepOutcome(name, parent_run_id, experiment_id, target.uri, table, rows, ui_command(target))
     finally:
         target.close()
+
+
+def _lease_url(options: SweepOptions, root: Path) -> str:
+    """Stage leases live where every trial can reach them: the sweep's server database when there
+    is one (Postgres on a cluster), else a SQLite file shared by every sweep under this root."""
+    if options.optuna_storage and not options.optuna_storage.startswith("sqlite"):
+        return options.optuna_storage
+    return f"sqlite:///{root / 'stage-leases.db'}"
 
 
 def _trainable(config: dict[str, Any], context: TrialContext) -> None:

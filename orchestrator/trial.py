@@ -32,6 +32,7 @@ class TrialContext:
     reuse_stages: bool = True
     force_retrain: bool = False
     stage_wait_timeout_s: float = 3600.0
+    lease_url: str | None = None  # SQL database for single-flight stage leases
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -54,9 +54,12 @@ def iterate_batches(
         if order is None:
             batch, labels = images.images[start:stop], images.labels[start:stop]
         else:
-            index = order[start:stop].to(source)
-            batch, labels = images.images.index_select(0, index), images.labels.index_select(0, index.to(images.labels.device))
-        yield batch.to(target, non_blocking=True), labels.to(target, non_blocking=True)
+            index = order[start:stop]
+            batch = images.images.index_select(0, index.to(source))
+            labels = images.labels.index_select(0, index.to(images.labels.device))
+        # Asynchronous only host → device; a device → host copy must finish before the host reads it.
+        non_blocking = source.type == "cpu"
+        yield batch.to(target, non_blocking=non_blocking), labels.to(target, non_blocking=non_blocking)
 
 
 def sample_crop_boxes(

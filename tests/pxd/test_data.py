@@ -114,7 +114,9 @@ def test_coarse_appearance_survives_at_one_eighth(resolution_set):
         return excess / excess.norm(dim=1, keepdim=True)
 
     train, val = resolution_set.train, resolution_set.val
-    accuracy = _nearest_mean_accuracy(mean_colour(train.images), train.labels // 2, mean_colour(val.images), val.labels // 2)
+    accuracy = _nearest_mean_accuracy(
+        mean_colour(train.images), train.labels // 2, mean_colour(val.images), val.labels // 2
+    )
     assert accuracy >= 0.9  # three pairs: chance is 1/3
 
 
