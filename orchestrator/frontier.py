@@ -273,6 +273,16 @@ def _metric_columns(table: Mapping[str, Any]) -> list[str]:
     return objective_names + others
 
 
+# The terminal shows the cost/accuracy summary; the CSV and JSON keep every metric.
+SUMMARY_METRICS = ("val_top1", "gmacs", "params_m", "pixels", "latency_ms")
+
+
+def _summary_columns(table: Mapping[str, Any]) -> list[str]:
+    objective_names = [objective["name"] for objective in table["objectives"]]
+    present = {key for row in table["rows"] for key in row["metrics"]}
+    return objective_names + [m for m in SUMMARY_METRICS if m in present and m not in objective_names]
+
+
 def _param_columns(table: Mapping[str, Any]) -> list[str]:
     return sorted({key for row in table["rows"] for key in row["params"]})
 
@@ -318,7 +328,7 @@ def _short(value: Any) -> str:
 
 def format_table(table: Mapping[str, Any], max_rows: int | None = None) -> str:
     """Fixed-width text table for terminals; frontier rows are marked ``*`` and listed first."""
-    metric_columns = _metric_columns(table)
+    metric_columns = _summary_columns(table)
     param_columns = _param_columns(table)
     header = ["", "trial_id", "run_id"] + metric_columns + param_columns
     shown = table["rows"] if max_rows is None else table["rows"][:max_rows]

@@ -23,7 +23,7 @@ class SweepProgress(tune.Callback):
         self.total = total
         self.quiet = quiet
         self.every_s = every_s
-        self.stream = stream or sys.stderr
+        self.stream = stream  # None: sys.stderr at print time (Tune pickles callbacks)
         self.started = time.monotonic()
         self.last_print = 0.0
         self.running: set[str] = set()
@@ -80,7 +80,7 @@ class SweepProgress(tune.Callback):
         if self.quiet:
             return
         self.last_print = time.monotonic()
-        print(f"{self.status()}  | {event}", file=self.stream, flush=True)
+        print(f"{self.status()}  | {event}", file=self.stream or sys.stderr, flush=True)
 
     def close(self) -> None:
         self._print("sweep finished", force=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import tempfile
 import time
@@ -55,47 +54,6 @@ class SweepOutcome:
     ui: str
 
 
-def _make_searcher(spec: Any, sweep_name: str, storage_url: str) -> Any:
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    from orchestrator.spec import constraint_names, define_by_run, make_sampler
-
-    names = constraint_names(spec)
-    metrics, modes = list(spec.objective_metrics), list(spec.objective_modes)
-
-    class ParetoOptunaSearch(OptunaSearch):
-        """OptunaSearch that records constraints and marks incomplete trials FAIL (never half-told)."""
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            ot_trial = self._ot_trials.get(trial_id)
-            if ot_trial is None or trial_id in self._completed_trials:
-                return
-            values = [result.get(m) for m in metrics] if result else []
-            complete = (not error and result is not None and result.get("done")
-                        and all(isinstance(v, (int, float)) and not math.isnan(v) for v in values))
-            if result and result.get("mlflow_run_id"):
-                ot_trial.set_user_attr("mlflow_run_id", result["mlflow_run_id"])
-            if not complete:
-                self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
-                self._completed_trials.add(trial_id)
-                return
-            # Optuna ≥ 5 reads constraints set on the trial before `tell` (≤ 0 means satisfied)
-            for name, value in zip(names, result.get("constraints") or []):
-                ot_trial.set_constraint(name, value)
-            super().on_trial_complete(trial_id, result=result, error=False)
-
-    storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=None)
-    return ParetoOptunaSearch(
-        space=define_by_run(spec),
-        metric=metrics,
-        mode=modes,
-        sampler=make_sampler(spec),
-        storage=storage,
-        study_name=sweep_name,
-    )
-
-
 def _default_name(spec: Any) -> str:
     return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -113,6 +71,7 @@ def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
     from ray import tune
 
     from orchestrator.progress import SweepProgress
+    from orchestrator.searcher import make_searcher
 
     root = results_root(options.root)
     name = options.name or (_latest_sweep(root, spec.name) if options.resume else None) or _default_name(spec)
@@ -159,7 +118,7 @@ def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    search_alg=_make_searcher(spec, name, storage_url), num_samples=spec.search.trials,
+                    search_alg=make_searcher(spec, name, storage_url), num_samples=spec.search.trials,
                     max_concurrent_trials=spec.search.max_concurrent, time_budget_s=spec.search.timeout_s,
                 ),
                 run_config=run_config,

@@ -96,7 +96,14 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> dict[str, Any]:
 
         metrics = dict(result.metrics)
         feasible = is_feasible(context.spec, metrics)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        reused = [o for o in result.stages.values() if o.reused]
+        stage_totals = {
+            "stages_reused": float(len(reused)),
+            "stages_trained": float(len(result.stages) - len(reused)),
+            # training time the reused stages took when they were trained, i.e. what reuse saved
+            "stage_seconds_saved": sum(o.result.metrics.get("train_seconds", 0.0) for o in reused),
+        }
+        mlflow.log_metrics({k: float(v) for k, v in {**metrics, **stage_totals}.items()})
         mlflow.log_dict(result.cost, "cost.json")
         stage_tags = {}
         for kind, outcome in result.stages.items():
@@ -119,9 +126,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> dict[str, Any]:
         model_uri=model_uri,
         feasible=feasible,
         constraints=constraint_values(context.spec, metrics),
-        stages_reused=sum(o.reused for o in result.stages.values()),
-        stages_trained=sum(not o.reused for o in result.stages.values()),
-        stage_seconds_saved=sum(o.result.metrics.get("train_seconds", 0.0) for o in result.stages.values() if o.reused),
+        **stage_totals,
         done=True,
     )
     if _in_tune():

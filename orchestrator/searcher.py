@@ -1,0 +1,55 @@
+"""Ray Tune's OptunaSearch in multi-objective mode, with pxd's bookkeeping on completion."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+
+__all__ = ["ParetoOptunaSearch", "make_searcher"]
+
+
+class ParetoOptunaSearch(OptunaSearch):
+    """OptunaSearch that sets constraints on the trial before `tell` (Optuna ≥ 5 reads them there),
+    records the trial's MLflow run id, and tells FAIL for any trial without a complete final result,
+    so no Optuna trial is ever left RUNNING or half-told."""
+
+    def __init__(self, *args: Any, constraint_names: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._constraint_names = tuple(constraint_names)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return
+        metrics = self._metric if isinstance(self._metric, list) else [self._metric]
+        values = [result.get(m) for m in metrics] if result else []
+        complete = (
+            not error and result is not None and bool(result.get("done"))
+            and all(isinstance(v, (int, float)) and not math.isnan(v) for v in values)
+        )
+        if result and result.get("mlflow_run_id"):
+            ot_trial.set_user_attr("mlflow_run_id", result["mlflow_run_id"])
+        if not complete:
+            self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
+            self._completed_trials.add(trial_id)
+            return
+        for name, value in zip(self._constraint_names, result.get("constraints") or []):
+            ot_trial.set_constraint(name, value)  # ≤ 0 means satisfied
+        super().on_trial_complete(trial_id, result=result, error=False)
+
+
+def make_searcher(spec: Any, study_name: str, storage_url: str) -> ParetoOptunaSearch:
+    from orchestrator.spec import constraint_names, define_by_run, make_sampler
+
+    return ParetoOptunaSearch(
+        space=define_by_run(spec),
+        metric=list(spec.objective_metrics),
+        mode=list(spec.objective_modes),
+        sampler=make_sampler(spec),
+        storage=optuna.storages.RDBStorage(storage_url),
+        study_name=study_name,
+        constraint_names=constraint_names(spec),
+    )

@@ -1,0 +1,204 @@
+"""End-to-end sweeps on real Ray, a real MLflow server over HTTP and a real Optuna RDB study.
+
+Tiny trials (a few seconds each on CPU). Checked against what a user relies on: MLflow's contents,
+the frontier against brute-force non-dominance on the logged metrics, the hypervolume against a value
+computed by hand, failed trials kept out of the frontier, and stages trained once and shared.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from orchestrator.cli import main
+from orchestrator.spec import parse_spec
+from orchestrator.stage_store import STAGES_EXPERIMENT
+from orchestrator.sweep import SweepOptions, run_sweep
+from tests.orchestrator.conftest import tiny_space
+
+pytestmark = pytest.mark.slow
+
+
+def _children(client, outcome):
+    return client.search_runs([outcome.experiment_id], f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+
+
+def _stage_runs(client, stage):
+    experiment = client.get_experiment_by_name(STAGES_EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], f"tags.`pxd.stage` = '{stage}' and tags.`pxd.stage_complete` = 'true'")
+    return runs
+
+
+def _brute_force_front(points):
+    """Indices of points (maximise column 0, minimise column 1) that no other point dominates."""
+    front = []
+    for i, (acc_i, pix_i) in enumerate(points):
+        dominated = any(
+            acc_j >= acc_i and pix_j <= pix_i and (acc_j > acc_i or pix_j < pix_i)
+            for j, (acc_j, pix_j) in enumerate(points) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def _staircase_hypervolume(points, reference):
+    """2-D hypervolume by hand: sort by pixels, add the rectangles each point adds over the reference."""
+    ref_acc, ref_pix = reference
+    best = sorted(((pix, acc) for acc, pix in points if acc > ref_acc and pix < ref_pix), key=lambda p: (p[0], -p[1]))
+    volume, top = 0.0, ref_acc
+    for index, (pix, acc) in enumerate(best):
+        if acc <= top:
+            continue
+        # the region from this point's pixels to the reference, between the previous best accuracy and this one
+        volume += (ref_pix - pix) * (acc - top)
+        top = acc
+    return volume
+
+
+@pytest.fixture(scope="module")
+def first_sweep(ray_local, mlflow_server, results_root):
+    spec = parse_spec(tiny_space(), source_path="tiny.yaml")
+    outcome = run_sweep(spec, SweepOptions(name="tiny-a", tracking_uri=mlflow_server, root=str(results_root), quiet=True))
+    return spec, outcome
+
+
+def test_every_trial_is_a_child_run_with_metrics_params_and_a_loadable_model(first_sweep, mlflow_server):
+    _, outcome = first_sweep
+    client = MlflowClient(mlflow_server)
+    children = _children(client, outcome)
+    assert len(children) == 6
+    combos = set()
+    for run in children:
+        assert run.info.status == "FINISHED" and run.data.tags["pxd.state"] == "COMPLETE"
+        for metric in ("val_top1", "gmacs", "params_m", "pixels", "latency_ms"):
+            assert metric in run.data.metrics, metric
+        assert run.data.params["student.arch"] in ("blockwise_resnet", "resnet10t")
+        resolution = int(run.data.params["student.resolution"])
+        assert run.data.metrics["pixels"] == resolution * resolution
+        assert "student.val_top1" in {m for m in run.data.metrics}  # per-epoch history
+        combos.add((run.data.params["student.arch"], resolution))
+    assert len(combos) == 6, "the grid sampler covers every combination once"
+    # the student model loads from MLflow and runs at its own resolution
+    import mlflow
+
+    run = children[0]
+    model = mlflow.pytorch.load_model(run.data.tags["pxd.model_uri"])
+    resolution = int(run.data.params["student.resolution"])
+    assert model(torch.zeros(1, 3, resolution, resolution)).shape == (1, 4)
+
+
+def test_frontier_matches_brute_force_and_hypervolume_matches_hand_computation(first_sweep, mlflow_server):
+    _, outcome = first_sweep
+    client = MlflowClient(mlflow_server)
+    children = sorted(_children(client, outcome), key=lambda r: r.info.run_id)
+    points = [(r.data.metrics["val_top1"], r.data.metrics["pixels"]) for r in children]
+    expected = {children[i].info.run_id for i in _brute_force_front(points)}
+    tagged = {r.info.run_id for r in children if r.data.tags.get("pxd.on_frontier") == "true"}
+    assert tagged == expected and expected
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.data.metrics["hypervolume"] == pytest.approx(_staircase_hypervolume(points, (0.0, 1024.0)))
+    assert parent.data.metrics["frontier_size"] == len(expected)
+    artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id, "frontier")}
+    assert {"frontier/frontier.csv", "frontier/frontier.json", "frontier/frontier.png", "frontier/frontier.html"} <= artifacts
+    with tempfile.TemporaryDirectory() as tmp:
+        table = json.loads(Path(client.download_artifacts(outcome.parent_run_id, "frontier/frontier.json", tmp)).read_text())
+    assert {row["run_id"] for row in table["rows"] if row["on_frontier"]} == expected
+    assert all(row["model_uri"] for row in table["rows"])
+
+
+def test_optuna_study_holds_the_same_trials(first_sweep, results_root, mlflow_server):
+    _, outcome = first_sweep
+    storage = f"sqlite:///{results_root / 'sweeps' / 'tiny-a' / 'optuna.db'}"
+    study = optuna.load_study(study_name="tiny-a", storage=storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 6
+    client = MlflowClient(mlflow_server)
+    for trial in complete:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert trial.values == [run.data.metrics["val_top1"], run.data.metrics["pixels"]]
+
+
+def test_shared_stages_are_trained_once(first_sweep, mlflow_server):
+    _, outcome = first_sweep
+    client = MlflowClient(mlflow_server)
+    assert len(_stage_runs(client, "teacher")) == 1
+    assistants = _stage_runs(client, "assistant")
+    assert len(assistants) == 2, "one assistant per student architecture"
+    children = _children(client, outcome)
+    used = {r.data.tags["pxd.stage.teacher.run_id"] for r in children}
+    assert len(used) == 1
+    assert sum(r.data.tags["pxd.stage.teacher.reused"] == "false" for r in children) == 1
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.data.metrics["stages_reused"] == 5 + 4  # teacher reused by 5 trials, assistants by 4
+
+
+def test_pxd_frontier_and_pxd_stages_read_back_from_mlflow(first_sweep, mlflow_server, capsys):
+    _, outcome = first_sweep
+    assert main(["frontier", "tiny-a", "--tracking-uri", mlflow_server, "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    client = MlflowClient(mlflow_server)
+    tagged = {r.info.run_id for r in _children(client, outcome) if r.data.tags.get("pxd.on_frontier") == "true"}
+    assert {row["run_id"] for row in table["rows"] if row["on_frontier"]} == tagged
+    assert main(["stages", "--tracking-uri", mlflow_server, "--json"]) == 0
+    stages = json.loads(capsys.readouterr().out)
+    assert {"teacher", "assistant", "student"} <= {row["stage"] for row in stages}
+    assert all(row["state"] == "ok" and row["size_mb"] > 0 for row in stages)
+
+
+def test_a_second_sweep_with_the_same_teacher_trains_no_teacher(first_sweep, mlflow_server, results_root):
+    raw = tiny_space(trials=2)
+    raw["student"]["resolution"] = {"choice": [12]}
+    spec = parse_spec(raw, source_path="tiny-b.yaml")
+    outcome = run_sweep(spec, SweepOptions(name="tiny-b", tracking_uri=mlflow_server, root=str(results_root), quiet=True))
+    client = MlflowClient(mlflow_server)
+    assert len(_stage_runs(client, "teacher")) == 1
+    children = _children(client, outcome)
+    assert len(children) == 2
+    assert all(r.data.tags["pxd.stage.teacher.reused"] == "true" for r in children)
+    assert all(r.data.tags["pxd.stage.assistant.reused"] == "true" for r in children)
+
+
+def test_failed_trials_are_recorded_and_never_enter_the_frontier(ray_local, mlflow_server, results_root):
+    raw = tiny_space(trials=4)
+    raw["student"]["arch"] = "blockwise_resnet"
+    raw["student"]["resolution"] = {"choice": [8, 16]}
+    raw["distill"]["kd"] = {"choice": [1.0, 1e39]}  # 1e39 overflows float32: those trials diverge
+    spec = parse_spec(raw, source_path="tiny-fail.yaml")
+    outcome = run_sweep(spec, SweepOptions(name="tiny-fail", tracking_uri=mlflow_server, root=str(results_root), quiet=True))
+    client = MlflowClient(mlflow_server)
+    children = _children(client, outcome)
+    failed = [r for r in children if r.data.tags["pxd.state"] == "FAILED"]
+    complete = [r for r in children if r.data.tags["pxd.state"] == "COMPLETE"]
+    assert len(failed) == 2 and len(complete) == 2
+    for run in failed:
+        assert run.info.status == "FAILED"
+        assert "diverged" in run.data.tags["pxd.error"]
+        assert run.data.tags.get("pxd.on_frontier") is None
+    assert {r["run_id"] for r in outcome.table["rows"]} == {r.info.run_id for r in complete}
+    assert client.get_run(outcome.parent_run_id).data.metrics["trials_failed"] == 2
+    storage = f"sqlite:///{results_root / 'sweeps' / 'tiny-fail' / 'optuna.db'}"
+    states = [t.state for t in optuna.load_study(study_name="tiny-fail", storage=storage).trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 2
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2
+
+
+def test_bad_space_fails_before_anything_is_launched(tmp_path, capsys):
+    space = tmp_path / "bad.yaml"
+    raw = tiny_space()
+    raw["student"]["resolution"] = {"choice": [8, 64]}  # 64 > teacher resolution 32
+    import yaml
+
+    space.write_text(yaml.safe_dump(raw))
+    root = tmp_path / "root"
+    assert main(["sweep", str(space), "--root", str(root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "student.resolution" in err
+    assert not root.exists(), "nothing may be created or launched for a bad space"
+
