@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
     from orchestrator.progress import SweepProgress
     from orchestrator.searcher import make_searcher
 
+    _validate(spec, options)  # bad input: one clear error, nothing created or launched
     root = results_root(options.root)
     name = options.name or (_latest_sweep(root, spec.name) if options.resume else None) or _default_name(spec)
     sweep_dir = root / "sweeps" / name
@@ -80,7 +82,6 @@ def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
         from pxd.errors import ConfigError
 
         raise ConfigError("--resume", f"no sweep named {name!r} under {root / 'sweeps'}; check --name and --root")
-    spec.require_search()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
     storage_url = options.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
@@ -111,6 +112,7 @@ def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
             name="tune", storage_path=str(sweep_dir), callbacks=[progress], verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
         )
+        _warm_teacher(context, resources, quiet=options.quiet)
         tune_path = str(sweep_dir / "tune")
         if options.resume and tune.Tuner.can_restore(tune_path):
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -131,12 +133,50 @@ def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
         target.close()
 
 
+def _prepare_teacher_task(context: TrialContext) -> dict[str, Any]:
+    import optuna
+
+    from orchestrator.spec import materialize, sample_params
+    from orchestrator.stage_store import make_provider
+    from pxd.pipeline import prepare_teacher
+
+    # any valid draw of the space gives the sweep's teacher (one teacher and dataset per sweep)
+    study = optuna.create_study(directions=list(context.spec.directions), sampler=optuna.samplers.RandomSampler(seed=0))
+    config = materialize(context.spec, sample_params(context.spec, study.ask()))
+    outcome = prepare_teacher(config, provider=make_provider(context), progress=False)
+    return {"key": outcome.key, "reused": outcome.reused, "val_top1": outcome.result.metrics.get("val_top1")}
+
+
+def _warm_teacher(context: TrialContext, resources: dict[str, float], *, quiet: bool) -> None:
+    """Train (or find) the teacher every trial needs before launching trials, so concurrent trials do
+    not sit on their resource reservations waiting for it. Runs as a Ray task with a trial's resources."""
+    import ray
+
+    if not quiet:
+        print("[pxd] preparing the shared teacher stage before launching trials ...", file=sys.stderr, flush=True)
+    task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_retries=0)(_prepare_teacher_task)
+    info = ray.get(task.remote(context))
+    if not quiet:
+        state = "reused from the stage store" if info["reused"] else "trained"
+        print(f"[pxd] teacher {info['key'][:12]} {state} (val_top1 {info['val_top1']:.3f})", file=sys.stderr, flush=True)
+
+
 def _lease_url(options: SweepOptions, root: Path) -> str:
     """Stage leases live where every trial can reach them: the sweep's server database when there
     is one (Postgres on a cluster), else a SQLite file shared by every sweep under this root."""
     if options.optuna_storage and not options.optuna_storage.startswith("sqlite"):
         return options.optuna_storage
     return f"sqlite:///{root / 'stage-leases.db'}"
+
+
+def _validate(spec: Any, options: SweepOptions) -> None:
+    from orchestrator.tracking import check_tracking
+    from pxd.config import DatasetConfig, parse_dataclass
+    from pxd.data import check_dataset
+
+    spec.require_search()
+    check_dataset(parse_dataclass(DatasetConfig, spec.raw.get("dataset"), prefix="dataset."))
+    check_tracking(options.tracking_uri, cluster=options.ray_address is not None)
 
 
 def _trainable(config: dict[str, Any], context: TrialContext) -> None:
@@ -255,16 +295,21 @@ def finish_sweep(client: Any, spec: Any, parent_run_id: str) -> tuple[dict[str, 
 
 
 def _log_stage_totals(client: Any, parent_run_id: str, rows: list[TrialRow]) -> None:
-    """Stages trained vs reused across the sweep's trials, and the training time reuse saved."""
-    trained = reused = 0
-    saved = 0.0
-    for row in rows:
-        trained += int(row.metrics.get("stages_trained", 0))
-        reused += int(row.metrics.get("stages_reused", 0))
-        saved += float(row.metrics.get("stage_seconds_saved", 0.0))
-    client.log_metric(parent_run_id, "stages_trained", float(trained))
-    client.log_metric(parent_run_id, "stages_reused", float(reused))
-    client.log_metric(parent_run_id, "stage_seconds_saved", saved)
+    """Stages this sweep trained (teacher warm-up included) and reused, and the training time reuse saved."""
+    from orchestrator.stage_store import STAGES_EXPERIMENT
+
+    sweep = client.get_run(parent_run_id).data.tags["pxd.sweep"]
+    experiment = client.get_experiment_by_name(STAGES_EXPERIMENT)
+    trained = client.search_runs(
+        [experiment.experiment_id], f"tags.`pxd.sweep` = '{sweep}' and tags.`pxd.stage_complete` = 'true'",
+        max_results=5000,
+    ) if experiment is not None else []
+    for kind in ("teacher", "assistant", "student"):
+        count = sum(run.data.tags.get("pxd.stage") == kind for run in trained)
+        client.log_metric(parent_run_id, f"{kind}s_trained", float(count))
+    client.log_metric(parent_run_id, "stages_trained", float(len(trained)))
+    client.log_metric(parent_run_id, "stages_reused", float(sum(row.metrics.get("stages_reused", 0.0) for row in rows)))
+    client.log_metric(parent_run_id, "stage_seconds_saved", float(sum(row.metrics.get("stage_seconds_saved", 0.0) for row in rows)))
 
 
 def summary(outcome: SweepOutcome) -> str:

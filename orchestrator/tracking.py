@@ -31,6 +31,7 @@ __all__ = [
     "TrackingTarget",
     "results_root",
     "resolve_tracking",
+    "check_tracking",
     "ui_command",
 ]
 
@@ -149,22 +150,28 @@ class TrackingTarget:
             self.server.stop()
 
 
-def resolve_tracking(cli_uri: str | None, root: Path, *, cluster: bool = False) -> TrackingTarget:
+def check_tracking(cli_uri: str | None, *, cluster: bool) -> None:
+    """A cluster run needs a tracking server every node reaches; raise `ConfigError` otherwise."""
     uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        if cluster and uri.startswith(("file:", "sqlite:", "./", "/")) :
-            raise ConfigError(
-                "--tracking-uri",
-                f"{uri} is a local store; trials on other nodes cannot write to it. Start `mlflow server` "
-                "(e.g. on Postgres) and pass its http:// URI",
-            )
-        return TrackingTarget(uri=uri, server=None)
-    if cluster:
+    if cluster and uri and uri.startswith(("file:", "sqlite:", "./", "/")):
+        raise ConfigError(
+            "--tracking-uri",
+            f"{uri} is a local store; trials on other nodes cannot write to it. Start `mlflow server` "
+            "(e.g. on Postgres) and pass its http:// URI",
+        )
+    if cluster and not uri:
         raise ConfigError(
             "--tracking-uri",
             "a Ray cluster (--ray-address) needs a tracking server every node can reach; pass "
             "--tracking-uri http://HOST:PORT or set MLFLOW_TRACKING_URI",
         )
+
+
+def resolve_tracking(cli_uri: str | None, root: Path, *, cluster: bool = False) -> TrackingTarget:
+    check_tracking(cli_uri, cluster=cluster)
+    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return TrackingTarget(uri=uri, server=None)
     server = EmbeddedServer(root)
     return TrackingTarget(uri=server.start(), server=server)
 

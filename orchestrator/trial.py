@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,8 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> dict[str, Any]:
         "pxd.kind": "trial",
         "pxd.state": "RUNNING",
         "pxd.sampled": json.dumps(params, sort_keys=True, default=str),
+        "pxd.hostname": socket.gethostname(),
+        "pxd.node_id": _node_id(),
     }
     run_name = f"{config.student.arch}@{config.student.resolution}-{trial_id}"
     with mlflow.start_run(experiment_id=context.experiment_id, run_name=run_name, tags=tags) as run:
@@ -132,6 +135,12 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> dict[str, Any]:
     if _in_tune():
         tune.report(final)
     return final
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
 def _in_tune() -> bool:

@@ -28,7 +28,7 @@ from pxd.config import ModelConfig, PipelineConfig
 from pxd.cost import measure_cost
 from pxd.data import load_dataset
 from pxd.models import create_model
-from pxd.train import EpochCallback, StageResult, autocast_dtype, resolve_device, train_stage
+from pxd.train import EpochCallback, StageResult, autocast_dtype, evaluate, resolve_device, train_stage
 from pxd.types import DatasetSplits
 
 __all__ = [
@@ -39,6 +39,8 @@ __all__ = [
     "PipelineResult",
     "stage_keys",
     "run_tas",
+    "prepare_teacher",
+    "init_from",
 ]
 
 # Bump when a change to the training code would change what a stage produces, so stores miss.
@@ -138,21 +140,7 @@ def run_tas(
     outcomes: dict[str, StageOutcome] = {}
 
     # Stage 0: teacher
-    teacher = create_model(cfg.teacher, num_classes, field="teacher")
-
-    def train_teacher() -> StageResult:
-        if cfg.teacher.epochs == 0:  # a loaded checkpoint / pretrained teacher, used as is
-            from pxd.train import evaluate
-
-            top1 = evaluate(teacher.to(device), data.val, resolution=high, image_resolution=high,
-                            eval_crop=data.eval_crop, batch_size=cfg.train.batch_size, device=device)
-            state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
-            return StageResult("teacher", state, {"val_top1": top1, "epochs": 0.0})
-        return train_stage("teacher", teacher, resolution=high, teacher=None, distill=None,
-                           epochs=cfg.teacher.epochs, **common)
-
-    outcomes["teacher"] = provider.get_or_train("teacher", keys["teacher"], _describe(cfg, "teacher"), train_teacher)
-    teacher.load_state_dict(outcomes["teacher"].result.state_dict)
+    teacher, outcomes["teacher"] = _teacher_stage(cfg, data, provider, keys["teacher"], device, common)
     upstream = teacher
 
     # Stage 1: model compression (assistant = student architecture at the teacher's resolution)
@@ -192,6 +180,37 @@ def run_tas(
     for kind, outcome in outcomes.items():
         metrics[f"{kind}_val_top1"] = outcome.result.metrics["val_top1"]
     return PipelineResult(config=cfg, metrics=metrics, stages=outcomes, student=student.cpu(), cost=cost)
+
+
+def _teacher_stage(
+    cfg: PipelineConfig, data: DatasetSplits, provider: StageProvider, key: str, device: torch.device,
+    common: dict[str, Any],
+) -> tuple[nn.Module, StageOutcome]:
+    high = cfg.teacher.resolution
+    teacher = create_model(cfg.teacher, data.num_classes, field="teacher")
+
+    def train_teacher() -> StageResult:
+        if cfg.teacher.epochs == 0:  # a loaded checkpoint / pretrained teacher, used as is
+            top1 = evaluate(teacher.to(device), data.val, resolution=high, image_resolution=high,
+                            eval_crop=data.eval_crop, batch_size=cfg.train.batch_size, device=device)
+            state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+            return StageResult("teacher", state, {"val_top1": top1, "epochs": 0.0, "train_seconds": 0.0})
+        return train_stage("teacher", teacher, resolution=high, teacher=None, distill=None,
+                           epochs=cfg.teacher.epochs, **common)
+
+    outcome = provider.get_or_train("teacher", key, _describe(cfg, "teacher"), train_teacher)
+    teacher.load_state_dict(outcome.result.state_dict)
+    return teacher, outcome
+
+
+def prepare_teacher(cfg: PipelineConfig, *, provider: StageProvider, progress: bool | None = None) -> StageOutcome:
+    """Get (or train) only the teacher stage, e.g. once before a sweep launches its trials."""
+    device = resolve_device(cfg.train.device)
+    data = load_dataset(cfg.dataset, cfg.seed)
+    key = stage_keys(cfg, data.fingerprint)["teacher"]
+    common = dict(data=data, image_resolution=cfg.teacher.resolution, train=cfg.train, seed=cfg.seed,
+                  device=device, on_epoch=None, progress=progress)
+    return _teacher_stage(cfg, data, provider, key, device, common)[1]
 
 
 def _describe(cfg: PipelineConfig, kind: str) -> dict[str, Any]:

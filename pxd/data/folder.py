@@ -59,13 +59,8 @@ def _layout_error(message: str, layout: str) -> DatasetError:
 # ImageFolder
 
 
-def load_imagefolder(cfg: DatasetConfig, seed: int) -> DatasetSplits:
-    """Load `<path>/train/<class>/*` and `<path>/val/<class>/*` (classes: the sorted train folders).
-
-    Each image is decoded as RGB, its shorter side resized to `cfg.image_size` (antialiased) and
-    centre-cropped square. `train_per_class`/`val_per_class` > 0 keep that many images per class,
-    picked deterministically from `seed`; 0 keeps all. Raises `DatasetError` naming what is wrong.
-    """
+def imagefolder_layout(cfg: DatasetConfig) -> tuple[Path, list[str]]:
+    """Check the ImageFolder layout without decoding anything; returns the root and the classes."""
     root = Path(cfg.path or "").expanduser()
     if not cfg.path or not root.is_dir():
         raise _layout_error(f"{cfg.path!r} is not a folder", IMAGEFOLDER_LAYOUT)
@@ -83,6 +78,17 @@ def load_imagefolder(cfg: DatasetConfig, seed: int) -> DatasetSplits:
             f"val/ and train/ must hold the same class folders; missing in val/: {missing}, only in val/: {extra}",
             IMAGEFOLDER_LAYOUT,
         )
+    return root, classes
+
+
+def load_imagefolder(cfg: DatasetConfig, seed: int) -> DatasetSplits:
+    """Load `<path>/train/<class>/*` and `<path>/val/<class>/*` (classes: the sorted train folders).
+
+    Each image is decoded as RGB, its shorter side resized to `cfg.image_size` (antialiased) and
+    centre-cropped square. `train_per_class`/`val_per_class` > 0 keep that many images per class,
+    picked deterministically from `seed`; 0 keeps all. Raises `DatasetError` naming what is wrong.
+    """
+    root, classes = imagefolder_layout(cfg)
     picked: dict[str, list[tuple[Path, int]]] = {}
     for split, cap in (("train", cfg.train_per_class), ("val", cfg.val_per_class)):
         picked[split] = []
@@ -164,15 +170,8 @@ def _fingerprint(cfg: DatasetConfig, seed: int, root: Path, files: list[Path]) -
 # CIFAR
 
 
-def load_cifar(cfg: DatasetConfig, seed: int, num_classes: int) -> DatasetSplits:
-    """Load CIFAR-10 (`num_classes=10`) or CIFAR-100 (100) from the python pickle files.
-
-    `cfg.path` is the folder holding the batch files or its parent (with `cifar-10-batches-py/` or
-    `cifar-100-python/`). CIFAR's release has no validation split, so its official **test** batch
-    becomes pxd's **val** split, the one used for model selection: there is no held-out test set.
-    Images are always 32×32 (`cfg.image_size` is ignored). Per-class caps work as for ImageFolder.
-    The pickles are read with an unpickler that only builds numpy arrays, so a file cannot run code.
-    """
+def cifar_layout(cfg: DatasetConfig, num_classes: int) -> tuple[Path, str, tuple[Any, ...]]:
+    """Check the CIFAR python-format files are present without reading them."""
     if num_classes not in CIFAR_LAYOUT:
         raise ValueError(f"num_classes must be 10 or 100 (got {num_classes})")
     layout = CIFAR_LAYOUT[num_classes]
@@ -191,6 +190,20 @@ def load_cifar(cfg: DatasetConfig, seed: int, num_classes: int) -> DatasetSplits
     if missing:
         raise _layout_error(f"{root} is missing {', '.join(missing)}", layout)
 
+    return root, layout, (meta_file, label_key, names_key, train_files, val_files)
+
+
+def load_cifar(cfg: DatasetConfig, seed: int, num_classes: int) -> DatasetSplits:
+    """Load CIFAR-10 (`num_classes=10`) or CIFAR-100 (100) from the python pickle files.
+
+    `cfg.path` is the folder holding the batch files or its parent (with `cifar-10-batches-py/` or
+    `cifar-100-python/`). CIFAR's release has no validation split, so its official **test** batch
+    becomes pxd's **val** split, the one used for model selection: there is no held-out test set.
+    Images are always 32×32 (`cfg.image_size` is ignored). Per-class caps work as for ImageFolder.
+    The pickles are read with an unpickler that only builds numpy arrays, so a file cannot run code.
+    """
+    root, layout, names = cifar_layout(cfg, num_classes)
+    meta_file, label_key, names_key, train_files, val_files = names
     classes = [str(name) for name in _read_pickle(root / meta_file, layout).get(names_key, [])]
     if len(classes) != num_classes:
         raise _layout_error(f"{root / meta_file} must list {num_classes} {names_key!r} (found {len(classes)})", layout)
