@@ -285,16 +285,18 @@ class MlflowStageStore:
     def get_or_train(self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], Any]) -> Any:
         from pxd.pipeline import StageOutcome
 
-        if not self.force_retrain:
-            found = self._find(key)
-            if found is not None:
-                return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
+        if self.force_retrain:  # no sharing at all: every caller trains its own copy, like a pipeline without a store
+            result = train()
+            return StageOutcome(result=result, key=key, reused=False, ref=self.save(kind, key, describe, result))
+        found = self._find(key)
+        if found is not None:
+            return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
         deadline = time.monotonic() + self.wait_timeout_s
         ttl = lease_ttl_s()
         while True:
             if self.leases.acquire(key, self.owner, ttl):
                 try:
-                    found = None if self.force_retrain else self._find(key)  # finished while we polled
+                    found = self._find(key)  # finished while we polled
                     if found is not None:
                         return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
                     with _Heartbeat(self.leases, key, self.owner, ttl):
@@ -310,10 +312,9 @@ class MlflowStageStore:
                     "or check that trial's MLflow run"
                 )
             time.sleep(self.poll_s)
-            if not self.force_retrain:
-                found = self._find(key)
-                if found is not None:
-                    return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
+            found = self._find(key)
+            if found is not None:
+                return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
 
 
 def make_provider(context: Any, parent_run_id: str | None = None) -> Any:

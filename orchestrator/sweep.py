@@ -75,6 +75,9 @@ def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
     from orchestrator.searcher import make_searcher
 
     _validate(spec, options)  # bad input: one clear error, nothing created or launched
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # pxd prints its own progress lines
     root = results_root(options.root)
     name = options.name or (_latest_sweep(root, spec.name) if options.resume else None) or _default_name(spec)
     sweep_dir = root / "sweeps" / name
@@ -112,7 +115,8 @@ def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
             name="tune", storage_path=str(sweep_dir), callbacks=[progress], verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
         )
-        _warm_teacher(context, resources, quiet=options.quiet)
+        if not context.force_retrain and context.reuse_stages:
+            _warm_teacher(context, resources, quiet=options.quiet)
         tune_path = str(sweep_dir / "tune")
         if options.resume and tune.Tuner.can_restore(tune_path):
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)

@@ -77,6 +77,7 @@ class EmbeddedServer:
     root: Path
     process: subprocess.Popen | None = None
     uri: str | None = None
+    port: int | None = None  # fixed port (e.g. to restart on the same URI); None: any free port
 
     @property
     def backend_uri(self) -> str:
@@ -92,7 +93,7 @@ class EmbeddedServer:
         if existing:
             self.uri = existing
             return existing
-        port = _free_port()
+        port = self.port or _free_port()
         uri = f"http://127.0.0.1:{port}"
         log = open(self.root / "mlflow-server.log", "ab")
         command = [
