@@ -63,14 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_yaml(path: str) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise ConfigError(path, f"cannot read the file ({exc.strerror}); check the path") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(path, f"is not valid YAML ({str(exc).splitlines()[0]})") from None
+    from orchestrator.spec import read_yaml
+
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError(path, "must be a YAML mapping with sections dataset, teacher, student, ...")
     return raw

@@ -129,7 +129,7 @@ def parse_distribution(raw: Any, field: str) -> Distribution:
     if extra:
         raise ConfigError(field, f"unknown key {extra[0]!r} in a {kind} distribution; {_HOW} (plus step for int)")
     if "step" in raw and kind != "int":
-        raise ConfigError(field, f"step applies only to int distributions; remove it or use {{int: [lo, hi], step: k}}")
+        raise ConfigError(field, "step applies only to int distributions; remove it or use {int: [lo, hi], step: k}")
     if kind == "choice":
         return _parse_choice(raw[kind], field)
     if kind == "int":

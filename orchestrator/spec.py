@@ -48,6 +48,7 @@ __all__ = [
     "SearchConfig",
     "SweepSpec",
     "load_spec",
+    "read_yaml",
     "parse_spec",
     "define_by_run",
     "sample_params",
@@ -168,6 +169,11 @@ class SweepSpec:
 
 def load_spec(path: str | os.PathLike[str]) -> SweepSpec:
     """Read a search-space (or plain config) YAML file and validate it. Raises `ConfigError`."""
+    return parse_spec(read_yaml(path), source_path=str(path))
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """The file's YAML (safe loader); unreadable files and bad syntax are a `ConfigError` on the path."""
     where = str(path)
     try:
         text = Path(path).read_text()
@@ -180,7 +186,7 @@ def load_spec(path: str | os.PathLike[str]) -> SweepSpec:
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or type(exc).__name__
         raise ConfigError(where, f"is not valid YAML ({problem}{at}); fix the syntax") from None
-    return parse_spec(raw, source_path=where)
+    return raw
 
 
 def parse_spec(raw: Any, source_path: str | None = None) -> SweepSpec:

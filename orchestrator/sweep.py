@@ -12,7 +12,6 @@ trial, separate runs for shared stages (experiment `pxd-stages`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -24,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from orchestrator.frontier import TrialRow, frontier_table, format_table, hypervolume_of_rows, write_table
-from orchestrator.tracking import TrackingTarget, resolve_tracking, results_root, ui_command
+from orchestrator.frontier import TrialRow, format_table, frontier_table, write_table
+from orchestrator.tracking import resolve_tracking, results_root, ui_command
 from orchestrator.trial import TrialContext, run_trial
 
 __all__ = ["SweepOptions", "SweepOutcome", "run_sweep", "collect_rows", "find_sweep_run", "sweep_objectives"]
@@ -326,5 +325,3 @@ def summary(outcome: SweepOutcome) -> str:
     lines.append("frontier runs in the UI: filter  tags.`pxd.on_frontier` = 'true'")
     return "\n".join(lines)
 
-
-_ = (dataclasses, hypervolume_of_rows)

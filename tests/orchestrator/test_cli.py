@@ -78,4 +78,4 @@ def test_unreadable_files_name_the_file(tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text("teacher: [unclosed\n")
     assert main(["train", str(broken)]) == 2
-    assert "not valid YAML" in capsys.readouterr().err
+    assert "is not valid YAML" in capsys.readouterr().err
