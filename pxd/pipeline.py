@@ -145,7 +145,7 @@ def run_tas(
 
     # Stage 1: model compression (assistant = student architecture at the teacher's resolution)
     if cfg.assistant.enabled:
-        assistant = create_model(dataclasses.replace(cfg.student, resolution=high), num_classes, field="student")
+        assistant = _new_model(dataclasses.replace(cfg.student, resolution=high), num_classes, "student", cfg.seed)
         outcomes["assistant"] = provider.get_or_train(
             "assistant", keys["assistant"], _describe(cfg, "assistant"),
             lambda: train_stage("assistant", assistant, resolution=high, teacher=teacher, distill=cfg.distill,
@@ -155,7 +155,7 @@ def run_tas(
         upstream = assistant
 
     # Stage 2: input compression (student at low resolution, distilled from its upstream)
-    student = create_model(cfg.student, num_classes, field="student")
+    student = _new_model(cfg.student, num_classes, "student", cfg.seed)
     if cfg.assistant.enabled and cfg.assistant.init_student:
         init_from(upstream.state_dict(), student)
     outcomes["student"] = provider.get_or_train(
@@ -182,12 +182,18 @@ def run_tas(
     return PipelineResult(config=cfg, metrics=metrics, stages=outcomes, student=student.cpu(), cost=cost)
 
 
+def _new_model(model: ModelConfig, num_classes: int, field: str, seed: int) -> nn.Module:
+    """A model whose initial weights depend on the seed only, not on what ran before in the process."""
+    torch.manual_seed(seed)
+    return create_model(model, num_classes, field=field)
+
+
 def _teacher_stage(
     cfg: PipelineConfig, data: DatasetSplits, provider: StageProvider, key: str, device: torch.device,
     common: dict[str, Any],
 ) -> tuple[nn.Module, StageOutcome]:
     high = cfg.teacher.resolution
-    teacher = create_model(cfg.teacher, data.num_classes, field="teacher")
+    teacher = _new_model(cfg.teacher, data.num_classes, "teacher", cfg.seed)
 
     def train_teacher() -> StageResult:
         if cfg.teacher.epochs == 0:  # a loaded checkpoint / pretrained teacher, used as is

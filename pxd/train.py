@@ -182,7 +182,7 @@ def train_stage(
             steps += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{float(loss):.3f}", best=f"{max(best_top1, 0):.3f}")
+                bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}", best=f"{max(best_top1, 0):.3f}")
         val_top1 = evaluate(
             model, val_split, resolution=resolution, image_resolution=image_resolution,
             eval_crop=data.eval_crop, batch_size=train.batch_size * 2, device=device,
