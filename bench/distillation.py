@@ -42,7 +42,7 @@ from pxd.pipeline import StageOutcome, run_tas
 from pxd.train import StageResult, resolve_device, train_stage
 from pxd.types import DatasetSplits
 
-__all__ = ["MemoryStageCache", "base_config", "run_ce", "run_distilled", "run_seed", "summarise", "main"]
+__all__ = ["MemoryStageCache", "base_config", "main", "run_ce", "run_distilled", "run_seed", "summarise"]
 
 # (b): variant name → config overrides on top of the base config (None: cross-entropy only).
 DISTILL_VARIANTS: dict[str, dict[str, Any] | None] = {
@@ -190,9 +190,10 @@ def summarise(per_seed: dict[int, dict[str, dict[str, float]]], resolution: int)
         lines.append("")
     part_b = [n for n in DISTILL_VARIANTS if n in names]
     if any(n != "ce_only" for n in part_b):
+        header = ("| variant | val_top1 | Δ vs ce_only (paired) | per seed | student s | teacher s | assistant s"
+                  " | total s / ce_only |")
         lines += [f"(b) student at {resolution // 4}×{resolution // 4}, same student budget ({len(seeds)} seeds)", "",
-                  "| variant | val_top1 | Δ vs ce_only (paired) | per seed | student s | teacher s | assistant s"
-                  " | total s / ce_only |", "|---|---|---|---|---|---|---|---|"]
+                  header, "|---|---|---|---|---|---|---|---|"]
         for name in part_b:
             delta = [a - b for a, b in zip(column(name, "val_top1"), column("ce_only", "val_top1"))]
             total = [sum(per_seed[s][name][f"{k}_seconds"] for k in ("teacher", "assistant", "student")) for s in seeds]
@@ -229,12 +230,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher", default="resnet18")
     parser.add_argument("--student", default="resnet10t")
     parser.add_argument("--teacher-epochs", type=int, default=8)
-    parser.add_argument("--epochs", type=int, default=6, help="assistant and student epochs (every variant)")
+    parser.add_argument("--epochs", type=int, default=5, help="assistant and student epochs (every variant)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--num-classes", type=int, default=8, help="synthetic only")
     parser.add_argument("--train-per-class", type=int, default=96, help="synthetic only")
-    parser.add_argument("--val-per-class", type=int, default=64, help="synthetic only")
+    parser.add_argument("--val-per-class", type=int, default=48, help="synthetic only")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--out", type=Path, default=None, help="write every number and the settings as JSON")
     args = parser.parse_args(argv)

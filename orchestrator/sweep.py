@@ -104,6 +104,7 @@ def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
         # per-epoch reports carry progress only; the objectives come with the final report
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is pxd's (`--json`)
         if not ray.is_initialized():
             ray.init(address=options.ray_address, include_dashboard=False, log_to_driver=False,
                      configure_logging=True, logging_level="ERROR")
@@ -183,7 +184,41 @@ def _validate(spec: Any, options: SweepOptions) -> None:
 
 
 def _trainable(config: dict[str, Any], context: TrialContext) -> None:
+    recorded = _completed_before(context)
+    if recorded is not None:
+        from ray import tune
+
+        tune.report(recorded)  # finished before the driver died: keep that result, train nothing again
+        return
     run_trial(config, context)
+
+
+def _completed_before(context: TrialContext) -> dict[str, Any] | None:
+    """This Tune trial's final result if an earlier launch of the sweep already completed it, else None.
+
+    `--resume` restores Tune's last experiment checkpoint, which can predate the end of a trial that
+    MLflow already holds as COMPLETE (the driver died in between). Running it again would train it
+    twice and put it in the frontier twice; reporting the recorded result finishes it instead.
+    """
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from orchestrator.spec import constraint_values
+
+    trial_id = str(tune.get_context().get_trial_id())
+    runs = MlflowClient(context.tracking_uri).search_runs(
+        [context.experiment_id],
+        filter_string=(f"tags.`mlflow.parentRunId` = '{context.parent_run_id}' and tags.`pxd.trial_id` = '{trial_id}' "
+                       "and tags.`pxd.state` = 'COMPLETE'"),
+        max_results=1,
+    )
+    if not runs:
+        return None
+    run = runs[0]
+    metrics = dict(run.data.metrics)
+    return {**metrics, "mlflow_run_id": run.info.run_id, "model_uri": run.data.tags.get("pxd.model_uri"),
+            "feasible": run.data.tags.get("pxd.feasible") == "true",
+            "constraints": constraint_values(context.spec, metrics), "done": True}
 
 
 def _experiment_id(client: Any, name: str) -> str:

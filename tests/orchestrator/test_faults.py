@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import optuna
 import pytest
 import torch
 import yaml
@@ -288,8 +289,15 @@ def _complete_children(client: MlflowClient, name: str) -> list[Any]:
     return [r for r in _children(client, parent) if r.data.tags.get("pxd.state") == "COMPLETE"]
 
 
+def _mid_sweep(client: MlflowClient, name: str, complete: int) -> bool:
+    """At least `complete` trials COMPLETE in MLflow and another trial RUNNING (its run started)."""
+    parent = find_sweep_run(client, name)
+    states = [] if parent is None else [r.data.tags.get("pxd.state") for r in _children(client, parent)]
+    return states.count("COMPLETE") >= complete and "RUNNING" in states
+
+
 def test_a_killed_sweep_driver_resumes_without_losing_finished_trials(mlflow_server, tmp_path, ray_tmp, capsys):
-    trials = 5
+    trials = 4
     name = f"faults-resume-{uuid.uuid4().hex[:6]}"
     space = _space_file(tmp_path, seed=11, trials=trials, max_concurrent=2)
     root = tmp_path / "root"
@@ -302,7 +310,8 @@ def test_a_killed_sweep_driver_resumes_without_losing_finished_trials(mlflow_ser
     try:
         driver = subprocess.Popen(_sweep_command(space, name, root, mlflow_server), cwd=REPO, env=env,
                                   stdout=logs[0].open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_for(lambda: len(_complete_children(client, name)) >= 2, "2 complete trials", procs=(driver,), logs=logs)
+        # kill mid-trial: 2 trials done and another one running
+        _wait_for(lambda: _mid_sweep(client, name, 2), "2 complete trials and a running one", procs=(driver,), logs=logs)
         os.killpg(driver.pid, signal.SIGKILL)  # the driver, its Ray and every trial process
         driver.wait(timeout=30)
         before = {r.info.run_id: r for r in _complete_children(client, name)}
@@ -331,6 +340,11 @@ def test_a_killed_sweep_driver_resumes_without_losing_finished_trials(mlflow_ser
     combos = {(r.data.params["student.arch"], r.data.params["student.resolution"]) for r in complete}
     assert len(combos) == trials, "the grid sampler must not repeat a point across the resume"
 
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{root / 'sweeps' / name / 'optuna.db'}")
+    told = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(told) == trials
+    assert {t.user_attrs["mlflow_run_id"] for t in told} == {r.info.run_id for r in complete}
+
     capsys.readouterr()
     assert main(["frontier", name, "--tracking-uri", mlflow_server, "--json"]) == 0
     table = json.loads(capsys.readouterr().out)
@@ -358,7 +372,8 @@ def test_a_sweep_survives_a_tracking_server_restart(tmp_path, ray_tmp):
         client = MlflowClient(uri)
         driver = subprocess.Popen(_sweep_command(space, name, tmp_path / "root", uri), cwd=REPO, env=env,
                                   stdout=logs[0].open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_for(lambda: len(_complete_children(client, name)) >= 1, "the first complete trial", procs=(driver,), logs=logs)
+        # crash the server while trials are talking to it: one trial done, another one running
+        _wait_for(lambda: _mid_sweep(client, name, 1), "a complete trial and a running one", procs=(driver,), logs=logs)
         done_before = len(_complete_children(client, name))
         os.killpg(server.process.pid, signal.SIGKILL)  # the server crashes
         server.process.wait(timeout=30)

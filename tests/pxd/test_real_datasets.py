@@ -1,0 +1,27 @@
+"""Opt-in: the ImageFolder loader on the real photos in ../shared/datasets (skipped when absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pxd.config import DatasetConfig
+from pxd.data import load_dataset
+
+DATASETS = Path(__file__).resolve().parents[2].parent / "shared" / "datasets"
+
+
+@pytest.mark.datasets
+@pytest.mark.parametrize("name, classes, size", [("flowers128", 5, 128), ("eurosat64", 10, 64)])
+def test_real_imagefolder_loads(name, classes, size):
+    root = DATASETS / name
+    if not root.is_dir():
+        pytest.skip(f"{root} is absent (real photos are optional; see ../shared/datasets/README.md)")
+    cfg = DatasetConfig(kind="imagefolder", path=str(root), image_size=size, train_per_class=3, val_per_class=2)
+    data = load_dataset(cfg, seed=0)
+    assert data.num_classes == classes
+    assert data.train.images.shape == (3 * classes, 3, size, size)
+    assert data.val.images.shape == (2 * classes, 3, size, size)
+    assert sorted(set(data.train.labels.tolist())) == list(range(classes))
+    assert data.train.images.float().std() > 10, "decoded photos, not blank tensors"
