@@ -64,7 +64,7 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> dict[str, Any]:
 
     from orchestrator.spec import constraint_values, is_feasible, materialize
     from orchestrator.stage_store import make_provider
-    from pxd.pipeline import run_tas
+    from pxd.pipeline import LatencySettings, run_tas
 
     config = materialize(context.spec, params)
     trial_id = _trial_id()
@@ -90,7 +90,9 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> dict[str, Any]:
 
         try:
             provider = make_provider(context, parent_run_id=run_id)
-            result = run_tas(config, provider=provider, on_epoch=on_epoch, progress=False)
+            search = context.spec.search
+            latency = LatencySettings(search.latency_device, search.latency_repeats, search.latency_warmup)
+            result = run_tas(config, provider=provider, on_epoch=on_epoch, progress=False, latency=latency)
         except BaseException as exc:
             mlflow.set_tags({"pxd.state": "FAILED", "pxd.error": f"{type(exc).__name__}: {exc}"[:4900]})
             mlflow.log_text(traceback.format_exc(), "error.txt")

@@ -39,6 +39,7 @@ __all__ = [
     "PipelineResult",
     "stage_keys",
     "run_tas",
+    "LatencySettings",
     "prepare_teacher",
     "init_from",
 ]
@@ -66,6 +67,13 @@ class TrainingProvider:
 
     def get_or_train(self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], StageResult]) -> StageOutcome:
         return StageOutcome(result=train(), key=key, reused=False)
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    device: str | None = None  # auto | cpu | cuda; None: the training device
+    repeats: int = 20
+    warmup: int = 5
 
 
 @dataclass
@@ -127,8 +135,13 @@ def run_tas(
     progress: bool | None = None,
     data: DatasetSplits | None = None,
     measure_latency: bool = True,
+    latency: LatencySettings | None = None,
 ) -> PipelineResult:
-    """Run the whole chain and measure the student's cost. Raises `DivergedError` on a NaN loss."""
+    """Run the whole chain and measure the student's cost. Raises `DivergedError` on a NaN loss.
+
+    Latency is measured on `latency.device` (default: the training device); `measure_latency=False`
+    times one pass only (tests).
+    """
     provider = provider or TrainingProvider()
     device = resolve_device(cfg.train.device)
     data = data or load_dataset(cfg.dataset, cfg.seed)
@@ -165,9 +178,12 @@ def run_tas(
     )
     student.load_state_dict(outcomes["student"].result.state_dict)
 
+    latency = latency or LatencySettings()
+    timing_device = resolve_device(latency.device) if latency.device else device
     cost = measure_cost(
-        student, cfg.student.resolution, device=str(device), dtype=autocast_dtype(device) or torch.float32,
-        repeats=20 if measure_latency else 1, warmup=5 if measure_latency else 0,
+        student, cfg.student.resolution, device=str(timing_device),
+        dtype=autocast_dtype(timing_device) or torch.float32,
+        repeats=latency.repeats if measure_latency else 1, warmup=latency.warmup if measure_latency else 0,
     ).to_dict()
     metrics = {
         "val_top1": outcomes["student"].result.metrics["val_top1"],
