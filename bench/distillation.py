@@ -102,9 +102,9 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 def _printer(seed: int, variant: str, started: float) -> Callable[[str, int, dict[str, float]], None]:
     def on_epoch(kind: str, epoch: int, record: dict[str, float]) -> None:
+        terms = " ".join(f"{name[6:]} {value:.3f}" for name, value in record.items() if name.startswith("train_"))
         print(f"  [{time.perf_counter() - started:6.0f}s] seed {seed} {variant:<11} {kind:<9} epoch {epoch:>2}"
-              f"  val_top1 {record['val_top1']:.3f}  loss {record['train_loss']:.3f}"
-              f"  ({record['epoch_seconds']:.1f}s)", flush=True)
+              f"  val_top1 {record['val_top1']:.3f}  {terms}  ({record['epoch_seconds']:.1f}s)", flush=True)
 
     return on_epoch
 
@@ -120,7 +120,8 @@ def run_ce(cfg: PipelineConfig, data: DatasetSplits, resolution: int, on_epoch: 
     cost = measure_cost(student, resolution, device=str(device), repeats=1, warmup=0)
     return {"val_top1": result.metrics["val_top1"], "gmacs": cost.gmacs, "params_m": cost.params_m,
             "pixels": float(cost.pixels), "student_seconds": result.metrics["train_seconds"],
-            "teacher_seconds": 0.0, "assistant_seconds": 0.0}
+            "teacher_seconds": 0.0, "assistant_seconds": 0.0,
+            **{k: v for k, v in result.history[-1].items() if k.startswith("train_")}}
 
 
 def run_distilled(cfg: PipelineConfig, data: DatasetSplits, cache: MemoryStageCache, on_epoch: Callable) -> dict[str, float]:
@@ -128,6 +129,8 @@ def run_distilled(cfg: PipelineConfig, data: DatasetSplits, cache: MemoryStageCa
     torch.manual_seed(cfg.seed)
     result = run_tas(cfg, provider=cache, on_epoch=on_epoch, progress=False, data=data, measure_latency=False)
     metrics = {name: result.metrics[name] for name in ("val_top1", "gmacs", "params_m", "pixels")}
+    # the student's mean loss terms in its last epoch (train_ce, train_kd, train_isrd, ...), to explain results
+    metrics.update({k: v for k, v in result.stages["student"].result.history[-1].items() if k.startswith("train_")})
     for kind in ("teacher", "assistant", "student"):
         stage = result.stages.get(kind)
         metrics[f"{kind}_seconds"] = stage.result.metrics["train_seconds"] if stage else 0.0

@@ -309,6 +309,7 @@ def finish_sweep(client: Any, spec: Any, parent_run_id: str) -> tuple[dict[str, 
 
     parent = client.get_run(parent_run_id)
     objectives, reference = sweep_objectives(parent)
+    _close_lost_trials(client, collect_rows(client, parent))
     rows = collect_rows(client, parent)
     table = frontier_table(rows, objectives, reference)
     on_front = {row["run_id"] for row in table["rows"] if row["on_frontier"]}
@@ -330,6 +331,16 @@ def finish_sweep(client: Any, spec: Any, parent_run_id: str) -> tuple[dict[str, 
     _log_stage_totals(client, parent_run_id, rows)
     client.set_terminated(parent_run_id, status="FINISHED")
     return table, rows
+
+
+def _close_lost_trials(client: Any, rows: list[TrialRow]) -> None:
+    """When the sweep ends no trial runs: a run still RUNNING lost its process (a node died, a driver
+    was killed and the trial restarted on resume). Record it as FAILED so the count and the UI agree."""
+    for row in rows:
+        if row.state == "RUNNING" and row.run_id:
+            client.set_tag(row.run_id, "pxd.state", "FAILED")
+            client.set_tag(row.run_id, "pxd.error", "trial process lost (its node died or its driver was killed); no final result")
+            client.set_terminated(row.run_id, status="FAILED")
 
 
 def _log_stage_totals(client: Any, parent_run_id: str, rows: list[TrialRow]) -> None:

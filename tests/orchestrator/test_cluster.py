@@ -104,7 +104,7 @@ def _cluster_env(token: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env.update(
         RAY_AUTH_MODE="token",  # Ray's default for new clusters, made explicit so every node agrees
-        RAY_AUTH_TOKEN=token,   # per test cluster, so the user's ~/.ray/auth_token is neither read nor written
+        RAY_AUTH_TOKEN=token,  # per test cluster, so the user's ~/.ray/auth_token is neither read nor written
         RAY_USAGE_STATS_ENABLED="0",
         TQDM_DISABLE="1",
         PYTHONUNBUFFERED="1",
@@ -134,8 +134,6 @@ def _descendants(root_pid: int) -> list[int]:
 
 def _kill_tree(process: subprocess.Popen) -> None:
     """SIGKILL a process we started (as a session leader) with its process group and every descendant."""
-    if process.poll() is not None:
-        return
     pids = _descendants(process.pid) if Path("/proc").is_dir() else []
     try:
         os.killpg(process.pid, signal.SIGKILL)
@@ -165,6 +163,11 @@ def _wait_for(ready, process: subprocess.Popen, what: str, log: Path, timeout_s:
             pytest.fail(f"{what} exited with status {process.returncode} while starting:\n{_tail(log)}")
         time.sleep(0.5)
     pytest.fail(f"{what} was not ready within {timeout_s:.0f}s:\n{_tail(log)}")
+
+
+def _run(command: list[str], timeout_s: float, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command to completion; the caller asserts on its exit status and output."""
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout_s, **kwargs)
 
 
 def _healthy(uri: str) -> bool:
@@ -232,10 +235,9 @@ def cluster(databases) -> Iterator[Cluster]:
     )
 
     def start(command: list[str], log: Path) -> subprocess.Popen:
-        handle = open(log, "ab")
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=workdir,
-                                   start_new_session=True)
-        handle.close()
+        with open(log, "ab") as handle:  # the child keeps its own copy of the descriptor
+            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=workdir,
+                                       start_new_session=True)
         result.processes.append(process)
         return process
 
@@ -276,8 +278,7 @@ def cluster_sweep(cluster: Cluster) -> SweepRun:
         "--tracking-uri", cluster.tracking_uri, "--optuna-storage", cluster.optuna_storage,
         "--root", str(cluster.workdir / "root"), "--name", SWEEP, "--quiet", "--json",
     ]
-    done = subprocess.run(command, env=cluster.env, cwd=cluster.workdir, capture_output=True, text=True,
-                          timeout=SWEEP_TIMEOUT_S)
+    done = _run(command, SWEEP_TIMEOUT_S, env=cluster.env, cwd=cluster.workdir)
     return SweepRun(done.returncode, done.stdout, done.stderr)
 
 
@@ -293,7 +294,7 @@ def _client(cluster: Cluster):
 
 def _trial_runs(cluster: Cluster) -> list:
     client = _client(cluster)
-    experiment = client.get_experiment_by_name("tiny")
+    experiment = client.get_experiment_by_name(tiny_space()["name"])
     assert experiment is not None, "the sweep's MLflow experiment (the space's name) is missing"
     runs = client.search_runs([experiment.experiment_id], f"tags.`pxd.sweep` = '{SWEEP}' and tags.`pxd.kind` = 'trial'")
     return list(runs)
@@ -368,8 +369,8 @@ def test_pxd_frontier_from_another_process_shows_the_tagged_frontier(cluster, cl
     assert tagged
     printed_by_sweep = json.loads(cluster_sweep.stdout)
     assert {row["run_id"] for row in printed_by_sweep["rows"] if row["on_frontier"]} == tagged
-    done = subprocess.run([*_tool("pxd"), "frontier", SWEEP, "--tracking-uri", cluster.tracking_uri, "--json"],
-                          env=cluster.env, cwd=cluster.workdir, capture_output=True, text=True, timeout=180)
+    command = [*_tool("pxd"), "frontier", SWEEP, "--tracking-uri", cluster.tracking_uri, "--json"]
+    done = _run(command, 180, env=cluster.env, cwd=cluster.workdir)
     assert done.returncode == 0, done.stderr[-4000:]
     table = json.loads(done.stdout)
     assert {row["run_id"] for row in table["rows"] if row["on_frontier"]} == tagged
@@ -383,7 +384,7 @@ def test_a_cluster_sweep_without_a_tracking_server_fails_before_anything_launche
     env = _cluster_env(secrets.token_hex(32))
     # nothing listens on this port: a launch attempt would hang or fail differently
     command = [*_tool("pxd"), "sweep", str(space), "--ray-address", f"127.0.0.1:{free_port()}", "--root", str(root)]
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    done = _run(command, 120, env=env, cwd=tmp_path)
     assert done.returncode == 2
     error = done.stderr.strip()
     assert error.count("\n") == 0 and "--tracking-uri" in error, error
@@ -395,16 +396,17 @@ def _compose_config() -> dict:
     if binary is None:
         pytest.skip("the docker-compose binary is not installed")
     compose = REPO / "docker-compose.yml"
-    check = subprocess.run([binary, "-f", str(compose), "config", "-q"], capture_output=True, text=True, timeout=60)
+    check = _run([binary, "-f", str(compose), "config", "-q"], 60)
     assert check.returncode == 0, check.stderr
-    resolved = subprocess.run([binary, "-f", str(compose), "config"], capture_output=True, text=True, timeout=60)
+    resolved = _run([binary, "-f", str(compose), "config"], 60)
     assert resolved.returncode == 0, resolved.stderr
     return yaml.safe_load(resolved.stdout)
 
 
 def _flag(command: str | list[str], flag: str) -> str:
     """The value of `--flag VALUE` or `--flag=VALUE` in a service's command."""
-    words = command.split() if isinstance(command, str) else list(command)
+    # a list command may wrap a shell line (`sh -c "ray start ... && pxd sweep ..."`): look at every word
+    words = (command if isinstance(command, str) else " ".join(command)).split()
     for index, word in enumerate(words):
         if word == flag:
             return words[index + 1]

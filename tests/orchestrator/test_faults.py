@@ -8,6 +8,7 @@ never attaches to the test session's Ray or to another cluster on this machine).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -30,6 +31,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
+from orchestrator.searcher import make_searcher
+from orchestrator.spec import parse_spec
 from orchestrator.stage_store import CHECKPOINT, STAGES_EXPERIMENT, MlflowStageStore, SqlLeases
 from orchestrator.sweep import find_sweep_run
 from orchestrator.tracking import EmbeddedServer
@@ -53,18 +56,21 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _spawn(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start a process in its own session (so its whole group can be killed), output to `log`."""
+    with log.open("wb") as out:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
 def _kill_group(proc: subprocess.Popen | None) -> None:
     """SIGKILL a process we started in its own session, and everything in its process group."""
     if proc is None:
         return
-    try:
+    with contextlib.suppress(ProcessLookupError):  # already gone
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def _wait_for(check: Callable[[], Any], what: str, *, procs: tuple[subprocess.Popen, ...] = (),
@@ -107,7 +113,8 @@ def _usable(run: Any) -> bool:
 
 
 def _result(value: float = 1.0) -> StageResult:
-    return StageResult("teacher", state_dict={"w": torch.full((2,), value)}, metrics={"val_top1": 0.5, "train_seconds": 1.0})
+    return StageResult("teacher", state_dict={"w": torch.full((2,), value)},
+                       metrics={"val_top1": 0.5, "train_seconds": 1.0})
 
 
 def _store(uri: str, lease_url: str) -> MlflowStageStore:
@@ -135,7 +142,7 @@ def train():
         time.sleep(1)
     return StageResult("teacher", state_dict={"w": torch.ones(2)}, metrics={"val_top1": 0.5, "train_seconds": 1.0})
 
-store = MlflowStageStore(uri, leases=SqlLeases(lease_url), poll_s=0.2, wait_timeout_s=300)
+store = MlflowStageStore(uri, leases=SqlLeases(lease_url), poll_s=0.2, wait_timeout_s=120)
 (marks / f"{name}.ready").write_text(repr(time.time()))
 outcome = store.get_or_train("teacher", key, {"arch": "fault-test"}, train)
 (marks / f"{name}.outcome.json").write_text(json.dumps({"reused": outcome.reused, "ref": outcome.ref}))
@@ -151,10 +158,8 @@ def test_a_killed_stage_trainer_is_taken_over_by_a_waiting_process(mlflow_server
     logs = (tmp_path / "a.log", tmp_path / "b.log")
 
     def start(name: str, mode: str, after: str, log: Path) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-c", _STAGE_PROCESS, mlflow_server, lease_url, key, str(marks), name, mode, after],
-            cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        command = [sys.executable, "-c", _STAGE_PROCESS, mlflow_server, lease_url, key, str(marks), name, mode, after]
+        return _spawn(command, log, env)
 
     a = b = None
     try:
@@ -197,7 +202,7 @@ def test_a_killed_stage_trainer_is_taken_over_by_a_waiting_process(mlflow_server
 # -- 2. a corrupt or half-written stage is never used ----------------------------------------------------
 def _checkpoint_file(results_root: Path, run_id: str) -> Path:
     found = [p for p in (results_root / "mlartifacts").rglob(Path(CHECKPOINT).name) if run_id in p.parts]
-    assert len(found) == 1, f"expected one checkpoint of run {run_id} under {results_root / 'mlartifacts'}, found {found}"
+    assert len(found) == 1, f"one checkpoint of run {run_id} under {results_root / 'mlartifacts'}, found {found}"
     return found[0]
 
 
@@ -296,6 +301,28 @@ def _mid_sweep(client: MlflowClient, name: str, complete: int) -> bool:
     return states.count("COMPLETE") >= complete and "RUNNING" in states
 
 
+def test_a_trial_finished_before_the_crash_is_not_told_twice_on_resume(tmp_path):
+    """The resume race in miniature, deterministic: Tune's last state snapshot (searcher included) was
+    taken while a trial ran; the trial then finished and was told to Optuna; the driver died. On
+    `--resume` the restored searcher hears that trial's result again and must take it as already told."""
+    spec = parse_spec(tiny_space(), source_path="tiny.yaml")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(spec, "resume-race", storage)
+    params = searcher.suggest("t1")
+    searcher.save(str(tmp_path / "searcher.pkl"))  # the last snapshot before the crash
+    result = {"val_top1": 0.5, "pixels": float(params["student.resolution"]) ** 2, "done": True,
+              "mlflow_run_id": "run-1", "constraints": []}
+    searcher.on_trial_complete("t1", result)
+
+    restored = make_searcher(spec, "resume-race", storage)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored.on_trial_complete("t1", result)  # the resumed trial reports its recorded result
+
+    trials = optuna.load_study(study_name="resume-race", storage=storage).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]
+    assert trials[0].values == [0.5, result["pixels"]] and trials[0].user_attrs["mlflow_run_id"] == "run-1"
+
+
 def test_a_killed_sweep_driver_resumes_without_losing_finished_trials(mlflow_server, tmp_path, ray_tmp, capsys):
     trials = 4
     name = f"faults-resume-{uuid.uuid4().hex[:6]}"
@@ -308,17 +335,20 @@ def test_a_killed_sweep_driver_resumes_without_losing_finished_trials(mlflow_ser
 
     driver = resumed = None
     try:
-        driver = subprocess.Popen(_sweep_command(space, name, root, mlflow_server), cwd=REPO, env=env,
-                                  stdout=logs[0].open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        # Tune snapshots its experiment state (trial statuses, searcher) at most every ~10 s; here only
+        # once, when the first two trials are queued, so the crash always lands in the worst window:
+        # trials finished in MLflow and told to Optuna, but still unfinished in Tune's snapshot
+        first_env = {**env, "TUNE_GLOBAL_CHECKPOINT_S": "3600"}
+        driver = _spawn(_sweep_command(space, name, root, mlflow_server), logs[0], first_env)
         # kill mid-trial: 2 trials done and another one running
-        _wait_for(lambda: _mid_sweep(client, name, 2), "2 complete trials and a running one", procs=(driver,), logs=logs)
+        _wait_for(lambda: _mid_sweep(client, name, 2), "2 complete trials and a running one",
+                  procs=(driver,), logs=logs)
         os.killpg(driver.pid, signal.SIGKILL)  # the driver, its Ray and every trial process
         driver.wait(timeout=30)
         before = {r.info.run_id: r for r in _complete_children(client, name)}
         assert 2 <= len(before) < trials, "the driver must die mid-sweep"
 
-        resumed = subprocess.Popen(_sweep_command(space, name, root, mlflow_server, "--resume"), cwd=REPO, env=env,
-                                   stdout=logs[1].open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        resumed = _spawn(_sweep_command(space, name, root, mlflow_server, "--resume"), logs[1], env)
         _wait_for(lambda: resumed.poll() is not None, "the resumed sweep to finish", logs=logs)
         assert resumed.returncode == 0, _tails(logs)
     finally:
@@ -354,6 +384,12 @@ def test_a_killed_sweep_driver_resumes_without_losing_finished_trials(mlflow_ser
 
 
 # -- 4. the tracking server restarts mid-sweep -----------------------------------------------------------
+def _crash(server: EmbeddedServer) -> None:
+    """SIGKILL a server this test started (and its workers): a crash, not a clean shutdown."""
+    _kill_group(server.process)
+    server.process = None
+
+
 def test_a_sweep_survives_a_tracking_server_restart(tmp_path, ray_tmp):
     trials = 3
     name = f"faults-restart-{uuid.uuid4().hex[:6]}"
@@ -370,14 +406,11 @@ def test_a_sweep_survives_a_tracking_server_restart(tmp_path, ray_tmp):
     try:
         uri = server.start()
         client = MlflowClient(uri)
-        driver = subprocess.Popen(_sweep_command(space, name, tmp_path / "root", uri), cwd=REPO, env=env,
-                                  stdout=logs[0].open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        driver = _spawn(_sweep_command(space, name, tmp_path / "root", uri), logs[0], env)
         # crash the server while trials are talking to it: one trial done, another one running
         _wait_for(lambda: _mid_sweep(client, name, 1), "a complete trial and a running one", procs=(driver,), logs=logs)
         done_before = len(_complete_children(client, name))
-        os.killpg(server.process.pid, signal.SIGKILL)  # the server crashes
-        server.process.wait(timeout=30)
-        server.process = None
+        _crash(server)
         assert done_before < trials and driver.poll() is None, "the server must go down mid-sweep"
         restarted = EmbeddedServer(store_root, port=port)
         assert restarted.start() == uri
@@ -396,6 +429,6 @@ def test_a_sweep_survives_a_tracking_server_restart(tmp_path, ray_tmp):
         assert parent.data.metrics["trials_complete"] == trials
     finally:
         _kill_group(driver)
-        server.stop()
+        _crash(server)
         if restarted is not None:
-            restarted.stop()
+            _crash(restarted)
