@@ -24,6 +24,12 @@ class ParetoOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None or trial_id in self._completed_trials:
             return
+        stored = next(t for t in self._ot_study.get_trials(deepcopy=False) if t.number == ot_trial.number)
+        if stored.state.is_finished():
+            # `--resume` re-reports a trial the study already holds as finished (the driver died after
+            # telling Optuna and before Tune saved its own state): telling it again would raise
+            self._completed_trials.add(trial_id)
+            return
         metrics = self._metric if isinstance(self._metric, list) else [self._metric]
         values = [result.get(m) for m in metrics] if result else []
         complete = (

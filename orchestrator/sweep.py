@@ -131,6 +131,7 @@ def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
             )
         tuner.fit()
         progress.close()
+        _fail_orphaned_optuna_trials(name, storage_url)
         table, rows = finish_sweep(client, spec, parent_run_id)
         return SweepOutcome(name, parent_run_id, experiment_id, target.uri, table, rows, ui_command(target))
     finally:
@@ -331,6 +332,16 @@ def finish_sweep(client: Any, spec: Any, parent_run_id: str) -> tuple[dict[str, 
     _log_stage_totals(client, parent_run_id, rows)
     client.set_terminated(parent_run_id, status="FINISHED")
     return table, rows
+
+
+def _fail_orphaned_optuna_trials(study_name: str, storage_url: str) -> None:
+    """Trials asked of the study but never finished (their driver was killed before Tune saved its
+    state, and resume did not rerun them) would stay RUNNING forever: the sweep is over, tell FAIL."""
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=storage_url)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
 def _close_lost_trials(client: Any, rows: list[TrialRow]) -> None:

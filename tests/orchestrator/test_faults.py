@@ -363,6 +363,8 @@ def test_a_killed_sweep_driver_resumes_without_losing_finished_trials(mlflow_ser
 
     parent = find_sweep_run(client, name)
     assert parent.info.status == "FINISHED"
+    left_running = [r.info.run_id for r in _children(client, parent) if r.data.tags.get("pxd.state") == "RUNNING"]
+    assert not left_running, "the run of a trial killed with the driver must not stay RUNNING"
     complete = _complete_children(client, name)
     trial_ids = [r.data.tags["pxd.trial_id"] for r in complete]
     assert len(complete) == trials and len(set(trial_ids)) == trials, f"one COMPLETE run per trial, got {trial_ids}"
