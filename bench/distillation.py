@@ -55,23 +55,16 @@ RESOLUTION_DIVISORS = (1, 2, 4)
 
 
 class MemoryStageCache:
-    """A `StageProvider` that keeps every stage of one seed in memory, keyed by its stage key.
+    """A `StageProvider` that keeps every stage in memory, keyed by its stage key (equal keys mean
+    identical stages, so variants sharing a teacher or an assistant train it once)."""
 
-    After every stage it reseeds torch's global generator with the run's seed: `run_tas` builds the
-    next model right after getting a stage, so without this a student's initial weights would depend
-    on whether its teacher came from the cache. With it, every model built from scratch starts from
-    the same weights as the cross-entropy baseline of that seed (same architecture, same seed).
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
+    def __init__(self) -> None:
         self.results: dict[str, StageResult] = {}
 
     def get_or_train(self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], StageResult]) -> StageOutcome:
         reused = key in self.results
         if not reused:
             self.results[key] = train()
-        torch.manual_seed(self.seed)
         return StageOutcome(result=self.results[key], key=key, reused=reused)
 
 
@@ -89,6 +82,7 @@ def base_config(args: argparse.Namespace, seed: int) -> PipelineConfig:
         "dataset": dataset,
         "teacher": {"arch": args.teacher, "resolution": args.resolution, "epochs": args.teacher_epochs},
         "student": {"arch": args.student, "resolution": args.resolution // 4},
+        "distill": {"temperature": args.temperature},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "device": args.device},
     })
 
@@ -112,7 +106,8 @@ def _printer(seed: int, variant: str, started: float) -> Callable[[str, int, dic
 def run_ce(cfg: PipelineConfig, data: DatasetSplits, resolution: int, on_epoch: Callable) -> dict[str, float]:
     """The student architecture at `resolution`, cross-entropy only (no teacher), measured."""
     device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.seed)  # the same initial weights as every from-scratch student of this seed
+    # Seeded as `run_tas` seeds every model it builds: the same initial weights as the distilled students.
+    torch.manual_seed(cfg.seed)
     student = create_model(dataclasses.replace(cfg.student, resolution=resolution), data.num_classes, field="student")
     result = train_stage("student", student, data, resolution=resolution, image_resolution=cfg.teacher.resolution,
                          teacher=None, distill=None, train=cfg.train, epochs=cfg.student_epochs, seed=cfg.seed,
@@ -126,7 +121,6 @@ def run_ce(cfg: PipelineConfig, data: DatasetSplits, resolution: int, on_epoch: 
 
 def run_distilled(cfg: PipelineConfig, data: DatasetSplits, cache: MemoryStageCache, on_epoch: Callable) -> dict[str, float]:
     """One `run_tas` pipeline; the seconds of every stage it used, cached or not (what it paid for)."""
-    torch.manual_seed(cfg.seed)
     result = run_tas(cfg, provider=cache, on_epoch=on_epoch, progress=False, data=data, measure_latency=False)
     metrics = {name: result.metrics[name] for name in ("val_top1", "gmacs", "params_m", "pixels")}
     # the student's mean loss terms in its last epoch (train_ce, train_kd, train_isrd, ...), to explain results
@@ -143,7 +137,7 @@ def run_seed(args: argparse.Namespace, seed: int, started: float) -> dict[str, d
     """Every variant of (a) and (b) for one seed, on one dataset load and one stage cache."""
     cfg = base_config(args, seed)
     data = load_dataset(cfg.dataset, seed)
-    cache = MemoryStageCache(seed)
+    cache = MemoryStageCache()
     runs: dict[str, dict[str, float]] = {}
     low = cfg.student.resolution
     if "a" in args.parts:
@@ -163,6 +157,10 @@ def run_seed(args: argparse.Namespace, seed: int, started: float) -> dict[str, d
     return runs
 
 
+def _count(seeds: list[int]) -> str:
+    return f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
+
+
 def _mean_spread(values: list[float]) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.fmean(values):.3f} ± {spread:.3f}"
@@ -180,7 +178,7 @@ def summarise(per_seed: dict[int, dict[str, dict[str, float]]], resolution: int)
     full = f"ce_{resolution}px"
     part_a = [n for n in (full, f"ce_{resolution // 2}px", "ce_only") if n in names]
     if full in part_a:
-        lines += [f"(a) resolution trade-off, cross-entropy only ({len(seeds)} seeds)", "",
+        lines += [f"(a) resolution trade-off, cross-entropy only ({_count(seeds)})", "",
                   "| student input | pixels | gmacs | val_top1 | val_top1 / full | pixels / full | gmacs / full |",
                   "|---|---|---|---|---|---|---|"]
         for name in part_a:
@@ -195,7 +193,7 @@ def summarise(per_seed: dict[int, dict[str, dict[str, float]]], resolution: int)
     if any(n != "ce_only" for n in part_b):
         header = ("| variant | val_top1 | Δ vs ce_only (paired) | per seed | student s | teacher s | assistant s"
                   " | total s / ce_only |")
-        lines += [f"(b) student at {resolution // 4}×{resolution // 4}, same student budget ({len(seeds)} seeds)", "",
+        lines += [f"(b) student at {resolution // 4}×{resolution // 4}, same student budget ({_count(seeds)})", "",
                   header, "|---|---|---|---|---|---|---|---|"]
         for name in part_b:
             delta = [a - b for a, b in zip(column(name, "val_top1"), column("ce_only", "val_top1"))]
@@ -234,6 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--student", default="resnet10t")
     parser.add_argument("--teacher-epochs", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=5, help="assistant and student epochs (every variant)")
+    parser.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (pxd's default 4)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--num-classes", type=int, default=8, help="synthetic only")

@@ -29,10 +29,13 @@ def _children(client, outcome):
     return client.search_runs([outcome.experiment_id], f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
 
 
-def _stage_runs(client, stage):
+def _stage_runs(client, stage, sweep):
+    """Usable stage runs of one kind that the sweep `sweep` trained (the store is shared with other tests)."""
     experiment = client.get_experiment_by_name(STAGES_EXPERIMENT)
-    runs = client.search_runs([experiment.experiment_id], f"tags.`pxd.stage` = '{stage}' and tags.`pxd.stage_complete` = 'true'")
-    return runs
+    return client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`pxd.stage` = '{stage}' and tags.`pxd.stage_complete` = 'true' and tags.`pxd.sweep` = '{sweep}'",
+    )
 
 
 def _brute_force_front(points):
@@ -128,12 +131,14 @@ def test_optuna_study_holds_the_same_trials(first_sweep, results_root, mlflow_se
 def test_shared_stages_are_trained_once(first_sweep, mlflow_server):
     _, outcome = first_sweep
     client = MlflowClient(mlflow_server)
-    assert len(_stage_runs(client, "teacher")) == 1
-    assistants = _stage_runs(client, "assistant")
+    teachers = _stage_runs(client, "teacher", "tiny-a")
+    assert len(teachers) == 1
+    assistants = _stage_runs(client, "assistant", "tiny-a")
     assert len(assistants) == 2, "one assistant per student architecture"
     children = _children(client, outcome)
     used = {r.data.tags["pxd.stage.teacher.run_id"] for r in children}
-    assert len(used) == 1
+    assert used == {teachers[0].info.run_id}
+    assert {r.data.tags["pxd.stage.assistant.run_id"] for r in children} == {r.info.run_id for r in assistants}
     # the sweep trains the teacher before launching trials; every trial then reuses it
     assert all(r.data.tags["pxd.stage.teacher.reused"] == "true" for r in children)
     assert sum(r.data.tags["pxd.stage.assistant.reused"] == "false" for r in children) == 2
@@ -152,8 +157,11 @@ def test_pxd_frontier_and_pxd_stages_read_back_from_mlflow(first_sweep, mlflow_s
     assert {row["run_id"] for row in table["rows"] if row["on_frontier"]} == tagged
     assert main(["stages", "--tracking-uri", mlflow_server, "--json"]) == 0
     stages = json.loads(capsys.readouterr().out)
-    assert {"teacher", "assistant", "student"} <= {row["stage"] for row in stages}
-    assert all(row["state"] == "ok" and row["size_mb"] > 0 for row in stages)
+    used = {r.data.tags[f"pxd.stage.{kind}.run_id"] for r in _children(client, outcome) for kind in ("teacher", "assistant", "student")}
+    listed = {row["run_id"]: row for row in stages}
+    assert used <= set(listed), "every stage the sweep used is listed"
+    assert {"teacher", "assistant", "student"} == {listed[run_id]["stage"] for run_id in used}
+    assert all(listed[run_id]["state"] == "ok" and listed[run_id]["size_mb"] > 0 for run_id in used)
 
 
 def test_a_second_sweep_with_the_same_teacher_trains_no_teacher(first_sweep, mlflow_server, results_root):
@@ -162,9 +170,11 @@ def test_a_second_sweep_with_the_same_teacher_trains_no_teacher(first_sweep, mlf
     spec = parse_spec(raw, source_path="tiny-b.yaml")
     outcome = run_sweep(spec, SweepOptions(name="tiny-b", tracking_uri=mlflow_server, root=str(results_root), quiet=True))
     client = MlflowClient(mlflow_server)
-    assert len(_stage_runs(client, "teacher")) == 1
+    assert _stage_runs(client, "teacher", "tiny-b") == [], "the second sweep trains no teacher"
+    first_teacher = _stage_runs(client, "teacher", "tiny-a")[0].info.run_id
     children = _children(client, outcome)
     assert len(children) == 2
+    assert {r.data.tags["pxd.stage.teacher.run_id"] for r in children} == {first_teacher}
     assert all(r.data.tags["pxd.stage.teacher.reused"] == "true" for r in children)
     assert all(r.data.tags["pxd.stage.assistant.reused"] == "true" for r in children)
 
