@@ -116,9 +116,12 @@ def stage_keys(cfg: PipelineConfig, dataset_fingerprint: str) -> dict[str, str]:
     distill = dataclasses.asdict(cfg.distill)
     upstream = keys["teacher"]
     if cfg.assistant.enabled:
+        # the assistant sees the teacher's pixels, so ISRD is not applied to it (train._make_distiller):
+        # its weight must not split assistants that are otherwise the same
+        assistant_distill = {k: v for k, v in distill.items() if k != "isrd"}
         keys["assistant"] = _digest({**common, "kind": "assistant", "epochs": cfg.assistant_epochs,
                                      "model": _model_identity(cfg.student, cfg.teacher.resolution),
-                                     "distill": distill, "upstream": upstream})
+                                     "distill": assistant_distill, "upstream": upstream})
         upstream = keys["assistant"]
     keys["student"] = _digest({**common, "kind": "student", "epochs": cfg.student_epochs,
                                "init_from_upstream": cfg.assistant.enabled and cfg.assistant.init_student,

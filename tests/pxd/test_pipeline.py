@@ -68,6 +68,9 @@ def test_stage_keys_depend_on_what_determines_the_result(tiny_raw):
     # distillation weights do not change the teacher, and do change the assistant
     weights = stage_keys(dataclasses.replace(base, distill=dataclasses.replace(base.distill, kd=2.0)), "data-A")
     assert weights["teacher"] == keys["teacher"] and weights["assistant"] != keys["assistant"]
+    # ISRD only trains the low-resolution student: its weight splits students, not assistants
+    isrd = stage_keys(dataclasses.replace(base, distill=dataclasses.replace(base.distill, isrd=0.0)), "data-A")
+    assert isrd["assistant"] == keys["assistant"] and isrd["student"] != keys["student"]
     # the device does not change what a stage stands for
     on_gpu = stage_keys(dataclasses.replace(base, train=dataclasses.replace(base.train, device="cuda")), "data-A")
     assert on_gpu == keys
