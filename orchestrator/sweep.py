@@ -65,7 +65,6 @@ def _latest_sweep(root: Path, space_name: str) -> str | None:
 
 def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
     """Launch (or resume) a sweep and return its frontier. `spec` is an `orchestrator.spec.SweepSpec`."""
-    import mlflow
     import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
@@ -90,8 +89,9 @@ def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
 
     target = resolve_tracking(options.tracking_uri, root, cluster=options.ray_address is not None)
     try:
+        # a client bound to this URI, not mlflow.set_tracking_uri: that also sets MLFLOW_TRACKING_URI in
+        # this process, and a later sweep here would then talk to this sweep's (stopped) server
         client = MlflowClient(target.uri)
-        mlflow.set_tracking_uri(target.uri)
         experiment_id = _experiment_id(client, spec.name)
         parent_run_id = _parent_run(client, experiment_id, name, spec, storage_url, resume=options.resume)
         context = TrialContext(
