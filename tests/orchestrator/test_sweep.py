@@ -216,3 +216,10 @@ def test_bad_space_fails_before_anything_is_launched(tmp_path, capsys):
     assert err.count("\n") == 0 and "student.resolution" in err
     assert not root.exists(), "nothing may be created or launched for a bad space"
 
+
+
+def test_a_sweep_leaves_the_process_tracking_uri_alone(first_sweep, monkeypatch):
+    """A later sweep in the same process must not inherit this sweep's server (stopped by then)."""
+    import os
+
+    assert os.environ.get("MLFLOW_TRACKING_URI") is None
