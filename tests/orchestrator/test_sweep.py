@@ -72,7 +72,7 @@ def first_sweep(ray_local, mlflow_server, results_root):
     return spec, outcome
 
 
-def test_every_trial_is_a_child_run_with_metrics_params_and_a_loadable_model(first_sweep, mlflow_server):
+def test_every_trial_is_a_child_run_with_metrics_params_and_a_loadable_model(first_sweep, mlflow_server, monkeypatch):
     _, outcome = first_sweep
     client = MlflowClient(mlflow_server)
     children = _children(client, outcome)
@@ -91,6 +91,7 @@ def test_every_trial_is_a_child_run_with_metrics_params_and_a_loadable_model(fir
     # the student model loads from MLflow and runs at its own resolution
     import mlflow
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # as a user would, to resolve models:/ URIs
     run = children[0]
     model = mlflow.pytorch.load_model(run.data.tags["pxd.model_uri"])
     resolution = int(run.data.params["student.resolution"])
