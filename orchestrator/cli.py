@@ -78,10 +78,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = parse_spec(raw, source_path=args.config)
     config = spec.fixed_config()  # errors, naming the field, if anything is still a distribution
 
+    from orchestrator.trial import FINAL_METRICS
     from pxd.pipeline import run_tas
 
     result = run_tas(config, progress=not args.no_progress and not args.json and sys.stderr.isatty())
-    metrics = {name: result.metrics[name] for name in ("val_top1", "gmacs", "params_m", "pixels", "latency_ms")}
+    metrics = {name: result.metrics[name] for name in FINAL_METRICS}
     metrics.update({k: v for k, v in result.metrics.items() if k not in metrics})
     if args.output is not None:
         _save_train_output(args.output, result, config)
