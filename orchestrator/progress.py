@@ -54,13 +54,13 @@ class SweepProgress(tune.Callback):
         self._refresh_frontier()
         row = self.done.get(trial.trial_id)
         detail = f"val_top1 {row.metrics['val_top1']:.3f}" if row else "no final result"
-        self._print(f"trial {trial.trial_id} finished ({detail})", force=True)
+        self._print(f"trial {trial.trial_id} finished ({detail})")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.discard(trial.trial_id)
         self.failed.add(trial.trial_id)
         self.done.pop(trial.trial_id, None)
-        self._print(f"trial {trial.trial_id} FAILED (its MLflow run holds the error)", force=True)
+        self._print(f"trial {trial.trial_id} FAILED (its MLflow run holds the error)")
 
     def _refresh_frontier(self) -> None:
         rows = list(self.done.values())
@@ -76,11 +76,11 @@ class SweepProgress(tune.Callback):
         return (f"[pxd] {len(self.done)}/{self.total} done · {len(self.running)} running · {len(self.failed)} failed"
                 f" · frontier {self.frontier_size} · hypervolume {self.hypervolume:.4g} · {elapsed:5.0f}s")
 
-    def _print(self, event: str, force: bool = False) -> None:
+    def _print(self, event: str) -> None:
         if self.quiet:
             return
         self.last_print = time.monotonic()
         print(f"{self.status()}  | {event}", file=self.stream or sys.stderr, flush=True)
 
     def close(self) -> None:
-        self._print("sweep finished", force=True)
+        self._print("sweep finished")

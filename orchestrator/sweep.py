@@ -310,8 +310,8 @@ def finish_sweep(client: Any, spec: Any, parent_run_id: str) -> tuple[dict[str, 
 
     parent = client.get_run(parent_run_id)
     objectives, reference = sweep_objectives(parent)
-    _close_lost_trials(client, collect_rows(client, parent))
     rows = collect_rows(client, parent)
+    _close_lost_trials(client, rows)
     table = frontier_table(rows, objectives, reference)
     on_front = {row["run_id"] for row in table["rows"] if row["on_frontier"]}
     for row in rows:
@@ -352,6 +352,7 @@ def _close_lost_trials(client: Any, rows: list[TrialRow]) -> None:
             client.set_tag(row.run_id, "pxd.state", "FAILED")
             client.set_tag(row.run_id, "pxd.error", "trial process lost (its node died or its driver was killed); no final result")
             client.set_terminated(row.run_id, status="FAILED")
+            row.state = "FAILED"
 
 
 def _log_stage_totals(client: Any, parent_run_id: str, rows: list[TrialRow]) -> None:
