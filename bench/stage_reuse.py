@@ -21,8 +21,7 @@ from pathlib import Path
 import ray
 import torch
 
-from orchestrator.cli import _load_yaml, apply_overrides
-from orchestrator.spec import parse_spec
+from orchestrator.spec import load_spec
 from orchestrator.sweep import SweepOptions, run_sweep
 
 
@@ -49,7 +48,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = parser.parse_args()
     overrides = [f"search.trials={args.trials}"] if args.trials else []
-    spec = parse_spec(apply_overrides(_load_yaml(args.space), overrides), source_path=args.space)
+    spec = load_spec(args.space, overrides)
     ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     results = {}
     for label, force in (("reuse", False), ("no_reuse", True)):

@@ -1,12 +1,21 @@
-"""Sub-commands beyond `pxd train`: sweep, frontier, stages."""
+"""The `pxd` sub-commands: train, sweep, frontier, stages (parser entries and handlers)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["add_subcommands"]
+import yaml
+
+if TYPE_CHECKING:
+    from orchestrator.tracking import TrackingTarget
+    from pxd.config import PipelineConfig
+    from pxd.pipeline import PipelineResult
+
+__all__ = ["add_subcommands", "cmd_train", "cmd_sweep", "cmd_frontier", "cmd_stages"]
 
 
 def _tracking_flags(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +24,14 @@ def _tracking_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="run one teacher → assistant → student pipeline from a config file")
+    train.add_argument("config", help="a config YAML whose values are all fixed (same format as a search space)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set student.resolution=32 or student.depths.1=2")
+    train.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    train.add_argument("--output", type=Path, default=None, help="directory for student.pt, metrics.json and the resolved config")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.set_defaults(handler=cmd_train)
+
     sweep = sub.add_parser("sweep", help="run a Ray Tune + Optuna multi-objective search over TAS pipelines")
     sweep.add_argument("space", help="a search-space YAML (see search_spaces/)")
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a value of the space, e.g. --set search.trials=4")
@@ -40,12 +57,40 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     stages.set_defaults(handler=cmd_stages)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.spec import load_spec
+    from pxd.metrics import final_metrics
+    from pxd.pipeline import run_tas
+
+    config = load_spec(args.config, args.overrides).fixed_config()  # errors, naming the field, if a value is a distribution
+    result = run_tas(config, progress=not args.no_progress and not args.json and sys.stderr.isatty())
+    metrics = {name: result.metrics[name] for name in final_metrics() if name in result.metrics}
+    metrics.update({k: v for k, v in result.metrics.items() if k not in metrics})
+    if args.output is not None:
+        _save_train_output(args.output, result, config)
+    if args.json:
+        print(json.dumps(metrics, indent=2, sort_keys=False))
+    else:
+        print(f"student {config.student.arch} @ {config.student.resolution}px  (teacher {config.teacher.arch} @ {config.teacher.resolution}px)")
+        for name, value in metrics.items():
+            print(f"  {name:<20} {value:.6g}")
+    return 0
+
+
+def _save_train_output(directory: Path, result: PipelineResult, config: PipelineConfig) -> None:
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(result.student.state_dict(), directory / "student.pt")
+    (directory / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    (directory / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from orchestrator.cli import _load_yaml, apply_overrides
-    from orchestrator.spec import parse_spec
+    from orchestrator.spec import load_spec
     from orchestrator.sweep import SweepOptions, run_sweep, summary
 
-    spec = parse_spec(apply_overrides(_load_yaml(args.space), args.overrides), source_path=args.space)
+    spec = load_spec(args.space, args.overrides)
     outcome = run_sweep(spec, SweepOptions(
         name=args.name, resume=args.resume, tracking_uri=args.tracking_uri, ray_address=args.ray_address,
         optuna_storage=args.optuna_storage, root=args.root, force_retrain=args.force_retrain, quiet=args.quiet,
@@ -59,7 +104,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_tracking(args: argparse.Namespace):
+def _open_tracking(args: argparse.Namespace) -> TrackingTarget:
     from orchestrator.tracking import resolve_tracking, results_root
 
     return resolve_tracking(args.tracking_uri, results_root(args.root))
@@ -69,7 +114,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from orchestrator.frontier import format_table, frontier_table, table_to_json
-    from orchestrator.sweep import collect_rows, find_sweep_run, sweep_objectives
+    from orchestrator.schema import Tag, collect_rows, find_sweep_run, sweep_objectives
     from pxd.errors import ConfigError
 
     target = _open_tracking(args)
@@ -86,7 +131,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
         print(table_to_json(table))
     else:
         print(format_table(table))
-        print(f"hypervolume {table['hypervolume']:.6g} (reference {reference}) · sweep {parent.data.tags.get('pxd.sweep')} · parent run {parent.info.run_id}")
+        print(f"hypervolume {table['hypervolume']:.6g} (reference {reference}) · sweep {parent.data.tags.get(Tag.SWEEP)} · parent run {parent.info.run_id}")
     return 0
 
 

@@ -25,8 +25,10 @@ from typing import Any
 
 import optuna
 
-from pxd.config import BLOCKWISE_FAMILIES, PipelineConfig
+from pxd.config import PipelineConfig
 from pxd.errors import ConfigError
+from pxd.models import BLOCKWISE_FAMILIES
+from pxd.paths import set_path
 
 __all__ = [
     "DISTRIBUTION_KINDS",
@@ -37,7 +39,6 @@ __all__ = [
     "parse_distribution",
     "collect_params",
     "is_active",
-    "set_dotted",
     "finite_float",
     "suggest_all",
     "DefineByRun",
@@ -62,15 +63,6 @@ class Distribution:
     low: float | int | None = None
     high: float | int | None = None
     step: int | None = None
-
-    def to_optuna(self) -> optuna.distributions.BaseDistribution:
-        if self.kind == "choice":
-            return optuna.distributions.CategoricalDistribution(self.values)
-        if self.kind == "int":
-            return optuna.distributions.IntDistribution(int(self.low), int(self.high), step=self.step or 1)
-        return optuna.distributions.FloatDistribution(
-            float(self.low), float(self.high), log=self.kind == "loguniform"
-        )
 
     def suggest(self, trial: optuna.Trial, name: str) -> Any:
         # Only the public suggest_* methods: Ray Tune's OptunaSearch wraps the trial and records
@@ -287,18 +279,6 @@ def _reject_here(name: str, value: dict[str, Any]) -> None:
     )
 
 
-def set_dotted(raw: dict[str, Any], name: str, value: Any) -> None:
-    """Set `student.depths.0`-style paths inside nested dicts and lists (which must exist)."""
-    *parents, last = name.split(".")
-    node: Any = raw
-    for part in parents:
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
 # ---------------------------------------------------------------------------------------------
 # sampling a point and turning it into a config
 
@@ -333,15 +313,16 @@ def substitute(raw: dict[str, Any], params: tuple[Param, ...], values: dict[str,
             continue
         if param.name not in values:
             raise ConfigError(param.name, "has no sampled value; pass every active parameter")
-        set_dotted(config, param.name, values[param.name])
+        set_path(config, param.name, values[param.name])
     if any(p.name == "student.arch" for p in params) and values.get("student.arch") not in BLOCKWISE_FAMILIES:
         config["student"].pop("depths", None)
         config["student"].pop("widths", None)
     return PipelineConfig.from_dict(config)
 
 
-def validate_every_value(raw: dict[str, Any], params: tuple[Param, ...]) -> None:
-    """Check, before any compute, that every value each parameter can take gives a valid config.
+def validate_every_value(raw: dict[str, Any], params: tuple[Param, ...]) -> PipelineConfig:
+    """Check, before any compute, that every value each parameter can take gives a valid config;
+    returns the base config (every parameter at its first value).
 
     Probes change one parameter at a time (each choice; both ends of a range) on a base where every
     other parameter takes its first value; `PipelineConfig.from_dict` does the checking.
@@ -349,9 +330,9 @@ def validate_every_value(raw: dict[str, Any], params: tuple[Param, ...]) -> None
     by_name = {p.name: p for p in params}
     base = {p.name: p.distribution.first for p in params}
     try:
-        substitute(raw, params, base)
+        base_config = substitute(raw, params, base)
     except ConfigError as exc:
-        param = by_name.get(_param_name(exc.field))
+        param = by_name.get(exc.field)
         if param is None:
             raise
         label = next(param.distribution.probe_values())[1]
@@ -365,14 +346,10 @@ def validate_every_value(raw: dict[str, Any], params: tuple[Param, ...]) -> None
             try:
                 substitute(raw, params, assignment)
             except ConfigError as exc:
-                if _param_name(exc.field) == param.name:
+                if exc.field == param.name:
                     raise ConfigError(param.name, f"{exc.message} ({label})") from None
                 raise ConfigError(param.name, f"{value!r} ({label}) fails {exc.field}: {exc.message}") from None
-
-
-def _param_name(config_field: str) -> str:
-    # from_dict names list items `student.depths[0]`; parameters are `student.depths.0`
-    return config_field.replace("[", ".").replace("]", "")
+    return base_config
 
 
 def _first_blockwise_arch(arch: Param | None, raw: dict[str, Any]) -> str | None:

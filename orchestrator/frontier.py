@@ -1,8 +1,9 @@
 """Pareto frontier and hypervolume of a sweep's trials.
 
 A trial is **on the frontier** when no other completed, full-budget, feasible trial of the sweep
-is at least as good on every objective and better on one. As in Optuna
-(``optuna/study/_multi_objective.py``) every direction is first normalised to minimisation
+is at least as good on every objective and better on one (a trial stopped early is PRUNED, not
+COMPLETE, so COMPLETE means full budget). As in Optuna
+(``optuna/study/_multi_objective.py``) every mode is first normalised to minimisation
 ("max" objectives are negated), ineligible trials are dropped, and only then is dominance computed.
 
 This module takes plain rows (no Ray, no MLflow) so it can be used and tested alone.
@@ -20,14 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from pxd.errors import ConfigError
+from pxd.metrics import MODES, summary_metrics
 
 __all__ = [
     "TrialRow",
     "normalise",
     "non_dominated_mask",
     "eligible",
-    "frontier",
     "hypervolume",
     "hypervolume_of_rows",
     "frontier_table",
@@ -37,7 +37,6 @@ __all__ = [
 ]
 
 Objectives = Sequence[tuple[str, str]]
-_DIRECTIONS = ("min", "max")
 
 
 @dataclass
@@ -48,39 +47,35 @@ class TrialRow:
     run_id: str | None
     metrics: dict[str, float]
     params: dict[str, Any]
-    state: str  # "COMPLETE", "FAILED", "PRUNED" or "RUNNING"
-    full_budget: bool = True
+    state: str  # "COMPLETE", "FAILED", "PRUNED" (stopped early or infeasible before training) or "RUNNING"
     feasible: bool = True
     model_uri: str | None = None
 
 
-def _check_directions(directions: Sequence[str]) -> None:
-    for index, direction in enumerate(directions):
-        if direction not in _DIRECTIONS:
-            raise ConfigError(
-                f"objectives[{index}].direction",
-                f"got {direction!r}; use 'min' or 'max'",
-            )
+def _check_modes(modes: Sequence[str]) -> None:
+    for index, mode in enumerate(modes):
+        if mode not in MODES:
+            raise ValueError(f"objectives[{index}].mode: got {mode!r}; use 'min' or 'max'")
 
 
 def _split(objectives: Objectives) -> tuple[list[str], list[str]]:
     names = [name for name, _ in objectives]
-    directions = [direction for _, direction in objectives]
+    modes = [mode for _, mode in objectives]
     if not names:
-        raise ConfigError("objectives", "give at least one, e.g. [('val_top1', 'max')]")
+        raise ValueError("objectives: give at least one, e.g. [('val_top1', 'max')]")
     if len(set(names)) != len(names):
-        raise ConfigError("objectives", f"each metric may appear once, got {names}")
-    _check_directions(directions)
-    return names, directions
+        raise ValueError(f"objectives: each metric may appear once, got {names}")
+    _check_modes(modes)
+    return names, modes
 
 
-def normalise(points: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+def normalise(points: np.ndarray, modes: Sequence[str]) -> np.ndarray:
     """Return a float copy of ``points`` [n, k] with every objective turned into minimisation."""
-    _check_directions(directions)
+    _check_modes(modes)
     array = np.array(points, dtype=float, ndmin=2)
-    if array.shape[1] != len(directions):
-        raise ValueError(f"points have {array.shape[1]} columns but {len(directions)} directions")
-    signs = np.array([-1.0 if d == "max" else 1.0 for d in directions])
+    if array.shape[1] != len(modes):
+        raise ValueError(f"points have {array.shape[1]} columns but {len(modes)} modes")
+    signs = np.array([-1.0 if d == "max" else 1.0 for d in modes])
     return array * signs
 
 
@@ -107,36 +102,26 @@ def non_dominated_mask(points_min: np.ndarray) -> np.ndarray:
 
 
 def _is_eligible(row: TrialRow, names: Sequence[str]) -> bool:
-    if row.state != "COMPLETE" or not row.full_budget or not row.feasible:
+    if row.state != "COMPLETE" or not row.feasible:
         return False
     return all(name in row.metrics and not math.isnan(float(row.metrics[name])) for name in names)
 
 
 def eligible(rows: Sequence[TrialRow], objectives: Objectives) -> list[TrialRow]:
-    """Rows that may be on the frontier: COMPLETE, full budget, feasible, no objective NaN."""
+    """Rows that may be on the frontier: COMPLETE (ran its full budget), feasible, no objective NaN."""
     names, _ = _split(objectives)
     return [row for row in rows if _is_eligible(row, names)]
 
 
 def _points_min(rows: Sequence[TrialRow], objectives: Objectives) -> np.ndarray:
-    names, directions = _split(objectives)
+    names, modes = _split(objectives)
     raw = np.array([[float(row.metrics[name]) for name in names] for row in rows], dtype=float)
-    return normalise(raw.reshape(len(rows), len(names)), directions)
+    return normalise(raw.reshape(len(rows), len(names)), modes)
 
 
 def _best_first(rows: Sequence[TrialRow], points_min: np.ndarray) -> list[int]:
     # First objective decides; the others and the trial id only break ties, for a stable order.
     return sorted(range(len(rows)), key=lambda i: (*points_min[i].tolist(), rows[i].trial_id))
-
-
-def frontier(rows: Sequence[TrialRow], objectives: Objectives) -> list[TrialRow]:
-    """Eligible rows on the Pareto frontier, sorted by the first objective, best first."""
-    candidates = eligible(rows, objectives)
-    if not candidates:
-        return []
-    points = _points_min(candidates, objectives)
-    mask = non_dominated_mask(points)
-    return [candidates[i] for i in _best_first(candidates, points) if mask[i]]
 
 
 def _hypervolume_min(points: np.ndarray, reference: np.ndarray) -> float:
@@ -168,22 +153,22 @@ def _hypervolume_min(points: np.ndarray, reference: np.ndarray) -> float:
     return total
 
 
-def hypervolume(points: np.ndarray, directions: Sequence[str], reference: Sequence[float]) -> float:
+def hypervolume(points: np.ndarray, modes: Sequence[str], reference: Sequence[float]) -> float:
     """Hypervolume dominated by ``points`` [n, k] and bounded by ``reference``.
 
     ``points`` and ``reference`` are in the ORIGINAL metric units (e.g. val_top1 in [0, 1], gmacs,
-    pixels); both are normalised to minimisation with ``directions`` before computing, so the value
+    pixels); both are normalised to minimisation with ``modes`` before computing, so the value
     is the volume, in those units, of the region every point of which some point is at least as
     good as and the reference is at most as good as. A point that is not strictly better than the
     reference on every objective contributes nothing (also NaN points). A point with an infinitely
     good value that is otherwise better than the reference gives ``inf``. Exact for any k;
     intended for n up to a few hundred.
     """
-    reference_min = normalise(np.asarray(reference, dtype=float).reshape(1, -1), directions)[0]
+    reference_min = normalise(np.asarray(reference, dtype=float).reshape(1, -1), modes)[0]
     if not np.all(np.isfinite(reference_min)):
-        raise ConfigError("reference_point", f"every value must be finite, got {list(reference)}")
-    array = np.array(points, dtype=float).reshape(-1, len(directions))
-    points_min = normalise(array, directions)
+        raise ValueError(f"reference_point: every value must be finite, got {list(reference)}")
+    array = np.array(points, dtype=float).reshape(-1, len(modes))
+    points_min = normalise(array, modes)
     inside = points_min[np.all(points_min < reference_min, axis=1)]
     if np.any(np.isinf(inside)):
         return math.inf
@@ -194,10 +179,7 @@ def _reference_vector(objectives: Objectives, reference: Mapping[str, float]) ->
     names, _ = _split(objectives)
     missing = [name for name in names if name not in reference]
     if missing:
-        raise ConfigError(
-            f"reference_point.{missing[0]}",
-            f"missing; give a value for every objective {names}, e.g. val_top1: 0.0, gmacs: 1.0",
-        )
+        raise ValueError(f"reference_point.{missing[0]}: missing; give a value for every objective {names}")
     return [float(reference[name]) for name in names]
 
 
@@ -207,9 +189,9 @@ def hypervolume_of_rows(
     """Hypervolume of the eligible rows; reference in original metric units (``hypervolume``)."""
     vector = _reference_vector(objectives, reference)
     candidates = eligible(rows, objectives)
-    names, directions = _split(objectives)
+    names, modes = _split(objectives)
     raw = [[float(row.metrics[name]) for name in names] for row in candidates]
-    return hypervolume(np.array(raw, dtype=float).reshape(-1, len(names)), directions, vector)
+    return hypervolume(np.array(raw, dtype=float).reshape(-1, len(names)), modes, vector)
 
 
 def frontier_table(
@@ -221,7 +203,7 @@ def frontier_table(
     (metrics and params stay separate so a param can never shadow a metric of the same name).
     ``hypervolume`` is None when no reference point is given.
     """
-    names, directions = _split(objectives)
+    names, modes = _split(objectives)
     candidates = eligible(rows, objectives)
     points = _points_min(candidates, objectives) if candidates else np.zeros((0, len(names)))
     mask = non_dominated_mask(points) if candidates else np.zeros(0, dtype=bool)
@@ -239,7 +221,7 @@ def frontier_table(
         for i in order
     ]
     return {
-        "objectives": [{"name": n, "direction": d} for n, d in zip(names, directions)],
+        "objectives": [{"name": n, "mode": d} for n, d in zip(names, modes)],
         "reference_point": None if reference is None else dict(reference),
         "hypervolume": (
             None if reference is None else hypervolume_of_rows(rows, objectives, reference)
@@ -273,14 +255,13 @@ def _metric_columns(table: Mapping[str, Any]) -> list[str]:
     return objective_names + others
 
 
-# The terminal shows the cost/accuracy summary; the CSV and JSON keep every metric.
-SUMMARY_METRICS = ("val_top1", "gmacs", "params_m", "pixels", "latency_ms")
+# The terminal shows the registry's summary columns; the CSV and JSON keep every metric.
 
 
 def _summary_columns(table: Mapping[str, Any]) -> list[str]:
     objective_names = [objective["name"] for objective in table["objectives"]]
     present = {key for row in table["rows"] for key in row["metrics"]}
-    return objective_names + [m for m in SUMMARY_METRICS if m in present and m not in objective_names]
+    return objective_names + [m for m in summary_metrics() if m in present and m not in objective_names]
 
 
 def _param_columns(table: Mapping[str, Any]) -> list[str]:
@@ -346,7 +327,7 @@ def format_table(table: Mapping[str, Any], max_rows: int | None = None) -> str:
     hidden = len(table["rows"]) - len(shown)
     if hidden > 0:
         text.append(f"... {hidden} more eligible trials not shown")
-    objectives = ", ".join(f"{o['name']} ({o['direction']})" for o in table["objectives"])
+    objectives = ", ".join(f"{o['name']} ({o['mode']})" for o in table["objectives"])
     volume = table.get("hypervolume")
     volume_text = "n/a (no reference point)" if volume is None else f"{volume:.6g}"
     text.append(

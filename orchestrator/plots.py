@@ -21,7 +21,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from orchestrator.frontier import table_to_json
-from pxd.errors import ConfigError
 
 __all__ = ["plot_png", "plot_html"]
 
@@ -37,20 +36,20 @@ class _Panel:
     steps: list[tuple[float, float]]  # frontier envelope, drawn as steps-post
 
 
-def _direction(table: Mapping[str, Any], metric: str, default: str) -> str:
+def _mode(table: Mapping[str, Any], metric: str, default: str) -> str:
     # A metric that is not an objective is drawn as if x were a cost and y an accuracy.
     for objective in table["objectives"]:
         if objective["name"] == metric:
-            return str(objective["direction"])
+            return str(objective["mode"])
     return default
 
 
 def _envelope(
-    front: list[tuple[float, float]], x_direction: str, y_direction: str
+    front: list[tuple[float, float]], x_mode: str, y_mode: str
 ) -> list[tuple[float, float]]:
     """Frontier points where y improves, walking x from best to worst: the 2-D attainment steps."""
-    sign_x = -1.0 if x_direction == "max" else 1.0
-    sign_y = -1.0 if y_direction == "max" else 1.0
+    sign_x = -1.0 if x_mode == "max" else 1.0
+    sign_y = -1.0 if y_mode == "max" else 1.0
     steps: list[tuple[float, float]] = []
     best = math.inf
     for x, y in sorted(front, key=lambda p: (sign_x * p[0], sign_y * p[1])):
@@ -64,9 +63,7 @@ def _panels(table: Mapping[str, Any], x_metrics: Sequence[str], y_metric: str) -
     rows = table["rows"]
     present = {key for row in rows for key in row["metrics"]}
     if rows and y_metric not in present:
-        raise ConfigError(
-            "y_metric", f"{y_metric!r} is not a metric of any trial; pick one of {sorted(present)}"
-        )
+        raise ValueError(f"y_metric: {y_metric!r} is not a metric of any trial; pick one of {sorted(present)}")
     panels = []
     for x_metric in x_metrics:
         if rows and x_metric not in present:
@@ -78,15 +75,12 @@ def _panels(table: Mapping[str, Any], x_metrics: Sequence[str], y_metric: str) -
             if math.isfinite(x) and math.isfinite(y):
                 points.append((float(x), float(y), index))
         front = [(x, y) for x, y, index in points if rows[index]["on_frontier"]]
-        x_direction = _direction(table, x_metric, "min")
-        y_direction = _direction(table, y_metric, "max")
-        steps = _envelope(front, x_direction, y_direction)
+        x_mode = _mode(table, x_metric, "min")
+        y_mode = _mode(table, y_metric, "max")
+        steps = _envelope(front, x_mode, y_mode)
         panels.append(_Panel(x_metric, y_metric, points, steps))
     if not panels:
-        raise ConfigError(
-            "x_metrics",
-            f"none of {list(x_metrics)} is a metric of any trial; pick from {sorted(present)}",
-        )
+        raise ValueError(f"x_metrics: none of {list(x_metrics)} is a metric of any trial; pick from {sorted(present)}")
     return panels
 
 
@@ -268,7 +262,7 @@ def plot_html(
     """Write one self-contained interactive HTML page: scatter panels, tooltips, frontier table."""
     panels = _panels(table, x_metrics, y_metric)
     esc = html.escape
-    objectives = ", ".join(f"{o['name']} ({o['direction']})" for o in table["objectives"])
+    objectives = ", ".join(f"{o['name']} ({o['mode']})" for o in table["objectives"])
     volume = table.get("hypervolume")
     volume_text = "n/a (no reference point)" if volume is None else f"{volume:.6g}"
     reference = json.dumps(table.get("reference_point"), default=str)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
 from orchestrator.frontier import TrialRow, frontier_table
+from orchestrator.schema import epoch_metric
+
+if TYPE_CHECKING:
+    from orchestrator.spec import SweepSpec
 
 __all__ = ["SweepProgress"]
 
@@ -17,9 +21,10 @@ __all__ = ["SweepProgress"]
 class SweepProgress(tune.Callback):
     """A Tune callback that prints one status line per event (and at most every `every_s` otherwise)."""
 
-    def __init__(self, spec: Any, *, total: int, quiet: bool = False, every_s: float = 15.0, stream: Any = None) -> None:
-        self.objectives = list(zip(spec.objective_metrics, spec.objective_modes))
-        self.reference = dict(spec.search.reference_point)
+    def __init__(self, spec: SweepSpec, *, total: int, quiet: bool = False, every_s: float = 15.0, stream: Any = None) -> None:
+        search = spec.require_search()
+        self.objectives = search.objective_pairs
+        self.reference = dict(search.reference_point)
         self.total = total
         self.quiet = quiet
         self.every_s = every_s
@@ -44,8 +49,9 @@ class SweepProgress(tune.Callback):
                 params={}, state="COMPLETE", feasible=bool(result.get("feasible", True)),
             )
         elif time.monotonic() - self.last_print > self.every_s:
-            self._print(f"trial {trial.trial_id} {result.get('stage', '')} epoch {result.get('epoch', '?')}: "
-                        f"val_top1 {result.get('epoch_val_top1', float('nan')):.3f}")
+            stage = str(result.get("stage", ""))
+            self._print(f"trial {trial.trial_id} {stage} epoch {result.get('epoch', '?')}: "
+                        f"val_top1 {result.get(epoch_metric(stage), float('nan')):.3f}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.discard(trial.trial_id)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from ray.tune.search.optuna import OptunaSearch
+
+if TYPE_CHECKING:
+    from orchestrator.spec import SweepSpec
 
 __all__ = ["ParetoOptunaSearch", "make_searcher"]
 
@@ -47,7 +50,7 @@ class ParetoOptunaSearch(OptunaSearch):
         super().on_trial_complete(trial_id, result=result, error=False)
 
 
-def make_searcher(spec: Any, study_name: str, storage_url: str) -> ParetoOptunaSearch:
+def make_searcher(spec: SweepSpec, study_name: str, storage_url: str) -> ParetoOptunaSearch:
     from orchestrator.spec import constraint_names, define_by_run, make_sampler
 
     return ParetoOptunaSearch(

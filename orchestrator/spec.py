@@ -2,9 +2,11 @@
 
 A search-space file is a `pxd train` config (`pxd.config.PipelineConfig`) in which values of the
 student, assistant, distill and train sections may be distributions (`orchestrator.distributions`),
-plus a `search:` section (trials, sampler, objectives, constraints, reference point, resources).
+plus a `search:` section (trials, sampler, objectives, constraints, reference point, resources),
+parsed by the same typed parser (`pxd.config.parse_dataclass`) into `SearchConfig`.
 Everything is validated here, before any compute: every value a distribution can take is checked
 with `PipelineConfig.from_dict`, so a bad choice fails at load time and not in trial 37.
+Metric facts (modes, constraint keys, reference hints) come from the registry, `pxd.metrics`.
 The format is documented for users in `search_spaces/README.md`.
 """
 
@@ -13,12 +15,11 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
-import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,6 @@ import yaml
 
 from orchestrator.distributions import (
     DefineByRun,
-    Distribution,
     Param,
     collect_params,
     finite_float,
@@ -35,34 +35,33 @@ from orchestrator.distributions import (
     suggest_all,
     validate_every_value,
 )
-from pxd.config import PipelineConfig
+from pxd import metrics as registry
+from pxd.config import PipelineConfig, parse_dataclass
 from pxd.errors import ConfigError
+from pxd.paths import set_path
 
 __all__ = [
-    "OBJECTIVE_METRICS",
     "SAMPLERS",
-    "Distribution",
-    "Param",
     "Objective",
-    "Constraints",
+    "SamplerConfig",
+    "ResourcesConfig",
+    "LatencyConfig",
     "SearchConfig",
     "SweepSpec",
     "load_spec",
     "read_yaml",
+    "apply_overrides",
     "parse_spec",
     "define_by_run",
     "sample_params",
     "materialize",
     "make_sampler",
-    "samplers_honouring_constraints",
+    "optuna_directions",
     "constraint_names",
     "constraint_values",
     "is_feasible",
 ]
 
-logger = logging.getLogger(__name__)
-
-OBJECTIVE_METRICS = ("val_top1", "gmacs", "params_m", "pixels", "latency_ms")
 SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
 _SAMPLER_CLASSES = {
     "tpe": optuna.samplers.TPESampler,
@@ -73,54 +72,67 @@ _SAMPLER_CLASSES = {
 }
 # Arguments make_sampler sets itself; everything else in a sampler's constructor may go in options.
 _SAMPLER_RESERVED = ("self", "seed", "constraints_func", "search_space")
-# constraint key → (metric, sign): value = sign · (metric − limit) ≤ 0 when satisfied (Optuna's convention)
-_CONSTRAINTS = {
-    "max_gmacs": ("gmacs", 1.0),
-    "max_params_m": ("params_m", 1.0),
-    "max_latency_ms": ("latency_ms", 1.0),
-    "min_val_top1": ("val_top1", -1.0),
-}
-_DEFAULT_OBJECTIVES = (("val_top1", "max"), ("gmacs", "min"), ("pixels", "min"))
-_SEARCH_KEYS = (
-    "trials", "max_concurrent", "sampler", "objectives", "constraints", "reference_point",
-    "resources", "latency", "timeout_s", "stage_wait_timeout_s",
-)  # fmt: skip
-_PATH_FIELDS = (("dataset", "path"), ("teacher", "checkpoint"), ("student", "checkpoint"))
+_DEFAULT_OBJECTIVES = ("val_top1", "gmacs", "pixels")
+_PATH_FIELDS = ("dataset.path", "teacher.checkpoint", "student.checkpoint")
+_LATENCY_DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
 class Objective:
-    metric: str  # one of OBJECTIVE_METRICS
-    mode: str  # "max" | "min"
+    metric: str  # a registered objective metric (`pxd.metrics`)
+    mode: str | None = None  # "max" | "min"; None in a file means the metric's own mode
 
 
 @dataclass(frozen=True)
-class Constraints:
-    """Hard limits. A trial that breaks one is infeasible: never on the frontier."""
+class SamplerConfig:
+    name: str = "tpe"  # one of SAMPLERS
+    seed: int | None = None  # None: the space's top-level seed
+    options: dict[str, Any] = field(default_factory=dict)  # passed to the Optuna sampler
 
-    max_gmacs: float | None = None
-    max_params_m: float | None = None
-    max_latency_ms: float | None = None
-    min_val_top1: float | None = None
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    cpu: float = 1.0  # per trial
+    gpu: float = 0.0  # per trial; a fraction ≤ 1 shares one GPU between trials
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    device: str | None = None  # auto | cpu | cuda; None: the trial's train.device
+    repeats: int = 20
+    warmup: int = 5
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    trials: int
-    objectives: tuple[Objective, ...]
-    reference_point: dict[str, float]  # metric → value for every objective (fixed hypervolume reference)
+    """The `search:` section. After `parse_spec` every objective has its mode, the reference point
+    has a value for every objective, and the sampler has its seed."""
+
+    trials: int | None = None  # required
     max_concurrent: int = 1
-    sampler: str = "tpe"  # one of SAMPLERS
-    sampler_seed: int = 0
-    sampler_options: dict[str, Any] = field(default_factory=dict)  # passed to the Optuna sampler
-    constraints: Constraints = field(default_factory=Constraints)
-    resources_cpu: float = 1.0  # per trial
-    resources_gpu: float = 0.0  # per trial; a fraction ≤ 1 shares one GPU between trials
-    latency_device: str | None = None  # auto | cpu | cuda; None: the trial's train.device
-    latency_repeats: int = 20
-    latency_warmup: int = 5
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    objectives: tuple[Objective, ...] = ()  # empty in a file: val_top1 max, gmacs min, pixels min
+    # constraint key (`max_gmacs`, `min_val_top1`, one per constrainable metric) → limit; a trial that
+    # breaks one is infeasible: never on the frontier
+    constraints: dict[str, float] = field(default_factory=dict)
+    reference_point: dict[str, float] = field(default_factory=dict)  # metric → fixed hypervolume reference
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
     timeout_s: int | None = None
     stage_wait_timeout_s: int = 3600
+
+    @property
+    def objective_metrics(self) -> tuple[str, ...]:
+        return tuple(o.metric for o in self.objectives)
+
+    @property
+    def objective_modes(self) -> tuple[str, ...]:
+        return tuple(str(o.mode) for o in self.objectives)
+
+    @property
+    def objective_pairs(self) -> list[tuple[str, str]]:
+        """[(metric, mode), ...] in objective order: what the frontier functions take."""
+        return list(zip(self.objective_metrics, self.objective_modes))
 
 
 @dataclass(frozen=True)
@@ -129,6 +141,7 @@ class SweepSpec:
     raw: dict[str, Any]  # the file as loaded (relative paths made absolute), `search` included
     params: tuple[Param, ...]
     search: SearchConfig | None  # None only for a file without distributions and without `search:`
+    base: PipelineConfig  # the config with every parameter at its first value (dataset, teacher: every trial's)
     source_path: str | None = None
 
     def require_search(self) -> SearchConfig:
@@ -142,16 +155,11 @@ class SweepSpec:
 
     @property
     def objective_metrics(self) -> tuple[str, ...]:
-        return tuple(o.metric for o in self.require_search().objectives)
+        return self.require_search().objective_metrics
 
     @property
     def objective_modes(self) -> tuple[str, ...]:
-        return tuple(o.mode for o in self.require_search().objectives)
-
-    @property
-    def directions(self) -> tuple[str, ...]:
-        """Optuna study directions, in objective order."""
-        return tuple("maximize" if mode == "max" else "minimize" for mode in self.objective_modes)
+        return self.require_search().objective_modes
 
     def fixed_config(self) -> PipelineConfig:
         """The single-point config of a file without distributions (what `pxd train` runs)."""
@@ -160,16 +168,39 @@ class SweepSpec:
                 self.params[0].name,
                 "is a distribution; run this search space with `pxd sweep`, or set a single value to use `pxd train`",
             )
-        return PipelineConfig.from_dict(self.raw)
+        return self.base
+
+
+def optuna_directions(modes: Sequence[str]) -> list[str]:
+    """Optuna's words for modes: max → maximize, min → minimize."""
+    return ["maximize" if mode == "max" else "minimize" for mode in modes]
 
 
 # ---------------------------------------------------------------------------------------------
-# loading
+# loading: the one path from a file (and `--set` flags) to a SweepSpec
 
 
-def load_spec(path: str | os.PathLike[str]) -> SweepSpec:
-    """Read a search-space (or plain config) YAML file and validate it. Raises `ConfigError`."""
-    return parse_spec(read_yaml(path), source_path=str(path))
+def load_spec(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> SweepSpec:
+    """Read a search-space (or plain config) YAML file, apply `--set KEY=VALUE` overrides and
+    validate it. Raises `ConfigError`. `pxd train` and `pxd sweep` both load files this way."""
+    raw = read_yaml(path)
+    if isinstance(raw, dict):
+        raw = apply_overrides(raw, overrides)
+    return parse_spec(raw, source_path=str(path))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `--set a.b=value` flags (values read as YAML) onto a config mapping; list items are
+    addressed by index (`student.depths.1=2`), as in parameter names."""
+    for text in overrides:
+        if "=" not in text:
+            raise ConfigError("--set", f"expected KEY=VALUE (e.g. student.resolution=32), got {text!r}")
+        key, value = (part.strip() for part in text.split("=", 1))
+        try:
+            set_path(raw, key, yaml.safe_load(value), create=True)
+        except KeyError as exc:
+            raise ConfigError(key, f"cannot be set: {exc.args[0]}") from None
+    return raw
 
 
 def read_yaml(path: str | os.PathLike[str]) -> Any:
@@ -214,15 +245,16 @@ def parse_spec(raw: Any, source_path: str | None = None) -> SweepSpec:
         )
     else:
         search = None
-    validate_every_value(raw, params)
+    base = validate_every_value(raw, params)
     name = raw.get("name") or (Path(source_path).stem if source_path else PipelineConfig.name)
-    return SweepSpec(name=str(name), raw=raw, params=params, search=search, source_path=source_path)
+    return SweepSpec(name=str(name), raw=raw, params=params, search=search, base=base, source_path=source_path)
 
 
 def _absolute_paths(raw: dict[str, Any]) -> dict[str, Any]:
     # Ray Tune runs each trial in its own working directory: a relative dataset path that is right
     # for the user's shell would be wrong there, so resolve it against the directory of the launch.
-    for section, key in _PATH_FIELDS:
+    for path in _PATH_FIELDS:
+        section, key = path.split(".")
         node = raw.get(section)
         if isinstance(node, dict) and isinstance(node.get(key), str):
             node[key] = os.path.abspath(os.path.expanduser(node[key]))
@@ -273,50 +305,29 @@ def materialize(spec: SweepSpec, params: dict[str, Any]) -> PipelineConfig:
 # samplers and constraints
 
 
-def _accepts_constraints(sampler_class: type) -> bool:
-    return "constraints_func" in inspect.signature(sampler_class).parameters
-
-
-def samplers_honouring_constraints() -> tuple[str, ...]:
-    """Sampler names whose installed Optuna constructor takes `constraints_func`."""
-    return tuple(name for name, cls in _SAMPLER_CLASSES.items() if _accepts_constraints(cls))
-
-
-def make_sampler(
-    spec: SweepSpec, constraints_func: Callable[[optuna.trial.FrozenTrial], list[float]] | None = None
-) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     """The Optuna sampler named in `search.sampler`, seeded.
 
-    `constraints_func` reaches only the samplers whose constructor takes it (tpe, nsga2, gp; see
-    `samplers_honouring_constraints`); random and grid ignore constraints, which then only decide
-    feasibility on the frontier. Optuna 5 deprecates `constraints_func` (FutureWarning) in favour of
-    `trial.set_constraint(name, value)` before `study.tell`, which tpe, nsga2 and gp read without
-    any constructor argument: `zip(constraint_names(spec), constraint_values(spec, metrics))`.
+    Constraints reach the samplers the way Optuna 5 reads them: `trial.set_constraint(name, value)`
+    before `study.tell` (`orchestrator.searcher`), which tpe, nsga2 and gp use while sampling; random
+    and grid ignore them, and then they only decide feasibility on the frontier.
     """
-    search = spec.require_search()
-    cls = _SAMPLER_CLASSES[search.sampler]
-    kwargs: dict[str, Any] = {"multivariate": True} if search.sampler == "tpe" else {}
-    kwargs.update(search.sampler_options)
-    kwargs["seed"] = search.sampler_seed
-    if search.sampler == "grid":
+    sampler = spec.require_search().sampler
+    cls = _SAMPLER_CLASSES[sampler.name]
+    kwargs: dict[str, Any] = {"multivariate": True} if sampler.name == "tpe" else {}
+    kwargs.update(sampler.options)
+    kwargs["seed"] = sampler.seed
+    if sampler.name == "grid":
         kwargs["search_space"] = {p.name: list(p.distribution.values) for p in spec.params}
-    if constraints_func is not None:
-        if _accepts_constraints(cls):
-            kwargs["constraints_func"] = constraints_func
-        else:
-            logger.warning(
-                "sampler %r ignores constraints while sampling; they still decide the frontier", search.sampler
-            )
     with warnings.catch_warnings():
-        # multivariate TPE and constraints_func are marked experimental; the user cannot act on it
+        # multivariate TPE is marked experimental; the user cannot act on it
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return cls(**kwargs)
 
 
 def constraint_names(spec: SweepSpec) -> tuple[str, ...]:
     """The set constraints (`max_gmacs`, ...), in the order of `constraint_values`."""
-    constraints = spec.require_search().constraints
-    return tuple(key for key in _CONSTRAINTS if getattr(constraints, key) is not None)
+    return tuple(spec.require_search().constraints)
 
 
 def constraint_values(spec: SweepSpec, metrics: dict[str, float]) -> list[float]:
@@ -324,15 +335,14 @@ def constraint_values(spec: SweepSpec, metrics: dict[str, float]) -> list[float]
 
     A metric that is missing or NaN gives +inf: a trial cannot be shown to meet the limit.
     """
-    constraints = spec.require_search().constraints
     values = []
-    for key in constraint_names(spec):
-        metric, sign = _CONSTRAINTS[key]
-        limit = getattr(constraints, key)
-        measured = metrics.get(metric)
+    for key, limit in spec.require_search().constraints.items():
+        metric = registry.constraint_metric(key)
+        measured = metrics.get(metric.name)
         if measured is None or math.isnan(measured):
             values.append(math.inf)
         else:
+            sign = -1.0 if metric.mode == "max" else 1.0  # min_val_top1: limit − value ≤ 0
             values.append(sign * (float(measured) - limit))
     return values
 
@@ -342,47 +352,41 @@ def is_feasible(spec: SweepSpec, metrics: dict[str, float]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# the search: section
+# the search: section: typed by parse_dataclass, then the checks that span fields
 
 
-def _parse_search(search: Any, raw: dict[str, Any], params: tuple[Param, ...]) -> SearchConfig:
-    search = _mapping(search, "search", _SEARCH_KEYS)
-    if "trials" not in search:
+def _parse_search(raw_search: Any, raw: dict[str, Any], params: tuple[Param, ...]) -> SearchConfig:
+    search = parse_dataclass(SearchConfig, raw_search, prefix="search")
+    if search.trials is None:
         raise ConfigError("search.trials", "missing; set how many trials to run, e.g. trials: 20")
+    _int(search.trials, "search.trials", minimum=1)
+    _int(search.max_concurrent, "search.max_concurrent", minimum=1)
     top_seed = raw.get("seed", PipelineConfig.seed)
-    name, seed, options = _parse_sampler(search.get("sampler"), top_seed if isinstance(top_seed, int) else 0, params)
-    objectives = _parse_objectives(search.get("objectives"))
+    sampler = _check_sampler(search.sampler, top_seed if isinstance(top_seed, int) else 0, params)
+    objectives = _check_objectives(search.objectives, given=raw_search is not None and "objectives" in raw_search)
     teacher = raw.get("teacher") if isinstance(raw.get("teacher"), dict) else {}
-    resources = _mapping(search.get("resources"), "search.resources", ("cpu", "gpu"))
-    latency = _mapping(search.get("latency"), "search.latency", ("device", "repeats", "warmup"))
-    timeout = search.get("timeout_s")
-    return SearchConfig(
-        trials=_int(search["trials"], "search.trials", minimum=1),
-        max_concurrent=_int(search.get("max_concurrent", 1), "search.max_concurrent", minimum=1),
-        sampler=name,
-        sampler_seed=seed,
-        sampler_options=options,
+    teacher_resolution = teacher.get("resolution")
+    if not isinstance(teacher_resolution, int):
+        teacher_resolution = PipelineConfig().teacher.resolution
+    _number(search.resources.cpu, "search.resources.cpu")
+    _check_gpu(search.resources.gpu)
+    if search.latency.device is not None and search.latency.device not in _LATENCY_DEVICES:
+        raise ConfigError(
+            "search.latency.device",
+            f"unknown {search.latency.device!r}; use auto, cpu or cuda (or omit it for the trial's device)",
+        )
+    _int(search.latency.repeats, "search.latency.repeats", minimum=1)
+    _int(search.latency.warmup, "search.latency.warmup", minimum=0)
+    if search.timeout_s is not None:
+        _int(search.timeout_s, "search.timeout_s", minimum=1)
+    _int(search.stage_wait_timeout_s, "search.stage_wait_timeout_s", minimum=1)
+    return replace(
+        search,
+        sampler=sampler,
         objectives=objectives,
-        constraints=_parse_constraints(search.get("constraints")),
-        reference_point=_parse_reference(search.get("reference_point"), objectives, teacher.get("resolution")),
-        resources_cpu=_number(resources.get("cpu", 1.0), "search.resources.cpu"),
-        resources_gpu=_parse_gpu(resources.get("gpu", 0.0)),
-        latency_device=_parse_latency_device(latency.get("device")),
-        latency_repeats=_int(latency.get("repeats", 20), "search.latency.repeats", minimum=1),
-        latency_warmup=_int(latency.get("warmup", 5), "search.latency.warmup", minimum=0),
-        timeout_s=None if timeout is None else _int(timeout, "search.timeout_s", minimum=1),
-        stage_wait_timeout_s=_int(search.get("stage_wait_timeout_s", 3600), "search.stage_wait_timeout_s", minimum=1),
+        constraints=_check_constraints(search.constraints),
+        reference_point=_check_reference(search.reference_point, objectives, teacher_resolution),
     )
-
-
-def _mapping(value: Any, name: str, known: Iterable[str]) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(name, f"expected a mapping with keys {', '.join(known)}; got {value!r}")
-    for key in value:
-        _check_known(key, known, f"{name}.", "key")
-    return value
 
 
 def _int(value: Any, name: str, minimum: int) -> int:
@@ -406,13 +410,11 @@ def _number(value: Any, name: str, *, low: float = 0.0, low_inclusive: bool = Fa
     return number
 
 
-def _parse_sampler(raw: Any, default_seed: int, params: tuple[Param, ...]) -> tuple[str, int, dict[str, Any]]:
-    raw = _mapping(raw, "search.sampler", ("name", "seed", "options"))
-    name = raw.get("name", "tpe")
-    if name not in SAMPLERS:
-        raise ConfigError("search.sampler.name", f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")
-    seed = _int(raw.get("seed", default_seed), "search.sampler.seed", minimum=0)
-    if name == "grid":
+def _check_sampler(sampler: SamplerConfig, default_seed: int, params: tuple[Param, ...]) -> SamplerConfig:
+    if sampler.name not in SAMPLERS:
+        raise ConfigError("search.sampler.name", f"unknown sampler {sampler.name!r}; use one of {', '.join(SAMPLERS)}")
+    seed = _int(default_seed if sampler.seed is None else sampler.seed, "search.sampler.seed", minimum=0)
+    if sampler.name == "grid":
         for param in params:
             if param.distribution.kind != "choice":
                 raise ConfigError(
@@ -420,49 +422,51 @@ def _parse_sampler(raw: Any, default_seed: int, params: tuple[Param, ...]) -> tu
                     f"the grid sampler needs every parameter to be a choice, this is {param.distribution.kind}; "
                     "make it {choice: [...]} or use tpe, nsga2, gp or random",
                 )
-    allowed = [p for p in inspect.signature(_SAMPLER_CLASSES[name]).parameters if p not in _SAMPLER_RESERVED]
-    if raw.get("options") and not allowed:
-        raise ConfigError("search.sampler.options", f"the {name} sampler takes no options; remove them")
-    options = dict(_mapping(raw.get("options"), "search.sampler.options", allowed))
-    probe = SearchConfig(1, (), {}, sampler=name, sampler_seed=seed, sampler_options=options)
+    allowed = [p for p in inspect.signature(_SAMPLER_CLASSES[sampler.name]).parameters if p not in _SAMPLER_RESERVED]
+    if sampler.options and not allowed:
+        raise ConfigError("search.sampler.options", f"the {sampler.name} sampler takes no options; remove them")
+    for key in sampler.options:
+        _check_known(key, allowed, "search.sampler.options.", "key")
+    checked = replace(sampler, seed=seed)
+    probe = SearchConfig(trials=1, sampler=checked)
     try:  # constructing a sampler is cheap and checks option values with Optuna's own messages
-        make_sampler(SweepSpec("probe", {}, params, probe))
+        make_sampler(SweepSpec("probe", {}, params, probe, PipelineConfig()))
     except (TypeError, ValueError) as exc:
         raise ConfigError(
             "search.sampler.options",
-            f"{name} rejects these options ({exc}); fix or remove them",
+            f"{sampler.name} rejects these options ({exc}); fix or remove them",
         ) from None
-    return name, seed, options
+    return checked
 
 
-def _parse_objectives(raw: Any) -> tuple[Objective, ...]:
-    if raw is None:
-        return tuple(Objective(metric, mode) for metric, mode in _DEFAULT_OBJECTIVES)
-    if not isinstance(raw, list) or len(raw) < 2:
+def _check_objectives(objectives: tuple[Objective, ...], *, given: bool) -> tuple[Objective, ...]:
+    if not given:
+        return tuple(Objective(name, registry.get_metric(name).mode) for name in _DEFAULT_OBJECTIVES)
+    if len(objectives) < 2:
         raise ConfigError(
             "search.objectives",
-            f"needs a list of at least two objectives (a frontier trades accuracy against cost), got {raw!r}; "
+            f"needs a list of at least two objectives (a frontier trades accuracy against cost), got {len(objectives)}; "
             "e.g. [{metric: val_top1}, {metric: gmacs}]",
         )
-    objectives = []
-    for index, item in enumerate(raw):
+    allowed = registry.objective_metrics()
+    checked: list[Objective] = []
+    for index, objective in enumerate(objectives):
         name = f"search.objectives.{index}"
-        item = _mapping(item, name, ("metric", "mode"))
-        metric = item.get("metric")
-        if metric not in OBJECTIVE_METRICS:
-            raise ConfigError(f"{name}.metric", f"unknown metric {metric!r}; use one of {', '.join(OBJECTIVE_METRICS)}")
-        if metric in (o.metric for o in objectives):
-            raise ConfigError(f"{name}.metric", f"{metric} is listed twice; remove the duplicate")
-        mode = item.get("mode", "max" if metric == "val_top1" else "min")
-        if mode not in ("max", "min"):
+        if objective.metric not in allowed:
+            raise ConfigError(f"{name}.metric", f"unknown metric {objective.metric!r}; use one of {', '.join(allowed)}")
+        if objective.metric in (o.metric for o in checked):
+            raise ConfigError(f"{name}.metric", f"{objective.metric} is listed twice; remove the duplicate")
+        mode = objective.mode or registry.get_metric(objective.metric).mode
+        if mode not in registry.MODES:
             raise ConfigError(f"{name}.mode", f"must be max or min, got {mode!r}")
-        objectives.append(Objective(metric, mode))
-    return tuple(objectives)
+        checked.append(Objective(objective.metric, mode))
+    return tuple(checked)
 
 
-def _parse_reference(raw: Any, objectives: tuple[Objective, ...], teacher_resolution: Any) -> dict[str, float]:
+def _check_reference(raw: dict[str, float], objectives: tuple[Objective, ...], teacher_resolution: int) -> dict[str, float]:
     metrics = [o.metric for o in objectives]
-    raw = _mapping(raw, "search.reference_point", metrics)
+    for key in raw:
+        _check_known(key, metrics, "search.reference_point.", "key")
     point = {}
     for objective in objectives:
         name = f"search.reference_point.{objective.metric}"
@@ -474,32 +478,28 @@ def _parse_reference(raw: Any, objectives: tuple[Objective, ...], teacher_resolu
             raise ConfigError(
                 name,
                 "missing; add a fixed hypervolume reference worse than any trial, e.g. "
-                + _reference_hint(objective.metric, teacher_resolution),
+                + registry.get_metric(objective.metric).hint(teacher_resolution),
             )
     return point
 
 
-def _reference_hint(metric: str, teacher_resolution: Any) -> str:
-    if metric == "pixels":
-        side = teacher_resolution if isinstance(teacher_resolution, int) else PipelineConfig().teacher.resolution
-        return f"pixels: {side * side} (teacher.resolution²)"
-    if metric == "val_top1":
-        return "val_top1: 1.0"
-    return f"{metric}: the teacher's {metric} (students should cost less)"
+def _check_constraints(raw: dict[str, float]) -> dict[str, float]:
+    keys = registry.constraint_keys()
+    limits = {}
+    for key, value in raw.items():
+        _check_known(key, keys, "search.constraints.", "key")
+        limits[key] = _number(value, f"search.constraints.{key}")
+        bounds = registry.get_metric(keys[key]).bounds
+        if bounds is not None and not bounds[0] <= limits[key] <= bounds[1]:
+            raise ConfigError(
+                f"search.constraints.{key}",
+                f"{keys[key]} takes values in [{bounds[0]:g}, {bounds[1]:g}], got {limits[key]:g}"
+                + ("; e.g. 0.7 for 70%" if bounds == (0.0, 1.0) else ""),
+            )
+    return limits
 
 
-def _parse_constraints(raw: Any) -> Constraints:
-    raw = _mapping(raw, "search.constraints", _CONSTRAINTS)
-    limits = {key: _number(value, f"search.constraints.{key}") for key, value in raw.items()}
-    if limits.get("min_val_top1", 0.0) > 1:
-        raise ConfigError(
-            "search.constraints.min_val_top1",
-            f"val_top1 is a fraction in [0, 1], got {limits['min_val_top1']}; e.g. 0.7 for 70%",
-        )
-    return Constraints(**limits)
-
-
-def _parse_gpu(value: Any) -> float:
+def _check_gpu(value: Any) -> float:
     gpu = _number(value, "search.resources.gpu", low_inclusive=True)
     if gpu > 1 and not gpu.is_integer():
         raise ConfigError(
@@ -507,12 +507,3 @@ def _parse_gpu(value: Any) -> float:
             f"above 1 it must be a whole number of GPUs, got {gpu:g}; use a fraction ≤ 1 to share one GPU",
         )
     return gpu
-
-
-def _parse_latency_device(device: Any) -> str | None:
-    if device is not None and device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(
-            "search.latency.device",
-            f"unknown {device!r}; use auto, cpu or cuda (or omit it for the trial's device)",
-        )
-    return device

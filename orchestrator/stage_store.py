@@ -29,10 +29,20 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.schema import KIND_STAGE, STAGE_CHECKPOINT, STAGES_EXPERIMENT, Tag, epoch_metric
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+    from orchestrator.trial import TrialContext
+    from pxd.pipeline import StageOutcome
+    from pxd.train import StageResult
 
 __all__ = [
     "STAGES_EXPERIMENT",
+    "CHECKPOINT",
     "StageWaitTimeout",
     "MlflowStageStore",
     "LocalLeases",
@@ -41,8 +51,7 @@ __all__ = [
     "list_stages",
 ]
 
-STAGES_EXPERIMENT = "pxd-stages"
-CHECKPOINT = "stage/checkpoint.pt"
+CHECKPOINT = STAGE_CHECKPOINT
 
 
 class StageWaitTimeout(RuntimeError):
@@ -139,14 +148,17 @@ class SqlLeases:
         return str(row[0]) if row and row[1] >= time.time() else None
 
 
+Leases = LocalLeases | SqlLeases  # one contract: acquire, renew, release, holder
+
+
 class _Heartbeat:
     """Renews a lease in the background while the holder trains."""
 
-    def __init__(self, leases: Any, key: str, owner: str, ttl_s: float) -> None:
+    def __init__(self, leases: Leases, key: str, owner: str, ttl_s: float) -> None:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(leases, key, owner, ttl_s), daemon=True)
 
-    def _run(self, leases: Any, key: str, owner: str, ttl_s: float) -> None:
+    def _run(self, leases: Leases, key: str, owner: str, ttl_s: float) -> None:
         while not self._stop.wait(ttl_s / 3):
             leases.renew(key, owner, ttl_s)
 
@@ -166,7 +178,7 @@ class MlflowStageStore:
         self,
         tracking_uri: str,
         *,
-        leases: Any,
+        leases: Leases,
         force_retrain: bool = False,
         wait_timeout_s: float = 3600.0,
         poll_s: float = 1.0,
@@ -201,17 +213,17 @@ class MlflowStageStore:
                 self._experiment_id = experiment.experiment_id
         return str(self._experiment_id)
 
-    def lookup(self, key: str) -> Any | None:
+    def lookup(self, key: str) -> Run | None:
         runs = self.client.search_runs(
             [self.experiment_id],
-            filter_string=(f"tags.`pxd.stage_key` = '{key}' and tags.`pxd.stage_complete` = 'true' "
+            filter_string=(f"tags.`{Tag.STAGE_KEY}` = '{key}' and tags.`{Tag.STAGE_COMPLETE}` = 'true' "
                            "and attributes.status = 'FINISHED'"),
             order_by=["attributes.start_time DESC"],
             max_results=20,
         )
-        return next((r for r in runs if r.data.tags.get("pxd.stage_corrupt") != "true"), None)
+        return next((r for r in runs if r.data.tags.get(Tag.STAGE_CORRUPT) != "true"), None)
 
-    def load(self, run: Any) -> Any | None:
+    def load(self, run: Run) -> StageResult | None:
         """The stage's result, or None (and the run tagged corrupt) when its checkpoint fails the hash."""
         import torch
 
@@ -222,18 +234,18 @@ class MlflowStageStore:
                 path = self.client.download_artifacts(run.info.run_id, CHECKPOINT, tmp)
                 payload = Path(path).read_bytes()
             except Exception as exc:  # noqa: BLE001 - a missing artifact is a corrupt stage, recorded below
-                self.client.set_tag(run.info.run_id, "pxd.stage_corrupt", "true")
-                self.client.set_tag(run.info.run_id, "pxd.stage_corrupt_reason", f"artifact unreadable: {exc}"[:500])
+                self.client.set_tag(run.info.run_id, Tag.STAGE_CORRUPT, "true")
+                self.client.set_tag(run.info.run_id, Tag.STAGE_CORRUPT_REASON, f"artifact unreadable: {exc}"[:500])
                 return None
-        if hashlib.sha256(payload).hexdigest() != run.data.tags.get("pxd.checkpoint_sha256"):
-            self.client.set_tag(run.info.run_id, "pxd.stage_corrupt", "true")
-            self.client.set_tag(run.info.run_id, "pxd.stage_corrupt_reason", "checkpoint sha256 mismatch")
+        if hashlib.sha256(payload).hexdigest() != run.data.tags.get(Tag.CHECKPOINT_SHA256):
+            self.client.set_tag(run.info.run_id, Tag.STAGE_CORRUPT, "true")
+            self.client.set_tag(run.info.run_id, Tag.STAGE_CORRUPT_REASON, "checkpoint sha256 mismatch")
             return None
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         metrics = {k: v for k, v in run.data.metrics.items()}
-        return StageResult(kind=run.data.tags["pxd.stage"], state_dict=state, metrics=metrics)
+        return StageResult(kind=run.data.tags[Tag.STAGE], state_dict=state, metrics=metrics)
 
-    def _find(self, key: str) -> tuple[Any, str] | None:
+    def _find(self, key: str) -> tuple[StageResult, str] | None:
         while True:
             run = self.lookup(key)
             if run is None:
@@ -243,18 +255,18 @@ class MlflowStageStore:
                 return result, run.info.run_id
 
     # -- save ------------------------------------------------------------------------------------------
-    def save(self, kind: str, key: str, describe: dict[str, Any], result: Any) -> str:
+    def save(self, kind: str, key: str, describe: dict[str, Any], result: StageResult) -> str:
         import torch
 
         buffer = io.BytesIO()
         torch.save(result.state_dict, buffer)
         payload = buffer.getvalue()
-        tags = {"pxd.kind": "stage", "pxd.stage": kind, "pxd.stage_key": key, "pxd.stage_complete": "false",
-                "pxd.trained_by": self.owner}
+        tags = {Tag.KIND: KIND_STAGE, Tag.STAGE: kind, Tag.STAGE_KEY: key, Tag.STAGE_COMPLETE: "false",
+                Tag.TRAINED_BY: self.owner}
         if self.sweep_name:
-            tags["pxd.sweep"] = self.sweep_name
+            tags[Tag.SWEEP] = self.sweep_name
         if self.trial_run_id:
-            tags["pxd.trained_for_run"] = self.trial_run_id
+            tags[Tag.TRAINED_FOR_RUN] = self.trial_run_id
         run = self.client.create_run(self.experiment_id, run_name=f"{kind}-{key[:10]}", tags=tags)
         run_id = run.info.run_id
         try:
@@ -266,15 +278,15 @@ class MlflowStageStore:
                 step = int(record.get("epoch", 0))
                 for name, value in record.items():
                     if name != "epoch":
-                        self.client.log_metric(run_id, f"epoch.{name}", float(value), step=step)
+                        self.client.log_metric(run_id, epoch_metric(kind, name), float(value), step=step)
             self.client.log_metric(run_id, "checkpoint_bytes", float(len(payload)))
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "checkpoint.pt"
                 path.write_bytes(payload)
                 self.client.log_artifact(run_id, str(path), "stage")
             # usable only from here on: the artifact is complete and its hash recorded
-            self.client.set_tag(run_id, "pxd.checkpoint_sha256", hashlib.sha256(payload).hexdigest())
-            self.client.set_tag(run_id, "pxd.stage_complete", "true")
+            self.client.set_tag(run_id, Tag.CHECKPOINT_SHA256, hashlib.sha256(payload).hexdigest())
+            self.client.set_tag(run_id, Tag.STAGE_COMPLETE, "true")
             self.client.set_terminated(run_id, status="FINISHED")
         except BaseException:
             self.client.set_terminated(run_id, status="FAILED")
@@ -282,7 +294,9 @@ class MlflowStageStore:
         return str(run_id)
 
     # -- the provider contract ---------------------------------------------------------------------
-    def get_or_train(self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], Any]) -> Any:
+    def get_or_train(
+        self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], StageResult]
+    ) -> StageOutcome:
         from pxd.pipeline import StageOutcome
 
         if self.force_retrain:  # no sharing at all: every caller trains its own copy, like a pipeline without a store
@@ -317,7 +331,7 @@ class MlflowStageStore:
                 return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
 
 
-def make_provider(context: Any, parent_run_id: str | None = None) -> Any:
+def make_provider(context: TrialContext, parent_run_id: str | None = None) -> MlflowStageStore:
     """The stage provider a trial uses: the MLflow store with leases in the sweep's lease database."""
     leases = SqlLeases(context.lease_url) if context.lease_url else LocalLeases()
     return MlflowStageStore(
@@ -341,16 +355,16 @@ def list_stages(tracking_uri: str) -> list[dict[str, Any]]:
     rows = []
     for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000):
         tags = run.data.tags
-        usable = tags.get("pxd.stage_complete") == "true" and tags.get("pxd.stage_corrupt") != "true" and run.info.status == "FINISHED"
+        usable = tags.get(Tag.STAGE_COMPLETE) == "true" and tags.get(Tag.STAGE_CORRUPT) != "true" and run.info.status == "FINISHED"
         rows.append({
-            "key": tags.get("pxd.stage_key", ""),
-            "stage": tags.get("pxd.stage", ""),
+            "key": tags.get(Tag.STAGE_KEY, ""),
+            "stage": tags.get(Tag.STAGE, ""),
             "arch": run.data.params.get("arch", ""),
             "resolution": run.data.params.get("resolution", ""),
             "val_top1": run.data.metrics.get("val_top1", float("nan")),
             "train_seconds": run.data.metrics.get("train_seconds", float("nan")),
             "size_mb": run.data.metrics.get("checkpoint_bytes", 0.0) / 1e6,
-            "state": "ok" if usable else ("corrupt" if tags.get("pxd.stage_corrupt") == "true" else run.info.status.lower()),
+            "state": "ok" if usable else ("corrupt" if tags.get(Tag.STAGE_CORRUPT) == "true" else run.info.status.lower()),
             "run_id": run.info.run_id,
         })
     return rows

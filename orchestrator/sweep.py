@@ -19,15 +19,22 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from orchestrator import schema
 from orchestrator.frontier import TrialRow, format_table, frontier_table, write_table
+from orchestrator.schema import Tag
 from orchestrator.tracking import resolve_tracking, results_root, ui_command
 from orchestrator.trial import TrialContext, run_trial
 
-__all__ = ["SweepOptions", "SweepOutcome", "run_sweep", "collect_rows", "find_sweep_run", "sweep_objectives"]
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.spec import SweepSpec
+
+__all__ = ["SweepOptions", "SweepOutcome", "run_sweep", "finish_sweep", "summary"]
 
 
 @dataclass
@@ -54,7 +61,7 @@ class SweepOutcome:
     ui: str
 
 
-def _default_name(spec: Any) -> str:
+def _default_name(spec: SweepSpec) -> str:
     return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -63,8 +70,8 @@ def _latest_sweep(root: Path, space_name: str) -> str | None:
     return sweeps[-1].name if sweeps else None
 
 
-def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
-    """Launch (or resume) a sweep and return its frontier. `spec` is an `orchestrator.spec.SweepSpec`."""
+def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
+    """Launch (or resume) a sweep and return its frontier."""
     import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
@@ -72,6 +79,7 @@ def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
     from orchestrator.progress import SweepProgress
     from orchestrator.searcher import make_searcher
 
+    search = spec.require_search()
     _validate(spec, options)  # bad input: one clear error, nothing created or launched
     import optuna
 
@@ -97,7 +105,7 @@ def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
         context = TrialContext(
             spec=spec, sweep_name=name, tracking_uri=target.uri, experiment_id=experiment_id,
             parent_run_id=parent_run_id, reuse_stages=options.reuse_stages, force_retrain=options.force_retrain,
-            stage_wait_timeout_s=float(spec.search.stage_wait_timeout_s),
+            stage_wait_timeout_s=float(search.stage_wait_timeout_s),
             lease_url=_lease_url(options, root),
         )
         os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
@@ -108,9 +116,9 @@ def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
         if not ray.is_initialized():
             ray.init(address=options.ray_address, include_dashboard=False, log_to_driver=False,
                      configure_logging=True, logging_level="ERROR")
-        resources = {"cpu": spec.search.resources_cpu, "gpu": spec.search.resources_gpu}
+        resources = {"cpu": search.resources.cpu, "gpu": search.resources.gpu}
         trainable = tune.with_resources(tune.with_parameters(_trainable, context=context), resources)
-        progress = SweepProgress(spec, total=spec.search.trials, quiet=options.quiet)
+        progress = SweepProgress(spec, total=search.trials, quiet=options.quiet)
         run_config = tune.RunConfig(
             name="tune", storage_path=str(sweep_dir), callbacks=[progress], verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
@@ -124,31 +132,26 @@ def run_sweep(spec: Any, options: SweepOptions) -> SweepOutcome:
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    search_alg=make_searcher(spec, name, storage_url), num_samples=spec.search.trials,
-                    max_concurrent_trials=spec.search.max_concurrent, time_budget_s=spec.search.timeout_s,
+                    search_alg=make_searcher(spec, name, storage_url), num_samples=search.trials,
+                    max_concurrent_trials=search.max_concurrent, time_budget_s=search.timeout_s,
                 ),
                 run_config=run_config,
             )
         tuner.fit()
         progress.close()
         _fail_orphaned_optuna_trials(name, storage_url)
-        table, rows = finish_sweep(client, spec, parent_run_id)
+        table, rows = finish_sweep(client, parent_run_id)
         return SweepOutcome(name, parent_run_id, experiment_id, target.uri, table, rows, ui_command(target))
     finally:
         target.close()
 
 
 def _prepare_teacher_task(context: TrialContext) -> dict[str, Any]:
-    import optuna
-
-    from orchestrator.spec import materialize, sample_params
     from orchestrator.stage_store import make_provider
     from pxd.pipeline import prepare_teacher
 
-    # any valid draw of the space gives the sweep's teacher (one teacher and dataset per sweep)
-    study = optuna.create_study(directions=list(context.spec.directions), sampler=optuna.samplers.RandomSampler(seed=0))
-    config = materialize(context.spec, sample_params(context.spec, study.ask()))
-    outcome = prepare_teacher(config, provider=make_provider(context), progress=False)
+    # the space's base config holds the sweep's one teacher and dataset
+    outcome = prepare_teacher(context.spec.base, provider=make_provider(context), progress=False)
     return {"key": outcome.key, "reused": outcome.reused, "val_top1": outcome.result.metrics.get("val_top1")}
 
 
@@ -174,13 +177,11 @@ def _lease_url(options: SweepOptions, root: Path) -> str:
     return f"sqlite:///{root / 'stage-leases.db'}"
 
 
-def _validate(spec: Any, options: SweepOptions) -> None:
+def _validate(spec: SweepSpec, options: SweepOptions) -> None:
     from orchestrator.tracking import check_tracking
-    from pxd.config import DatasetConfig, parse_dataclass
     from pxd.data import check_dataset
 
-    spec.require_search()
-    check_dataset(parse_dataclass(DatasetConfig, spec.raw.get("dataset"), prefix="dataset."))
+    check_dataset(spec.base.dataset)
     check_tracking(options.tracking_uri, cluster=options.ray_address is not None)
 
 
@@ -206,23 +207,16 @@ def _completed_before(context: TrialContext) -> dict[str, Any] | None:
 
     from orchestrator.spec import constraint_values
 
-    trial_id = str(tune.get_context().get_trial_id())
-    runs = MlflowClient(context.tracking_uri).search_runs(
-        [context.experiment_id],
-        filter_string=(f"tags.`mlflow.parentRunId` = '{context.parent_run_id}' and tags.`pxd.trial_id` = '{trial_id}' "
-                       "and tags.`pxd.state` = 'COMPLETE'"),
-        max_results=1,
-    )
+    client = MlflowClient(context.tracking_uri)
+    parent = client.get_run(context.parent_run_id)
+    runs = schema.trial_runs(client, parent, trial_id=str(tune.get_context().get_trial_id()), state="COMPLETE")
     if not runs:
         return None
-    run = runs[0]
-    metrics = dict(run.data.metrics)
-    return {**metrics, "mlflow_run_id": run.info.run_id, "model_uri": run.data.tags.get("pxd.model_uri"),
-            "feasible": run.data.tags.get("pxd.feasible") == "true",
-            "constraints": constraint_values(context.spec, metrics), "done": True}
+    metrics = dict(runs[0].data.metrics)
+    return schema.recorded_result(runs[0], constraint_values(context.spec, metrics)).report()
 
 
-def _experiment_id(client: Any, name: str) -> str:
+def _experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
@@ -231,92 +225,43 @@ def _experiment_id(client: Any, name: str) -> str:
     return str(client.create_experiment(name))
 
 
-def _parent_run(client: Any, experiment_id: str, name: str, spec: Any, storage_url: str, *, resume: bool) -> str:
+def _parent_run(client: MlflowClient, experiment_id: str, name: str, spec: SweepSpec, storage_url: str, *,
+                resume: bool) -> str:
     if resume:
-        found = find_sweep_run(client, name)
+        found = schema.find_sweep_run(client, name)
         if found is not None:
             client.update_run(found.info.run_id, status="RUNNING")
             return str(found.info.run_id)
-    objectives = [[m, d] for m, d in zip(spec.objective_metrics, spec.objective_modes)]
-    run = client.create_run(experiment_id, run_name=name, tags={
-        "pxd.kind": "sweep",
-        "pxd.sweep": name,
-        "pxd.objectives": json.dumps(objectives),
-        "pxd.reference_point": json.dumps(spec.search.reference_point),
-        "pxd.optuna_storage": storage_url if storage_url.startswith("sqlite") else "(database URL given on the command line)",
-        "pxd.optuna_study": name,
-    })
+    search = spec.require_search()
+    objectives = search.objective_pairs
+    storage_shown = storage_url if storage_url.startswith("sqlite") else "(database URL given on the command line)"
+    run = client.create_run(experiment_id, run_name=name, tags=schema.sweep_run_tags(
+        sweep=name, objectives=objectives, reference_point=search.reference_point,
+        optuna_storage=storage_shown, optuna_study=name,
+    ))
     run_id = run.info.run_id
-    client.log_param(run_id, "sampler", spec.search.sampler)
-    client.log_param(run_id, "sampler_seed", spec.search.sampler_seed)
-    client.log_param(run_id, "trials", spec.search.trials)
-    client.log_param(run_id, "objectives", ", ".join(f"{m}:{d}" for m, d in objectives))
-    client.log_param(run_id, "reference_point", json.dumps(spec.search.reference_point))
+    client.log_param(run_id, schema.Param.SAMPLER, search.sampler.name)
+    client.log_param(run_id, schema.Param.SAMPLER_SEED, search.sampler.seed)
+    client.log_param(run_id, schema.Param.TRIALS, search.trials)
+    client.log_param(run_id, schema.Param.OBJECTIVES, ", ".join(f"{m}:{mode}" for m, mode in objectives))
+    client.log_param(run_id, schema.Param.REFERENCE_POINT, json.dumps(search.reference_point))
     client.log_text(run_id, yaml.safe_dump(spec.raw, sort_keys=False), "spec.yaml")
     return str(run_id)
 
 
-def find_sweep_run(client: Any, sweep: str) -> Any:
-    """A sweep's parent run, by run id or by sweep name (the most recent launch)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = client.get_run(sweep)
-        if run.data.tags.get("pxd.kind") == "sweep":
-            return run
-    except MlflowException:
-        pass
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(experiments, filter_string=f"tags.`pxd.sweep` = '{sweep}' and tags.`pxd.kind` = 'sweep'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0] if runs else None
-
-
-def sweep_objectives(parent: Any) -> tuple[list[tuple[str, str]], dict[str, float]]:
-    objectives = [tuple(o) for o in json.loads(parent.data.tags["pxd.objectives"])]
-    reference = json.loads(parent.data.tags["pxd.reference_point"])
-    return objectives, reference
-
-
-def collect_rows(client: Any, parent: Any) -> list[TrialRow]:
-    """Every trial of a sweep as recorded in MLflow (the source of truth, across resumes)."""
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
-                              max_results=5000)
-    rows = []
-    for run in runs:
-        tags = run.data.tags
-        if tags.get("pxd.kind") != "trial":
-            continue
-        state = tags.get("pxd.state", "RUNNING")
-        if state == "RUNNING" and run.info.status in ("FAILED", "KILLED"):
-            state = "FAILED"
-        rows.append(TrialRow(
-            trial_id=tags.get("pxd.trial_id", run.info.run_id),
-            run_id=run.info.run_id,
-            metrics=dict(run.data.metrics),
-            params=json.loads(tags.get("pxd.sampled", "{}")),
-            state=state,
-            full_budget=tags.get("pxd.full_budget") == "true",
-            feasible=tags.get("pxd.feasible") == "true",
-            model_uri=tags.get("pxd.model_uri"),
-        ))
-    return rows
-
-
-def finish_sweep(client: Any, spec: Any, parent_run_id: str) -> tuple[dict[str, Any], list[TrialRow]]:
+def finish_sweep(client: MlflowClient, parent_run_id: str) -> tuple[dict[str, Any], list[TrialRow]]:
     """Frontier of the sweep → the parent run (table, plots, hypervolume) and tags on frontier runs."""
     from orchestrator.plots import plot_html, plot_png
 
     parent = client.get_run(parent_run_id)
-    objectives, reference = sweep_objectives(parent)
-    rows = collect_rows(client, parent)
+    objectives, reference = schema.sweep_objectives(parent)
+    rows = schema.collect_rows(client, parent)
     _close_lost_trials(client, rows)
     table = frontier_table(rows, objectives, reference)
     on_front = {row["run_id"] for row in table["rows"] if row["on_frontier"]}
     for row in rows:
         if row.state == "COMPLETE":
-            client.set_tag(row.run_id, "pxd.on_frontier", str(row.run_id in on_front).lower())
+            client.set_tag(row.run_id, Tag.ON_FRONTIER, str(row.run_id in on_front).lower())
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         write_table(table, folder)
@@ -325,10 +270,10 @@ def finish_sweep(client: Any, spec: Any, parent_run_id: str) -> tuple[dict[str, 
         plot_html(table, folder / "frontier.html", x_metrics=x_metrics)
         client.log_artifacts(parent_run_id, str(folder), "frontier")
     counts = {state: sum(r.state == state for r in rows) for state in ("COMPLETE", "FAILED")}
-    client.log_metric(parent_run_id, "hypervolume", float(table["hypervolume"]))
-    client.log_metric(parent_run_id, "frontier_size", float(len(on_front)))
-    client.log_metric(parent_run_id, "trials_complete", float(counts["COMPLETE"]))
-    client.log_metric(parent_run_id, "trials_failed", float(counts["FAILED"]))
+    client.log_metric(parent_run_id, schema.SweepMetric.HYPERVOLUME, float(table["hypervolume"]))
+    client.log_metric(parent_run_id, schema.SweepMetric.FRONTIER_SIZE, float(len(on_front)))
+    client.log_metric(parent_run_id, schema.SweepMetric.TRIALS_COMPLETE, float(counts["COMPLETE"]))
+    client.log_metric(parent_run_id, schema.SweepMetric.TRIALS_FAILED, float(counts["FAILED"]))
     _log_stage_totals(client, parent_run_id, rows)
     client.set_terminated(parent_run_id, status="FINISHED")
     return table, rows
@@ -344,33 +289,33 @@ def _fail_orphaned_optuna_trials(study_name: str, storage_url: str) -> None:
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
-def _close_lost_trials(client: Any, rows: list[TrialRow]) -> None:
+def _close_lost_trials(client: MlflowClient, rows: list[TrialRow]) -> None:
     """When the sweep ends no trial runs: a run still RUNNING lost its process (a node died, a driver
     was killed and the trial restarted on resume). Record it as FAILED so the count and the UI agree."""
     for row in rows:
         if row.state == "RUNNING" and row.run_id:
-            client.set_tag(row.run_id, "pxd.state", "FAILED")
-            client.set_tag(row.run_id, "pxd.error", "trial process lost (its node died or its driver was killed); no final result")
+            schema.log_trial_failure(client, row.run_id, "trial process lost (its node died or its driver was killed); "
+                                     "no final result", "")
             client.set_terminated(row.run_id, status="FAILED")
             row.state = "FAILED"
 
 
-def _log_stage_totals(client: Any, parent_run_id: str, rows: list[TrialRow]) -> None:
+def _log_stage_totals(client: MlflowClient, parent_run_id: str, rows: list[TrialRow]) -> None:
     """Stages this sweep trained (teacher warm-up included) and reused, and the training time reuse saved."""
-    from orchestrator.stage_store import STAGES_EXPERIMENT
-
-    sweep = client.get_run(parent_run_id).data.tags["pxd.sweep"]
-    experiment = client.get_experiment_by_name(STAGES_EXPERIMENT)
+    sweep = client.get_run(parent_run_id).data.tags[Tag.SWEEP]
+    experiment = client.get_experiment_by_name(schema.STAGES_EXPERIMENT)
     trained = client.search_runs(
-        [experiment.experiment_id], f"tags.`pxd.sweep` = '{sweep}' and tags.`pxd.stage_complete` = 'true'",
+        [experiment.experiment_id], f"tags.`{Tag.SWEEP}` = '{sweep}' and tags.`{Tag.STAGE_COMPLETE}` = 'true'",
         max_results=5000,
     ) if experiment is not None else []
+    metric = schema.SweepMetric
     for kind in ("teacher", "assistant", "student"):
-        count = sum(run.data.tags.get("pxd.stage") == kind for run in trained)
-        client.log_metric(parent_run_id, f"{kind}s_trained", float(count))
-    client.log_metric(parent_run_id, "stages_trained", float(len(trained)))
-    client.log_metric(parent_run_id, "stages_reused", float(sum(row.metrics.get("stages_reused", 0.0) for row in rows)))
-    client.log_metric(parent_run_id, "stage_seconds_saved", float(sum(row.metrics.get("stage_seconds_saved", 0.0) for row in rows)))
+        count = sum(run.data.tags.get(Tag.STAGE) == kind for run in trained)
+        client.log_metric(parent_run_id, metric.trained(kind), float(count))
+    client.log_metric(parent_run_id, metric.STAGES_TRAINED, float(len(trained)))
+    client.log_metric(parent_run_id, metric.STAGES_REUSED, float(sum(row.metrics.get(metric.STAGES_REUSED, 0.0) for row in rows)))
+    client.log_metric(parent_run_id, metric.STAGE_SECONDS_SAVED,
+                      float(sum(row.metrics.get(metric.STAGE_SECONDS_SAVED, 0.0) for row in rows)))
 
 
 def summary(outcome: SweepOutcome) -> str:
@@ -380,6 +325,6 @@ def summary(outcome: SweepOutcome) -> str:
                  f" of {outcome.table['n_eligible']} eligible · {len(failed)} failed")
     lines.append(f"sweep {outcome.sweep_name}: parent run {outcome.parent_run_id} (experiment {outcome.experiment_id}) at {outcome.tracking_uri}")
     lines.append(f"MLflow UI: {outcome.ui}")
-    lines.append("frontier runs in the UI: filter  tags.`pxd.on_frontier` = 'true'")
+    lines.append(f"frontier runs in the UI: filter  tags.`{Tag.ON_FRONTIER}` = 'true'")
     return "\n".join(lines)
 

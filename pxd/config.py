@@ -8,6 +8,7 @@ compute is checked here, and every error names its field (`student.resolution: .
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -16,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from pxd.errors import ConfigError
+from pxd.paths import join
 
 __all__ = [
     "DISTILL_TERMS",
-    "BLOCKWISE_FAMILIES",
     "DatasetConfig",
     "ModelConfig",
     "TeacherConfig",
@@ -32,7 +33,6 @@ __all__ = [
 ]
 
 DATASET_KINDS = ("synthetic", "imagefolder", "cifar10", "cifar100")
-BLOCKWISE_FAMILIES = ("blockwise_resnet", "blockwise_mobilenet")
 OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -214,7 +214,10 @@ def _validate_dataset(ds: DatasetConfig) -> None:
 
 
 def _validate_model(role: str, model: ModelConfig) -> None:
-    import timm  # local: importing timm costs a second, keep `import pxd.config` cheap
+    # local: importing timm and torch costs seconds, keep `import pxd.config` cheap
+    import timm
+
+    from pxd.models import BLOCKWISE_FAMILIES, check_model_supported  # builds on the meta device: no memory, no download
 
     _positive(f"{role}.resolution", model.resolution)
     if model.arch in BLOCKWISE_FAMILIES:
@@ -234,8 +237,6 @@ def _validate_model(role: str, model: ModelConfig) -> None:
         raise ConfigError(f"{role}.checkpoint", f"{model.checkpoint} is not a file")
     if model.patch_size is not None and (model.patch_size < 1 or model.resolution % model.patch_size):
         raise ConfigError(f"{role}.patch_size", f"must divide {role}.resolution {model.resolution}")
-    from pxd.models import check_model_supported  # builds on the meta device: no memory, no download
-
     check_model_supported(model, role)
 
 
@@ -243,25 +244,35 @@ def _validate_model(role: str, model: ModelConfig) -> None:
 # dict → dataclass, with errors naming the field
 
 
-def parse_dataclass(cls: type, raw: Any, prefix: str) -> Any:
+def parse_dataclass(cls: type, raw: Any, prefix: str = "") -> Any:
+    """A dataclass from a plain mapping, every value checked against its type hint; nested dataclasses,
+    `tuple[X, ...]`, `dict[str, X]` and optional fields included. Errors name the dotted field
+    (`student.depths.1`, `search.sampler.seed`), `prefix` being the path of `raw` itself."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(prefix.rstrip(".") or "config", f"expected a mapping, got {type(raw).__name__}")
+        raise ConfigError(prefix or "config", f"expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [key for key in raw if key not in known]
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}", f"unknown key; known keys here: {sorted(known)}")
+        close = difflib.get_close_matches(str(unknown[0]), known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(join(prefix, unknown[0]), f"unknown key; {hint}known keys here: {', '.join(known)}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for name in required:
+        if name not in raw:
+            raise ConfigError(join(prefix, name), f"missing; {cls.__name__} needs {', '.join(required)}")
     values = {}
     for name, value in raw.items():
-        values[name] = _coerce(hints[name], value, f"{prefix}{name}")
+        values[name] = _coerce(hints[name], value, join(prefix, name))
     return cls(**values)
 
 
 def _coerce(hint: Any, value: Any, name: str) -> Any:
     if dataclasses.is_dataclass(hint):
-        return parse_dataclass(hint, value, prefix=f"{name}.")
+        return parse_dataclass(hint, value, prefix=name)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -269,12 +280,20 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _coerce(inner, value, name)
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(name, f"expected a mapping, got {value!r}")
+        return {str(key): _coerce(args[1], item, join(name, key)) for key, item in value.items()}
+    if hint is Any:
+        return value
     if isinstance(value, dict):
         raise ConfigError(name, f"expected a single value, got a mapping {value!r} (distributions belong in a search space run by `pxd sweep`)")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(name, f"expected a list, got {value!r}")
-        return tuple(_coerce(args[0], v, f"{name}[{i}]") for i, v in enumerate(value))
+        return tuple(_coerce(args[0], v, join(name, i)) for i, v in enumerate(value))
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(name, f"expected true or false, got {value!r}")

@@ -1,11 +1,20 @@
-"""Errors that speak to the user: which field was wrong and what to do about it."""
+"""Errors pxd raises on purpose, all derived from `PxdError`.
+
+`ConfigError` is for a user's input only (a config, a search space, a CLI flag): it names the field and
+says what to do, and is raised before any compute is spent. A programming error is a plain exception
+(`ValueError`, `TypeError`, ...), never a `ConfigError`.
+"""
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DatasetError", "DivergedError"]
+__all__ = ["PxdError", "ConfigError", "DatasetError", "DivergedError"]
 
 
-class ConfigError(ValueError):
+class PxdError(Exception):
+    """Base of every error pxd raises on purpose (catch this to handle them all)."""
+
+
+class ConfigError(PxdError, ValueError):
     """A config or search-space value is wrong. Raised before any compute is spent."""
 
     def __init__(self, field: str, message: str) -> None:
@@ -18,5 +27,5 @@ class DatasetError(ConfigError):
     """A dataset path is missing or not in the expected layout."""
 
 
-class DivergedError(RuntimeError):
+class DivergedError(PxdError, RuntimeError):
     """A loss became NaN or infinite; the stage stops instead of producing a model."""

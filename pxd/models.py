@@ -11,7 +11,7 @@ import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
@@ -21,11 +21,14 @@ from timm.models.efficientnet import EfficientNet
 from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
-from pxd.config import BLOCKWISE_FAMILIES, ModelConfig
 from pxd.errors import ConfigError
 from pxd.types import Taps, TapInfo
 
+if TYPE_CHECKING:
+    from pxd.config import ModelConfig
+
 __all__ = [
+    "BLOCKWISE_FAMILIES",
     "PATCH_SIZES",
     "MIN_PATCH_GRID",
     "create_model",
@@ -36,6 +39,9 @@ __all__ = [
     "tap_info",
     "eval_mode",
 ]
+
+# Block-wise families: pxd builds these itself from per-stage depths and widths (see `_blockwise_*`).
+BLOCKWISE_FAMILIES = ("blockwise_resnet", "blockwise_mobilenet")
 
 # Patch-size rule for ViT-style models (anything timm builds with `img_size` and a `PatchEmbed`):
 # the largest of PATCH_SIZES that divides the resolution and leaves a grid of at least

@@ -27,6 +27,7 @@ from torch import nn
 from pxd.config import ModelConfig, PipelineConfig
 from pxd.cost import measure_cost
 from pxd.data import load_dataset
+from pxd.metrics import metrics_from_cost
 from pxd.models import create_model
 from pxd.train import EpochCallback, StageResult, autocast_dtype, evaluate, resolve_device, train_stage
 from pxd.types import DatasetSplits
@@ -79,7 +80,7 @@ class LatencySettings:
 @dataclass
 class PipelineResult:
     config: PipelineConfig
-    metrics: dict[str, float]  # student val_top1, gmacs, params_m, pixels, latency_ms, ...
+    metrics: dict[str, float]  # every registered metric (`pxd.metrics`) plus <stage>_val_top1
     stages: dict[str, StageOutcome]
     student: nn.Module = field(repr=False)
     cost: dict[str, Any] = field(default_factory=dict)
@@ -187,18 +188,11 @@ def run_tas(
         student, cfg.student.resolution, device=str(timing_device),
         dtype=autocast_dtype(timing_device) or torch.float32,
         repeats=latency.repeats if measure_latency else 1, warmup=latency.warmup if measure_latency else 0,
-    ).to_dict()
-    metrics = {
-        "val_top1": outcomes["student"].result.metrics["val_top1"],
-        "gmacs": cost["gmacs"],
-        "params_m": cost["params_m"],
-        "pixels": float(cost["pixels"]),
-        "latency_ms": cost["latency_ms"],
-        "throughput_ips": cost["throughput_ips"],
-    }
+    )
+    metrics = metrics_from_cost(cost, outcomes["student"].result.metrics)
     for kind, outcome in outcomes.items():
         metrics[f"{kind}_val_top1"] = outcome.result.metrics["val_top1"]
-    return PipelineResult(config=cfg, metrics=metrics, stages=outcomes, student=student.cpu(), cost=cost)
+    return PipelineResult(config=cfg, metrics=metrics, stages=outcomes, student=student.cpu(), cost=cost.to_dict())
 
 
 def _new_model(model: ModelConfig, num_classes: int, field: str, seed: int) -> nn.Module:

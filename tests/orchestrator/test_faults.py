@@ -33,8 +33,9 @@ from mlflow.tracking import MlflowClient
 from orchestrator.cli import main
 from orchestrator.searcher import make_searcher
 from orchestrator.spec import parse_spec
-from orchestrator.stage_store import CHECKPOINT, STAGES_EXPERIMENT, MlflowStageStore, SqlLeases
-from orchestrator.sweep import find_sweep_run
+from orchestrator.schema import STAGE_CHECKPOINT as CHECKPOINT
+from orchestrator.schema import STAGES_EXPERIMENT, find_sweep_run
+from orchestrator.stage_store import MlflowStageStore, SqlLeases
 from orchestrator.tracking import EmbeddedServer
 from pxd.train import StageResult
 from tests.orchestrator.conftest import free_port, tiny_space

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
 from orchestrator.spec import parse_spec
-from orchestrator.stage_store import STAGES_EXPERIMENT
+from orchestrator.schema import STAGES_EXPERIMENT
 from orchestrator.sweep import SweepOptions, run_sweep
 from tests.orchestrator.conftest import tiny_space
 

@@ -1,0 +1,276 @@
+"""The MLflow run schema: every tag, param and metric name pxd writes, and the paired writer/reader.
+
+This is a user-facing contract (people filter on these names in the MLflow UI; `docs/sweeps.md`
+lists them). Names are defined here once; nothing else in pxd spells a `pxd.*` tag.
+
+Runs pxd creates:
+- a **sweep** run (parent) per sweep, in the experiment named after the space;
+- a **trial** run per trial, a child of its sweep run;
+- a **stage** run per stored teacher / assistant / student stage, in experiment `pxd-stages`.
+
+`log_trial_result` writes a trial's final result and `read_trial_row` / `recorded_result` read it back:
+what a trial logs is exactly what the frontier reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.frontier import TrialRow
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+
+__all__ = [
+    "Tag",
+    "Param",
+    "SweepMetric",
+    "STAGES_EXPERIMENT",
+    "STAGE_CHECKPOINT",
+    "KIND_SWEEP",
+    "KIND_TRIAL",
+    "KIND_STAGE",
+    "STATES",
+    "epoch_metric",
+    "stage_tag",
+    "TrialResult",
+    "trial_start_tags",
+    "log_trial_result",
+    "log_trial_failure",
+    "read_trial_row",
+    "recorded_result",
+    "find_sweep_run",
+    "sweep_run_tags",
+    "sweep_objectives",
+    "trial_runs",
+    "collect_rows",
+]
+
+
+class Tag:
+    """Tag names. `PARENT_RUN` is MLflow's own (it nests trial runs under their sweep in the UI)."""
+
+    PARENT_RUN = "mlflow.parentRunId"
+    KIND = "pxd.kind"  # sweep | trial | stage
+    SWEEP = "pxd.sweep"  # the sweep's name, on its sweep, trial and stage runs
+    # sweep runs
+    OBJECTIVES = "pxd.objectives"  # JSON [[metric, mode], ...]
+    REFERENCE_POINT = "pxd.reference_point"  # JSON {metric: value}
+    OPTUNA_STORAGE = "pxd.optuna_storage"
+    OPTUNA_STUDY = "pxd.optuna_study"
+    # trial runs
+    TRIAL_ID = "pxd.trial_id"  # Ray Tune's trial id
+    STATE = "pxd.state"  # RUNNING | COMPLETE | FAILED | PRUNED
+    PARAMS = "pxd.sampled"  # JSON {dotted parameter name: sampled value}
+    HOSTNAME = "pxd.hostname"
+    NODE_ID = "pxd.node_id"  # Ray node id the trial ran on
+    DEVICE = "pxd.device"
+    ERROR = "pxd.error"  # first line of the error of a FAILED trial (error.txt holds the traceback)
+    FEASIBLE = "pxd.feasible"  # "true" | "false": meets every search.constraints limit
+    MODEL_URI = "pxd.model_uri"  # the logged student (models:/...)
+    ON_FRONTIER = "pxd.on_frontier"  # "true" | "false", set when the sweep finishes
+    # stage runs (experiment pxd-stages)
+    STAGE = "pxd.stage"  # teacher | assistant | student
+    STAGE_KEY = "pxd.stage_key"
+    STAGE_COMPLETE = "pxd.stage_complete"  # "true" once the checkpoint is uploaded and hashed
+    STAGE_CORRUPT = "pxd.stage_corrupt"
+    STAGE_CORRUPT_REASON = "pxd.stage_corrupt_reason"
+    CHECKPOINT_SHA256 = "pxd.checkpoint_sha256"
+    TRAINED_BY = "pxd.trained_by"  # host:pid:nonce of the process that trained it
+    TRAINED_FOR_RUN = "pxd.trained_for_run"  # the trial run that trained it
+
+
+class Param:
+    """Params of a sweep run (trial runs log their whole resolved config as dotted params)."""
+
+    SAMPLER = "sampler"
+    SAMPLER_SEED = "sampler_seed"
+    TRIALS = "trials"
+    OBJECTIVES = "objectives"
+    REFERENCE_POINT = "reference_point"
+
+
+class SweepMetric:
+    """Metrics of a sweep run. Trial runs log the registry's metrics (`pxd.metrics`) under their names."""
+
+    HYPERVOLUME = "hypervolume"
+    FRONTIER_SIZE = "frontier_size"
+    TRIALS_COMPLETE = "trials_complete"
+    TRIALS_FAILED = "trials_failed"
+    STAGES_TRAINED = "stages_trained"  # also per kind: teachers_trained, assistants_trained, students_trained
+    STAGES_REUSED = "stages_reused"  # also a trial metric
+    STAGE_SECONDS_SAVED = "stage_seconds_saved"  # also a trial metric
+
+    @staticmethod
+    def trained(kind: str) -> str:
+        return f"{kind}s_trained"
+
+
+STAGES_EXPERIMENT = "pxd-stages"
+STAGE_CHECKPOINT = "stage/checkpoint.pt"  # artifact path of a stage run's weights
+KIND_SWEEP, KIND_TRIAL, KIND_STAGE = "sweep", "trial", "stage"
+STATES = ("RUNNING", "COMPLETE", "FAILED", "PRUNED")
+ERROR_ARTIFACT = "error.txt"
+COST_ARTIFACT = "cost.json"
+
+
+def epoch_metric(stage: str, name: str = "val_top1") -> str:
+    """The one per-epoch metric name of a stage (`student.val_top1`, step = epoch): on trial runs, on
+    stage runs and in Tune's per-epoch reports alike."""
+    return f"{stage}.{name}"
+
+
+def stage_tag(kind: str, what: str) -> str:
+    """`pxd.stage.<kind>.key | reused | run_id` on a trial run: which stored stage it used."""
+    return f"pxd.stage.{kind}.{what}"
+
+
+def _true(value: bool) -> str:
+    return str(bool(value)).lower()
+
+
+@dataclass
+class TrialResult:
+    """A trial's final result: what it logs to MLflow, reports to Tune and the frontier reads back."""
+
+    run_id: str
+    metrics: dict[str, float]  # the registry's metrics plus stage totals
+    feasible: bool
+    model_uri: str | None
+    constraints: list[float]  # Optuna's convention, one per set constraint: ≤ 0 satisfied
+
+    def report(self) -> dict[str, Any]:
+        """The final Tune report (`done` marks it; the searcher tells Optuna only such a report)."""
+        return {**self.metrics, "mlflow_run_id": self.run_id, "model_uri": self.model_uri,
+                "feasible": self.feasible, "constraints": list(self.constraints), "done": True}
+
+
+def trial_start_tags(*, sweep: str, parent_run_id: str, trial_id: str, params: Mapping[str, Any],
+                     hostname: str, node_id: str) -> dict[str, str]:
+    return {
+        Tag.PARENT_RUN: parent_run_id,
+        Tag.SWEEP: sweep,
+        Tag.TRIAL_ID: trial_id,
+        Tag.KIND: KIND_TRIAL,
+        Tag.STATE: "RUNNING",
+        Tag.PARAMS: json.dumps(dict(params), sort_keys=True, default=str),
+        Tag.HOSTNAME: hostname,
+        Tag.NODE_ID: node_id,
+    }
+
+
+def log_trial_result(client: MlflowClient, result: TrialResult, *, stages: Mapping[str, Any], device: str,
+                     cost: Mapping[str, Any]) -> None:
+    """Write a COMPLETE trial: final metrics, feasibility, the stages it used, its model."""
+    client.log_batch(result.run_id, metrics=[_metric(k, v) for k, v in result.metrics.items() if math.isfinite(v)])
+    client.log_dict(result.run_id, dict(cost), COST_ARTIFACT)
+    tags = {Tag.STATE: "COMPLETE", Tag.FEASIBLE: _true(result.feasible), Tag.DEVICE: device}
+    if result.model_uri:
+        tags[Tag.MODEL_URI] = result.model_uri
+    for kind, outcome in stages.items():
+        tags[stage_tag(kind, "key")] = outcome.key
+        tags[stage_tag(kind, "reused")] = _true(outcome.reused)
+        if outcome.ref:
+            tags[stage_tag(kind, "run_id")] = outcome.ref
+    _set_tags(client, result.run_id, tags)
+
+
+def log_trial_failure(client: MlflowClient, run_id: str, error: str, traceback_text: str,
+                      state: str = "FAILED") -> None:
+    """Record why a trial ended without a result; the run ends FAILED (KILLED for PRUNED)."""
+    _set_tags(client, run_id, {Tag.STATE: state, Tag.ERROR: error[:4900]})
+    client.log_text(run_id, traceback_text, ERROR_ARTIFACT)
+
+
+def _metric(key: str, value: float) -> Any:
+    import time
+
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), 0)
+
+
+def _set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def read_trial_row(run: Run) -> TrialRow:
+    """A trial run as the frontier sees it (the reader of `log_trial_result`)."""
+    tags = run.data.tags
+    state = tags.get(Tag.STATE, "RUNNING")
+    if state == "RUNNING" and run.info.status in ("FAILED", "KILLED"):
+        state = "FAILED"
+    return TrialRow(
+        trial_id=tags.get(Tag.TRIAL_ID, run.info.run_id),
+        run_id=run.info.run_id,
+        metrics=dict(run.data.metrics),
+        params=json.loads(tags.get(Tag.PARAMS, "{}")),
+        state=state,
+        feasible=tags.get(Tag.FEASIBLE) == "true",
+        model_uri=tags.get(Tag.MODEL_URI),
+    )
+
+
+def recorded_result(run: Run, constraints: Sequence[float]) -> TrialResult:
+    """The `TrialResult` a COMPLETE trial run holds (to re-report it to Tune after a resume)."""
+    row = read_trial_row(run)
+    return TrialResult(run_id=row.run_id or "", metrics=row.metrics, feasible=row.feasible,
+                       model_uri=row.model_uri, constraints=list(constraints))
+
+
+def trial_runs(client: MlflowClient, parent: Run, *, trial_id: str | None = None, state: str | None = None) -> list[Run]:
+    """A sweep's trial runs (optionally one Tune trial's, in one state), newest first."""
+    parts = [f"tags.`{Tag.PARENT_RUN}` = '{parent.info.run_id}'", f"tags.`{Tag.KIND}` = '{KIND_TRIAL}'"]
+    if trial_id is not None:
+        parts.append(f"tags.`{Tag.TRIAL_ID}` = '{trial_id}'")
+    if state is not None:
+        parts.append(f"tags.`{Tag.STATE}` = '{state}'")
+    return list(client.search_runs([parent.info.experiment_id], filter_string=" and ".join(parts),
+                                   order_by=["attributes.start_time DESC"], max_results=50000))
+
+
+def collect_rows(client: MlflowClient, parent: Run) -> list[TrialRow]:
+    """Every trial of a sweep as recorded in MLflow (the source of truth, across resumes)."""
+    return [read_trial_row(run) for run in trial_runs(client, parent)]
+
+
+def sweep_run_tags(*, sweep: str, objectives: Sequence[tuple[str, str]], reference_point: Mapping[str, float],
+                   optuna_storage: str, optuna_study: str) -> dict[str, str]:
+    return {
+        Tag.KIND: KIND_SWEEP,
+        Tag.SWEEP: sweep,
+        Tag.OBJECTIVES: json.dumps([list(o) for o in objectives]),
+        Tag.REFERENCE_POINT: json.dumps(dict(reference_point)),
+        Tag.OPTUNA_STORAGE: optuna_storage,
+        Tag.OPTUNA_STUDY: optuna_study,
+    }
+
+
+def sweep_objectives(parent: Run) -> tuple[list[tuple[str, str]], dict[str, float]]:
+    """[(metric, mode), ...] and the reference point, as the sweep run recorded them."""
+    objectives = [(str(m), str(mode)) for m, mode in json.loads(parent.data.tags[Tag.OBJECTIVES])]
+    reference = json.loads(parent.data.tags[Tag.REFERENCE_POINT])
+    return objectives, reference
+
+
+def find_sweep_run(client: MlflowClient, sweep: str) -> Run | None:
+    """A sweep's parent run, by run id or by sweep name (the most recent launch)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(sweep)
+        if run.data.tags.get(Tag.KIND) == KIND_SWEEP:
+            return run
+    except MlflowException:
+        pass
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.`{Tag.SWEEP}` = '{sweep}' and tags.`{Tag.KIND}` = '{KIND_SWEEP}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
