@@ -28,7 +28,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("config", help="a config YAML whose values are all fixed (same format as a search space)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value, e.g. --set student.resolution=32 or student.depths.1=2")
     train.add_argument("--json", action="store_true", help="print the final metrics as JSON")
-    train.add_argument("--output", type=Path, default=None, help="directory for student.pt, metrics.json and the resolved config")
+    train.add_argument("--output", type=Path, default=None, help="directory for student.pt, metrics.json, stages.json (stage keys) and the resolved config")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.set_defaults(handler=cmd_train)
 
@@ -84,6 +84,8 @@ def _save_train_output(directory: Path, result: PipelineResult, config: Pipeline
     torch.save(result.student.state_dict(), directory / "student.pt")
     (directory / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
     (directory / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    # the content-addressed key of every stage: the same keys a sweep trial with these values records
+    (directory / "stages.json").write_text(json.dumps({kind: o.key for kind, o in result.stages.items()}, indent=2))
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

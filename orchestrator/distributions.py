@@ -225,9 +225,14 @@ def collect_params(raw: dict[str, Any]) -> tuple[Param, ...]:
             )
         found.extend(_section_params(section, hint, value))
     searches_arch = any(p.name == "student.arch" for p in found)
+    fixed_arch = (raw.get("student") or {}).get("arch") if isinstance(raw.get("student"), dict) else None
+    # With a searched arch, block-wise list items apply only to block-wise draws; with a fixed arch that
+    # is not block-wise (e.g. `pxd train SPACE --set student.arch=resnet10t` reproducing a trial) they
+    # never apply: conditional and inactive, dropped from the config like in such a trial.
+    conditional = searches_arch or (isinstance(fixed_arch, str) and fixed_arch not in BLOCKWISE_FAMILIES)
     found = [
         Param(p.name, p.distribution, BLOCKWISE_CONDITION)
-        if searches_arch and p.name.rsplit(".", 1)[0] in _BLOCKWISE_LISTS
+        if conditional and p.name.rsplit(".", 1)[0] in _BLOCKWISE_LISTS
         else p
         for p in found
     ]
@@ -314,7 +319,7 @@ def substitute(raw: dict[str, Any], params: tuple[Param, ...], values: dict[str,
         if param.name not in values:
             raise ConfigError(param.name, "has no sampled value; pass every active parameter")
         set_path(config, param.name, values[param.name])
-    if any(p.name == "student.arch" for p in params) and values.get("student.arch") not in BLOCKWISE_FAMILIES:
+    if any(p.condition is not None for p in params) and values.get("student.arch") not in BLOCKWISE_FAMILIES:
         config["student"].pop("depths", None)
         config["student"].pop("widths", None)
     return PipelineConfig.from_dict(config)

@@ -46,9 +46,10 @@ def _trial_id() -> str | None:
     from ray import tune
 
     try:
-        return str(tune.get_context().get_trial_id())
+        trial_id = tune.get_context().get_trial_id()
     except Exception:  # noqa: BLE001 - Tune raises different errors outside a session across versions
         return None
+    return None if trial_id is None else str(trial_id)
 
 
 def run_trial(params: dict[str, Any], context: TrialContext) -> schema.TrialResult:

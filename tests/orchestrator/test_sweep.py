@@ -224,3 +224,26 @@ def test_a_sweep_leaves_the_process_tracking_uri_alone(first_sweep, monkeypatch)
     import os
 
     assert os.environ.get("MLFLOW_TRACKING_URI") is None
+
+
+def test_a_frontier_point_is_reproduced_by_pxd_train_with_its_parameters_as_set_flags(first_sweep, mlflow_server, tmp_path):
+    """`pxd train SPACE --set <the row's parameters>` trains exactly the trial's stages (same keys)."""
+    import yaml
+
+    from orchestrator.schema import collect_rows, find_sweep_run
+
+    spec, outcome = first_sweep
+    client = MlflowClient(mlflow_server)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+    rows = collect_rows(client, find_sweep_run(client, outcome.sweep_name))
+    chosen = [r for r in rows if r.params["student.arch"] == "resnet10t"][:1] + \
+             [r for r in rows if r.params["student.arch"] == "blockwise_resnet"][:1]
+    assert len(chosen) == 2
+    for row in chosen:
+        flags = [arg for name, value in row.params.items() for arg in ("--set", f"{name}={value}")]
+        out = tmp_path / row.trial_id
+        assert main(["train", str(space), *flags, "--json", "--output", str(out)]) == 0
+        keys = json.loads((out / "stages.json").read_text())
+        tags = client.get_run(row.run_id).data.tags
+        assert keys == {kind: tags[f"pxd.stage.{kind}.key"] for kind in ("teacher", "assistant", "student")}
