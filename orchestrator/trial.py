@@ -43,10 +43,14 @@ class TrialContext:
 
 def _trial_id() -> str | None:
     """Tune's id of the running trial, or None outside Tune (tests call run_trial directly)."""
+    import warnings
+
     from ray import tune
 
     try:
-        trial_id = tune.get_context().get_trial_id()
+        with warnings.catch_warnings():  # outside Tune, Ray warns and returns None
+            warnings.simplefilter("ignore")
+            trial_id = tune.get_context().get_trial_id()
     except Exception:  # noqa: BLE001 - Tune raises different errors outside a session across versions
         return None
     return None if trial_id is None else str(trial_id)
