@@ -93,6 +93,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from orchestrator.sweep import SweepOptions, run_sweep, summary
 
     spec = load_spec(args.space, args.overrides)
+    for note in spec.notes:
+        print(f"[pxd] note: {note}", file=sys.stderr)
     outcome = run_sweep(spec, SweepOptions(
         name=args.name, resume=args.resume, tracking_uri=args.tracking_uri, ray_address=args.ray_address,
         optuna_storage=args.optuna_storage, root=args.root, force_retrain=args.force_retrain, quiet=args.quiet,

@@ -28,7 +28,7 @@ import optuna
 from pxd.config import PipelineConfig
 from pxd.errors import ConfigError
 from pxd.models import BLOCKWISE_FAMILIES
-from pxd.paths import set_path
+from pxd.paths import join, set_path
 
 __all__ = [
     "DISTRIBUTION_KINDS",
@@ -240,20 +240,26 @@ def collect_params(raw: dict[str, Any]) -> tuple[Param, ...]:
     return tuple(sorted(found, key=lambda p: p.condition is not None))
 
 
-def _section_params(section: str, cls: type, values: dict[str, Any]) -> Iterator[Param]:
+def _section_params(section: str, cls: type, values: dict[str, Any], searchable: bool | None = None) -> Iterator[Param]:
+    """Distributions in one section; nested sections (`assistant.distill`) are walked too."""
     hints = typing.get_type_hints(cls)
+    searchable = section in SEARCHABLE_SECTIONS if searchable is None else searchable
     for key, value in values.items():
         if key not in hints:
             continue
-        name = f"{section}.{key}"
+        name = join(section, key)
+        nested = _dataclass_of(hints[key])
+        if nested is not None and isinstance(value, dict) and not _looks_like_distribution(value):
+            yield from _section_params(name, nested, value, searchable)
+            continue
         whole = _expects_whole_number(hints[key])
         items = [(name, value)]
         if isinstance(value, list):
-            items = [(f"{name}.{index}", item) for index, item in enumerate(value)]
+            items = [(join(name, index), item) for index, item in enumerate(value)]
         for item_name, item in items:
             if not isinstance(item, dict):
                 continue
-            if section not in SEARCHABLE_SECTIONS:
+            if not searchable:
                 if _looks_like_distribution(item):
                     _reject_here(item_name, item)
                 continue  # a plain mapping where a value belongs: from_dict names it
@@ -264,6 +270,12 @@ def _section_params(section: str, cls: type, values: dict[str, Any]) -> Iterator
                     f"takes whole numbers; use {{int: [lo, hi], step: k}} or a choice instead of {distribution.kind}",
                 )
             yield Param(item_name, distribution)
+
+
+def _dataclass_of(hint: Any) -> type | None:
+    """The dataclass a field holds (`X` or `X | None`), else None."""
+    candidates = [hint, *typing.get_args(hint)]
+    return next((c for c in candidates if isinstance(c, type) and dataclasses.is_dataclass(c)), None)
 
 
 def _expects_whole_number(hint: Any) -> bool:
@@ -319,7 +331,8 @@ def substitute(raw: dict[str, Any], params: tuple[Param, ...], values: dict[str,
         if param.name not in values:
             raise ConfigError(param.name, "has no sampled value; pass every active parameter")
         set_path(config, param.name, values[param.name])
-    if any(p.condition is not None for p in params) and values.get("student.arch") not in BLOCKWISE_FAMILIES:
+    searches_arch = any(p.name == "student.arch" for p in params)
+    if (searches_arch or any(p.condition is not None for p in params)) and values.get("student.arch") not in BLOCKWISE_FAMILIES:
         config["student"].pop("depths", None)
         config["student"].pop("widths", None)
     return PipelineConfig.from_dict(config)

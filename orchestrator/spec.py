@@ -143,6 +143,7 @@ class SweepSpec:
     search: SearchConfig | None  # None only for a file without distributions and without `search:`
     base: PipelineConfig  # the config with every parameter at its first value (dataset, teacher: every trial's)
     source_path: str | None = None
+    notes: tuple[str, ...] = ()  # choices pxd made for the user (printed at launch, e.g. assistant defaults)
 
     def require_search(self) -> SearchConfig:
         """The search section, or a ConfigError saying how to add one (for `pxd sweep`)."""
@@ -235,6 +236,7 @@ def parse_spec(raw: Any, source_path: str | None = None) -> SweepSpec:
     for key in raw:
         _check_known(key, sections, "", "top-level key")
     params = collect_params(raw)
+    notes = _fix_assistant_weights(raw, params)
     if "search" in raw:
         search = _parse_search(raw["search"], raw, params)
     elif params:
@@ -246,8 +248,61 @@ def parse_spec(raw: Any, source_path: str | None = None) -> SweepSpec:
     else:
         search = None
     base = validate_every_value(raw, params)
+    _check_one_teacher(raw, params, base)
     name = raw.get("name") or (Path(source_path).stem if source_path else PipelineConfig.name)
-    return SweepSpec(name=str(name), raw=raw, params=params, search=search, base=base, source_path=source_path)
+    return SweepSpec(name=str(name), raw=raw, params=params, search=search, base=base, source_path=source_path,
+                     notes=notes)
+
+
+def _fix_assistant_weights(raw: dict[str, Any], params: tuple[Param, ...]) -> tuple[str, ...]:
+    """The assistant has its own job (model compression at the teacher's resolution): a student setting
+    that is searched does not reach it. Where the space searches `distill.X` (or an optimiser setting
+    `train.X`) and leaves `assistant.distill.X` (`assistant.train.X`) unset, the assistant gets pxd's
+    default for X, written into the space, and a note says so."""
+    from pxd.config import DistillConfig, StageTrainConfig, TrainConfig
+
+    defaults = {"distill": (DistillConfig(), DistillConfig.__dataclass_fields__),
+                "train": (TrainConfig(), StageTrainConfig.__dataclass_fields__)}
+    searched = [p.name.split(".", 1) for p in params if p.name.split(".", 1)[0] in defaults]
+    # ISRD needs a lower resolution than the teacher's; the assistant works at the teacher's, so its
+    # weight never reaches the assistant (pxd.train) and needs no default here
+    searched = [(section, key) for section, key in searched if key in defaults[section][1] and key != "isrd"]
+    assistant = raw.get("assistant", {})
+    if not searched or not isinstance(assistant, dict) or assistant.get("enabled", True) is False:
+        return ()  # a malformed assistant section is named by parse_dataclass
+    raw["assistant"] = assistant
+    notes = []
+    for section, key in searched:
+        own = assistant.setdefault(section, {})
+        if isinstance(own, dict) and key not in own:
+            own[key] = getattr(defaults[section][0], key)
+            notes.append(f"assistant.{section}.{key} = {own[key]} (pxd's default): {section}.{key} is searched for "
+                         f"the student only; set assistant.{section}.{key} to choose the assistant's")
+    return tuple(notes)
+
+
+def _check_one_teacher(raw: dict[str, Any], params: tuple[Param, ...], base: PipelineConfig) -> None:
+    """A sweep trains one teacher: refuse a space in which a searched value would change it."""
+    from pxd.config import StageTrainConfig
+    from pxd.pipeline import stage_identities
+
+    teacher = stage_identities(base)["teacher"]
+    first = {p.name: p.distribution.first for p in params}
+    for param in params:
+        if param.condition is not None:
+            continue  # block-wise student lists never reach the teacher
+        for value, label in param.distribution.probe_values():
+            if stage_identities(substitute(raw, params, {**first, param.name: value}))["teacher"] == teacher:
+                continue
+            section, _, key = param.name.partition(".")
+            fix = (f"set teacher.train.{key} to a fixed value for the teacher"
+                   if section == "train" and key in StageTrainConfig.__dataclass_fields__
+                   else "make it a single value")
+            raise ConfigError(
+                param.name,
+                f"is searched and {value!r} ({label}) would change the teacher, which a sweep trains once "
+                f"and shares with every trial; {fix}",
+            )
 
 
 def _absolute_paths(raw: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,8 @@ __all__ = [
     "AssistantConfig",
     "DistillConfig",
     "TrainConfig",
+    "StageTrainConfig",
+    "AssistantDistillConfig",
     "PipelineConfig",
     "parse_dataclass",
 ]
@@ -66,6 +68,9 @@ class TeacherConfig(ModelConfig):
     arch: str = "resnet18"
     resolution: int = 64
     epochs: int = 4
+    # The teacher's own optimiser settings; each one left unset takes the `train` section's value. A sweep
+    # trains one teacher, so a searched `train` value must be fixed here for the teacher (the space says so).
+    train: StageTrainConfig = field(default_factory=lambda: StageTrainConfig())
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,12 @@ class AssistantConfig:
     # The student starts from the assistant's weights (same architecture, new input size), as when
     # fine-tuning at a new resolution; false starts it from scratch.
     init_student: bool = True
+    # The assistant's own distillation weights (model compression at the teacher's resolution); each one
+    # left unset takes the `distill` section's value (in a sweep: its fixed value, or pxd's default when
+    # the student's weight is searched), so searching the student's weights never retrains assistants.
+    distill: AssistantDistillConfig = field(default_factory=lambda: AssistantDistillConfig())
+    # The assistant's own optimiser settings, likewise over `train`.
+    train: StageTrainConfig = field(default_factory=lambda: StageTrainConfig())
 
 
 # Weight of every optional loss term; 0 switches a term off. Names are the ones logged everywhere.
@@ -116,6 +127,37 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class StageTrainConfig:
+    """Optimiser settings one stage may set for itself; None takes the `train` section's value."""
+
+    optimizer: str | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    momentum: float | None = None
+    batch_size: int | None = None
+
+
+def _optional_mirror(name: str, source: type, doc: str) -> type:
+    """A frozen dataclass with `source`'s fields, each optional (None = not set here)."""
+    hints = typing.get_type_hints(source)
+    mirror = dataclasses.make_dataclass(
+        name, [(f.name, hints[f.name] | None, None) for f in dataclasses.fields(source)], frozen=True
+    )
+    mirror.__module__ = __name__  # picklable (Ray sends configs to trials)
+    mirror.__doc__ = doc
+    return mirror
+
+
+AssistantDistillConfig = _optional_mirror(
+    "AssistantDistillConfig", DistillConfig, "The assistant's own distillation weights; None takes `distill`'s value."
+)
+
+
+def _set_fields(config: Any) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if getattr(config, f.name) is not None}
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     name: str = "pxd"
     seed: int = 0
@@ -136,6 +178,21 @@ class PipelineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def teacher_train(self) -> TrainConfig:
+        """What trains the teacher: `train` with the teacher's own settings (`teacher.train`) applied."""
+        return dataclasses.replace(self.train, **_set_fields(self.teacher.train))
+
+    @property
+    def assistant_train(self) -> TrainConfig:
+        """What trains the assistant: `train` with `assistant.train` applied."""
+        return dataclasses.replace(self.train, **_set_fields(self.assistant.train))
+
+    @property
+    def assistant_distill(self) -> DistillConfig:
+        """The assistant's weights: `distill` with the assistant's own settings (`assistant.distill`) applied."""
+        return dataclasses.replace(self.distill, **_set_fields(self.assistant.distill))
 
     @property
     def assistant_epochs(self) -> int:
@@ -167,21 +224,40 @@ class PipelineConfig:
             _positive("assistant.epochs", self.assistant.epochs)
         if self.student.epochs is not None:
             _positive("student.epochs", self.student.epochs)
-        _positive("train.batch_size", self.train.batch_size)
-        _positive("train.lr", self.train.lr)
-        if self.train.optimizer not in OPTIMIZERS:
-            raise ConfigError("train.optimizer", f"unknown {self.train.optimizer!r}; use one of {OPTIMIZERS}")
+        _validate_optimiser("train", self.train)
+        # the teacher's own settings, checked where the user wrote them
+        _validate_optimiser("teacher.train", self.teacher_train, given=_set_fields(self.teacher.train))
         if self.train.device not in DEVICES:
             raise ConfigError("train.device", f"unknown {self.train.device!r}; use one of {DEVICES}")
-        if self.train.weight_decay < 0:
-            raise ConfigError("train.weight_decay", "must be ≥ 0")
-        for name in DISTILL_TERMS:
-            value = getattr(self.distill, name)
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"distill.{name}", f"weight must be a finite number ≥ 0 (got {value})")
-        _positive("distill.temperature", self.distill.temperature)
-        if not any(getattr(self.distill, name) > 0 for name in DISTILL_TERMS):
-            raise ConfigError("distill", "every loss weight is 0: nothing would train the student; set distill.ce or distill.kd > 0")
+        _validate_distill("distill", self.distill)
+        if self.assistant.enabled:
+            _validate_optimiser("assistant.train", self.assistant_train, given=_set_fields(self.assistant.train))
+            _validate_distill("assistant.distill", self.assistant_distill, given=_set_fields(self.assistant.distill))
+
+
+def _validate_optimiser(prefix: str, train: TrainConfig, given: dict[str, Any] | None = None) -> None:
+    def where(name: str) -> str:  # a value the stage took from `train` was checked there
+        return f"{prefix}.{name}" if given is None or name in given else f"train.{name}"
+
+    _positive(where("batch_size"), train.batch_size)
+    _positive(where("lr"), train.lr)
+    if train.optimizer not in OPTIMIZERS:
+        raise ConfigError(where("optimizer"), f"unknown {train.optimizer!r}; use one of {OPTIMIZERS}")
+    if train.weight_decay < 0:
+        raise ConfigError(where("weight_decay"), "must be ≥ 0")
+
+
+def _validate_distill(prefix: str, distill: DistillConfig, given: dict[str, Any] | None = None) -> None:
+    def where(name: str) -> str:
+        return f"{prefix}.{name}" if given is None or name in given else f"distill.{name}"
+
+    for name in DISTILL_TERMS:
+        value = getattr(distill, name)
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(where(name), f"weight must be a finite number ≥ 0 (got {value})")
+    _positive(where("temperature"), distill.temperature)
+    if not any(getattr(distill, name) > 0 for name in DISTILL_TERMS):
+        raise ConfigError(prefix, f"every loss weight is 0: nothing would train this stage; set {prefix}.ce or {prefix}.kd > 0")
 
 
 def _has_weights(model: ModelConfig) -> bool:

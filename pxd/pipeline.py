@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from pxd.config import ModelConfig, PipelineConfig
+from pxd.config import ModelConfig, PipelineConfig, TrainConfig
 from pxd.cost import measure_cost
 from pxd.data import load_dataset
 from pxd.metrics import metrics_from_cost
@@ -39,6 +39,7 @@ __all__ = [
     "StageOutcome",
     "PipelineResult",
     "stage_keys",
+    "stage_identities",
     "run_tas",
     "LatencySettings",
     "prepare_teacher",
@@ -101,33 +102,51 @@ def _model_identity(model: ModelConfig, resolution: int) -> dict[str, Any]:
     return identity
 
 
-def stage_keys(cfg: PipelineConfig, dataset_fingerprint: str) -> dict[str, str]:
-    """Content-addressed keys: everything that determines each stage's result, and nothing else.
+def _optimiser_identity(train: TrainConfig) -> dict[str, Any]:
+    identity = dataclasses.asdict(train)
+    for not_a_result in ("epochs", "device", "max_device_data_bytes"):  # speed, or set per stage
+        identity.pop(not_a_result)
+    return identity
+
+
+def stage_identities(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """What determines each stage's result (the dataset aside), and nothing else: the content of
+    `stage_keys`. The teacher's entry depends only on the teacher's own settings (`teacher`,
+    `cfg.teacher_train`), the assistant's on its own settings (`cfg.assistant_train`,
+    `cfg.assistant_distill`) and the teacher.
 
     Not included: the run name, trial ids, device and data placement (they change speed, not the
     result the stage stands for).
     """
-    train = dataclasses.asdict(cfg.train)
-    for not_a_result in ("epochs", "device", "max_device_data_bytes"):
-        train.pop(not_a_result)
-    common = {"version": STAGE_KEY_VERSION, "seed": cfg.seed, "dataset": dataset_fingerprint,
-              "eval_crop": cfg.dataset.eval_crop, "train": train}
-    keys = {"teacher": _digest({**common, "kind": "teacher", "epochs": cfg.teacher.epochs,
-                                "model": _model_identity(cfg.teacher, cfg.teacher.resolution)})}
-    distill = dataclasses.asdict(cfg.distill)
-    upstream = keys["teacher"]
+    common = {"version": STAGE_KEY_VERSION, "seed": cfg.seed, "eval_crop": cfg.dataset.eval_crop}
+    identities = {"teacher": {**common, "kind": "teacher", "epochs": cfg.teacher.epochs,
+                              "train": _optimiser_identity(cfg.teacher_train),
+                              "model": _model_identity(cfg.teacher, cfg.teacher.resolution)}}
+    upstream = "teacher"
     if cfg.assistant.enabled:
         # the assistant sees the teacher's pixels, so ISRD is not applied to it (train._make_distiller):
         # its weight must not split assistants that are otherwise the same
-        assistant_distill = {k: v for k, v in distill.items() if k != "isrd"}
-        keys["assistant"] = _digest({**common, "kind": "assistant", "epochs": cfg.assistant_epochs,
-                                     "model": _model_identity(cfg.student, cfg.teacher.resolution),
-                                     "distill": assistant_distill, "upstream": upstream})
-        upstream = keys["assistant"]
-    keys["student"] = _digest({**common, "kind": "student", "epochs": cfg.student_epochs,
-                               "init_from_upstream": cfg.assistant.enabled and cfg.assistant.init_student,
-                               "model": _model_identity(cfg.student, cfg.student.resolution),
-                               "distill": distill, "upstream": upstream})
+        assistant_distill = {k: v for k, v in dataclasses.asdict(cfg.assistant_distill).items() if k != "isrd"}
+        identities["assistant"] = {**common, "kind": "assistant", "epochs": cfg.assistant_epochs,
+                                   "train": _optimiser_identity(cfg.assistant_train),
+                                   "model": _model_identity(cfg.student, cfg.teacher.resolution),
+                                   "distill": assistant_distill, "upstream": upstream}
+        upstream = "assistant"
+    identities["student"] = {**common, "kind": "student", "epochs": cfg.student_epochs,
+                             "train": _optimiser_identity(cfg.train),
+                             "init_from_upstream": cfg.assistant.enabled and cfg.assistant.init_student,
+                             "model": _model_identity(cfg.student, cfg.student.resolution),
+                             "distill": dataclasses.asdict(cfg.distill), "upstream": upstream}
+    return identities
+
+
+def stage_keys(cfg: PipelineConfig, dataset_fingerprint: str) -> dict[str, str]:
+    """Content-addressed keys: `stage_identities` plus the dataset, each chained to its upstream key."""
+    keys: dict[str, str] = {}
+    for kind, identity in stage_identities(cfg).items():
+        upstream = identity.get("upstream")
+        keys[kind] = _digest({**identity, "dataset": dataset_fingerprint,
+                              "upstream": keys[upstream] if upstream else None})
     return keys
 
 
@@ -165,8 +184,8 @@ def run_tas(
         assistant = _new_model(dataclasses.replace(cfg.student, resolution=high), num_classes, "student", cfg.seed)
         outcomes["assistant"] = provider.get_or_train(
             "assistant", keys["assistant"], _describe(cfg, "assistant"),
-            lambda: train_stage("assistant", assistant, resolution=high, teacher=teacher, distill=cfg.distill,
-                                epochs=cfg.assistant_epochs, **common),
+            lambda: train_stage("assistant", assistant, resolution=high, teacher=teacher, distill=cfg.assistant_distill,
+                                epochs=cfg.assistant_epochs, **{**common, "train": cfg.assistant_train}),
         )
         assistant.load_state_dict(outcomes["assistant"].result.state_dict)
         upstream = assistant
@@ -211,11 +230,12 @@ def _teacher_stage(
     def train_teacher() -> StageResult:
         if cfg.teacher.epochs == 0:  # a loaded checkpoint / pretrained teacher, used as is
             top1 = evaluate(teacher.to(device), data.val, resolution=high, image_resolution=high,
-                            eval_crop=data.eval_crop, batch_size=cfg.train.batch_size, device=device)
+                            eval_crop=data.eval_crop, batch_size=cfg.teacher_train.batch_size, device=device)
             state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
             return StageResult("teacher", state, {"val_top1": top1, "epochs": 0.0, "train_seconds": 0.0})
+        # the teacher trains with its own optimiser settings (`teacher.train` over `train`)
         return train_stage("teacher", teacher, resolution=high, teacher=None, distill=None,
-                           epochs=cfg.teacher.epochs, **common)
+                           epochs=cfg.teacher.epochs, **{**common, "train": cfg.teacher_train})
 
     outcome = provider.get_or_train("teacher", key, _describe(cfg, "teacher"), train_teacher)
     teacher.load_state_dict(outcome.result.state_dict)
