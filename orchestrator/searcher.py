@@ -23,6 +23,13 @@ class ParetoOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._constraint_names = tuple(constraint_names)
 
+    def _setup_study(self, mode: str | list) -> None:
+        super()._setup_study(mode)
+        metrics = self._metric if isinstance(self._metric, list) else [self._metric]
+        if self._ot_study is not None and not self._ot_study.metric_names:
+            # optuna-dashboard then shows val_top1, gmacs, ... instead of "Objective 0", "Objective 1"
+            self._ot_study.set_metric_names(list(metrics))
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None or trial_id in self._completed_trials:

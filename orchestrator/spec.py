@@ -212,13 +212,36 @@ def read_yaml(path: str | os.PathLike[str]) -> Any:
     except OSError as exc:
         raise ConfigError(where, f"cannot read the file ({exc.strerror or exc}); check the path") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError(where, f"{exc.key!r} appears twice at line {exc.first} and line {exc.second}; "
+                                 "YAML keeps only the last one, so remove or merge one of them") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or type(exc).__name__
         raise ConfigError(where, f"is not valid YAML ({problem}{at}); fix the syntax") from None
     return raw
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, second: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.second = key, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key that appears twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def parse_spec(raw: Any, source_path: str | None = None) -> SweepSpec:
@@ -237,18 +260,15 @@ def parse_spec(raw: Any, source_path: str | None = None) -> SweepSpec:
         _check_known(key, sections, "", "top-level key")
     params = collect_params(raw)
     notes = _fix_assistant_weights(raw, params)
-    if "search" in raw:
-        search = _parse_search(raw["search"], raw, params)
-    elif params:
+    if "search" not in raw and params:
         raise ConfigError(
             "search",
             f"missing; {params[0].name} is a distribution, so add a search: section with trials and "
             "reference_point (see search_spaces/README.md)",
         )
-    else:
-        search = None
     base = validate_every_value(raw, params)
     _check_one_teacher(raw, params, base)
+    search = _parse_search(raw["search"], raw, params) if "search" in raw else None
     name = raw.get("name") or (Path(source_path).stem if source_path else PipelineConfig.name)
     return SweepSpec(name=str(name), raw=raw, params=params, search=search, base=base, source_path=source_path,
                      notes=notes)
@@ -440,7 +460,8 @@ def _parse_search(raw_search: Any, raw: dict[str, Any], params: tuple[Param, ...
         sampler=sampler,
         objectives=objectives,
         constraints=_check_constraints(search.constraints),
-        reference_point=_check_reference(search.reference_point, objectives, teacher_resolution),
+        reference_point=_check_reference(search.reference_point, objectives, teacher_resolution,
+                                         _student_pixels(raw, params)),
     )
 
 
@@ -511,14 +532,33 @@ def _check_objectives(objectives: tuple[Objective, ...], *, given: bool) -> tupl
             raise ConfigError(f"{name}.metric", f"unknown metric {objective.metric!r}; use one of {', '.join(allowed)}")
         if objective.metric in (o.metric for o in checked):
             raise ConfigError(f"{name}.metric", f"{objective.metric} is listed twice; remove the duplicate")
-        mode = objective.mode or registry.get_metric(objective.metric).mode
+        nature = registry.get_metric(objective.metric)
+        mode = objective.mode or nature.mode
         if mode not in registry.MODES:
             raise ConfigError(f"{name}.mode", f"must be max or min, got {mode!r}")
+        if mode != nature.mode:
+            better = "higher" if nature.mode == "max" else "lower"
+            raise ConfigError(f"{name}.mode", f"{objective.metric} ({nature.description}) is better {better}: its mode is "
+                                              f"{nature.mode}; remove mode or set mode: {nature.mode}")
         checked.append(Objective(objective.metric, mode))
     return tuple(checked)
 
 
-def _check_reference(raw: dict[str, float], objectives: tuple[Objective, ...], teacher_resolution: int) -> dict[str, float]:
+def _student_pixels(raw: dict[str, Any], params: tuple[Param, ...]) -> list[float]:
+    """Every `pixels` value a trial of the space can have (known before any training)."""
+    resolution = next((p.distribution for p in params if p.name == "student.resolution"), None)
+    if resolution is None:
+        fixed = (raw.get("student") or {}).get("resolution", PipelineConfig().student.resolution)
+        sides = [fixed] if isinstance(fixed, int) else []
+    elif resolution.kind == "choice":
+        sides = [v for v in resolution.values if isinstance(v, int)]
+    else:
+        sides = [int(resolution.low), int(resolution.high)]
+    return [float(side * side) for side in sides]
+
+
+def _check_reference(raw: dict[str, float], objectives: tuple[Objective, ...], teacher_resolution: int,
+                     student_pixels: list[float]) -> dict[str, float]:
     metrics = [o.metric for o in objectives]
     for key in raw:
         _check_known(key, metrics, "search.reference_point.", "key")
@@ -530,12 +570,39 @@ def _check_reference(raw: dict[str, float], objectives: tuple[Objective, ...], t
         elif objective.metric == "val_top1" and objective.mode == "max":
             point["val_top1"] = 0.0
         else:
-            raise ConfigError(
-                name,
-                "missing; add a fixed hypervolume reference worse than any trial, e.g. "
-                + registry.get_metric(objective.metric).hint(teacher_resolution),
-            )
+            hint = (f"pixels: {_pixels_reference(teacher_resolution, student_pixels):g}" if objective.metric == "pixels"
+                    else registry.get_metric(objective.metric).hint(teacher_resolution))
+            raise ConfigError(name, f"missing; add a fixed hypervolume reference worse than any trial, e.g. {hint}")
+        _check_reference_reachable(objective, point[objective.metric], teacher_resolution, student_pixels)
     return point
+
+
+def _pixels_reference(teacher_resolution: int, student_pixels: list[float]) -> float:
+    """A pixels reference every student beats: the teacher's pixels, or twice the largest student's."""
+    largest = max(student_pixels, default=0.0)
+    return float(teacher_resolution**2) if teacher_resolution**2 > largest else 2 * largest
+
+
+def _check_reference_reachable(objective: Objective, value: float, teacher_resolution: int,
+                               student_pixels: list[float]) -> None:
+    """A trial contributes to the hypervolume only if it beats the reference on every axis: a reference
+    that valid trials can never beat would silently zero their contribution. Checked where the values
+    are known before training: a bounded metric's range (val_top1 in [0, 1]) and the students' pixels."""
+    metric = registry.get_metric(objective.metric)
+    name = f"search.reference_point.{objective.metric}"
+    if metric.bounds is not None:
+        hint = metric.hint(teacher_resolution)
+        low, high = metric.bounds
+        best = high if objective.mode == "max" else low
+        if objective.mode == "max" and value >= high or objective.mode == "min" and value <= low:
+            raise ConfigError(name, f"{value:g} is at or beyond the best {objective.metric} can be ({best:g}), so no trial "
+                                    f"could count in the hypervolume; use a worse value, e.g. {hint}")
+    if objective.metric == "pixels" and student_pixels and value <= max(student_pixels):
+        side = int(max(student_pixels) ** 0.5)
+        suggestion = _pixels_reference(teacher_resolution, student_pixels)
+        raise ConfigError(name, f"{value:g} is not worse than students at {side} px ({max(student_pixels):g} pixels), "
+                                f"which would add nothing to the hypervolume; use more than every student's pixels, "
+                                f"e.g. pixels: {suggestion:g}")
 
 
 def _check_constraints(raw: dict[str, float]) -> dict[str, float]:

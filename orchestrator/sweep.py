@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -27,7 +29,10 @@ from orchestrator import schema
 from orchestrator.frontier import TrialRow, format_table, frontier_table, write_table
 from orchestrator.schema import Tag
 from orchestrator.tracking import resolve_tracking, results_root, ui_command
+from orchestrator.spec import optuna_directions
 from orchestrator.trial import TrialContext, run_trial
+from pxd.errors import ConfigError
+from pxd.paths import flatten
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -62,7 +67,67 @@ class SweepOutcome:
 
 
 def _default_name(spec: SweepSpec) -> str:
-    return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # a random suffix: two launches in the same second never share a name
+    return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def _claim_sweep(root: Path, spec: SweepSpec, options: SweepOptions) -> tuple[str, Path]:
+    """The sweep's name and directory. A new launch claims a directory that did not exist (atomically:
+    two launches with one --name cannot both get it); `--resume` finds the sweep and refuses a space that
+    differs from the one it started with."""
+    if options.resume:
+        name = options.name or _latest_sweep(root, spec.name)
+        sweep_dir = root / "sweeps" / str(name)
+        if name is None or not (sweep_dir / "tune").exists():
+            raise ConfigError("--resume", f"no sweep named {name or spec.name + '-*'!r} under {root / 'sweeps'} to resume; "
+                                          "check --name and --root")
+        stored = yaml.safe_load((sweep_dir / "spec.yaml").read_text())
+        changes = _space_changes(stored, spec.raw)
+        if changes:
+            raise ConfigError("--resume", f"the space differs from the one sweep {name!r} started with "
+                                          f"({'; '.join(changes)}); resume with the original space, or launch a new sweep")
+        return str(name), sweep_dir
+    name = options.name or _default_name(spec)
+    sweep_dir = root / "sweeps" / name
+    sweep_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        sweep_dir.mkdir()
+    except FileExistsError:
+        raise ConfigError("--name", f"a sweep named {name!r} already exists under {root / 'sweeps'}; pass --resume to "
+                                    "continue it, or choose another --name (or none: default names are unique)") from None
+    (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+    return name, sweep_dir
+
+
+def _space_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """Readable differences between two spaces: `path: old → new`, one per changed value."""
+    old, new = flatten(before, lists=True), flatten(after, lists=True)
+    missing = object()
+    return [f"{key}: {old.get(key, '(unset)')!r} → {new.get(key, '(unset)')!r}"
+            for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
+
+
+def _check_name_is_free(client: MlflowClient, storage_url: str, name: str, spec: SweepSpec, *, resume: bool) -> None:
+    """A new sweep's name is new to MLflow and to the Optuna storage; a resumed one's study still has
+    the space's objectives."""
+    import optuna
+
+    if not resume and schema.find_sweep_run(client, name) is not None:
+        raise ConfigError("--name", f"the tracking server already holds a sweep named {name!r}; choose another --name "
+                                    "or pass --resume to continue it")
+    try:
+        study = optuna.load_study(study_name=name, storage=storage_url)
+    except KeyError:
+        return
+    if not resume:
+        raise ConfigError("--name", f"the Optuna storage already holds a study named {name!r}; choose another --name "
+                                    "or pass --resume to continue it")
+    search = spec.require_search()
+    stored = (list(study.metric_names or []), [d.name.lower() for d in study.directions])
+    wanted = (list(search.objective_metrics), [d.lower() for d in optuna_directions(search.objective_modes)])
+    if study.metric_names and stored != wanted or [d for d in stored[1]] != wanted[1]:
+        raise ConfigError("--resume", f"the Optuna study {name!r} optimises {stored[0] or stored[1]}, the space "
+                                      f"{wanted[0]}; resume with the original space")
 
 
 def _latest_sweep(root: Path, space_name: str) -> str | None:
@@ -81,18 +146,23 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
 
     search = spec.require_search()
     _validate(spec, options)  # bad input: one clear error, nothing created or launched
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    # per-epoch reports carry progress only; the objectives come with the final report
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is pxd's (`--json`)
+    if not ray.is_initialized():
+        if options.ray_address:
+            _check_reachable(options.ray_address)
+        # without --ray-address: a Ray instance of pxd's own, never a running or stale `ray start` cluster
+        ray.init(address=options.ray_address or "local", include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level="ERROR")
+    _check_cluster_can_run(spec, ray.cluster_resources())
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # pxd prints its own progress lines
     root = results_root(options.root)
-    name = options.name or (_latest_sweep(root, spec.name) if options.resume else None) or _default_name(spec)
-    sweep_dir = root / "sweeps" / name
-    if options.resume and not (sweep_dir / "tune").exists():
-        from pxd.errors import ConfigError
-
-        raise ConfigError("--resume", f"no sweep named {name!r} under {root / 'sweeps'}; check --name and --root")
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+    name, sweep_dir = _claim_sweep(root, spec, options)
     storage_url = options.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
 
     target = resolve_tracking(options.tracking_uri, root, cluster=options.ray_address is not None)
@@ -100,6 +170,12 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
         # a client bound to this URI, not mlflow.set_tracking_uri: that also sets MLFLOW_TRACKING_URI in
         # this process, and a later sweep here would then talk to this sweep's (stopped) server
         client = MlflowClient(target.uri)
+        try:
+            _check_name_is_free(client, storage_url, name, spec, resume=options.resume)
+        except BaseException:
+            if not options.resume:
+                shutil.rmtree(sweep_dir, ignore_errors=True)  # the directory this launch claimed, still empty
+            raise
         experiment_id = _experiment_id(client, spec.name)
         parent_run_id = _parent_run(client, experiment_id, name, spec, storage_url, resume=options.resume)
         context = TrialContext(
@@ -108,14 +184,6 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
             stage_wait_timeout_s=float(search.stage_wait_timeout_s),
             lease_url=_lease_url(options, root),
         )
-        os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-        # per-epoch reports carry progress only; the objectives come with the final report
-        os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is pxd's (`--json`)
-        if not ray.is_initialized():
-            ray.init(address=options.ray_address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=True, logging_level="ERROR")
         resources = {"cpu": search.resources.cpu, "gpu": search.resources.gpu}
         trainable = tune.with_resources(tune.with_parameters(_trainable, context=context), resources)
         progress = SweepProgress(spec, total=search.trials, quiet=options.quiet)
@@ -183,6 +251,37 @@ def _validate(spec: SweepSpec, options: SweepOptions) -> None:
 
     check_dataset(spec.base.dataset)
     check_tracking(options.tracking_uri, cluster=options.ray_address is not None)
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """An unreachable --ray-address fails in seconds (Ray itself retries a dead address for minutes)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError("--ray-address", f"expected HOST:PORT of the Ray head (e.g. 10.0.0.5:6379), got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError("--ray-address", f"cannot reach {host}:{port} ({exc.strerror or exc}); check that the head "
+                                           "runs (`ray start --head`) and the address, or omit it to run locally") from None
+
+
+def _check_cluster_can_run(spec: SweepSpec, available: dict[str, float]) -> None:
+    """Refuse, before any compute, a trial the Ray cluster could never schedule (Tune would wait forever)."""
+    search = spec.require_search()
+    gpus, cpus = float(available.get("GPU", 0.0)), float(available.get("CPU", 0.0))
+    if search.resources.gpu > gpus:
+        raise ConfigError("search.resources.gpu", f"each trial asks for {search.resources.gpu:g} GPU but the Ray cluster "
+                                                  f"has {gpus:g}; set search.resources.gpu: 0, or add GPU nodes")
+    if search.resources.cpu > cpus:
+        raise ConfigError("search.resources.cpu", f"each trial asks for {search.resources.cpu:g} CPUs but the Ray cluster "
+                                                  f"has {cpus:g}; lower search.resources.cpu")
+    for field, device in (("search.latency.device", search.latency.device), ("train.device", spec.base.train.device)):
+        if device == "cuda" and search.resources.gpu <= 0:
+            reason = "the Ray cluster has no GPU" if gpus == 0 else "trials reserve no GPU (search.resources.gpu: 0)"
+            raise ConfigError(field, f"is cuda but {reason}; use auto or cpu, or give each trial a GPU with "
+                                     "search.resources.gpu")
 
 
 def _trainable(config: dict[str, Any], context: TrialContext) -> None:

@@ -41,7 +41,8 @@ def small_space() -> dict[str, Any]:
         "name": "unit",
         "seed": 3,
         "dataset": {"kind": "synthetic", "image_size": 32, "num_classes": 4},
-        "teacher": {"arch": "resnet10t", "resolution": 32, "epochs": 1},
+        # the teacher's own lr: train.lr is searched (one teacher per sweep)
+        "teacher": {"arch": "resnet10t", "resolution": 32, "epochs": 1, "train": {"lr": 0.05}},
         "student": {
             "arch": {"choice": ["resnet10t", "blockwise_resnet"]},
             "resolution": {"int": [8, 32], "step": 8},
@@ -50,7 +51,7 @@ def small_space() -> dict[str, Any]:
         },
         "distill": {"kd": {"uniform": [0.0, 2.0]}, "temperature": {"choice": [2.0, 4.0]}},
         "train": {"lr": {"loguniform": [0.01, 0.1]}, "epochs": 1},
-        "search": {"trials": 4, "reference_point": {"gmacs": 1.0, "pixels": 1024}},
+        "search": {"trials": 4, "reference_point": {"gmacs": 1.0, "pixels": 2048}},  # above 32 px students
     }
 
 
@@ -215,7 +216,7 @@ def test_fixed_blockwise_student_samples_its_depths_always():
 
 def test_yaml_file_with_exponent_floats_and_int_steps(tmp_path):
     # YAML 1.1 reads `1e-3` (no dot) as a string; a search space must still accept it
-    text = yaml.safe_dump(small_space()).replace("train:\n", "train:\n  weight_decay: 5e-4\n")
+    text = yaml.safe_dump(small_space()).replace("\ntrain:\n", "\ntrain:\n  weight_decay: 5e-4\n")
     text = text.replace("0.01", "1e-2")
     path = tmp_path / "space.yaml"
     path.write_text(text)
@@ -374,7 +375,7 @@ MALFORMED = [
     (_set("search.objectives", [{"metric": m} for m in ("val_top1", "gmacs", "gmacs")]), "search.objectives.2.metric", "remove"),
     (_set("search.objectives", [{"metric": "val_top1"}]), "search.objectives", "at least two"),
     (_delete("search.reference_point.gmacs"), "search.reference_point.gmacs", "gmacs:"),
-    (_delete("search.reference_point.pixels"), "search.reference_point.pixels", "pixels: 1024"),
+    (_delete("search.reference_point.pixels"), "search.reference_point.pixels", "pixels: 2048"),
     (_set("search.constraints", {"max_gmacs": -0.5}), "search.constraints.max_gmacs", "> 0"),
     (_set("search.trials", 0), "search.trials", "≥ 1"),
     (_set("search.sampler", {"name": "cmaes"}), "search.sampler.name", "use one of"),
