@@ -102,6 +102,7 @@ class SweepMetric:
     FRONTIER_SIZE = "frontier_size"
     TRIALS_COMPLETE = "trials_complete"
     TRIALS_FAILED = "trials_failed"
+    TRIALS_STOPPED = "trials_stopped"  # PRUNED: stopped before their final result (time budget, early stopping)
     STAGES_TRAINED = "stages_trained"  # also per kind: teachers_trained, assistants_trained, students_trained
     STAGES_REUSED = "stages_reused"  # also a trial metric
     STAGE_SECONDS_SAVED = "stage_seconds_saved"  # also a trial metric
@@ -204,9 +205,7 @@ def _set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> Non
 def read_trial_row(run: Run) -> TrialRow:
     """A trial run as the frontier sees it (the reader of `log_trial_result`)."""
     tags = run.data.tags
-    state = tags.get(Tag.STATE, "RUNNING")
-    if state == "RUNNING" and run.info.status in ("FAILED", "KILLED"):
-        state = "FAILED"
+    state = tags.get(Tag.STATE, "RUNNING")  # RUNNING until the trial, or the sweep's end, records otherwise
     return TrialRow(
         trial_id=tags.get(Tag.TRIAL_ID, run.info.run_id),
         run_id=run.info.run_id,

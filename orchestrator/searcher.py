@@ -15,9 +15,10 @@ __all__ = ["ParetoOptunaSearch", "make_searcher"]
 
 
 class ParetoOptunaSearch(OptunaSearch):
-    """OptunaSearch that sets constraints on the trial before `tell` (Optuna ≥ 5 reads them there),
-    records the trial's MLflow run id, and tells FAIL for any trial without a complete final result,
-    so no Optuna trial is ever left RUNNING or half-told."""
+    """OptunaSearch that names the study's objectives, sets constraints on the trial before `tell`
+    (Optuna ≥ 5 reads them there), records the trial's MLflow run id, and tells PRUNED (stopped) or FAIL
+    (raised) for any trial without a complete final result, so no Optuna trial is left RUNNING or
+    half-told and a partial result never reaches the sampler as a finished one."""
 
     def __init__(self, *args: Any, constraint_names: tuple[str, ...] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -29,6 +30,14 @@ class ParetoOptunaSearch(OptunaSearch):
         if self._ot_study is not None and not self._ot_study.metric_names:
             # optuna-dashboard then shows val_top1, gmacs, ... instead of "Objective 0", "Objective 1"
             self._ot_study.set_metric_names(list(metrics))
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None:
+            # the link from the study to Tune's trial and its MLflow run (tag pxd.trial_id)
+            ot_trial.set_user_attr("tune_trial_id", trial_id)
+        return config
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)
@@ -49,7 +58,12 @@ class ParetoOptunaSearch(OptunaSearch):
         if result and result.get("mlflow_run_id"):
             ot_trial.set_user_attr("mlflow_run_id", result["mlflow_run_id"])
         if not complete:
-            self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.FAIL)
+            # Ray hands a stopped trial's last partial result to the searcher as if it had completed: only a
+            # report marked `done` is a result. A trial that ended without error and without it was stopped
+            # (the time budget ran out): PRUNED. One that raised, or broke its report: FAIL.
+            stopped = not error and result is not None and not result.get("done")
+            state = optuna.trial.TrialState.PRUNED if stopped else optuna.trial.TrialState.FAIL
+            self._ot_study.tell(ot_trial, None, state=state)
             self._completed_trials.add(trial_id)
             return
         for name, value in zip(self._constraint_names, result.get("constraints") or []):

@@ -205,10 +205,14 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
                 ),
                 run_config=run_config,
             )
+        started = time.monotonic()
         tuner.fit()
         progress.close()
-        _fail_orphaned_optuna_trials(name, storage_url)
-        table, rows = finish_sweep(client, parent_run_id)
+        budget_ran_out = search.timeout_s is not None and time.monotonic() - started >= search.timeout_s
+        stopped = _close_optuna_trials(name, storage_url, stopped=budget_ran_out)
+        reason = (f"stopped when the time budget search.timeout_s = {search.timeout_s}s ran out" if budget_ran_out
+                  else "stopped before its final result")
+        table, rows = finish_sweep(client, parent_run_id, stopped={trial_id: reason for trial_id in stopped})
         return SweepOutcome(name, parent_run_id, experiment_id, target.uri, table, rows, ui_command(target))
     finally:
         target.close()
@@ -348,14 +352,16 @@ def _parent_run(client: MlflowClient, experiment_id: str, name: str, spec: Sweep
     return str(run_id)
 
 
-def finish_sweep(client: MlflowClient, parent_run_id: str) -> tuple[dict[str, Any], list[TrialRow]]:
-    """Frontier of the sweep → the parent run (table, plots, hypervolume) and tags on frontier runs."""
+def finish_sweep(client: MlflowClient, parent_run_id: str, stopped: dict[str, str] | None = None
+                 ) -> tuple[dict[str, Any], list[TrialRow]]:
+    """Frontier of the sweep → the parent run (table, plots, hypervolume) and tags on frontier runs.
+    `stopped`: Tune trial id → why, for trials stopped before their final result (Optuna: PRUNED)."""
     from orchestrator.plots import plot_html, plot_png
 
     parent = client.get_run(parent_run_id)
     objectives, reference = schema.sweep_objectives(parent)
     rows = schema.collect_rows(client, parent)
-    _close_lost_trials(client, rows)
+    _close_lost_trials(client, rows, stopped or {})
     table = frontier_table(rows, objectives, reference)
     on_front = {row["run_id"] for row in table["rows"] if row["on_frontier"]}
     for row in rows:
@@ -368,31 +374,44 @@ def finish_sweep(client: MlflowClient, parent_run_id: str) -> tuple[dict[str, An
         plot_png(table, folder / "frontier.png", x_metrics=x_metrics)
         plot_html(table, folder / "frontier.html", x_metrics=x_metrics)
         client.log_artifacts(parent_run_id, str(folder), "frontier")
-    counts = {state: sum(r.state == state for r in rows) for state in ("COMPLETE", "FAILED")}
+    counts = {state: sum(r.state == state for r in rows) for state in ("COMPLETE", "FAILED", "PRUNED")}
     client.log_metric(parent_run_id, schema.SweepMetric.HYPERVOLUME, float(table["hypervolume"]))
     client.log_metric(parent_run_id, schema.SweepMetric.FRONTIER_SIZE, float(len(on_front)))
     client.log_metric(parent_run_id, schema.SweepMetric.TRIALS_COMPLETE, float(counts["COMPLETE"]))
     client.log_metric(parent_run_id, schema.SweepMetric.TRIALS_FAILED, float(counts["FAILED"]))
+    client.log_metric(parent_run_id, schema.SweepMetric.TRIALS_STOPPED, float(counts["PRUNED"]))
     _log_stage_totals(client, parent_run_id, rows)
     client.set_terminated(parent_run_id, status="FINISHED")
     return table, rows
 
 
-def _fail_orphaned_optuna_trials(study_name: str, storage_url: str) -> None:
-    """Trials asked of the study but never finished (their driver was killed before Tune saved its
-    state, and resume did not rerun them) would stay RUNNING forever: the sweep is over, tell FAIL."""
+def _close_optuna_trials(study_name: str, storage_url: str, *, stopped: bool) -> set[str]:
+    """No study trial stays RUNNING once the sweep is over. A trial Tune still ran when the time budget
+    ran out is told PRUNED (stopped, like the searcher tells a trial that ended without its final
+    result); any other (its driver was killed before Tune saved its state, and resume did not rerun it)
+    is told FAIL. Returns the Tune trial ids of the study's PRUNED trials."""
     import optuna
 
     study = optuna.load_study(study_name=study_name, storage=storage_url)
+    state = optuna.trial.TrialState.PRUNED if stopped else optuna.trial.TrialState.FAIL
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        study.tell(trial.number, state=state)
+    return {str(t.user_attrs["tune_trial_id"]) for t in study.get_trials(deepcopy=False)
+            if t.state == optuna.trial.TrialState.PRUNED and t.user_attrs.get("tune_trial_id")}
 
 
-def _close_lost_trials(client: MlflowClient, rows: list[TrialRow]) -> None:
-    """When the sweep ends no trial runs: a run still RUNNING lost its process (a node died, a driver
-    was killed and the trial restarted on resume). Record it as FAILED so the count and the UI agree."""
+def _close_lost_trials(client: MlflowClient, rows: list[TrialRow], stopped: dict[str, str]) -> None:
+    """When the sweep ends no trial runs. A run still RUNNING was either stopped (Optuna holds its trial
+    as PRUNED: recorded PRUNED with the reason, so Optuna and MLflow agree) or lost its process (a node
+    died, a driver was killed and the trial restarted on resume): recorded FAILED."""
     for row in rows:
-        if row.state == "RUNNING" and row.run_id:
+        if row.state != "RUNNING" or not row.run_id:
+            continue
+        if row.trial_id in stopped:
+            schema.log_trial_failure(client, row.run_id, stopped[row.trial_id], "", state="PRUNED")
+            client.set_terminated(row.run_id, status="KILLED")
+            row.state = "PRUNED"
+        else:
             schema.log_trial_failure(client, row.run_id, "trial process lost (its node died or its driver was killed); "
                                      "no final result", "")
             client.set_terminated(row.run_id, status="FAILED")

@@ -91,6 +91,10 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> schema.TrialResu
             latency = LatencySettings(search.latency.device, search.latency.repeats, search.latency.warmup)
             outcome = run_tas(config, provider=make_provider(context, parent_run_id=run_id), on_epoch=on_epoch,
                               progress=False, latency=latency)
+        except (SystemExit, KeyboardInterrupt):
+            # stopped from outside (Tune ends a trial cut by the time budget with SystemExit): not the trial's
+            # failure; the driver records it when the sweep ends, as the Optuna study holds it (PRUNED)
+            raise
         except BaseException as exc:
             schema.log_trial_failure(client, run_id, f"{type(exc).__name__}: {exc}", traceback.format_exc())
             mlflow.end_run(status="FAILED")

@@ -1,0 +1,193 @@
+"""Sweeps that never silently waste compute, mix results or hang: each bad launch is refused before any
+compute with one clear error, and a sweep cut by its time budget records its trials as stopped.
+
+Real components throughout: a local Ray, a real `mlflow server`, Optuna RDB studies, the `pxd` CLI in
+subprocesses where the process boundary is what is tested.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator import schema
+from orchestrator.spec import parse_spec, read_yaml
+from orchestrator.sweep import SweepOptions, run_sweep
+from pxd.errors import ConfigError
+from tests.orchestrator.conftest import free_port, tiny_space
+from tests.orchestrator.test_faults import REPO, _env
+
+SAFETY_TIMEOUT_S = 600  # a guard against hanging forever; nothing asserts on durations
+
+
+def _spec(seed: int = 0, **search):
+    raw = tiny_space(**search)
+    raw["seed"] = seed
+    return parse_spec(raw, source_path="guards.yaml")
+
+
+def _options(root, uri, **extra):
+    return SweepOptions(tracking_uri=uri, root=str(root), quiet=True, **extra)
+
+
+# -- accepted nonsense, refused at parse time -------------------------------------------------------
+
+
+def test_a_duplicated_yaml_key_is_refused(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("name: x\nsearch:\n  trials: 4\nteacher:\n  epochs: 2\nsearch:\n  trials: 8\n")
+    with pytest.raises(ConfigError) as error:
+        read_yaml(path)
+    assert error.value.field == str(path)
+    assert "'search' appears twice at line 2 and line 6" in error.value.message
+    path.write_text("student:\n  arch: resnet10t\n  arch: resnet18\n")  # nested too
+    with pytest.raises(ConfigError, match="'arch' appears twice"):
+        read_yaml(path)
+
+
+def test_a_mode_that_contradicts_the_metric_is_refused():
+    raw = tiny_space(objectives=[{"metric": "val_top1"}, {"metric": "gmacs", "mode": "max"}],
+                     reference_point={"gmacs": 0.0})
+    with pytest.raises(ConfigError) as error:
+        parse_spec(raw)
+    assert error.value.field == "search.objectives.1.mode" and "mode is min" in error.value.message
+
+
+@pytest.mark.parametrize(("reference", "field"), [
+    ({"val_top1": 1.5, "pixels": 1024}, "search.reference_point.val_top1"),
+    ({"val_top1": 1.0, "pixels": 1024}, "search.reference_point.val_top1"),
+    ({"val_top1": 0.0, "pixels": 500}, "search.reference_point.pixels"),  # 24 px students have 576 pixels
+])
+def test_a_reference_point_valid_trials_cannot_beat_is_refused(reference, field):
+    with pytest.raises(ConfigError) as error:
+        parse_spec(tiny_space(reference_point=reference))
+    assert error.value.field == field
+
+
+# -- names and resume -------------------------------------------------------------------------------
+
+
+def test_default_sweep_names_never_collide():
+    from orchestrator.sweep import _default_name
+
+    spec = _spec()
+    assert len({_default_name(spec) for _ in range(50)}) == 50  # same second, different names
+
+
+def test_an_existing_sweep_name_is_refused_without_resume(ray_local, mlflow_server, tmp_path):
+    (tmp_path / "sweeps" / "taken").mkdir(parents=True)
+    with pytest.raises(ConfigError) as error:
+        run_sweep(_spec(), _options(tmp_path, mlflow_server, name="taken"))
+    assert error.value.field == "--name" and "--resume" in error.value.message
+    assert schema.find_sweep_run(MlflowClient(mlflow_server), "taken") is None  # nothing recorded
+
+
+def test_a_name_the_tracking_server_already_holds_is_refused(ray_local, mlflow_server, tmp_path):
+    client = MlflowClient(mlflow_server)
+    experiment = client.create_experiment(f"guards-{free_port()}")
+    client.create_run(experiment, tags={schema.Tag.KIND: schema.KIND_SWEEP, schema.Tag.SWEEP: "held-elsewhere"})
+    with pytest.raises(ConfigError, match="already holds a sweep named 'held-elsewhere'"):
+        run_sweep(_spec(), _options(tmp_path, mlflow_server, name="held-elsewhere"))
+    assert not (tmp_path / "sweeps" / "held-elsewhere").exists()  # the claimed directory is given back
+
+
+def test_resume_refuses_a_changed_space_with_a_readable_diff(ray_local, mlflow_server, tmp_path):
+    original = _spec()
+    sweep_dir = tmp_path / "sweeps" / "resumable"
+    (sweep_dir / "tune").mkdir(parents=True)
+    (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(original.raw, sort_keys=False))
+    changed = copy.deepcopy(original.raw)
+    changed["student"]["resolution"] = {"choice": [8, 16]}
+    changed["search"]["objectives"][1] = {"metric": "gmacs", "mode": "min"}
+    changed["search"]["reference_point"] = {"val_top1": 0.0, "gmacs": 1.0}
+    with pytest.raises(ConfigError) as error:
+        run_sweep(parse_spec(changed), _options(tmp_path, mlflow_server, name="resumable", resume=True))
+    assert error.value.field == "--resume"
+    assert "student.resolution.choice.2: 24 → '(unset)'" in error.value.message
+    assert "search.objectives.1.metric: 'pixels' → 'gmacs'" in error.value.message
+
+
+def test_resume_checks_the_stored_studys_objectives(ray_local, mlflow_server, tmp_path):
+    spec = _spec()
+    sweep_dir = tmp_path / "sweeps" / "study-check"
+    (sweep_dir / "tune").mkdir(parents=True)
+    (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+    storage = f"sqlite:///{sweep_dir / 'optuna.db'}"
+    study = optuna.create_study(study_name="study-check", storage=storage, directions=["maximize", "maximize"])
+    study.set_metric_names(["val_top1", "throughput_ips"])
+    with pytest.raises(ConfigError, match="optimises"):
+        run_sweep(spec, _options(tmp_path, mlflow_server, name="study-check", resume=True))
+
+
+# -- resources the cluster does not have -----------------------------------------------------------
+
+
+def test_gpu_resources_the_cluster_lacks_are_refused_before_compute(ray_local, mlflow_server, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        run_sweep(_spec(resources={"cpu": 1, "gpu": 1}), _options(tmp_path, mlflow_server, name="gpu-less"))
+    assert error.value.field == "search.resources.gpu" and "has 0" in error.value.message
+    assert not (tmp_path / "sweeps" / "gpu-less").exists()
+
+
+def test_a_latency_device_that_is_not_there_is_refused_before_compute(ray_local, mlflow_server, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        run_sweep(_spec(latency={"device": "cuda"}), _options(tmp_path, mlflow_server, name="no-cuda"))
+    assert error.value.field == "search.latency.device"
+
+
+def _cli(tmp_path: Path, *args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    space = tmp_path / "space.yaml"
+    raw = tiny_space(trials=1, max_concurrent=1)
+    raw["seed"] = 21
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = _env(RAY_TMPDIR=tempfile.mkdtemp(prefix="pxdray"), **(env_extra or {}))
+    env.pop("RAY_ADDRESS", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", str(space), "--root", str(tmp_path / "root"),
+                           "--quiet", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=SAFETY_TIMEOUT_S)
+
+
+def test_an_unreachable_ray_address_fails_with_a_clear_error(mlflow_server, tmp_path):
+    dead = f"127.0.0.1:{free_port()}"
+    done = _cli(tmp_path, "--ray-address", dead, "--tracking-uri", mlflow_server)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"--ray-address: cannot reach {dead}" in done.stderr
+
+
+@pytest.mark.slow
+def test_without_ray_address_a_stale_cluster_is_neither_joined_nor_waited_on(mlflow_server, tmp_path):
+    # RAY_ADDRESS names a cluster that is gone (as Ray's own state does after an earlier `ray start`)
+    done = _cli(tmp_path, "--tracking-uri", mlflow_server, "--json", env_extra={"RAY_ADDRESS": f"127.0.0.1:{free_port()}"})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+# -- the time budget -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_trials_cut_by_the_time_budget_are_recorded_as_stopped(ray_local, mlflow_server, tmp_path):
+    raw = tiny_space(trials=4, max_concurrent=1, timeout_s=30)
+    raw["seed"] = 23
+    raw["student"]["epochs"] = 400  # the first trial is still training when the budget runs out
+    spec = parse_spec(raw, source_path="budget.yaml")
+    outcome = run_sweep(spec, _options(tmp_path, mlflow_server, name="budget-cut"))
+    client = MlflowClient(mlflow_server)
+    runs = schema.trial_runs(client, client.get_run(outcome.parent_run_id))
+    states = {run.data.tags[schema.Tag.TRIAL_ID]: run.data.tags[schema.Tag.STATE] for run in runs}
+    assert "PRUNED" in states.values() and "RUNNING" not in states.values() and "FAILED" not in states.values()
+    for run in runs:
+        if run.data.tags[schema.Tag.STATE] == "PRUNED":
+            assert run.info.status == "KILLED" and "search.timeout_s" in run.data.tags[schema.Tag.ERROR]
+    study = optuna.load_study(study_name="budget-cut", storage=f"sqlite:///{tmp_path / 'sweeps/budget-cut/optuna.db'}")
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    optuna_states = {t.user_attrs["tune_trial_id"]: t.state.name for t in study.trials}
+    assert states == {k: v for k, v in optuna_states.items() if k in states}  # Optuna and MLflow agree
+    assert study.metric_names == ["val_top1", "pixels"]  # named objectives in optuna-dashboard
