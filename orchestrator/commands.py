@@ -108,10 +108,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_tracking(args: argparse.Namespace) -> TrackingTarget:
+def _open_tracking(args: argparse.Namespace, *, read_only: bool = False) -> TrackingTarget:
     from orchestrator.tracking import resolve_tracking, results_root
 
-    return resolve_tracking(args.tracking_uri, results_root(args.root))
+    return resolve_tracking(args.tracking_uri, results_root(args.root), read_only=read_only)
 
 
 def cmd_frontier(args: argparse.Namespace) -> int:
@@ -121,7 +121,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     from orchestrator.schema import Tag, collect_rows, find_sweep_run, sweep_objectives
     from pxd.errors import ConfigError
 
-    target = _open_tracking(args)
+    target = _open_tracking(args, read_only=True)
     try:
         client = MlflowClient(target.uri)
         parent = find_sweep_run(client, args.sweep)
@@ -142,7 +142,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
 def cmd_stages(args: argparse.Namespace) -> int:
     from orchestrator.stage_store import list_stages
 
-    target = _open_tracking(args)
+    target = _open_tracking(args, read_only=True)
     try:
         rows = list_stages(target.uri)
     finally:

@@ -11,8 +11,10 @@ cluster run (`--ray-address`) must name a tracking server.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -20,6 +22,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +41,8 @@ __all__ = [
 
 DEFAULT_ROOT = "pxd-results"
 SERVER_FILE = "mlflow-server.json"
+LOCK_FILE = "mlflow-server.lock"
+USERS_DIR = "mlflow-server.users"
 
 
 def results_root(root: str | Path | None = None) -> Path:
@@ -70,14 +76,32 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@contextmanager
+def _root_lock(root: Path) -> Iterator[None]:
+    """Serialises starting, joining and stopping the embedded server of one root across processes."""
+    with open(root / LOCK_FILE, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @dataclass
 class EmbeddedServer:
-    """A local `mlflow server` (SQLite backend, proxied artifacts) owned by this results root."""
+    """A local `mlflow server` (SQLite backend, proxied artifacts) shared by every pxd process on a root.
+
+    Each user (a sweep, `pxd frontier`, a test) registers a file under `mlflow-server.users/`; the first
+    starts the server (in a session of its own, so it outlives its starter), later ones join it, and
+    the last one to leave stops it. Users whose process died are pruned, so a crashed sweep never keeps
+    a server alive or stops one another sweep is using.
+    """
 
     root: Path
     process: subprocess.Popen | None = None
     uri: str | None = None
     port: int | None = None  # fixed port (e.g. to restart on the same URI); None: any free port
+    user: str | None = None  # this object's registration, while it uses the server
 
     @property
     def backend_uri(self) -> str:
@@ -87,12 +111,21 @@ class EmbeddedServer:
     def artifacts(self) -> Path:
         return self.root / "mlartifacts"
 
+    @property
+    def users_dir(self) -> Path:
+        return self.root / USERS_DIR
+
     def start(self, timeout_s: float = 180.0) -> str:
-        """Reuse a healthy server already serving this root, else start one and wait until healthy."""
-        existing = self._running()
-        if existing:
-            self.uri = existing
-            return existing
+        """Join the server serving this root, or start one and wait until healthy; register as a user."""
+        with _root_lock(self.root):
+            uri = self.running() or self._launch(timeout_s)
+            self.users_dir.mkdir(exist_ok=True)
+            self.user = f"{os.getpid()}-{secrets.token_hex(4)}"
+            (self.users_dir / self.user).write_text(str(os.getpid()))
+        self.uri = uri
+        return uri
+
+    def _launch(self, timeout_s: float) -> str:
         port = self.port or _free_port()
         uri = f"http://127.0.0.1:{port}"
         log = open(self.root / "mlflow-server.log", "ab")
@@ -109,42 +142,76 @@ class EmbeddedServer:
                 raise RuntimeError(f"the embedded MLflow server exited at start; see {self.root / 'mlflow-server.log'}")
             if _healthy(uri):
                 (self.root / SERVER_FILE).write_text(json.dumps({"pid": self.process.pid, "uri": uri}))
-                self.uri = uri
                 return uri
             time.sleep(0.5)
-        self.stop()
+        _kill_group(self.process.pid)
         raise RuntimeError(f"the embedded MLflow server did not answer within {timeout_s:.0f}s; see {self.root / 'mlflow-server.log'}")
 
-    def _running(self) -> str | None:
-        path = self.root / SERVER_FILE
-        if not path.exists():
-            return None
-        try:
-            info = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        if _pid_alive(int(info.get("pid", -1))) and _healthy(info["uri"]):
+    def running(self) -> str | None:
+        """The URI of a healthy server serving this root, if one runs."""
+        info = self._info()
+        if info and _pid_alive(int(info.get("pid", -1))) and _healthy(info["uri"]):
             return str(info["uri"])
         return None
 
-    def stop(self) -> None:
-        """Stop the server if this object started it (a reused one belongs to someone else)."""
-        if self.process is None:
-            return
+    def _info(self) -> dict | None:
         try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            if self.process.poll() is None:
-                os.killpg(self.process.pid, signal.SIGKILL)
-        (self.root / SERVER_FILE).unlink(missing_ok=True)
+            return dict(json.loads((self.root / SERVER_FILE).read_text()))
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    def stop(self) -> None:
+        """Leave the server; the last user (counting only live processes) stops it."""
+        if self.user is None:
+            return
+        with _root_lock(self.root):
+            (self.users_dir / self.user).unlink(missing_ok=True)
+            self.user = None
+            if self._live_users():
+                return
+            info = self._info()
+            if info:
+                _kill_group(int(info.get("pid", -1)))
+            (self.root / SERVER_FILE).unlink(missing_ok=True)
         self.process = None
+
+    def _live_users(self) -> list[str]:
+        live = []
+        for path in self.users_dir.glob("*") if self.users_dir.exists() else []:
+            try:
+                pid = int(path.read_text() or -1)
+            except (OSError, ValueError):
+                pid = -1
+            if _pid_alive(pid):
+                live.append(path.name)
+            else:
+                path.unlink(missing_ok=True)  # its process died without leaving
+        return live
+
+
+def _kill_group(pid: int) -> None:
+    """Stop the server's process group (it runs in a session of its own: pgid == pid)."""
+    if pid <= 0:
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.2)
+    if _pid_alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @dataclass
 class TrackingTarget:
     uri: str
-    server: EmbeddedServer | None  # set when pxd started (or reused) an embedded server
+    server: EmbeddedServer | None  # set when this process uses the root's embedded server
+    store: Path | None = None  # the embedded store's root, also when read directly (no server)
 
     def close(self) -> None:
         if self.server is not None:
@@ -168,21 +235,28 @@ def check_tracking(cli_uri: str | None, *, cluster: bool) -> None:
         )
 
 
-def resolve_tracking(cli_uri: str | None, root: Path, *, cluster: bool = False) -> TrackingTarget:
+def resolve_tracking(cli_uri: str | None, root: Path, *, cluster: bool = False, read_only: bool = False) -> TrackingTarget:
+    """The tracking URI to use. `read_only` (pxd frontier, pxd stages): never wait for a server to start;
+    without a running one, read the embedded store's database directly (safe beside a writing server)."""
     check_tracking(cli_uri, cluster=cluster)
     uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return TrackingTarget(uri=uri, server=None)
     server = EmbeddedServer(root)
-    return TrackingTarget(uri=server.start(), server=server)
+    if read_only and not server.running():
+        return TrackingTarget(uri=server.backend_uri, server=None, store=root)
+    return TrackingTarget(uri=server.start(), server=server, store=root)
 
 
 def ui_command(target: TrackingTarget) -> str:
-    """The exact command a user runs to open the MLflow UI on the results."""
-    if target.server is None:
+    """The exact command that opens the MLflow UI on the results, for every kind of tracking URI."""
+    if target.store is not None:
+        server = EmbeddedServer(target.store)
+        return (f"mlflow server --backend-store-uri {server.backend_uri} "
+                f"--artifacts-destination {server.artifacts} --port 5000   # then open http://127.0.0.1:5000")
+    if target.uri.startswith(("http://", "https://")):
         return f"open {target.uri} in a browser"
-    server = target.server
-    return (
-        f"mlflow server --backend-store-uri {server.backend_uri} "
-        f"--artifacts-destination {server.artifacts} --port 5000   # then open http://127.0.0.1:5000"
-    )
+    if target.uri.startswith("databricks"):
+        return "open the experiment in your Databricks workspace"
+    # a database or file store the user named: serve it with MLflow's own UI
+    return f"mlflow ui --backend-store-uri {target.uri} --port 5000   # then open http://127.0.0.1:5000"

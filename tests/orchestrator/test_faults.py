@@ -388,9 +388,11 @@ def test_a_killed_sweep_driver_resumes_without_losing_finished_trials(mlflow_ser
 
 # -- 4. the tracking server restarts mid-sweep -----------------------------------------------------------
 def _crash(server: EmbeddedServer) -> None:
-    """SIGKILL a server this test started (and its workers): a crash, not a clean shutdown."""
+    """SIGKILL a server this test started (and its workers): a crash, not a clean shutdown. Then the
+    test stops using it (its registration as a user goes; nothing else is stopped)."""
     _kill_group(server.process)
     server.process = None
+    server.stop()
 
 
 def test_a_sweep_survives_a_tracking_server_restart(tmp_path, ray_tmp):

@@ -1,0 +1,88 @@
+"""The embedded tracking server is shared safely by every pxd process on a root, and read-only
+commands never wait for one to start. Real `mlflow server` processes throughout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from mlflow.tracking import MlflowClient
+
+from orchestrator.tracking import EmbeddedServer, _healthy, resolve_tracking, ui_command
+from tests.orchestrator.test_faults import REPO, _env
+
+SAFETY_TIMEOUT_S = 300
+
+
+def test_no_user_stops_a_server_another_one_is_using(tmp_path):
+    first, second = EmbeddedServer(tmp_path), EmbeddedServer(tmp_path)
+    uri = first.start()
+    try:
+        assert second.start() == uri  # joined, not a second server on the same SQLite file
+        first.stop()  # the one that started it leaves first
+        assert _healthy(uri), "the server was stopped while another user still used it"
+        MlflowClient(uri).search_experiments()
+    finally:
+        second.stop()
+    assert not _healthy(uri), "the last user's leaving stops the server"
+    assert not (tmp_path / "mlflow-server.json").exists()
+
+
+def test_a_user_that_died_does_not_keep_the_server_alive(tmp_path):
+    script = textwrap.dedent(f"""
+        import os
+        from pathlib import Path
+        from orchestrator.tracking import EmbeddedServer
+        print(EmbeddedServer(Path({str(tmp_path)!r})).start(), flush=True)
+        os._exit(0)  # dies without leaving, like a killed sweep
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=SAFETY_TIMEOUT_S)
+    uri = done.stdout.strip().splitlines()[-1]
+    assert _healthy(uri), "the server outlives its starter"
+    mine = EmbeddedServer(tmp_path)
+    assert mine.start() == uri
+    mine.stop()
+    assert not _healthy(uri), "the dead user was pruned; the last live user stopped the server"
+
+
+def test_two_processes_starting_at_once_share_one_server(tmp_path):
+    script = textwrap.dedent(f"""
+        import json, time
+        from pathlib import Path
+        from orchestrator.tracking import EmbeddedServer
+        server = EmbeddedServer(Path({str(tmp_path)!r}))
+        uri = server.start()
+        time.sleep(3)
+        print(json.dumps(uri), flush=True)
+        server.stop()
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    uris = [json.loads(p.communicate(timeout=SAFETY_TIMEOUT_S)[0].strip().splitlines()[-1]) for p in procs]
+    assert uris[0] == uris[1]
+    assert not _healthy(uris[0])
+
+
+def test_read_only_commands_read_the_store_without_starting_a_server(tmp_path):
+    server = EmbeddedServer(tmp_path)
+    uri = server.start()
+    MlflowClient(uri).create_experiment("kept")
+    server.stop()
+    target = resolve_tracking(None, tmp_path, read_only=True)
+    assert target.server is None and target.uri.startswith("sqlite:///")
+    assert "kept" in {e.name for e in MlflowClient(target.uri).search_experiments()}
+    assert not (tmp_path / "mlflow-server.json").exists()  # no server was started
+    assert "mlflow server --backend-store-uri sqlite:///" in ui_command(target)
+
+
+def test_the_ui_hint_works_for_every_tracking_uri_kind(tmp_path):
+    from orchestrator.tracking import TrackingTarget
+
+    assert ui_command(TrackingTarget("http://10.0.0.5:5000", None)) == "open http://10.0.0.5:5000 in a browser"
+    hint = ui_command(TrackingTarget(f"sqlite:///{tmp_path}/m.db", None))
+    assert hint.startswith(f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/m.db")
+    hint = ui_command(TrackingTarget("postgresql://u@db/mlflow", None))
+    assert hint.startswith("mlflow ui --backend-store-uri postgresql://u@db/mlflow")
