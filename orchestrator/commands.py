@@ -127,15 +127,16 @@ def cmd_frontier(args: argparse.Namespace) -> int:
         parent = find_sweep_run(client, args.sweep)
         if parent is None:
             raise ConfigError("sweep", f"no sweep named or with run id {args.sweep!r} at {target.uri}; check the name and --tracking-uri/--root")
-        objectives, reference = sweep_objectives(parent)
-        table = frontier_table(collect_rows(client, parent), objectives, reference)
+        objectives, reference, ideal = sweep_objectives(parent)
+        table = frontier_table(collect_rows(client, parent), objectives, reference, ideal)
     finally:
         target.close()
     if args.json:
         print(table_to_json(table))
     else:
         print(format_table(table))
-        print(f"hypervolume {table['hypervolume']:.6g} (reference {reference}) · sweep {parent.data.tags.get(Tag.SWEEP)} · parent run {parent.info.run_id}")
+        print(f"hypervolume {table['hypervolume_normalised']:.4f} normalised ({table['hypervolume']:.6g} against reference "
+              f"{reference}, ideal {ideal}) · sweep {parent.data.tags.get(Tag.SWEEP)} · parent run {parent.info.run_id}")
     return 0
 
 

@@ -30,6 +30,8 @@ __all__ = [
     "eligible",
     "hypervolume",
     "hypervolume_of_rows",
+    "hypervolume_box",
+    "IncrementalFrontier",
     "frontier_table",
     "table_to_json",
     "write_table",
@@ -82,22 +84,20 @@ def normalise(points: np.ndarray, modes: Sequence[str]) -> np.ndarray:
 def non_dominated_mask(points_min: np.ndarray) -> np.ndarray:
     """Boolean mask of the rows of ``points_min`` [n, k] (minimisation) that no other row dominates.
 
-    Exact, O(n² k) time and O(n k) memory. Identical rows do not dominate each other, so all copies
-    of a non-dominated point stay on the front. ±inf compare as ordinary extreme values. A row
-    holding any NaN is never on the front and never dominates another row: NaN is not a value.
+    Optuna's own routine (``optuna.study._multi_objective._is_pareto_front``, O(n log n) in 2-D).
+    Identical rows do not dominate each other, so all copies of a non-dominated point stay on the
+    front. ±inf compare as ordinary extreme values. A row holding any NaN is never on the front and
+    never dominates another row: NaN is not a value.
     """
+    from optuna.study._multi_objective import _is_pareto_front
+
     points = np.array(points_min, dtype=float, ndmin=2)
     if points.ndim != 2:
         raise ValueError(f"points must be a 2-D array [n, k], got shape {points.shape}")
     valid = ~np.isnan(points).any(axis=1)
-    candidates = points[valid]
-    on_front_valid = np.ones(len(candidates), dtype=bool)
-    for index, point in enumerate(candidates):
-        not_worse = np.all(candidates <= point, axis=1)
-        better = np.any(candidates < point, axis=1)
-        on_front_valid[index] = not np.any(not_worse & better)
     mask = np.zeros(len(points), dtype=bool)
-    mask[valid] = on_front_valid
+    if valid.any():
+        mask[valid] = _is_pareto_front(points[valid], assume_unique_lexsorted=False)
     return mask
 
 
@@ -126,31 +126,14 @@ def _best_first(rows: Sequence[TrialRow], points_min: np.ndarray) -> list[int]:
 
 def _hypervolume_min(points: np.ndarray, reference: np.ndarray) -> float:
     """Exact hypervolume for minimisation; every point is finite and strictly below ``reference``.
+    Optuna's routine (``optuna._hypervolume.compute_hypervolume``: 2-D sweep, 3-D and WFG above)."""
+    from optuna._hypervolume import compute_hypervolume
 
-    Slices along the last objective (HSO, While et al. 2006): between consecutive values of that
-    objective, the dominated region is a prism whose base is the (k-1)-D hypervolume of the points
-    already passed. The 2-D base case is a sweep over the first objective.
-    """
     if len(points) == 0:
         return 0.0
     if points.shape[1] == 1:
         return float(reference[0] - points[:, 0].min())
-    if points.shape[1] == 2:
-        order = np.argsort(points[:, 0], kind="stable")
-        xs = points[order, 0]
-        best_y = np.minimum.accumulate(points[order, 1])
-        widths = np.diff(np.append(xs, reference[0]))
-        return float(np.sum(widths * (reference[1] - best_y)))
-    points = np.unique(points, axis=0)
-    points = points[non_dominated_mask(points)]
-    points = points[np.argsort(points[:, -1], kind="stable")]
-    cuts = np.append(points[:, -1], reference[-1])
-    total = 0.0
-    for index in range(len(points)):
-        depth = cuts[index + 1] - cuts[index]
-        if depth > 0:
-            total += depth * _hypervolume_min(points[: index + 1, :-1], reference[:-1])
-    return total
+    return float(compute_hypervolume(points, reference))
 
 
 def hypervolume(points: np.ndarray, modes: Sequence[str], reference: Sequence[float]) -> float:
@@ -194,14 +177,28 @@ def hypervolume_of_rows(
     return hypervolume(np.array(raw, dtype=float).reshape(-1, len(names)), modes, vector)
 
 
+def hypervolume_box(objectives: Objectives, reference: Mapping[str, float], ideal: Mapping[str, float]) -> float:
+    """Volume of the box between the reference and the ideal point: what a hypervolume is a fraction of."""
+    names, modes = _split(objectives)
+    volume = 1.0
+    for name, mode in zip(names, modes):
+        span = (ideal[name] - reference[name]) if mode == "max" else (reference[name] - ideal[name])
+        if not math.isfinite(span) or span <= 0:
+            raise ValueError(f"ideal_point.{name}: {ideal[name]} must be better than the reference {reference[name]}")
+        volume *= span
+    return volume
+
+
 def frontier_table(
-    rows: Sequence[TrialRow], objectives: Objectives, reference: Mapping[str, float] | None
+    rows: Sequence[TrialRow], objectives: Objectives, reference: Mapping[str, float] | None,
+    ideal: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Every eligible row with its ``on_frontier`` flag, frontier rows first, plus the hypervolume.
 
     Each table row is ``{trial_id, run_id, model_uri, on_frontier, metrics: {...}, params: {...}}``
     (metrics and params stay separate so a param can never shadow a metric of the same name).
-    ``hypervolume`` is None when no reference point is given.
+    ``hypervolume`` is None when no reference point is given; ``hypervolume_normalised`` (the fraction
+    of the box between the reference and ``ideal``, in [0, 1]) is None without both.
     """
     names, modes = _split(objectives)
     candidates = eligible(rows, objectives)
@@ -220,12 +217,16 @@ def frontier_table(
         }
         for i in order
     ]
+    volume = None if reference is None else hypervolume_of_rows(rows, objectives, reference)
+    normalised = None
+    if volume is not None and ideal is not None:
+        normalised = volume / hypervolume_box(objectives, reference, ideal)
     return {
         "objectives": [{"name": n, "mode": d} for n, d in zip(names, modes)],
         "reference_point": None if reference is None else dict(reference),
-        "hypervolume": (
-            None if reference is None else hypervolume_of_rows(rows, objectives, reference)
-        ),
+        "ideal_point": None if ideal is None else dict(ideal),
+        "hypervolume": volume,
+        "hypervolume_normalised": normalised,
         "n_eligible": len(candidates),
         "n_frontier": int(mask.sum()),
         "rows": table_rows,
@@ -335,3 +336,46 @@ def format_table(table: Mapping[str, Any], max_rows: int | None = None) -> str:
         f"objectives: {objectives}; hypervolume: {volume_text}"
     )
     return "\n".join(text)
+
+
+class IncrementalFrontier:
+    """The front and hypervolume of a growing set of points, updated per point (a sweep's live view).
+
+    Adding a point costs one dominance check against the current front and, only when the front
+    changes, Optuna's exact hypervolume of the front: not a recomputation over every trial. Agrees
+    exactly with `frontier_table` on the same eligible points (tested).
+    """
+
+    def __init__(self, objectives: Objectives, reference: Mapping[str, float],
+                 ideal: Mapping[str, float] | None = None) -> None:
+        names, self._modes = _split(objectives)
+        self._reference = normalise(np.array([_reference_vector(objectives, reference)]), self._modes)[0]
+        self._box = hypervolume_box(objectives, reference, ideal) if ideal is not None else None
+        self._names = names
+        self._front = np.zeros((0, len(names)))
+        self.hypervolume = 0.0
+
+    @property
+    def size(self) -> int:
+        return len(self._front)
+
+    @property
+    def normalised(self) -> float | None:
+        return None if self._box is None else self.hypervolume / self._box
+
+    def add(self, metrics: Mapping[str, float]) -> bool:
+        """Add one eligible trial's metrics; returns whether the front changed."""
+        point = normalise(np.array([[float(metrics[name]) for name in self._names]]), self._modes)[0]
+        if np.isnan(point).any():
+            return False
+        front = self._front
+        if len(front):
+            dominated = np.all(front <= point, axis=1) & np.any(front < point, axis=1)
+            if dominated.any():
+                return False
+            keep = ~(np.all(point <= front, axis=1) & np.any(point < front, axis=1))
+            front = front[keep]
+        self._front = np.vstack([front, point])
+        inside = self._front[np.all(self._front < self._reference, axis=1)]
+        self.hypervolume = math.inf if np.isinf(inside).any() else _hypervolume_min(inside, self._reference)
+        return True

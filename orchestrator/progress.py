@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
-from orchestrator.frontier import TrialRow, frontier_table
+from orchestrator.frontier import IncrementalFrontier, TrialRow
 from orchestrator.schema import epoch_metric
 
 if TYPE_CHECKING:
@@ -23,8 +22,8 @@ class SweepProgress(tune.Callback):
 
     def __init__(self, spec: SweepSpec, *, total: int, quiet: bool = False, every_s: float = 15.0, stream: Any = None) -> None:
         search = spec.require_search()
-        self.objectives = search.objective_pairs
-        self.reference = dict(search.reference_point)
+        # updated per completed trial, not recomputed over every trial (orchestrator.frontier)
+        self.front = IncrementalFrontier(search.objective_pairs, search.reference_point, search.ideal_point)
         self.total = total
         self.quiet = quiet
         self.every_s = every_s
@@ -34,8 +33,7 @@ class SweepProgress(tune.Callback):
         self.running: set[str] = set()
         self.done: dict[str, TrialRow] = {}
         self.failed: set[str] = set()
-        self.frontier_size = 0
-        self.hypervolume = 0.0
+        self.stopped: set[str] = set()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.add(trial.trial_id)
@@ -48,6 +46,8 @@ class SweepProgress(tune.Callback):
                 metrics={k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
                 params={}, state="COMPLETE", feasible=bool(result.get("feasible", True)),
             )
+            if self.done[trial.trial_id].feasible:
+                self.front.add(self.done[trial.trial_id].metrics)
         elif time.monotonic() - self.last_print > self.every_s:
             stage = str(result.get("stage", ""))
             self._print(f"trial {trial.trial_id} {stage} epoch {result.get('epoch', '?')}: "
@@ -55,11 +55,10 @@ class SweepProgress(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.discard(trial.trial_id)
-        if trial.trial_id not in self.done:
-            self.failed.add(trial.trial_id)
-        self._refresh_frontier()
         row = self.done.get(trial.trial_id)
-        detail = f"val_top1 {row.metrics['val_top1']:.3f}" if row else "no final result"
+        if row is None:
+            self.stopped.add(trial.trial_id)  # ended without its final result: stopped (time budget)
+        detail = f"val_top1 {row.metrics['val_top1']:.3f}" if row else "stopped before its final result"
         self._print(f"trial {trial.trial_id} finished ({detail})")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -68,19 +67,12 @@ class SweepProgress(tune.Callback):
         self.done.pop(trial.trial_id, None)
         self._print(f"trial {trial.trial_id} FAILED (its MLflow run holds the error)")
 
-    def _refresh_frontier(self) -> None:
-        rows = list(self.done.values())
-        if not rows:
-            return
-        table = frontier_table(rows, self.objectives, self.reference)
-        self.frontier_size = int(table["n_frontier"])
-        hv = table["hypervolume"]
-        self.hypervolume = float(hv) if hv is not None and math.isfinite(hv) else 0.0
-
     def status(self) -> str:
         elapsed = time.monotonic() - self.started
+        stopped = f" · {len(self.stopped)} stopped" if self.stopped else ""
+        normalised = self.front.normalised
         return (f"[pxd] {len(self.done)}/{self.total} done · {len(self.running)} running · {len(self.failed)} failed"
-                f" · frontier {self.frontier_size} · hypervolume {self.hypervolume:.4g} · {elapsed:5.0f}s")
+                f"{stopped} · frontier {self.front.size} · hypervolume {normalised:.4f} · {elapsed:5.0f}s")
 
     def _print(self, event: str) -> None:
         if self.quiet:

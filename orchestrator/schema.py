@@ -61,6 +61,7 @@ class Tag:
     # sweep runs
     OBJECTIVES = "pxd.objectives"  # JSON [[metric, mode], ...]
     REFERENCE_POINT = "pxd.reference_point"  # JSON {metric: value}
+    IDEAL_POINT = "pxd.ideal_point"  # JSON {metric: value}: the normalised hypervolume's box
     OPTUNA_STORAGE = "pxd.optuna_storage"
     OPTUNA_STUDY = "pxd.optuna_study"
     # trial runs
@@ -98,7 +99,8 @@ class Param:
 class SweepMetric:
     """Metrics of a sweep run. Trial runs log the registry's metrics (`pxd.metrics`) under their names."""
 
-    HYPERVOLUME = "hypervolume"
+    HYPERVOLUME = "hypervolume"  # in the objectives' own units, against the reference point
+    HYPERVOLUME_NORMALISED = "hypervolume_normalised"  # fraction of the reference-to-ideal box, in [0, 1]
     FRONTIER_SIZE = "frontier_size"
     TRIALS_COMPLETE = "trials_complete"
     TRIALS_FAILED = "trials_failed"
@@ -241,8 +243,9 @@ def collect_rows(client: MlflowClient, parent: Run) -> list[TrialRow]:
 
 
 def sweep_run_tags(*, sweep: str, objectives: Sequence[tuple[str, str]], reference_point: Mapping[str, float],
-                   optuna_storage: str, optuna_study: str) -> dict[str, str]:
+                   ideal_point: Mapping[str, float], optuna_storage: str, optuna_study: str) -> dict[str, str]:
     return {
+        Tag.IDEAL_POINT: json.dumps(dict(ideal_point)),
         Tag.KIND: KIND_SWEEP,
         Tag.SWEEP: sweep,
         Tag.OBJECTIVES: json.dumps([list(o) for o in objectives]),
@@ -252,11 +255,15 @@ def sweep_run_tags(*, sweep: str, objectives: Sequence[tuple[str, str]], referen
     }
 
 
-def sweep_objectives(parent: Run) -> tuple[list[tuple[str, str]], dict[str, float]]:
-    """[(metric, mode), ...] and the reference point, as the sweep run recorded them."""
+def sweep_objectives(parent: Run) -> tuple[list[tuple[str, str]], dict[str, float], dict[str, float]]:
+    """[(metric, mode), ...], the reference point and the ideal point, as the sweep run recorded them."""
+    from pxd.metrics import get_metric
+
     objectives = [(str(m), str(mode)) for m, mode in json.loads(parent.data.tags[Tag.OBJECTIVES])]
     reference = json.loads(parent.data.tags[Tag.REFERENCE_POINT])
-    return objectives, reference
+    default_ideal = {m: get_metric(m).ideal for m, _ in objectives}  # sweeps recorded before the tag existed
+    ideal = json.loads(parent.data.tags.get(Tag.IDEAL_POINT, json.dumps(default_ideal)))
+    return objectives, reference, ideal
 
 
 def find_sweep_run(client: MlflowClient, sweep: str) -> Run | None:

@@ -116,6 +116,9 @@ class SearchConfig:
     # breaks one is infeasible: never on the frontier
     constraints: dict[str, float] = field(default_factory=dict)
     reference_point: dict[str, float] = field(default_factory=dict)  # metric → fixed hypervolume reference
+    # metric → the best value it could take (default: the registry's: val_top1 1, costs 0); the normalised
+    # hypervolume is the fraction of the box between reference and ideal, comparable across sweeps of a space
+    ideal_point: dict[str, float] = field(default_factory=dict)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     timeout_s: int | None = None
@@ -460,8 +463,9 @@ def _parse_search(raw_search: Any, raw: dict[str, Any], params: tuple[Param, ...
         sampler=sampler,
         objectives=objectives,
         constraints=_check_constraints(search.constraints),
-        reference_point=_check_reference(search.reference_point, objectives, teacher_resolution,
-                                         _student_pixels(raw, params)),
+        reference_point=(reference := _check_reference(search.reference_point, objectives, teacher_resolution,
+                                                       _student_pixels(raw, params))),
+        ideal_point=_check_ideal(search.ideal_point, objectives, reference),
     )
 
 
@@ -603,6 +607,22 @@ def _check_reference_reachable(objective: Objective, value: float, teacher_resol
         raise ConfigError(name, f"{value:g} is not worse than students at {side} px ({max(student_pixels):g} pixels), "
                                 f"which would add nothing to the hypervolume; use more than every student's pixels, "
                                 f"e.g. pixels: {suggestion:g}")
+
+
+def _check_ideal(raw: dict[str, float], objectives: tuple[Objective, ...], reference: dict[str, float]) -> dict[str, float]:
+    metrics = [o.metric for o in objectives]
+    for key in raw:
+        _check_known(key, metrics, "search.ideal_point.", "key")
+    ideal = {}
+    for objective in objectives:
+        name = f"search.ideal_point.{objective.metric}"
+        value = _finite(raw[objective.metric], name) if objective.metric in raw else registry.get_metric(objective.metric).ideal
+        better = value > reference[objective.metric] if objective.mode == "max" else value < reference[objective.metric]
+        if not math.isfinite(value) or not better:
+            raise ConfigError(name, f"{value:g} must be better than the reference {reference[objective.metric]:g} "
+                                    f"({objective.metric} mode {objective.mode}); set search.ideal_point.{objective.metric}")
+        ideal[objective.metric] = value
+    return ideal
 
 
 def _check_constraints(raw: dict[str, float]) -> dict[str, float]:

@@ -339,7 +339,7 @@ def _parent_run(client: MlflowClient, experiment_id: str, name: str, spec: Sweep
     objectives = search.objective_pairs
     storage_shown = storage_url if storage_url.startswith("sqlite") else "(database URL given on the command line)"
     run = client.create_run(experiment_id, run_name=name, tags=schema.sweep_run_tags(
-        sweep=name, objectives=objectives, reference_point=search.reference_point,
+        sweep=name, objectives=objectives, reference_point=search.reference_point, ideal_point=search.ideal_point,
         optuna_storage=storage_shown, optuna_study=name,
     ))
     run_id = run.info.run_id
@@ -359,10 +359,10 @@ def finish_sweep(client: MlflowClient, parent_run_id: str, stopped: dict[str, st
     from orchestrator.plots import plot_html, plot_png
 
     parent = client.get_run(parent_run_id)
-    objectives, reference = schema.sweep_objectives(parent)
+    objectives, reference, ideal = schema.sweep_objectives(parent)
     rows = schema.collect_rows(client, parent)
     _close_lost_trials(client, rows, stopped or {})
-    table = frontier_table(rows, objectives, reference)
+    table = frontier_table(rows, objectives, reference, ideal)
     on_front = {row["run_id"] for row in table["rows"] if row["on_frontier"]}
     for row in rows:
         if row.state == "COMPLETE":
@@ -376,6 +376,7 @@ def finish_sweep(client: MlflowClient, parent_run_id: str, stopped: dict[str, st
         client.log_artifacts(parent_run_id, str(folder), "frontier")
     counts = {state: sum(r.state == state for r in rows) for state in ("COMPLETE", "FAILED", "PRUNED")}
     client.log_metric(parent_run_id, schema.SweepMetric.HYPERVOLUME, float(table["hypervolume"]))
+    client.log_metric(parent_run_id, schema.SweepMetric.HYPERVOLUME_NORMALISED, float(table["hypervolume_normalised"]))
     client.log_metric(parent_run_id, schema.SweepMetric.FRONTIER_SIZE, float(len(on_front)))
     client.log_metric(parent_run_id, schema.SweepMetric.TRIALS_COMPLETE, float(counts["COMPLETE"]))
     client.log_metric(parent_run_id, schema.SweepMetric.TRIALS_FAILED, float(counts["FAILED"]))
@@ -439,8 +440,11 @@ def _log_stage_totals(client: MlflowClient, parent_run_id: str, rows: list[Trial
 def summary(outcome: SweepOutcome) -> str:
     lines = [format_table(outcome.table)]
     failed = [r for r in outcome.rows if r.state == "FAILED"]
-    lines.append(f"hypervolume {outcome.table['hypervolume']:.6g} · frontier {sum(r['on_frontier'] for r in outcome.table['rows'])}"
-                 f" of {outcome.table['n_eligible']} eligible · {len(failed)} failed")
+    stopped = [r for r in outcome.rows if r.state == "PRUNED"]
+    lines.append(f"hypervolume {outcome.table['hypervolume_normalised']:.4f} of the reference-to-ideal box "
+                 f"({outcome.table['hypervolume']:.6g} in the objectives' units) · frontier "
+                 f"{sum(r['on_frontier'] for r in outcome.table['rows'])} of {outcome.table['n_eligible']} eligible"
+                 f" · {len(failed)} failed · {len(stopped)} stopped")
     lines.append(f"sweep {outcome.sweep_name}: parent run {outcome.parent_run_id} (experiment {outcome.experiment_id}) at {outcome.tracking_uri}")
     lines.append(f"MLflow UI: {outcome.ui}")
     lines.append(f"frontier runs in the UI: filter  tags.`{Tag.ON_FRONTIER}` = 'true'")

@@ -293,3 +293,70 @@ def test_format_table_marks_frontier_rows_and_truncates() -> None:
     short = format_table(table, max_rows=1)
     assert "1 more" not in short and "2 more eligible trials not shown" in short
     assert "dominated" not in short
+
+
+# --- incremental updates and Optuna's routines against the previous exact implementation ----------
+
+
+def _hso_reference(points: np.ndarray, reference: np.ndarray) -> float:
+    """pxd's previous exact hypervolume (HSO slicing, While et al. 2006), kept as the test oracle."""
+    if len(points) == 0:
+        return 0.0
+    if points.shape[1] == 1:
+        return float(reference[0] - points[:, 0].min())
+    if points.shape[1] == 2:
+        order = np.argsort(points[:, 0], kind="stable")
+        xs = points[order, 0]
+        best_y = np.minimum.accumulate(points[order, 1])
+        widths = np.diff(np.append(xs, reference[0]))
+        return float(np.sum(widths * (reference[1] - best_y)))
+    points = np.unique(points, axis=0)
+    keep = [not any(np.all(q <= p) and np.any(q < p) for q in points) for p in points]
+    points = points[np.array(keep)]
+    points = points[np.argsort(points[:, -1], kind="stable")]
+    cuts = np.append(points[:, -1], reference[-1])
+    return sum((cuts[i + 1] - cuts[i]) * _hso_reference(points[: i + 1, :-1], reference[:-1])
+               for i in range(len(points)) if cuts[i + 1] > cuts[i])
+
+
+def _brute_mask(points: np.ndarray) -> np.ndarray:
+    return np.array([not any(np.all(q <= p) and np.any(q < p) for q in points) for p in points])
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_optuna_routines_agree_with_the_previous_exact_implementation(k):
+    rng = np.random.default_rng(k)
+    for _ in range(20):
+        points = rng.integers(0, 6, size=(int(rng.integers(1, 40)), k)).astype(float)  # many ties
+        assert np.array_equal(non_dominated_mask(points), _brute_mask(points))
+        reference = np.full(k, 6.0)
+        assert hypervolume(points, ["min"] * k, reference) == pytest.approx(_hso_reference(points, reference))
+
+
+def test_incremental_frontier_equals_the_table_after_every_trial():
+    from orchestrator.frontier import IncrementalFrontier
+
+    objectives = [("val_top1", "max"), ("gmacs", "min"), ("pixels", "min")]
+    reference = {"val_top1": 0.0, "gmacs": 1.0, "pixels": 4096.0}
+    ideal = {"val_top1": 1.0, "gmacs": 0.0, "pixels": 0.0}
+    rng = np.random.default_rng(0)
+    live = IncrementalFrontier(objectives, reference, ideal)
+    rows = []
+    for index in range(150):
+        metrics = {"val_top1": float(rng.integers(0, 20)) / 20, "gmacs": float(rng.integers(1, 12)) / 10,
+                   "pixels": float(rng.choice([256, 1024, 2304, 4096, 5000]))}
+        rows.append(TrialRow(str(index), None, metrics, {}, "COMPLETE"))
+        live.add(metrics)
+        table = frontier_table(rows, objectives, reference, ideal)
+        assert live.size == table["n_frontier"]
+        assert live.hypervolume == pytest.approx(table["hypervolume"])
+        assert live.normalised == pytest.approx(table["hypervolume_normalised"])
+    assert 0 < live.normalised < 1
+
+
+def test_normalised_hypervolume_is_the_fraction_of_the_reference_to_ideal_box():
+    rows = [row("a", 0.8, 0.5), row("b", 0.6, 0.2)]
+    table = frontier_table(rows, OBJECTIVES, {"val_top1": 0.0, "gmacs": 1.0}, {"val_top1": 1.0, "gmacs": 0.0})
+    assert table["hypervolume_normalised"] == pytest.approx(0.58)  # the box is 1 × 1
+    table = frontier_table(rows, OBJECTIVES, {"val_top1": 0.0, "gmacs": 2.0}, {"val_top1": 1.0, "gmacs": 0.0})
+    assert table["hypervolume_normalised"] == pytest.approx(table["hypervolume"] / 2.0)

@@ -109,6 +109,8 @@ def test_frontier_matches_brute_force_and_hypervolume_matches_hand_computation(f
     parent = client.get_run(outcome.parent_run_id)
     assert parent.data.metrics["hypervolume"] == pytest.approx(_staircase_hypervolume(points, (0.0, 1024.0)))
     assert parent.data.metrics["frontier_size"] == len(expected)
+    # normalised: the fraction of the box between the reference (0, 1024) and the ideal point (1, 0)
+    assert parent.data.metrics["hypervolume_normalised"] == pytest.approx(parent.data.metrics["hypervolume"] / 1024.0)
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id, "frontier")}
     assert {"frontier/frontier.csv", "frontier/frontier.json", "frontier/frontier.png", "frontier/frontier.html"} <= artifacts
     with tempfile.TemporaryDirectory() as tmp:
