@@ -68,9 +68,8 @@ LOSS_TERMS: tuple[LossTerm, ...] = (
     LossTerm("mmd", MMDTerm, _field("mmd"), paper="Feng et al., TIP 2021"),
     LossTerm("adversarial", AdversarialTerm, _field("adversarial"), paper="Feng et al., TIP 2021"),
 )
-_BY_NAME = {term.name: term for term in LOSS_TERMS}
-if tuple(_BY_NAME) != DISTILL_TERMS:  # a programming error: the table and the config disagree
-    raise RuntimeError(f"LOSS_TERMS {tuple(_BY_NAME)} and pxd.config.DISTILL_TERMS {DISTILL_TERMS} differ")
+if tuple(row.name for row in LOSS_TERMS) != DISTILL_TERMS:  # a programming error: table and config disagree
+    raise RuntimeError(f"LOSS_TERMS and pxd.config.DISTILL_TERMS {DISTILL_TERMS} name different terms")
 
 
 def stage_loss_weights(
@@ -83,17 +82,20 @@ def stage_loss_weights(
     if not distilling or distill is None:
         return {"ce": 1.0}
     weights: dict[str, float] = {}
-    for term in LOSS_TERMS:
-        if term.needs_lower_resolution and student_resolution >= teacher_resolution:
+    for row in LOSS_TERMS:
+        if row.needs_lower_resolution and student_resolution >= teacher_resolution:
             continue
-        value = term.weight(distill)
+        value = row.weight(distill)
         if value > 0:
-            weights[term.name] = value
-    if any(_BY_NAME[name].uses_temperature for name in weights):
+            weights[row.name] = value
+    if any(term(name).uses_temperature for name in weights):
         weights["temperature"] = float(distill.temperature)
     return weights
 
 
 def term(name: str) -> LossTerm:
-    """The table's row for `name`."""
-    return _BY_NAME[name]
+    """The table's row for `name` (read at call time, so the table is the only source)."""
+    for row in LOSS_TERMS:
+        if row.name == name:
+            return row
+    raise KeyError(f"no loss term {name!r}; the table has {[row.name for row in LOSS_TERMS]}")
