@@ -5,13 +5,13 @@ real similarity information (`circle-h` is closer to `circle-v` than to `square-
 
 - **shape** (coarse: a circle, a square, ...) with its own hue: visible at any resolution;
 - **texture orientation** (fine): a sinusoidal grating on the object, horizontal (`-h`) or
-  vertical (`-v`), with a period of `GRATING_PERIOD` × `image_size` (≈ 4.6 px at 64 px) jittered per
+  vertical (`-v`), with a period of `GRATING_PERIOD` × `image_size` (≈ 5.8 px at 64 px) jittered per
   image, under pixel noise and a random background gradient.
 
 Downsampling *attenuates* the grating but never erases it: an antialiased (area) downsample by f
-keeps a sinusoid of period p with amplitude |sinc(f / p)| — about 0.63 at 2× fewer pixels per side
-and 0.12 at 4× (the aliased grating keeps its orientation) — so the cue is still in a 16 px student's
-input, only weak and noisy. Cross-entropy at a short budget learns it poorly; with much more data or
+keeps a sinusoid of period p with amplitude |sinc(f / p)| — at 64 px about 0.82 at 2× fewer pixels
+per side and 0.38 at 4×; at 32 px 0.38 at 2× and 0.2 at 4× (the aliased grating keeps its
+orientation) — so the cue is still in a low-resolution student's input, only weak and noisy. Cross-entropy at a short budget learns it poorly; with much more data or
 many more epochs it approaches the resolution's ceiling; a teacher that sees the grating clearly can
 say what the student's faint input means. `make_synthetic` keeps the `DatasetConfig` knobs
 (`image_size`, `num_classes`, `train_per_class`, `val_per_class`).
@@ -38,7 +38,7 @@ __all__ = ["GENERATOR_VERSION", "SHAPES", "ORIENTATIONS", "GRATING_PERIOD", "mak
 GENERATOR_VERSION = "pxd-synthetic-v2"
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross")
 ORIENTATIONS = ("h", "v")
-# Grating period as a fraction of image_size (±10 % per image): 4.6 px at 64 px.
+# Grating period as a fraction of image_size (±10 % per image): 5.8 px at 64 px.
 GRATING_PERIOD = 0.09
 _PERIOD_JITTER = 0.10
 _GRATING_AMPLITUDE = 0.16
