@@ -104,8 +104,6 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 def _printer(seed: int, variant: str, started: float) -> Callable[[str, int, dict[str, float]], None]:
     def on_epoch(kind: str, epoch: int, record: dict[str, float]) -> None:
-        if epoch % 10 and epoch != 1 and "10x" in variant:
-            return
         terms = " ".join(f"{name[6:]} {value:.3f}" for name, value in record.items() if name.startswith("train_"))
         print(f"  [{time.perf_counter() - started:6.0f}s] seed {seed} {variant:<11} {kind:<9} epoch {epoch:>2}"
               f"  val_top1 {record['val_top1']:.3f}  {terms}  ({record['epoch_seconds']:.1f}s)", flush=True)
