@@ -58,7 +58,10 @@ class ModelConfig:
     resolution: int = 64
     checkpoint: str | None = None
     pretrained: bool = False
-    patch_size: int | None = None  # ViTs only; None picks one that suits the resolution
+    # ViTs only. None keeps the architecture's own patch (vit_*_patch16_* → 16), so the token count
+    # (resolution // patch)² and the cost never grow as the input shrinks; a smaller patch is a
+    # choice the user makes here (it buys tokens, and compute, back at low resolution).
+    patch_size: int | None = None
     depths: tuple[int, ...] | None = None  # block-wise families only: blocks per stage
     widths: tuple[int, ...] | None = None  # block-wise families only: channels per stage
 
@@ -85,9 +88,10 @@ class AssistantConfig:
     # false: one-stage teacher → student pixel distillation (for comparison with TAS)
     enabled: bool = True
     epochs: int | None = None  # None: train.epochs
-    # The student starts from the assistant's weights (same architecture, new input size), as when
-    # fine-tuning at a new resolution; false starts it from scratch.
-    init_student: bool = True
+    # pxd's addition, not the papers': the low-resolution student starts from the assistant's weights
+    # (same architecture, new input size), as when fine-tuning at a new resolution. Off by default:
+    # the official Pixel Distillation code starts the student from its own (ImageNet) weights.
+    init_student: bool = False
     # The assistant's own distillation weights (model compression at the teacher's resolution); each one
     # left unset takes the `distill` section's value (in a sweep: its fixed value, or pxd's default when
     # the student's weight is searched), so searching the student's weights never retrains assistants.
@@ -96,21 +100,30 @@ class AssistantConfig:
     train: StageTrainConfig = field(default_factory=lambda: StageTrainConfig())
 
 
-# Weight of every optional loss term; 0 switches a term off. Names are the ones logged everywhere.
+# Every loss term's name, in the order stages compute and log them. The table of what each term is
+# (`pxd.losses.terms.LOSS_TERMS`) has exactly these rows; a test checks it. Kept here as plain names
+# so that importing the config never imports torch.
 DISTILL_TERMS = ("ce", "kd", "isrd", "feature", "attention", "pairwise", "mmd", "adversarial")
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    ce: float = 1.0  # cross-entropy on labels
-    kd: float = 1.0  # logit KD weight α (Hinton et al. 2015)
-    temperature: float = 4.0  # KD temperature T
-    isrd: float = 1.0  # ISRD weight η (Guo et al., TPAMI 2024)
-    feature: float = 0.0  # cross-resolution feature MSE
-    attention: float = 0.0  # attention transfer (Zagoruyko & Komodakis 2017)
+    """Loss weights of the assistant and student stages (the teacher always trains on labels alone).
+
+    Logit KD uses the papers' convex weighting (Hinton et al. 2015; Guo et al., TPAMI 2024, official
+    `KDLoss`): ``ce·(1 − α)·CE + α·T²·KL`` with ``α = kd``. ``kd: 0`` is cross-entropy only; α > 1 is
+    accepted (the label term's weight is then 0 and KD is scaled by α). 0 switches any term off.
+    """
+
+    ce: float = 1.0  # scale of the label term: its weight is ce·(1 − kd) while distilling
+    kd: float = 0.9  # α, the share of logit KD (paper: 0.9)
+    temperature: float = 4.0  # KD temperature T (paper: 4)
+    isrd: float = 10.0  # ISRD weight η (paper: 10 at 2× fewer pixels per side, 50 at 4×); student only
+    feature: float = 0.0  # cross-resolution feature MSE on every stage with a map larger than 1×1
+    attention: float = 0.0  # attention transfer (Zagoruyko & Komodakis 2017; paper β = 1000)
     pairwise: float = 0.0  # RAKD pair-wise similarity (Feng et al., TIP 2021)
     mmd: float = 0.0  # RAKD maximum mean discrepancy
-    adversarial: float = 0.0  # RAKD adversarial feature discriminator
+    adversarial: float = 0.0  # RAKD adversarial feature discriminator (non-saturating, own optimiser)
 
 
 @dataclass(frozen=True)
@@ -233,6 +246,7 @@ class PipelineConfig:
         if self.assistant.enabled:
             _validate_optimiser("assistant.train", self.assistant_train, given=_set_fields(self.assistant.train))
             _validate_distill("assistant.distill", self.assistant_distill, given=_set_fields(self.assistant.distill))
+        _validate_distill_stages(self)
 
 
 def _validate_optimiser(prefix: str, train: TrainConfig, given: dict[str, Any] | None = None) -> None:
@@ -256,8 +270,38 @@ def _validate_distill(prefix: str, distill: DistillConfig, given: dict[str, Any]
         if not math.isfinite(value) or value < 0:
             raise ConfigError(where(name), f"weight must be a finite number ≥ 0 (got {value})")
     _positive(where("temperature"), distill.temperature)
-    if not any(getattr(distill, name) > 0 for name in DISTILL_TERMS):
-        raise ConfigError(prefix, f"every loss weight is 0: nothing would train this stage; set {prefix}.ce or {prefix}.kd > 0")
+
+
+def _validate_distill_stages(cfg: PipelineConfig) -> None:
+    """Every distilled stage has a term to train with, and spatial terms a map larger than 1×1."""
+    from pxd.losses.terms import stage_loss_weights  # local: keeps `import pxd.config` free of torch
+
+    stages = {"student": (cfg.student.resolution, cfg.distill, "distill")}
+    if cfg.assistant.enabled:
+        stages = {"assistant": (cfg.teacher.resolution, cfg.assistant_distill, "assistant.distill"), **stages}
+    for stage, (resolution, distill, section) in stages.items():
+        weights = stage_loss_weights(distill, distilling=True, student_resolution=resolution,
+                                     teacher_resolution=cfg.teacher.resolution)
+        if not weights:
+            raise ConfigError(
+                section,
+                f"the {stage} stage has no loss term with a weight > 0 (the label term's weight is "
+                "ce·(1 − kd); isrd applies only below the teacher's resolution): nothing would train "
+                f"it; set {section}.kd or another term > 0",
+            )
+        if "feature" in weights or "attention" in weights:
+            from pxd.losses.feature import spatial_stage_pairs
+            from pxd.losses.terms import TermContext
+            from pxd.models import meta_tap_info
+
+            context = TermContext(
+                student=meta_tap_info(cfg.student, resolution, "student"),
+                teacher=meta_tap_info(cfg.teacher, cfg.teacher.resolution, "teacher"),
+                student_resolution=resolution, teacher_resolution=cfg.teacher.resolution, temperature=1.0,
+            )
+            for name in ("feature", "attention"):
+                if name in weights:
+                    spatial_stage_pairs(context, name)  # ConfigError when no stage is usable
 
 
 def _has_weights(model: ModelConfig) -> bool:

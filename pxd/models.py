@@ -10,6 +10,8 @@ import functools
 import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,42 +31,79 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BLOCKWISE_FAMILIES",
-    "PATCH_SIZES",
-    "MIN_PATCH_GRID",
+    "MAX_DISTILL_STAGES",
+    "ModelTaps",
+    "ModelTapInfo",
     "create_model",
     "check_model_supported",
-    "choose_patch_size",
+    "patch_size_for",
+    "token_count",
     "load_checkpoint",
     "forward_taps",
     "tap_info",
+    "meta_tap_info",
     "eval_mode",
 ]
 
 # Block-wise families: pxd builds these itself from per-stage depths and widths (see `_blockwise_*`).
 BLOCKWISE_FAMILIES = ("blockwise_resnet", "blockwise_mobilenet")
 
-# Patch-size rule for ViT-style models (anything timm builds with `img_size` and a `PatchEmbed`):
-# the largest of PATCH_SIZES that divides the resolution and leaves a grid of at least
-# MIN_PATCH_GRID × MIN_PATCH_GRID tokens. 224 → 16 (14×14), 64 → 8, 32 → 4, 16 → 2. A 16-pixel patch
-# at 32 px would leave 2×2 tokens, too few for attention to mean anything.
-PATCH_SIZES = (16, 8, 4, 2)
-MIN_PATCH_GRID = 7
+# Feature KD and attention transfer use at most this many feature levels, the deepest ones (a ResNet's
+# layer1..layer4, as the official Pixel Distillation AT; a ViT's blocks evenly spaced up to the last).
+MAX_DISTILL_STAGES = 4
 
 # MobileNetV2 (Sandler et al. 2018) widens the last stage 4× in a 1×1 head conv (320 → 1280).
 _MOBILENET_HEAD_RATIO = 4
 _MOBILENET_EXPANSION = 6
 
 
-def choose_patch_size(resolution: int, field: str = "model") -> int:
-    """The patch size used when `patch_size` is not set (see PATCH_SIZES)."""
-    for patch in PATCH_SIZES:
-        if resolution % patch == 0 and resolution // patch >= MIN_PATCH_GRID:
-            return patch
-    raise ConfigError(
-        f"{field}.patch_size",
-        f"no patch size in {PATCH_SIZES} divides resolution {resolution} and leaves a "
-        f"{MIN_PATCH_GRID}×{MIN_PATCH_GRID} grid; set {field}.patch_size to a divisor of {resolution}",
-    )
+@dataclass
+class ModelTaps(Taps):
+    """`Taps` plus every distillation stage's map (NCHW, shallow to deep; the last is `feature_map`).
+
+    `input_map` is the ISRD tap: the stem convolution's output before its BatchNorm and activation
+    (timm ResNet `conv1`, EfficientNet/MobileNet `conv_stem`), or a ViT's patch embedding.
+    """
+
+    stage_maps: list[torch.Tensor] = dataclass_field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ModelTapInfo(TapInfo):
+    """`TapInfo` plus the distillation stages' shapes and, for a ViT, its token count."""
+
+    stage_channels: tuple[int, ...] = ()
+    stage_sizes: tuple[tuple[int, int], ...] = ()
+    tokens: int | None = None  # patch tokens per image (ViTs), None for CNNs
+
+
+def patch_size_for(cfg: ModelConfig, field: str = "model") -> int | None:
+    """The patch a ViT-style `cfg` is built with: `cfg.patch_size`, else the architecture's own.
+
+    None for models without a patch embedding. Keeping the architecture's patch makes the token count
+    (and the cost) monotone in the resolution; a resolution that is not a multiple of the patch loses
+    its last `resolution mod patch` rows and columns (timm's strided patch convolution).
+    """
+    if cfg.patch_size is not None:
+        return cfg.patch_size
+    if cfg.arch in BLOCKWISE_FAMILIES:
+        return None
+    _, _, takes_patch_size, native = _arch_traits(cfg.arch)
+    if not takes_patch_size:
+        return None
+    if native is not None and cfg.resolution < native:
+        raise ConfigError(
+            f"{field}.patch_size",
+            f"{cfg.arch} has {native}-pixel patches, larger than {field}.resolution {cfg.resolution}; "
+            f"set {field}.patch_size to a divisor of {cfg.resolution} (more tokens, more compute)",
+        )
+    return native
+
+
+def token_count(cfg: ModelConfig, field: str = "model") -> int | None:
+    """Patch tokens per image of a ViT-style `cfg` ((resolution // patch)², no class token); None for CNNs."""
+    patch = patch_size_for(cfg, field)
+    return None if patch is None else (cfg.resolution // patch) ** 2
 
 
 def check_model_supported(cfg: ModelConfig, field: str = "model") -> None:
@@ -77,7 +116,7 @@ def check_model_supported(cfg: ModelConfig, field: str = "model") -> None:
         return
     if not timm.is_model(cfg.arch):
         raise ConfigError(f"{field}.arch", f"unknown timm model {cfg.arch!r}; see timm.list_models()")
-    has_taps, _, _ = _arch_traits(cfg.arch)
+    has_taps, _, _, _ = _arch_traits(cfg.arch)
     if not has_taps:
         raise ConfigError(
             f"{field}.arch",
@@ -134,30 +173,96 @@ def load_checkpoint(model: nn.Module, path: str | Path, field: str = "model") ->
     model.load_state_dict(state)
 
 
-def forward_taps(model: nn.Module, x: torch.Tensor) -> Taps:
-    """Logits plus the first and last feature levels, in one pass through timm's API.
+def forward_taps(model: nn.Module, x: torch.Tensor) -> ModelTaps:
+    """Logits, the ISRD input tap and the distillation stages' maps, in one forward pass.
 
-    input_map = level 0 (CNN: stem or first stage; ViT: first block's patch tokens, prefix tokens
-    dropped); feature_map = the last level. Both NCHW.
+    Stages come from timm's own API (`forward_intermediates`, levels as in `feature_info`): a CNN's
+    levels after the stem (ResNet layer1..layer4), a ViT's blocks evenly spaced, at most
+    MAX_DISTILL_STAGES, deepest last. The ISRD tap (the stem convolution before its norm and
+    activation, as the official code's `conv1` with `preReLU`) is not a timm feature level, so it is
+    read with a forward hook on the stem module `_isrd_tap_module` names.
     """
-    final, levels = model.forward_intermediates(x, indices=[0, -1], output_fmt="NCHW", intermediates_only=False)
-    # A one-level model yields one map for both indices.
-    return Taps(logits=model.forward_head(final), input_map=levels[0], feature_map=levels[-1])
+    indices = _stage_indices(model)
+    stem = _isrd_tap_module(model)
+    captured: list[torch.Tensor] = []
+    handle = stem.register_forward_hook(lambda _module, _args, output: captured.append(output)) if stem is not None else None
+    try:
+        final, levels = model.forward_intermediates(x, indices=indices, output_fmt="NCHW", intermediates_only=False)
+    finally:
+        if handle is not None:
+            handle.remove()
+    input_map = _as_nchw(model, captured[0]) if captured else levels[0]
+    return ModelTaps(logits=model.forward_head(final), input_map=input_map, feature_map=levels[-1], stage_maps=list(levels))
 
 
-def tap_info(model: nn.Module, resolution: int) -> TapInfo:
+def tap_info(model: nn.Module, resolution: int) -> ModelTapInfo:
     """Shapes of the taps at `resolution`, from one dry forward in eval mode (mode restored after)."""
     param = next(model.parameters())
     channels = int(getattr(model, "in_chans", 3))
     dummy = torch.zeros(2, channels, resolution, resolution, device=param.device, dtype=param.dtype)
     with eval_mode(model), torch.no_grad():
         taps = forward_taps(model, dummy)
-    return TapInfo(
+    embed = getattr(model, "patch_embed", None)
+    tokens = None
+    if isinstance(embed, PatchEmbed):
+        tokens = int(taps.input_map.shape[2] * taps.input_map.shape[3])
+    return ModelTapInfo(
         input_channels=int(taps.input_map.shape[1]),
         input_size=(int(taps.input_map.shape[2]), int(taps.input_map.shape[3])),
         feature_channels=int(taps.feature_map.shape[1]),
         feature_size=(int(taps.feature_map.shape[2]), int(taps.feature_map.shape[3])),
+        stage_channels=tuple(int(m.shape[1]) for m in taps.stage_maps),
+        stage_sizes=tuple((int(m.shape[2]), int(m.shape[3])) for m in taps.stage_maps),
+        tokens=tokens,
     )
+
+
+def meta_tap_info(cfg: ModelConfig, resolution: int, field: str = "model") -> ModelTapInfo:
+    """`tap_info` of `cfg` at `resolution` without memory or weights (built and run on the meta device)."""
+    import dataclasses
+
+    plain = dataclasses.replace(cfg, resolution=resolution, checkpoint=None, pretrained=False)
+    with torch.device("meta"):
+        model = create_model(plain, num_classes=2, field=field)
+    return tap_info(model, resolution)
+
+
+def _stage_indices(model: nn.Module) -> list[int]:
+    """Which `forward_intermediates` levels are distillation stages (see `forward_taps`)."""
+    feature_info = getattr(model, "feature_info", None)
+    count = len(feature_info) if feature_info is not None else 1
+    levels = list(range(1, count)) if count > 1 else [0]  # level 0 of a CNN is the stem
+    if len(levels) > MAX_DISTILL_STAGES:
+        step = len(levels) / MAX_DISTILL_STAGES
+        levels = [levels[round(len(levels) - 1 - i * step)] for i in reversed(range(MAX_DISTILL_STAGES))]
+    return levels
+
+
+def _isrd_tap_module(model: nn.Module) -> nn.Module | None:
+    """The module whose output ISRD decodes: the stem convolution(s) before the stem's norm layer
+    (timm ResNet: `conv1` before `bn1`; EfficientNet/MobileNet: `conv_stem` before `bn1`), or a ViT's
+    patch embedding. None: no such module known, the first feature level is used instead."""
+    embed = getattr(model, "patch_embed", None)
+    if isinstance(embed, PatchEmbed):
+        return embed
+    for name in ("conv1", "conv_stem"):
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module) and hasattr(model, "bn1"):
+            return module
+    return None
+
+
+def _as_nchw(model: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """A patch embedding's tokens [B, N, C] (or NHWC) as an NCHW grid; conv maps pass through."""
+    embed = getattr(model, "patch_embed", None)
+    if not isinstance(embed, PatchEmbed) or output.ndim == 4 and output.shape[1] == getattr(embed.proj, "out_channels", -1):
+        return output
+    if output.ndim == 4:  # NHWC
+        return output.permute(0, 3, 1, 2)
+    batch, tokens, channels = output.shape
+    side = int(round(tokens**0.5))
+    height, width = embed.grid_size if embed.grid_size[0] * embed.grid_size[1] == tokens else (side, side)
+    return output.transpose(1, 2).reshape(batch, channels, height, width)
 
 
 @contextmanager
@@ -177,8 +282,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @functools.lru_cache(maxsize=None)
-def _arch_traits(arch: str) -> tuple[bool, bool, bool]:
-    """(has taps, takes img_size, takes patch_size) read off a meta-device build of `arch`."""
+def _arch_traits(arch: str) -> tuple[bool, bool, bool, int | None]:
+    """(has taps, takes img_size, takes patch_size, its own patch size) read off a meta-device build."""
     try:
         with torch.device("meta"):
             model = timm.create_model(arch, pretrained=False)
@@ -199,7 +304,8 @@ def _arch_traits(arch: str) -> tuple[bool, bool, bool]:
                 timm.create_model(arch, pretrained=False, patch_size=embeds[0].patch_size[0])
         except TypeError:
             takes_patch_size = False
-    return has_taps, takes_img_size, takes_patch_size
+    native_patch = int(embeds[0].patch_size[0]) if embeds else None
+    return has_taps, takes_img_size, takes_patch_size, native_patch
 
 
 def _init_accepts(cls: type, name: str) -> bool:
@@ -218,14 +324,14 @@ def _init_accepts(cls: type, name: str) -> bool:
 
 def _size_kwargs(cfg: ModelConfig, field: str) -> dict[str, Any]:
     """img_size/patch_size for models whose input size is fixed at construction; {} for CNNs."""
-    _, takes_img_size, takes_patch_size = _arch_traits(cfg.arch)
+    _, takes_img_size, takes_patch_size, _ = _arch_traits(cfg.arch)
     if cfg.patch_size is not None and not takes_patch_size:
         raise ConfigError(f"{field}.patch_size", f"{cfg.arch} has no patch embedding; leave patch_size unset")
     if not takes_img_size:
         return {}
     kwargs: dict[str, Any] = {"img_size": cfg.resolution}
     if takes_patch_size:
-        kwargs["patch_size"] = cfg.patch_size or choose_patch_size(cfg.resolution, field)
+        kwargs["patch_size"] = patch_size_for(cfg, field)
     return kwargs
 
 

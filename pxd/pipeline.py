@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,16 +25,20 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from pxd.config import ModelConfig, PipelineConfig, TrainConfig
+from pxd.config import DistillConfig, ModelConfig, PipelineConfig, TrainConfig
 from pxd.cost import measure_cost
 from pxd.data import load_dataset
+from pxd.losses import stage_loss_weights
 from pxd.metrics import metrics_from_cost
 from pxd.models import create_model
 from pxd.train import EpochCallback, StageResult, autocast_dtype, evaluate, resolve_device, train_stage
 from pxd.types import DatasetSplits
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "STAGE_KEY_VERSION",
+    "ASSISTANT_GAP_WARNING",
     "StageProvider",
     "TrainingProvider",
     "StageOutcome",
@@ -47,7 +52,10 @@ __all__ = [
 ]
 
 # Bump when a change to the training code would change what a stage produces, so stores miss.
-STAGE_KEY_VERSION = 1
+STAGE_KEY_VERSION = 2
+
+# An assistant this far (absolute val_top1) below its teacher did not learn what it should pass on.
+ASSISTANT_GAP_WARNING = 0.10
 
 
 @dataclass
@@ -85,6 +93,8 @@ class PipelineResult:
     stages: dict[str, StageOutcome]
     student: nn.Module = field(repr=False)
     cost: dict[str, Any] = field(default_factory=dict)
+    # What the user should look at (also logged): an assistant far below its teacher, skipped stages.
+    warnings: list[str] = field(default_factory=list)
 
 
 def _digest(payload: dict[str, Any]) -> str:
@@ -124,19 +134,20 @@ def stage_identities(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
                               "model": _model_identity(cfg.teacher, cfg.teacher.resolution)}}
     upstream = "teacher"
     if cfg.assistant.enabled:
-        # the assistant sees the teacher's pixels, so ISRD is not applied to it (train._make_distiller):
-        # its weight must not split assistants that are otherwise the same
-        assistant_distill = {k: v for k, v in dataclasses.asdict(cfg.assistant_distill).items() if k != "isrd"}
+        # exactly the assistant's active loss terms (pxd.losses.terms): isrd, which needs a lower
+        # resolution than the teacher's, never splits assistants that are otherwise the same
         identities["assistant"] = {**common, "kind": "assistant", "epochs": cfg.assistant_epochs,
                                    "train": _optimiser_identity(cfg.assistant_train),
                                    "model": _model_identity(cfg.student, cfg.teacher.resolution),
-                                   "distill": assistant_distill, "upstream": upstream}
+                                   "distill": _stage_distill(cfg.assistant_distill, cfg, cfg.teacher.resolution),
+                                   "upstream": upstream}
         upstream = "assistant"
     identities["student"] = {**common, "kind": "student", "epochs": cfg.student_epochs,
                              "train": _optimiser_identity(cfg.train),
                              "init_from_upstream": cfg.assistant.enabled and cfg.assistant.init_student,
                              "model": _model_identity(cfg.student, cfg.student.resolution),
-                             "distill": dataclasses.asdict(cfg.distill), "upstream": upstream}
+                             "distill": _stage_distill(cfg.distill, cfg, cfg.student.resolution),
+                             "upstream": upstream}
     return identities
 
 
@@ -148,6 +159,11 @@ def stage_keys(cfg: PipelineConfig, dataset_fingerprint: str) -> dict[str, str]:
         keys[kind] = _digest({**identity, "dataset": dataset_fingerprint,
                               "upstream": keys[upstream] if upstream else None})
     return keys
+
+
+def _stage_distill(distill: DistillConfig, cfg: PipelineConfig, resolution: int) -> dict[str, float]:
+    return stage_loss_weights(distill, distilling=True, student_resolution=resolution,
+                              teacher_resolution=cfg.teacher.resolution)
 
 
 def run_tas(
@@ -211,7 +227,26 @@ def run_tas(
     metrics = metrics_from_cost(cost, outcomes["student"].result.metrics)
     for kind, outcome in outcomes.items():
         metrics[f"{kind}_val_top1"] = outcome.result.metrics["val_top1"]
-    return PipelineResult(config=cfg, metrics=metrics, stages=outcomes, student=student.cpu(), cost=cost.to_dict())
+    warnings = _pipeline_warnings(outcomes)
+    return PipelineResult(config=cfg, metrics=metrics, stages=outcomes, student=student.cpu(), cost=cost.to_dict(),
+                          warnings=warnings)
+
+
+def _pipeline_warnings(outcomes: dict[str, StageOutcome]) -> list[str]:
+    """Each stage's own warnings, and an assistant far below its teacher; every one also logged."""
+    warnings = [f"{kind}: {w}" for kind, o in outcomes.items() for w in getattr(o.result, "warnings", [])]
+    if "assistant" in outcomes:
+        teacher = outcomes["teacher"].result.metrics["val_top1"]
+        assistant = outcomes["assistant"].result.metrics["val_top1"]
+        if assistant < teacher - ASSISTANT_GAP_WARNING:
+            warnings.append(
+                f"assistant: val_top1 {assistant:.3f} is {teacher - assistant:.3f} below its teacher's "
+                f"{teacher:.3f}; distillation did not transfer what the student should learn from (lower "
+                "train.lr, distill.kd or distill.temperature, or train the assistant longer)"
+            )
+    for warning in warnings:
+        logger.warning(warning)
+    return warnings
 
 
 def _new_model(model: ModelConfig, num_classes: int, field: str, seed: int) -> nn.Module:

@@ -37,6 +37,7 @@ class StageResult:
     state_dict: dict[str, torch.Tensor]  # the best epoch's weights, on CPU
     metrics: dict[str, float]  # val_top1 (best epoch), best_epoch, epochs, train_seconds
     history: list[dict[str, float]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. a distillation stage skipped on a 1×1 map
 
 
 def resolve_device(name: str) -> torch.device:
@@ -145,7 +146,7 @@ def train_stage(
     val_split = _place_data(data.val, device, train.max_device_data_bytes)
     sampler = TwoViewSampler(image_resolution, resolution, train=True)
     steps_per_epoch = max(1, len(train_split) // train.batch_size)
-    params = [p for p in model.parameters() if p.requires_grad] + list(distiller.parameters())
+    params = [p for p in model.parameters() if p.requires_grad] + distiller.student_side_parameters()
     optimizer = _optimizer(params, train)
     scheduler = _cosine_with_warmup(optimizer, steps_per_epoch * epochs)
     amp = autocast_dtype(device)
@@ -176,6 +177,8 @@ def train_stage(
             loss.backward()
             optimizer.step()
             scheduler.step()
+            for name, value in distiller.critic_step().items():  # terms with their own optimiser
+                sums[name] = sums.get(name, 0.0) + value
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
@@ -204,7 +207,8 @@ def train_stage(
         "epochs": float(epochs),
         "train_seconds": time.perf_counter() - started,
     }
-    return StageResult(kind=kind, state_dict=best_state, metrics=metrics, history=history)
+    return StageResult(kind=kind, state_dict=best_state, metrics=metrics, history=history,
+                       warnings=list(distiller.warnings))
 
 
 def _make_distiller(
@@ -215,21 +219,14 @@ def _make_distiller(
     image_resolution: int,
     device: torch.device,
 ) -> Distiller:
-    weights = distill if (distill is not None and teacher is not None) else _ce_only()
-    student_info = tap_info(model, resolution)
-    teacher_info = tap_info(teacher, image_resolution) if teacher is not None else None
+    """The stage's loss terms, from the table (`pxd.losses.stage_loss_weights`)."""
     return Distiller(
-        weights,
-        student=student_info,
-        teacher=teacher_info,
+        distill if teacher is not None else None,
+        student=tap_info(model, resolution),
+        teacher=tap_info(teacher, image_resolution) if teacher is not None else None,
+        student_resolution=resolution,
         teacher_resolution=image_resolution,
-        # ISRD reconstructs the high-resolution input; it applies where the student sees fewer pixels.
-        use_isrd=teacher is not None and resolution < image_resolution,
     ).to(device)
-
-
-def _ce_only() -> DistillConfig:
-    return DistillConfig(ce=1.0, kd=0.0, isrd=0.0)
 
 
 def _check_finite(kind: str, epoch: int, step: int, losses: dict[str, torch.Tensor]) -> None:

@@ -1,24 +1,23 @@
-"""The embedded synthetic dataset: procedural, seeded, and one where input resolution truly matters.
+"""The embedded synthetic dataset: procedural, seeded, and fair to pixel distillation.
 
-Classes come in pairs. Both classes of a pair share a coarse appearance (a shape and a hue, drawn
-with random position, size, colour jitter, a background gradient and pixel noise) and differ only
-in the orientation of a fine stripe texture on the object: horizontal (`-h`) or vertical (`-v`).
-The stripe period is graded per pair, as a fraction of `image_size` so it scales with it:
+A class is a combination of attributes, so classes share them and a teacher's soft targets carry
+real similarity information (`circle-h` is closer to `circle-v` than to `square-v`):
 
-    tier     period (64 px images)   gone once the image is downsampled to
-    fine     2 px  (size / 32)       1/2  (32 px)
-    medium   4 px  (size / 16)       1/4  (16 px)
-    coarse   8 px  (size / 8)        1/8  (8 px)
+- **shape** (coarse: a circle, a square, ...) with its own hue: visible at any resolution;
+- **texture orientation** (fine): a sinusoidal grating on the object, horizontal (`-h`) or
+  vertical (`-v`), with a period of `GRATING_PERIOD` × `image_size` (≈ 5.8 px at 64 px) jittered per
+  image, under pixel noise and a random background gradient.
 
-An antialiased (triangle-filter) downsample by a factor equal to the period averages a full
-stripe cycle into every output pixel, so the two classes of that pair become identical in
-distribution while the pair itself stays recognisable by shape and colour. With the default 8
-classes (tiers fine, medium, coarse, fine) the best achievable top-1 therefore falls from ~1.0 at
-64 px to ~0.75 at 32 px, ~0.625 at 16 px and ~0.5 at 8 px: the low-resolution student has
-something real to gain from the high-resolution teacher.
+Downsampling *attenuates* the grating but never erases it: an antialiased (area) downsample by f
+keeps a sinusoid of period p with amplitude |sinc(f / p)| — at 64 px about 0.82 at 2× fewer pixels
+per side and 0.38 at 4×; at 32 px 0.38 at 2× and 0.2 at 4× (the aliased grating keeps its
+orientation) — so the cue is still in a low-resolution student's input, only weak and noisy. Cross-entropy at a short budget learns it poorly; with much more data or
+many more epochs it approaches the resolution's ceiling; a teacher that sees the grating clearly can
+say what the student's faint input means. `make_synthetic` keeps the `DatasetConfig` knobs
+(`image_size`, `num_classes`, `train_per_class`, `val_per_class`).
 
-The texture is modulated by a smooth Gaussian envelope rather than the hard shape mask, so it has no
-low-frequency side lobes that could leak orientation through a downsample.
+Labels are ``shape · 2 + orientation``: ``num_classes`` 8 is 4 shapes × 2 orientations; an odd count
+leaves the last shape with one orientation.
 """
 
 from __future__ import annotations
@@ -33,35 +32,29 @@ import torch
 from pxd.config import DatasetConfig
 from pxd.types import DatasetSplits, ImageSet
 
-__all__ = ["GENERATOR_VERSION", "SHAPES", "DETAIL_TIERS", "make_synthetic", "synthetic_class_names", "stripe_period"]
+__all__ = ["GENERATOR_VERSION", "SHAPES", "ORIENTATIONS", "GRATING_PERIOD", "make_synthetic", "synthetic_class_names"]
 
 # Bump when the images a (config, seed) produces change: it is part of the fingerprint.
-GENERATOR_VERSION = "pxd-synthetic-v1"
+GENERATOR_VERSION = "pxd-synthetic-v2"
 SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross")
-# (name, stripe period as a fraction of image_size)
-DETAIL_TIERS = (("fine", 1 / 32), ("medium", 1 / 16), ("coarse", 1 / 8))
 ORIENTATIONS = ("h", "v")
-
-_TEXTURE_AMPLITUDE = 0.2
-_NOISE_STD = 0.03
+# Grating period as a fraction of image_size (±10 % per image): 5.8 px at 64 px.
+GRATING_PERIOD = 0.09
+_PERIOD_JITTER = 0.10
+_GRATING_AMPLITUDE = 0.16
+_NOISE_STD = 0.06
 _GOLDEN = 0.6180339887
 
 
-def stripe_period(image_size: int, tier: int) -> int:
-    """Stripe period in pixels for a tier: an even number ≥ 2 (a 50 % duty square wave)."""
-    return max(2, 2 * round(image_size * DETAIL_TIERS[tier][1] / 2))
-
-
 def synthetic_class_names(num_classes: int) -> list[str]:
-    """Readable names, e.g. `circle-fine-h`; pair g is classes 2g and 2g+1."""
+    """Readable names, e.g. `circle-h`; class 2s and 2s+1 share shape s (and its hue)."""
     names = []
     for label in range(num_classes):
-        group = label // 2
-        shape = SHAPES[group % len(SHAPES)]
-        if group >= len(SHAPES):  # shapes repeat with another hue once they run out
-            shape = f"{shape}{group // len(SHAPES) + 1}"
-        tier = DETAIL_TIERS[group % len(DETAIL_TIERS)][0]
-        names.append(f"{shape}-{tier}-{ORIENTATIONS[label % 2]}")
+        shape_index = label // len(ORIENTATIONS)
+        shape = SHAPES[shape_index % len(SHAPES)]
+        if shape_index >= len(SHAPES):  # shapes repeat with another hue once they run out
+            shape = f"{shape}{shape_index // len(SHAPES) + 1}"
+        names.append(f"{shape}-{ORIENTATIONS[label % len(ORIENTATIONS)]}")
     return names
 
 
@@ -92,21 +85,22 @@ def _make_split(num_classes: int, per_class: int, size: int, seed: int) -> Image
     count = num_classes * per_class
     # Interleaved labels: every prefix of the split is close to balanced.
     labels = torch.arange(count, dtype=torch.int64) % num_classes
-    group = labels // 2
-    orientation = labels % 2
+    shape_index = labels // len(ORIENTATIONS)
+    orientation = labels % len(ORIENTATIONS)
 
     def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
         return torch.empty(count, *shape).uniform_(low, high, generator=gen)
 
-    radius = uniform(0.2, 0.3) * size
+    radius = uniform(0.24, 0.34) * size
     centre_x = radius + uniform(0.0, 1.0) * (size - 2 * radius)
     centre_y = radius + uniform(0.0, 1.0) * (size - 2 * radius)
-    hue = (group.double() * _GOLDEN % 1.0).float() + uniform(-0.03, 0.03)
+    hue = (shape_index.double() * _GOLDEN % 1.0).float() + uniform(-0.03, 0.03)
     colour = _hsv_to_rgb(hue % 1.0, uniform(0.45, 0.75), uniform(0.5, 0.8))  # [N, 3]
     background_level = uniform(0.15, 0.85)
     gradient_angle = uniform(0.0, 2 * math.pi)
     gradient_strength = uniform(-0.15, 0.15)
-    phase = torch.floor(uniform(0.0, 1.0) * size)  # any integer shift; reduced mod period below
+    period = GRATING_PERIOD * size * (1 + uniform(-_PERIOD_JITTER, _PERIOD_JITTER))
+    phase = uniform(0.0, 2 * math.pi)
     noise = torch.randn(count, 3, size, size, generator=gen) * _NOISE_STD
 
     coords = torch.arange(size, dtype=torch.float32)
@@ -119,15 +113,15 @@ def _make_split(num_classes: int, per_class: int, size: int, seed: int) -> Image
     ramp = (xs * torch.cos(gradient_angle).view(-1, 1, 1) + ys * torch.sin(gradient_angle).view(-1, 1, 1)) / size
     background = (background_level.view(-1, 1, 1) + gradient_strength.view(-1, 1, 1) * 2 * ramp).unsqueeze(1)
 
-    alpha = _shape_alpha(group % len(SHAPES), u, v, radius).unsqueeze(1)  # [N, 1, S, S]
+    alpha = _shape_alpha(shape_index % len(SHAPES), u, v, radius).unsqueeze(1)  # [N, 1, S, S]
     image = background * (1 - alpha) + colour.view(-1, 3, 1, 1) * alpha
 
-    period = torch.tensor([stripe_period(size, tier) for tier in range(len(DETAIL_TIERS))])
-    period = period[group % len(DETAIL_TIERS)].view(-1, 1, 1).float()
-    across = torch.where(orientation.view(-1, 1, 1) == 0, ys, xs)  # h stripes vary along y
-    stripes = torch.remainder(torch.floor((across + phase.view(-1, 1, 1)) / (period / 2)), 2) * 2 - 1
-    envelope = torch.exp(-(u * u + v * v) / (2 * 0.5**2))
-    image = image + (_TEXTURE_AMPLITUDE * envelope * stripes).unsqueeze(1) + noise
+    across = torch.where(orientation.view(-1, 1, 1) == 0, ys, xs)  # h gratings vary along y
+    grating = torch.sin(2 * math.pi * across / period.view(-1, 1, 1) + phase.view(-1, 1, 1))
+    # A smooth envelope (not the hard shape mask) has no low-frequency side lobes that would leak the
+    # orientation into a downsample by some other route than the attenuated grating itself.
+    envelope = torch.exp(-(u * u + v * v) / (2 * 0.55**2))
+    image = image + (_GRATING_AMPLITUDE * envelope * grating).unsqueeze(1) + noise
 
     images = (image.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
     return ImageSet(images=images, labels=labels)

@@ -1,89 +1,62 @@
-"""The `Distiller`: every active loss term of one stage, as a dict the trainer sums.
+"""The `Distiller`: the active loss terms of one stage, as a dict the trainer sums.
 
-Terms and their papers (one file each): `kd` (kd.py, Hinton et al. 2015), `isrd` (isrd.py,
-Guo et al. TPAMI 2024), `feature` and `attention` (feature.py; FitNets-style cross-resolution
-hint, Zagoruyko & Komodakis 2017), `pairwise`, `mmd`, `adversarial` (rakd.py, Feng et al. TIP 2021).
-
-A term whose weight is 0 is never computed and creates no parameters. The trainable parts (channel
-adapters, the ISRD decoder, the discriminator) live here, not in the student, so they are dropped at
-inference and the deployed student's cost is unchanged; the trainer must move the Distiller to the
-training device and give its parameters to the same optimizer as the student's.
-
-Plain training (``teacher=None``, the teacher stage) returns only ``"ce"`` at weight 1: the
-`DistillConfig` weights describe distillation stages, and letting `distill.ce` scale the teacher's
-loss would make the teacher depend on a distillation setting (and break sharing teacher stages
-across trials that differ only in distillation weights).
+Which terms are active, and their weights, come from the table (`pxd.losses.terms`); this module only
+builds each active row's module and loops over them. The trainable parts (channel adapters, the ISRD
+decoder, the discriminator) live here, not in the student, so they are dropped at inference and the
+deployed student's cost is unchanged. The trainer moves the Distiller to the training device, gives
+`student_side_parameters()` to the student's optimiser and calls `critic_step()` after each step
+(terms with their own optimiser, the adversarial discriminator, train there).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pxd.config import DISTILL_TERMS, DistillConfig
 from pxd.errors import ConfigError
-from pxd.losses.feature import FeatureAdapter, attention_loss, feature_loss
-from pxd.losses.isrd import ISRDDecoder, isrd_loss
-from pxd.losses.kd import kd_loss
-from pxd.losses.rakd import (
-    EmbeddingAdapter,
-    FeatureDiscriminator,
-    adversarial_loss,
-    mmd_loss,
-    pairwise_similarity_loss,
-    pooled_embedding,
-)
+from pxd.losses.terms import TermContext, stage_loss_weights, term
 from pxd.types import TapInfo, Taps
 
-__all__ = ["Distiller", "total", "active_terms"]
+if TYPE_CHECKING:
+    from pxd.config import DistillConfig
 
-EMBEDDING_TERMS = ("pairwise", "mmd", "adversarial")
-
-
-def active_terms(weights: DistillConfig, *, distilling: bool, use_isrd: bool) -> tuple[str, ...]:
-    """Names of the terms a stage computes, in `DISTILL_TERMS` order."""
-    if not distilling:
-        return ("ce",)
-    return tuple(
-        name
-        for name in DISTILL_TERMS
-        if getattr(weights, name) > 0 and (name != "isrd" or use_isrd)
-    )
+__all__ = ["Distiller"]
 
 
 class Distiller(nn.Module):
-    """Weighted loss terms of one stage; `forward` returns ``{term: weighted scalar}``."""
+    """Weighted loss terms of one stage; `forward` returns ``{term: weighted scalar}`` in table order."""
 
     def __init__(
         self,
-        weights: DistillConfig,
+        distill: DistillConfig | None,
         *,
         student: TapInfo,
         teacher: TapInfo | None,
+        student_resolution: int,
         teacher_resolution: int,
-        use_isrd: bool,
     ) -> None:
         super().__init__()
-        self.weights = weights
         self.distilling = teacher is not None
-        self.terms = active_terms(weights, distilling=self.distilling, use_isrd=use_isrd)
-        if not self.terms:
+        weights = stage_loss_weights(
+            distill, distilling=self.distilling,
+            student_resolution=student_resolution, teacher_resolution=teacher_resolution,
+        )
+        self.temperature = weights.pop("temperature", None)
+        self.weights = weights
+        if not weights:
             raise ConfigError(
                 "distill",
-                f"every loss weight of this stage is 0; set at least one of {DISTILL_TERMS} > 0"
-                + ("" if use_isrd else " (isrd does not apply to a stage at the teacher's resolution)"),
+                "every loss weight of this stage is 0 (the label term's weight is ce·(1 − kd); isrd applies "
+                "only below the teacher's resolution); set distill.kd or another term > 0",
             )
-        if teacher is None:
-            return
-        if "isrd" in self.terms:
-            self.isrd_decoder = ISRDDecoder(student.input_channels, student.input_size, teacher_resolution)
-        if "feature" in self.terms:
-            self.feature_adapter = FeatureAdapter(student.feature_channels, teacher.feature_channels)
-        if any(name in self.terms for name in EMBEDDING_TERMS):
-            self.embedding_adapter = EmbeddingAdapter(student.feature_channels, teacher.feature_channels)
-        if "adversarial" in self.terms:
-            self.discriminator = FeatureDiscriminator(teacher.feature_channels)
+        context = TermContext(
+            student=student, teacher=teacher, student_resolution=student_resolution,
+            teacher_resolution=teacher_resolution, temperature=self.temperature or 1.0,
+        )
+        self.terms = nn.ModuleDict({name: term(name).build(context) for name in weights})
+        self.warnings: list[str] = [w for module in self.terms.values() for w in getattr(module, "warnings", [])]
 
     def forward(
         self,
@@ -97,44 +70,27 @@ class Distiller(nn.Module):
                 "Distiller was built for "
                 + ("distillation and needs teacher taps" if self.distilling else "plain training; pass teacher=None")
             )
-        if teacher is None:
-            return {"ce": F.cross_entropy(student.logits, labels)}
-        raw = self._raw_losses(student, teacher, labels, teacher_image)
-        return {name: getattr(self.weights, name) * raw[name] for name in self.terms}
+        return {
+            name: self.weights[name] * module(student, teacher, labels, teacher_image)
+            for name, module in self.terms.items()
+        }
 
-    def _raw_losses(
-        self, student: Taps, teacher: Taps, labels: torch.Tensor, teacher_image: torch.Tensor | None
-    ) -> dict[str, torch.Tensor]:
-        """Unweighted value of each active term; teacher taps are constants."""
-        terms, raw = self.terms, {}
-        if "ce" in terms:
-            raw["ce"] = F.cross_entropy(student.logits, labels)
-        if "kd" in terms:
-            raw["kd"] = kd_loss(student.logits, teacher.logits, self.weights.temperature)
-        if "isrd" in terms:
-            if teacher_image is None:
-                raise ValueError("the isrd term needs teacher_image (the teacher-resolution view)")
-            raw["isrd"] = isrd_loss(self.isrd_decoder(student.input_map), teacher_image)
-        teacher_map = teacher.feature_map.detach()
-        if "feature" in terms:
-            adapted = self.feature_adapter(student.feature_map, tuple(teacher_map.shape[-2:]))
-            raw["feature"] = feature_loss(adapted, teacher_map)
-        if "attention" in terms:
-            raw["attention"] = attention_loss(student.feature_map, teacher_map)
-        if any(name in terms for name in EMBEDDING_TERMS):
-            student_embedding = self.embedding_adapter(student.feature_map)
-            teacher_embedding = pooled_embedding(teacher_map)
-            if "pairwise" in terms:
-                raw["pairwise"] = pairwise_similarity_loss(student_embedding, teacher_embedding)
-            if "mmd" in terms:
-                raw["mmd"] = mmd_loss(student_embedding, teacher_embedding)
-            if "adversarial" in terms:
-                raw["adversarial"] = adversarial_loss(self.discriminator, student_embedding, teacher_embedding)
-        return raw
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by the terms' own optimisers (never by the student's)."""
+        return [p for module in self.terms.values() if hasattr(module, "critic_parameters") for p in module.critic_parameters()]
 
+    def student_side_parameters(self) -> list[nn.Parameter]:
+        """Adapter and decoder parameters, trained with the student by its optimiser."""
+        critics = {id(p) for p in self.critic_parameters()}
+        return [p for p in self.parameters() if id(p) not in critics]
 
-def total(losses: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of the weighted terms a `Distiller` returned (what the trainer back-propagates)."""
-    if not losses:
-        raise ValueError("no loss terms to sum; a Distiller always returns at least one")
-    return torch.stack([value.float() for value in losses.values()]).sum()
+    def critic_step(self) -> dict[str, float]:
+        """One step of every term with its own optimiser; ``{term: its critic loss}``."""
+        losses = {}
+        for name, module in self.terms.items():
+            step = getattr(module, "critic_step", None)
+            if step is not None:
+                value = step()
+                if value is not None:
+                    losses[f"{name}_critic"] = value
+        return losses

@@ -19,15 +19,42 @@ eq. 2 with p = 2 and the mean over channels as in their code):
 
 The larger attention map is adaptive-average-pooled to the smaller one's size (per dimension)
 before normalisation, so no adapter (and no parameters) is needed, whatever the channels.
+
+Both terms run on several stages (`ModelTaps.stage_maps`: a ResNet's layer1..layer4, as the official
+Pixel Distillation AT), the student's and the teacher's stages paired from the deepest. A pair where
+either map is 1×1 is skipped with a warning: there a normalised attention map is the constant 1
+(loss and gradient exactly 0) and a feature map has no spatial structure to transfer. The stage
+losses are summed, as the official `ATLoss` (weighted by β = 1000 there). A term with no usable pair
+is a `ConfigError` when the stage is built, before it trains.
 """
 
 from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FeatureAdapter", "feature_loss", "resize_map", "attention_map", "attention_loss"]
+from pxd.errors import ConfigError
+from pxd.types import Taps
+
+if TYPE_CHECKING:
+    from pxd.losses.terms import TermContext
+
+__all__ = [
+    "FeatureAdapter",
+    "feature_loss",
+    "resize_map",
+    "attention_map",
+    "attention_loss",
+    "spatial_stage_pairs",
+    "FeatureKDTerm",
+    "AttentionTerm",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def resize_map(feature_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -82,3 +109,72 @@ def attention_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torc
         min(student_map.shape[-1], teacher_map.shape[-1]),
     )
     return (attention_map(student_map, size) - attention_map(teacher_map.detach(), size)).pow(2).mean()
+
+
+def spatial_stage_pairs(context: TermContext, term: str) -> tuple[list[tuple[int, int]], list[str]]:
+    """(student stage, teacher stage) index pairs a spatial term uses, and a warning per skipped pair.
+
+    Stages are paired from the deepest (student's last with teacher's last, ...), as many as the shorter
+    list has. Raises `ConfigError` naming `distill.<term>` when no pair has maps larger than 1×1.
+    """
+    student_sizes = context.student.stage_sizes or (context.student.feature_size,)
+    teacher_sizes = context.teacher.stage_sizes or (context.teacher.feature_size,)
+    count = min(len(student_sizes), len(teacher_sizes))
+    pairs, warnings = [], []
+    for offset in range(count, 0, -1):
+        s_index, t_index = len(student_sizes) - offset, len(teacher_sizes) - offset
+        s_size, t_size = student_sizes[s_index], teacher_sizes[t_index]
+        if s_size[0] * s_size[1] <= 1 or t_size[0] * t_size[1] <= 1:
+            warnings.append(
+                f"distill.{term}: skipped stage {s_index + 1} (student map {s_size[0]}×{s_size[1]}, "
+                f"teacher map {t_size[0]}×{t_size[1]}): a 1×1 map carries no spatial information"
+            )
+            continue
+        pairs.append((s_index, t_index))
+    if not pairs:
+        raise ConfigError(
+            f"distill.{term}",
+            f"no stage of the student ({list(student_sizes)}) has a feature map larger than 1×1 at this "
+            "resolution, so the term would be 0; set it to 0, raise student.resolution, or pick an "
+            "architecture with less downsampling",
+        )
+    for warning in warnings:
+        logger.warning(warning)
+    return pairs, warnings
+
+
+def _stage_maps(taps: Taps) -> list[torch.Tensor]:
+    return list(getattr(taps, "stage_maps", None) or [taps.feature_map])
+
+
+class FeatureKDTerm(nn.Module):
+    """The `feature` row: per usable stage, adapt the student map to the teacher's, MSE; summed."""
+
+    def __init__(self, context: TermContext) -> None:
+        super().__init__()
+        self.pairs, self.warnings = spatial_stage_pairs(context, "feature")
+        student_channels = context.student.stage_channels or (context.student.feature_channels,)
+        teacher_channels = context.teacher.stage_channels or (context.teacher.feature_channels,)
+        self.adapters = nn.ModuleList(
+            FeatureAdapter(student_channels[s], teacher_channels[t]) for s, t in self.pairs
+        )
+
+    def forward(self, student: Taps, teacher: Taps | None, labels: torch.Tensor, teacher_image: torch.Tensor | None) -> torch.Tensor:
+        student_maps, teacher_maps = _stage_maps(student), _stage_maps(teacher)
+        losses = []
+        for adapter, (s, t) in zip(self.adapters, self.pairs):
+            target = teacher_maps[t].detach()
+            losses.append(feature_loss(adapter(student_maps[s], tuple(target.shape[-2:])), target))
+        return torch.stack(losses).sum()
+
+
+class AttentionTerm(nn.Module):
+    """The `attention` row: attention transfer on every usable stage pair, summed."""
+
+    def __init__(self, context: TermContext) -> None:
+        super().__init__()
+        self.pairs, self.warnings = spatial_stage_pairs(context, "attention")
+
+    def forward(self, student: Taps, teacher: Taps | None, labels: torch.Tensor, teacher_image: torch.Tensor | None) -> torch.Tensor:
+        student_maps, teacher_maps = _stage_maps(student), _stage_maps(teacher)
+        return torch.stack([attention_loss(student_maps[s], teacher_maps[t]) for s, t in self.pairs]).sum()

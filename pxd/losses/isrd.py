@@ -2,11 +2,15 @@
 Distillation across Image Sizes and Heterogeneous Networks", TPAMI 2024, sec. 4.2).
 
 The low-resolution student's input-module map F_s (C × h × w) is decoded back to the teacher's
-image: a 1×1 conv to 3·s² channels, PixelShuffle(s) (a learned sub-pixel upsampler) and PReLU,
-and the reconstruction is pulled to the high-resolution image with an L1 loss:
+image: a 1×1 conv without bias to 3·s² channels, PixelShuffle(s) (a learned sub-pixel upsampler)
+and a PReLU with one slope per colour channel, and the reconstruction is pulled to the
+high-resolution (normalised) image with an L1 loss, as the official code's `SR1x1` and
+`train_isrd_5runs.py` (η = 50 at 4× fewer pixels per side, 10 at 2×):
 
     L_ISRD = ‖ D(F_s) − I_T ‖₁   (mean over pixels)
 
+F_s is the stem convolution's output *before* its BatchNorm and activation (official: ResNet
+`conv1` with `preReLU=True`; a ViT's patch embedding), tapped by `pxd.models.forward_taps`.
 This forces the student's first layers to encode the fine spatial detail the teacher sees.
 The decoder is training-only: it lives in the `Distiller`, not in the student model, so the
 deployed student's cost (params, MACs, pixels) is unchanged.
@@ -28,7 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ISRDDecoder", "isrd_loss", "isrd_scale"]
+from typing import TYPE_CHECKING
+
+from pxd.types import Taps
+
+if TYPE_CHECKING:
+    from pxd.losses.terms import TermContext
+
+__all__ = ["ISRDDecoder", "ISRDTerm", "isrd_loss", "isrd_scale"]
 
 
 def isrd_scale(input_size: tuple[int, int], target_size: int) -> int:
@@ -37,7 +48,7 @@ def isrd_scale(input_size: tuple[int, int], target_size: int) -> int:
 
 
 class ISRDDecoder(nn.Module):
-    """1×1 conv (C → 3·s²) → PixelShuffle(s) → PReLU → top-left crop to target × target."""
+    """1×1 conv without bias (C → 3·s²) → PixelShuffle(s) → PReLU(3) → top-left crop to target × target."""
 
     def __init__(self, in_channels: int, input_size: tuple[int, int], target_size: int) -> None:
         super().__init__()
@@ -49,9 +60,9 @@ class ISRDDecoder(nn.Module):
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.target_size = int(target_size)
         self.scale = isrd_scale(self.input_size, self.target_size)
-        self.project = nn.Conv2d(in_channels, 3 * self.scale**2, kernel_size=1)
+        self.project = nn.Conv2d(in_channels, 3 * self.scale**2, kernel_size=1, bias=False)
         self.shuffle = nn.PixelShuffle(self.scale)
-        self.activation = nn.PReLU()
+        self.activation = nn.PReLU(3)
 
     def forward(self, input_map: torch.Tensor) -> torch.Tensor:
         """[B, C, h, w] → [B, 3, target, target]."""
@@ -67,3 +78,17 @@ def isrd_loss(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tenso
             f"{tuple(target.shape)}; the teacher view must be at teacher.resolution"
         )
     return F.l1_loss(reconstruction, target.detach())
+
+
+class ISRDTerm(nn.Module):
+    """The `isrd` row: decode the student's input tap to the teacher's view, L1 to it."""
+
+    def __init__(self, context: TermContext) -> None:
+        super().__init__()
+        student = context.student
+        self.decoder = ISRDDecoder(student.input_channels, student.input_size, context.teacher_resolution)
+
+    def forward(self, student: Taps, teacher: Taps | None, labels: torch.Tensor, teacher_image: torch.Tensor | None) -> torch.Tensor:
+        if teacher_image is None:
+            raise ValueError("the isrd term needs teacher_image (the teacher-resolution view)")
+        return isrd_loss(self.decoder(student.input_map), teacher_image)

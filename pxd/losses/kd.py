@@ -4,15 +4,25 @@ Network", 2015).
     L_KD = T² · KL( softmax(z_t / T) ‖ softmax(z_s / T) ),   averaged over the batch
 
 The T² factor keeps the gradient magnitude of the soft targets comparable to the hard-label
-cross-entropy when T changes (Hinton et al. 2015, sec. 2).
+cross-entropy when T changes (Hinton et al. 2015, sec. 2). A stage combines it with the label term
+convexly, as the official Pixel Distillation `KDLoss` does: (1 − α)·CE + α·L_KD with α = `distill.kd`
+(the weights come from `pxd.losses.terms.stage_loss_weights`; this file only computes the terms).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["kd_loss"]
+from pxd.types import Taps
+
+if TYPE_CHECKING:
+    from pxd.losses.terms import TermContext
+
+__all__ = ["kd_loss", "LabelTerm", "LogitKDTerm"]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -26,3 +36,24 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     # is the mathematically correct KL per example (reduction="mean" would also divide by classes).
     kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
     return kl * temperature**2
+
+
+class LabelTerm(nn.Module):
+    """The `ce` row: cross-entropy of the student's logits against the labels."""
+
+    def __init__(self, context: TermContext) -> None:
+        super().__init__()
+
+    def forward(self, student: Taps, teacher: Taps | None, labels: torch.Tensor, teacher_image: torch.Tensor | None) -> torch.Tensor:
+        return F.cross_entropy(student.logits, labels)
+
+
+class LogitKDTerm(nn.Module):
+    """The `kd` row: `kd_loss` at the stage's temperature."""
+
+    def __init__(self, context: TermContext) -> None:
+        super().__init__()
+        self.temperature = context.temperature
+
+    def forward(self, student: Taps, teacher: Taps | None, labels: torch.Tensor, teacher_image: torch.Tensor | None) -> torch.Tensor:
+        return kd_loss(student.logits, teacher.logits, self.temperature)

@@ -16,32 +16,44 @@ and treated as a constant.
     the pooled batch (detached), the multi-kernel heuristic of Long et al., DAN (ICML 2015); this
     keeps the kernel meaningful whatever the feature scale.
 (c) Adversarial feature discriminator: a small MLP D tells teacher embeddings (label 1) from
-    student embeddings (label 0). The student embedding reaches D through a gradient reversal
-    layer (Ganin & Lempitsky, ICML 2015): the forward pass is the identity, the backward pass
-    multiplies the gradient by −1. One optimizer step therefore trains D to *minimise* the BCE
-    while the student receives the reversed gradient, i.e. *maximises* that same BCE (the original
-    minimax GAN objective), which drives student embeddings towards the teacher's distribution.
-    We chose this over alternating discriminator/generator steps so that the trainer keeps a
-    single optimizer and a single backward pass per batch.
+    student embeddings (label 0). Training alternates, as a GAN (Goodfellow et al., NeurIPS 2014):
+    the student minimises the *non-saturating* loss −log D(s) (BCE of D(s) against "teacher"), whose
+    gradient stays large exactly when D confidently rejects the student (the minimax form
+    log(1 − D(s)), e.g. through a gradient-reversal layer, vanishes there); then D takes its own
+    step, with its own optimiser (`CRITIC_OPTIMIZER`), on detached embeddings:
+        L_D = BCE(D(t), 1) + BCE(D(s), 0)   (halved)
+    D's parameters are never in the student's optimiser.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pxd.types import Taps
+
+if TYPE_CHECKING:
+    from pxd.losses.terms import TermContext
 
 __all__ = [
     "EmbeddingAdapter",
     "pooled_embedding",
     "pairwise_similarity_loss",
     "mmd_loss",
-    "gradient_reversal",
     "FeatureDiscriminator",
     "adversarial_loss",
+    "discriminator_loss",
+    "PairwiseTerm",
+    "MMDTerm",
+    "AdversarialTerm",
+    "CRITIC_OPTIMIZER",
 ]
+
+# The discriminator's own optimiser: Adam with the usual GAN betas (Radford et al., DCGAN 2016).
+CRITIC_OPTIMIZER = {"lr": 1e-3, "betas": (0.5, 0.999)}
 
 MMD_BANDWIDTH_EXPONENTS = (-2, -1, 0, 1, 2)
 
@@ -95,21 +107,6 @@ def mmd_loss(student_embedding: torch.Tensor, teacher_embedding: torch.Tensor) -
     return k_ss + k_tt - 2.0 * k_st
 
 
-class _GradientReversal(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> torch.Tensor:
-        return -grad_output
-
-
-def gradient_reversal(tensor: torch.Tensor) -> torch.Tensor:
-    """Identity forward, negated gradient backward (Ganin & Lempitsky 2015)."""
-    return _GradientReversal.apply(tensor)
-
-
 class FeatureDiscriminator(nn.Module):
     """Small MLP: embedding → logit that the embedding came from the high-resolution teacher."""
 
@@ -127,13 +124,78 @@ class FeatureDiscriminator(nn.Module):
         return self.net(embedding).squeeze(1)
 
 
-def adversarial_loss(
+def adversarial_loss(discriminator: FeatureDiscriminator, student_embedding: torch.Tensor) -> torch.Tensor:
+    """The student's non-saturating GAN loss, −log D(s): BCE of D(s) against the teacher label."""
+    student_logit = discriminator(student_embedding)
+    return F.binary_cross_entropy_with_logits(student_logit, torch.ones_like(student_logit))
+
+
+def discriminator_loss(
     discriminator: FeatureDiscriminator, student_embedding: torch.Tensor, teacher_embedding: torch.Tensor
 ) -> torch.Tensor:
-    """Discriminator BCE (teacher = 1, student = 0); the student side goes through gradient reversal,
-    so minimising this trains D and pushes the student to fool it in the same backward pass."""
+    """D's loss on detached embeddings: teacher = 1, student = 0 (mean of the two BCEs)."""
     teacher_logit = discriminator(teacher_embedding.detach())
-    student_logit = discriminator(gradient_reversal(student_embedding))
+    student_logit = discriminator(student_embedding.detach())
     real = F.binary_cross_entropy_with_logits(teacher_logit, torch.ones_like(teacher_logit))
     fake = F.binary_cross_entropy_with_logits(student_logit, torch.zeros_like(student_logit))
     return 0.5 * (real + fake)
+
+
+def _embeddings(adapter: EmbeddingAdapter, student: Taps, teacher: Taps) -> tuple[torch.Tensor, torch.Tensor]:
+    return adapter(student.feature_map), pooled_embedding(teacher.feature_map.detach())
+
+
+class PairwiseTerm(nn.Module):
+    """The `pairwise` row: its own embedding adapter + `pairwise_similarity_loss`."""
+
+    def __init__(self, context: TermContext) -> None:
+        super().__init__()
+        self.adapter = EmbeddingAdapter(context.student.feature_channels, context.teacher.feature_channels)
+
+    def forward(self, student: Taps, teacher: Taps | None, labels: torch.Tensor, teacher_image: torch.Tensor | None) -> torch.Tensor:
+        return pairwise_similarity_loss(*_embeddings(self.adapter, student, teacher))
+
+
+class MMDTerm(nn.Module):
+    """The `mmd` row: its own embedding adapter + `mmd_loss`."""
+
+    def __init__(self, context: TermContext) -> None:
+        super().__init__()
+        self.adapter = EmbeddingAdapter(context.student.feature_channels, context.teacher.feature_channels)
+
+    def forward(self, student: Taps, teacher: Taps | None, labels: torch.Tensor, teacher_image: torch.Tensor | None) -> torch.Tensor:
+        return mmd_loss(*_embeddings(self.adapter, student, teacher))
+
+
+class AdversarialTerm(nn.Module):
+    """The `adversarial` row: the student's non-saturating loss now, D's own step in `critic_step`."""
+
+    def __init__(self, context: TermContext) -> None:
+        super().__init__()
+        self.adapter = EmbeddingAdapter(context.student.feature_channels, context.teacher.feature_channels)
+        self.discriminator = FeatureDiscriminator(context.teacher.feature_channels)
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    def forward(self, student: Taps, teacher: Taps | None, labels: torch.Tensor, teacher_image: torch.Tensor | None) -> torch.Tensor:
+        student_embedding, teacher_embedding = _embeddings(self.adapter, student, teacher)
+        if self.training:
+            self._pending = (student_embedding.detach(), teacher_embedding)
+        return adversarial_loss(self.discriminator, student_embedding)
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        return list(self.discriminator.parameters())
+
+    def critic_step(self) -> float | None:
+        """One discriminator step on the embeddings of the last training forward; its loss."""
+        if self._pending is None:
+            return None
+        if self._optimizer is None:  # created lazily: after the Distiller moved to its device
+            self._optimizer = torch.optim.Adam(self.critic_parameters(), **CRITIC_OPTIMIZER)
+        student_embedding, teacher_embedding = self._pending
+        self._pending = None
+        self._optimizer.zero_grad(set_to_none=True)  # drops what the student's loss left on D
+        loss = discriminator_loss(self.discriminator, student_embedding.float(), teacher_embedding.float())
+        loss.backward()
+        self._optimizer.step()
+        return float(loss.detach())

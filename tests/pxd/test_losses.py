@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -24,9 +25,10 @@ from pxd.losses import (
     mmd_loss,
     pairwise_similarity_loss,
     pooled_embedding,
-    total,
+    stage_loss_weights,
 )
-from pxd.types import TapInfo, Taps
+from pxd.losses.terms import LOSS_TERMS, TermContext
+from pxd.models import ModelTapInfo, ModelTaps
 
 RATIOS = (1, 2, 4, 8)
 
@@ -209,83 +211,139 @@ def test_embedding_terms_across_ratios_and_channels(ratio: int, student_channels
     assert all(p.grad.abs().sum() > 0 for p in adapter.parameters())
 
 
-def test_adversarial_student_gradient_is_reversed_relative_to_the_discriminator() -> None:
+def test_adversarial_student_gradient_does_not_vanish_with_a_confident_discriminator() -> None:
+    """The non-saturating −log D(s) keeps pushing the student exactly when D rejects it confidently
+    (the minimax log(1 − D(s)) a gradient-reversal layer gives was measured at 4.7e-11 there)."""
     discriminator = FeatureDiscriminator(8, hidden=16)
-    teacher_embedding = torch.randn(5, 8)
+    with torch.no_grad():  # D says "student" (logit −20) for everything: σ(−20) ≈ 2e-9
+        last = discriminator.net[-1]
+        last.weight.zero_()
+        last.bias.fill_(-20.0)
+        discriminator.net[-1].weight[0, 0] = 1e-2  # keep a path from the embedding to the logit
     student_embedding = torch.randn(5, 8, requires_grad=True)
-    loss = adversarial_loss(discriminator, student_embedding, teacher_embedding)
-    loss.backward()
-    reversed_grad = student_embedding.grad.clone()
-    assert all(p.grad.abs().sum() > 0 for p in discriminator.parameters())
+    adversarial_loss(discriminator, student_embedding).backward()
+    non_saturating = student_embedding.grad.abs().sum().item()
 
-    # the discriminator's own objective, without reversal: the student must get exactly the opposite
-    plain_student = student_embedding.detach().clone().requires_grad_()
-    teacher_logit = discriminator(teacher_embedding)
-    student_logit = discriminator(plain_student)
-    plain = 0.5 * (
-        F.binary_cross_entropy_with_logits(teacher_logit, torch.ones(5))
-        + F.binary_cross_entropy_with_logits(student_logit, torch.zeros(5))
+    saturating_input = student_embedding.detach().clone().requires_grad_()
+    logit = discriminator(saturating_input)
+    (-F.binary_cross_entropy_with_logits(logit, torch.zeros(5))).backward()  # the minimax form
+    saturating = saturating_input.grad.abs().sum().item()
+    assert non_saturating > 1e-4
+    assert non_saturating > 1e5 * saturating
+
+
+def test_adversarial_term_trains_its_discriminator_with_its_own_optimiser() -> None:
+    distiller = Distiller(
+        DistillConfig(ce=0.0, kd=0.0, isrd=0.0, adversarial=1.0),
+        student=STUDENT, teacher=TEACHER, student_resolution=16, teacher_resolution=32,
     )
-    assert plain.item() == pytest.approx(loss.item())
-    discriminator.zero_grad()
-    plain.backward()
-    assert reversed_grad.abs().sum() > 0
-    assert torch.allclose(reversed_grad, -plain_student.grad)
+    critics = {id(p) for p in distiller.critic_parameters()}
+    assert critics and not critics & {id(p) for p in distiller.student_side_parameters()}
+    before = [p.detach().clone() for p in distiller.critic_parameters()]
+    losses = distiller(_taps(STUDENT, requires_grad=True), _taps(TEACHER), torch.randint(0, NUM_CLASSES, (4,)))
+    sum(losses.values()).backward()
+    critic = distiller.critic_step()
+    assert set(critic) == {"adversarial_critic"} and math.isfinite(critic["adversarial_critic"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, distiller.critic_parameters()))
+    assert distiller.critic_step() == {}, "one critic step per training forward"
 
 
-# --- Distiller -----------------------------------------------------------------------------------------
+# --- Distiller and the loss table ------------------------------------------------------------------
 
-STUDENT = TapInfo(input_channels=16, input_size=(8, 8), feature_channels=24, feature_size=(2, 2))
-TEACHER = TapInfo(input_channels=32, input_size=(16, 16), feature_channels=40, feature_size=(4, 4))
+STUDENT = ModelTapInfo(
+    input_channels=16, input_size=(8, 8), feature_channels=24, feature_size=(2, 2),
+    stage_channels=(12, 24), stage_sizes=((4, 4), (2, 2)),
+)
+TEACHER = ModelTapInfo(
+    input_channels=32, input_size=(16, 16), feature_channels=40, feature_size=(4, 4),
+    stage_channels=(20, 40), stage_sizes=((8, 8), (4, 4)),
+)
 NUM_CLASSES = 5
 
 
-def _taps(info: TapInfo, batch: int = 4, requires_grad: bool = False) -> Taps:
+def _taps(info: ModelTapInfo, batch: int = 4, requires_grad: bool = False) -> ModelTaps:
     def tensor(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, requires_grad=requires_grad)
 
-    return Taps(
+    stages = [tensor(batch, c, *size) for c, size in zip(info.stage_channels, info.stage_sizes)]
+    return ModelTaps(
         logits=tensor(batch, NUM_CLASSES),
         input_map=tensor(batch, info.input_channels, *info.input_size),
-        feature_map=tensor(batch, info.feature_channels, *info.feature_size),
+        feature_map=stages[-1],
+        stage_maps=stages,
     )
 
 
 def _all_on() -> DistillConfig:
-    return DistillConfig(ce=1.0, kd=1.0, isrd=1.0, feature=1.0, attention=1.0, pairwise=1.0, mmd=1.0, adversarial=1.0)
+    return DistillConfig(ce=1.0, kd=0.5, isrd=1.0, feature=1.0, attention=1.0, pairwise=1.0, mmd=1.0, adversarial=1.0)
+
+
+def _distiller(config: DistillConfig | None, *, student_resolution: int = 16, teacher: ModelTapInfo | None = TEACHER,
+               student: ModelTapInfo = STUDENT) -> Distiller:
+    return Distiller(config, student=student, teacher=teacher, student_resolution=student_resolution, teacher_resolution=32)
+
+
+def test_the_table_has_one_row_per_config_term_in_order() -> None:
+    assert tuple(term.name for term in LOSS_TERMS) == DISTILL_TERMS
+    assert all(hasattr(DistillConfig(), name) for name in DISTILL_TERMS)
 
 
 def test_distiller_returns_every_active_term_and_gradients_reach_student_and_adapters() -> None:
-    distiller = Distiller(_all_on(), student=STUDENT, teacher=TEACHER, teacher_resolution=32, use_isrd=True)
+    distiller = _distiller(_all_on())
     student = _taps(STUDENT, requires_grad=True)
     losses = distiller(student, _taps(TEACHER), torch.randint(0, NUM_CLASSES, (4,)), torch.randn(4, 3, 32, 32))
     assert list(losses) == list(DISTILL_TERMS)
     assert all(value.ndim == 0 for value in losses.values())
-    summed = total(losses)
-    assert summed.ndim == 0 and torch.isfinite(summed)
+    summed = sum(losses.values())
+    assert torch.isfinite(summed)
     summed.backward()
-    for tensor in (student.logits, student.input_map, student.feature_map):
+    for tensor in (student.logits, student.input_map, *student.stage_maps):
         assert tensor.grad is not None and tensor.grad.abs().sum() > 0
-    assert all(p.grad is not None for p in distiller.parameters())
+    assert all(p.grad is not None for p in distiller.student_side_parameters())
 
 
-def test_distiller_weights_each_term() -> None:
+def test_the_table_drives_the_distiller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row added to the table is built and summed with no other change (here: replacing `mmd`)."""
+    from pxd.losses import terms
+
+    class Constant(torch.nn.Module):
+        def __init__(self, context: TermContext) -> None:
+            super().__init__()
+            self.seen_resolution = context.student_resolution
+
+        def forward(self, student, teacher, labels, teacher_image) -> torch.Tensor:
+            return student.logits.sum() * 0 + 3.0
+
+    rows = tuple(dataclasses.replace(row, build=Constant) if row.name == "mmd" else row for row in terms.LOSS_TERMS)
+    monkeypatch.setattr(terms, "LOSS_TERMS", rows)
+    distiller = _distiller(DistillConfig(ce=1.0, kd=0.0, isrd=0.0, mmd=2.0))
+    assert isinstance(distiller.terms["mmd"], Constant) and distiller.terms["mmd"].seen_resolution == 16
+    losses = distiller(_taps(STUDENT), _taps(TEACHER), torch.randint(0, NUM_CLASSES, (4,)))
+    assert list(losses) == ["ce", "mmd"] and losses["mmd"].item() == pytest.approx(6.0)
+
+
+def test_convex_kd_weighting_matches_the_paper() -> None:
+    """(1 − α)·CE + α·T²·KL with α = kd (official KDLoss), ce scaling the label term."""
     labels = torch.randint(0, NUM_CLASSES, (4,))
     student, teacher = _taps(STUDENT), _taps(TEACHER)
-    config = DistillConfig(ce=0.5, kd=2.0, isrd=0.0, temperature=3.0)
-    losses = Distiller(config, student=STUDENT, teacher=TEACHER, teacher_resolution=32, use_isrd=True)(
-        student, teacher, labels, None
-    )
+    config = DistillConfig(ce=1.0, kd=0.9, isrd=0.0, temperature=3.0)
+    losses = _distiller(config)(student, teacher, labels, None)
     assert list(losses) == ["ce", "kd"]
-    assert losses["ce"].item() == pytest.approx(0.5 * F.cross_entropy(student.logits, labels).item(), rel=1e-6)
-    assert losses["kd"].item() == pytest.approx(2.0 * kd_loss(student.logits, teacher.logits, 3.0).item(), rel=1e-6)
+    assert losses["ce"].item() == pytest.approx(0.1 * F.cross_entropy(student.logits, labels).item(), rel=1e-5)
+    assert losses["kd"].item() == pytest.approx(0.9 * kd_loss(student.logits, teacher.logits, 3.0).item(), rel=1e-6)
+    assert stage_loss_weights(config, distilling=True, student_resolution=16, teacher_resolution=32) == pytest.approx(
+        {"ce": 0.1, "kd": 0.9, "temperature": 3.0}
+    )
+    # kd = 0 is cross-entropy only (and the temperature no longer matters); kd = 1 is KD only
+    assert stage_loss_weights(dataclasses.replace(config, kd=0.0), distilling=True, student_resolution=16,
+                              teacher_resolution=32) == {"ce": 1.0}
+    assert list(_distiller(dataclasses.replace(config, kd=1.0))(student, teacher, labels, None)) == ["kd"]
 
 
 @pytest.mark.parametrize("term", [t for t in DISTILL_TERMS if t not in ("ce", "kd", "attention")])
 def test_zero_weight_terms_create_no_parameters(term: str) -> None:
     def parameter_count(config: DistillConfig) -> int:
-        distiller = Distiller(config, student=STUDENT, teacher=TEACHER, teacher_resolution=32, use_isrd=True)
-        return sum(p.numel() for p in distiller.parameters())
+        return sum(p.numel() for p in _distiller(config).parameters())
 
     only_term = dataclasses.replace(DistillConfig(ce=0.0, kd=0.0, isrd=0.0), **{term: 1.0})
     assert parameter_count(only_term) > 0
@@ -293,7 +351,7 @@ def test_zero_weight_terms_create_no_parameters(term: str) -> None:
 
 
 def test_plain_training_returns_only_unweighted_cross_entropy() -> None:
-    distiller = Distiller(_all_on(), student=STUDENT, teacher=None, teacher_resolution=32, use_isrd=True)
+    distiller = _distiller(_all_on(), teacher=None)
     assert sum(p.numel() for p in distiller.parameters()) == 0
     student, labels = _taps(STUDENT), torch.randint(0, NUM_CLASSES, (4,))
     losses = distiller(student, None, labels, None)
@@ -302,27 +360,72 @@ def test_plain_training_returns_only_unweighted_cross_entropy() -> None:
 
 
 def test_same_resolution_stage_drops_isrd() -> None:
-    distiller = Distiller(_all_on(), student=STUDENT, teacher=TEACHER, teacher_resolution=32, use_isrd=False)
-    assert not hasattr(distiller, "isrd_decoder")
+    distiller = _distiller(_all_on(), student_resolution=32)
+    assert "isrd" not in distiller.terms
     losses = distiller(_taps(STUDENT), _taps(TEACHER), torch.randint(0, NUM_CLASSES, (4,)), None)
     assert "isrd" not in losses and len(losses) == len(DISTILL_TERMS) - 1
 
 
 def test_teacher_taps_are_constants() -> None:
-    distiller = Distiller(_all_on(), student=STUDENT, teacher=TEACHER, teacher_resolution=32, use_isrd=True)
+    distiller = _distiller(_all_on())
     teacher = _taps(TEACHER, requires_grad=True)
     image = torch.randn(4, 3, 32, 32, requires_grad=True)
-    total(distiller(_taps(STUDENT, requires_grad=True), teacher, torch.randint(0, NUM_CLASSES, (4,)), image)).backward()
-    assert teacher.logits.grad is None and teacher.feature_map.grad is None and image.grad is None
+    sum(distiller(_taps(STUDENT, requires_grad=True), teacher, torch.randint(0, NUM_CLASSES, (4,)), image).values()).backward()
+    assert teacher.logits.grad is None and image.grad is None
+    assert all(m.grad is None for m in teacher.stage_maps)
 
 
 def test_all_zero_weights_is_a_config_error_naming_distill() -> None:
     zeros = DistillConfig(**{name: 0.0 for name in DISTILL_TERMS})
     with pytest.raises(ConfigError, match="distill"):
-        Distiller(zeros, student=STUDENT, teacher=TEACHER, teacher_resolution=32, use_isrd=True)
+        _distiller(zeros)
 
 
 def test_distiller_refuses_missing_teacher_taps() -> None:
-    distiller = Distiller(DistillConfig(), student=STUDENT, teacher=TEACHER, teacher_resolution=32, use_isrd=True)
     with pytest.raises(ValueError, match="teacher"):
-        distiller(_taps(STUDENT), None, torch.randint(0, NUM_CLASSES, (4,)), None)
+        _distiller(DistillConfig())(_taps(STUDENT), None, torch.randint(0, NUM_CLASSES, (4,)), None)
+
+
+# --- spatial terms on 1×1 maps ---------------------------------------------------------------------
+
+ONE_BY_ONE_LAST = ModelTapInfo(
+    input_channels=16, input_size=(8, 8), feature_channels=24, feature_size=(1, 1),
+    stage_channels=(12, 24), stage_sizes=((2, 2), (1, 1)),
+)
+
+
+@pytest.mark.parametrize("term", ["attention", "feature"])
+def test_spatial_terms_skip_1x1_stages_with_a_warning_and_still_train(term: str, caplog: pytest.LogCaptureFixture) -> None:
+    distiller = _distiller(DistillConfig(ce=0.0, kd=0.0, isrd=0.0, **{term: 1.0}), student=ONE_BY_ONE_LAST)
+    assert distiller.terms[term].pairs == [(0, 0)]
+    assert len(distiller.warnings) == 1 and "1×1" in distiller.warnings[0] and f"distill.{term}" in distiller.warnings[0]
+    assert "1×1" in caplog.text
+    student = _taps(ONE_BY_ONE_LAST, requires_grad=True)
+    loss = distiller(student, _taps(TEACHER), torch.randint(0, NUM_CLASSES, (4,)))[term]
+    assert loss.item() > 0
+    loss.backward()
+    assert student.stage_maps[0].grad.abs().sum() > 0
+
+
+def test_attention_on_a_1x1_map_would_be_silently_zero() -> None:
+    """Why the skip exists: normalised 1×1 attention is the constant 1, loss and gradient 0."""
+    student = torch.randn(4, 8, 1, 1, requires_grad=True)
+    loss = attention_loss(student, torch.randn(4, 8, 4, 4))
+    loss.backward()
+    assert loss.item() == 0 and student.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("term", ["attention", "feature"])
+def test_spatial_terms_with_only_1x1_maps_are_a_config_error(term: str) -> None:
+    only_1x1 = dataclasses.replace(ONE_BY_ONE_LAST, stage_sizes=((1, 1), (1, 1)))
+    with pytest.raises(ConfigError) as err:
+        _distiller(DistillConfig(ce=1.0, kd=0.0, isrd=0.0, **{term: 1.0}), student=only_1x1)
+    assert err.value.field == f"distill.{term}"
+
+
+def test_isrd_decoder_matches_the_official_structure() -> None:
+    """Official SR1x1: 1×1 conv without bias → PixelShuffle → PReLU(3), one slope per colour channel."""
+    decoder = ISRDDecoder(64, (8, 8), 32)
+    assert decoder.project.bias is None and decoder.project.kernel_size == (1, 1)
+    assert decoder.project.out_channels == 3 * 4**2
+    assert isinstance(decoder.activation, torch.nn.PReLU) and decoder.activation.weight.shape == (3,)

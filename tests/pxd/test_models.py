@@ -10,10 +10,11 @@ from pxd.config import ModelConfig
 from pxd.errors import ConfigError
 from pxd.models import (
     check_model_supported,
-    choose_patch_size,
     create_model,
     forward_taps,
+    patch_size_for,
     tap_info,
+    token_count,
 )
 
 NUM_CLASSES = 5
@@ -28,18 +29,55 @@ def _build(cfg: ModelConfig, seed: int = 0, field: str = "model") -> nn.Module:
     return create_model(cfg, NUM_CLASSES, field=field)
 
 
-@pytest.mark.parametrize(
-    ("resolution", "expected"),
-    [(224, 16), (112, 16), (64, 8), (96, 8), (32, 4), (48, 4), (16, 2), (14, 2)],
-)
-def test_patch_size_rule_is_largest_that_leaves_a_7x7_grid(resolution: int, expected: int) -> None:
-    assert choose_patch_size(resolution) == expected
+def test_vit_keeps_its_own_patch_so_cost_is_monotone_in_resolution() -> None:
+    """vit_*_patch16: 16-pixel patches at every resolution; tokens (and MACs) grow with the input."""
+    from pxd.cost import measure_cost
+
+    tokens, gmacs = [], []
+    for resolution in (16, 32, 48, 64):
+        cfg = ModelConfig(arch="vit_tiny_patch16_224", resolution=resolution)
+        assert patch_size_for(cfg) == 16
+        model = _build(cfg)
+        assert tuple(model.patch_embed.patch_size) == (16, 16)
+        assert tap_info(model, resolution).tokens == token_count(cfg) == (resolution // 16) ** 2
+        tokens.append(token_count(cfg))
+        gmacs.append(measure_cost(model, resolution, device="cpu", repeats=1, warmup=0).gmacs)
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+    assert gmacs == sorted(gmacs) and len(set(gmacs)) == len(gmacs)
 
 
-def test_patch_size_rule_names_the_field_when_nothing_fits() -> None:
+def test_vit_smaller_than_its_patch_names_the_field() -> None:
     with pytest.raises(ConfigError) as err:
-        choose_patch_size(12, field="student")  # 12/4 = 3, 12/2 = 6: both grids under 7×7
+        check_model_supported(ModelConfig(arch="vit_tiny_patch16_224", resolution=8), field="student")
     assert err.value.field == "student.patch_size"
+
+
+def test_cnns_have_no_tokens() -> None:
+    assert token_count(ModelConfig(arch="resnet10t", resolution=32)) is None
+
+
+def test_isrd_tap_is_the_stem_convolution_before_its_batchnorm() -> None:
+    """As the official code (`conv1` with preReLU): the tap has negative values and is not normalised."""
+    model = _build(ModelConfig(arch="resnet10t", resolution=32)).eval()
+    captured = {}
+    model.conv1.register_forward_hook(lambda _m, _a, out: captured.setdefault("conv1", out))
+    with torch.no_grad():
+        taps = forward_taps(model, _images(32))
+    torch.testing.assert_close(taps.input_map, captured["conv1"], rtol=0, atol=0)
+    assert (taps.input_map < 0).any()
+    # the ResNet's layer1..layer4 are the distillation stages, deepest last
+    assert [m.shape[1] for m in taps.stage_maps] == [64, 128, 256, 512]
+    assert taps.feature_map is taps.stage_maps[-1]
+
+
+def test_vit_isrd_tap_is_the_patch_embedding() -> None:
+    model = _build(ModelConfig(arch="vit_tiny_patch16_224", resolution=32)).eval()
+    images = _images(32)
+    with torch.no_grad():
+        taps = forward_taps(model, images)
+        embedded = model.patch_embed(images)  # [B, 4, C] tokens
+    assert taps.input_map.shape == (2, model.embed_dim, 2, 2)
+    torch.testing.assert_close(taps.input_map.flatten(2).transpose(1, 2), embedded, rtol=0, atol=0)
 
 
 def test_cnn_logits_and_taps_match_plain_forward() -> None:
@@ -51,7 +89,7 @@ def test_cnn_logits_and_taps_match_plain_forward() -> None:
         logits = model(images)
     assert logits.shape == (2, NUM_CLASSES)
     torch.testing.assert_close(taps.logits, logits, rtol=0, atol=0)
-    # input map = timm's first feature level (the stem), feature map = the last one
+    # input map = the stem convolution (before its BN), feature map = timm's last feature level
     first, last = model.feature_info[0], model.feature_info[-1]
     assert taps.input_map.shape == (2, first["num_chs"], 32 // first["reduction"], 32 // first["reduction"])
     assert taps.feature_map.shape == (2, last["num_chs"], 1, 1)  # 32 px / stride 32
@@ -66,23 +104,25 @@ def test_cnn_builds_at_any_resolution() -> None:
         assert model(_images(24)).shape == (2, NUM_CLASSES)
 
 
-def test_vit_gets_img_size_and_a_patch_size_that_suits_small_inputs() -> None:
-    cfg = ModelConfig(arch="vit_tiny_patch16_224", resolution=32)
+def test_vit_gets_img_size_and_taps_tokens_as_maps() -> None:
+    cfg = ModelConfig(arch="vit_tiny_patch16_224", resolution=64)
     model = _build(cfg).eval()
-    assert tuple(model.patch_embed.patch_size) == (4, 4)  # 32 / 4 = 8 ≥ 7; 32 / 8 = 4 is too few
-    images = _images(32)
+    assert tuple(model.patch_embed.patch_size) == (16, 16)  # the architecture's own patch
+    images = _images(64)
     with torch.no_grad():
         taps = forward_taps(model, images)
         logits = model(images)
     torch.testing.assert_close(taps.logits, logits, rtol=0, atol=0)
     width = model.embed_dim
-    # the class token is dropped: 8×8 patch tokens as an NCHW map, for the first and last block
-    assert taps.input_map.shape == (2, width, 8, 8)
-    assert taps.feature_map.shape == (2, width, 8, 8)
+    # the class token is dropped: 4×4 patch tokens as an NCHW map, for the patch embedding and the last block
+    assert taps.input_map.shape == (2, width, 4, 4)
+    assert taps.feature_map.shape == (2, width, 4, 4)
+    assert len(taps.stage_maps) == 4  # 12 blocks, evenly spaced, deepest last
     assert not torch.equal(taps.input_map, taps.feature_map)
-    info = tap_info(model, 32)
-    assert (info.input_channels, *info.input_size) == (width, 8, 8)
-    assert (info.feature_channels, *info.feature_size) == (width, 8, 8)
+    info = tap_info(model, 64)
+    assert (info.input_channels, *info.input_size) == (width, 4, 4)
+    assert (info.feature_channels, *info.feature_size) == (width, 4, 4)
+    assert info.tokens == 16
 
 
 def test_vit_explicit_patch_size_wins() -> None:
