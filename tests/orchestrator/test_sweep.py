@@ -249,3 +249,29 @@ def test_a_frontier_point_is_reproduced_by_pxd_train_with_its_parameters_as_set_
         keys = json.loads((out / "stages.json").read_text())
         tags = client.get_run(row.run_id).data.tags
         assert keys == {kind: tags[f"pxd.stage.{kind}.key"] for kind in ("teacher", "assistant", "student")}
+
+
+def test_searching_student_weights_trains_one_teacher_and_one_assistant_per_architecture(
+        ray_local, mlflow_server, results_root):
+    """A continuous kd, a temperature and an lr for the student: 1 teacher (the warmed-up one) + one
+    assistant per student architecture + one student per trial."""
+    raw = tiny_space(trials=4, max_concurrent=2, sampler={"name": "random", "seed": 3})
+    raw["seed"] = 31  # stages of its own in the shared store
+    raw["student"]["resolution"] = 16
+    raw["distill"]["kd"] = {"uniform": [0.2, 0.9]}
+    raw["distill"]["temperature"] = {"choice": [1.0, 2.0]}
+    raw["train"]["lr"] = {"loguniform": [0.01, 0.1]}
+    raw["teacher"]["train"] = {"lr": 0.05}
+    raw["search"]["objectives"] = [{"metric": "val_top1"}, {"metric": "gmacs"}]
+    raw["search"]["reference_point"] = {"gmacs": 10.0}
+    spec = parse_spec(raw, source_path="reuse.yaml")
+    outcome = run_sweep(spec, SweepOptions(name="tiny-reuse", tracking_uri=mlflow_server, root=str(results_root), quiet=True))
+    client = MlflowClient(mlflow_server)
+    trials = [r for r in _children(client, outcome) if r.data.tags["pxd.state"] == "COMPLETE"]
+    assert len(trials) == 4
+    archs = {r.data.params["student.arch"] for r in trials}
+    parent = client.get_run(outcome.parent_run_id).data.metrics
+    assert parent["teachers_trained"] == 1
+    assert parent["assistants_trained"] == len(archs)
+    assert parent["students_trained"] == 4
+    assert len({r.data.tags["pxd.stage.teacher.key"] for r in trials}) == 1
