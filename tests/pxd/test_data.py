@@ -14,12 +14,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pxd.config import DatasetConfig
-from pxd.data import TwoViewSampler, iterate_batches, load_dataset
-from pxd.data.folder import load_cifar, load_imagefolder
+from pxd.data import TwoViewSampler, iterate_batches, load_cifar, load_dataset, load_imagefolder
 from pxd.data.synthetic import DETAIL_TIERS, make_synthetic, stripe_period
 from pxd.data.views import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from pxd.errors import DatasetError
 from pxd.types import ImageSet
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    """Decoded datasets go to a per-test cache, never to the user's ~/.cache."""
+    monkeypatch.setenv("PXD_CACHE_DIR", str(tmp_path / "pxd-cache"))
 
 # ---------------------------------------------------------------------------------------------
 # synthetic
