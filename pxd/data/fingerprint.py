@@ -32,8 +32,8 @@ def _hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _stat_key(path: Path) -> list[int]:
-    stat = path.stat()
+def _stat_key(path: str) -> list[int]:
+    stat = os.stat(path)
     # ctime cannot be set back by a user (unlike mtime), so an edit in place is always noticed.
     return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
 
@@ -48,9 +48,10 @@ def file_digests(root: Path, relpaths: list[str], index_dir: Path | None) -> dic
     known = _read_index(index_path)
     found: dict[str, tuple[int, str]] = {}
     todo: list[tuple[str, list[int]]] = []
+    base = str(root)
     for relpath in relpaths:
         try:
-            key = _stat_key(root / relpath)
+            key = _stat_key(os.path.join(base, relpath))
         except OSError as error:
             raise DatasetError("dataset.path", f"cannot read {root / relpath}: {error}") from error
         entry = known.get(relpath)

@@ -14,6 +14,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from pxd.config import DatasetConfig
 from pxd.data.fingerprint import FILE_HASH
@@ -27,8 +28,7 @@ DECODE_VERSION = "pil-rgb-draft-bilinear-shorter-side-centre-crop-v1"
 SPLITS = ("train", "val", "test")
 
 
-@dataclass(frozen=True)
-class Item:
+class Item(NamedTuple):  # a tuple, not a frozen dataclass: a million of them build in well under a second
     source: str  # file path relative to the dataset root (posix)
     row: int  # row within the file (a CIFAR batch); 0 for one image per file
     label: int
@@ -108,10 +108,7 @@ def plan_fingerprint(plan: Plan, digests: dict[str, tuple[int, str]]) -> str:
     for split in SPLITS:
         if split in plan.splits:
             digest.update(f"\n[{split}]".encode())
-            for item in plan.splits[split]:
-                digest.update(f"\n{item.source}\t{item.row}\t{item.label}".encode())
+            digest.update("".join(f"\n{source}\t{row}\t{label}" for source, row, label in plan.splits[split]).encode())
     digest.update(b"\n[files]")
-    for source in plan.sources():
-        size, content = digests[source]
-        digest.update(f"\n{source}\t{size}\t{content}".encode())
+    digest.update("".join(f"\n{source}\t{digests[source][0]}\t{digests[source][1]}" for source in plan.sources()).encode())
     return digest.hexdigest()
