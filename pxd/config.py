@@ -39,17 +39,39 @@ OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+# The synthetic set's own size knobs when `train_per_class` / `val_per_class` are left unset (None).
+SYNTHETIC_PER_CLASS = (48, 24)
+BAD_IMAGE_POLICIES = ("error", "skip")
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
     kind: str = "synthetic"
     path: str | None = None
     # synthetic: native image side; imagefolder: side images are stored at (shorter side resized,
-    # center-cropped) after decoding once into memory. CIFAR is always 32.
+    # center-cropped) when decoded once into the on-disk cache. CIFAR is always 32.
     image_size: int = 64
     num_classes: int = 8  # synthetic only
-    train_per_class: int = 48  # synthetic: images made; imagefolder/cifar: cap per class (0 = all)
-    val_per_class: int = 24
+    # synthetic: images made per class (unset: 48 / 24). imagefolder/cifar: a cap per class picked
+    # with `seed`; unset or 0 = every image (a cap in force is printed at load and kept in DatasetSplits.caps).
+    train_per_class: int | None = None
+    val_per_class: int | None = None
     eval_crop: float = 1.0  # center-crop fraction at evaluation (ImageNet habit: 0.875)
+    # imagefolder without val/, and CIFAR: the stratified fraction of the training images held out as val.
+    # Drawn with `split_seed`, not the run's seed, so every trial of a sweep validates on the same images.
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    on_bad_image: str = "error"  # a corrupt image: "error" (before training, naming it) or "skip" (counted)
+    # Where decoded datasets are cached (one per machine); None: $PXD_CACHE_DIR, else
+    # $XDG_CACHE_HOME/pxd/datasets, else ~/.cache/pxd/datasets. Not part of any fingerprint.
+    cache_dir: str | None = None
+
+    def per_class_caps(self) -> tuple[int, int]:
+        """(train, val) images per class: synthetic's sizes, or caps for real data where 0 means all."""
+        default = SYNTHETIC_PER_CLASS if self.kind == "synthetic" else (0, 0)
+        train = self.train_per_class if self.train_per_class is not None else default[0]
+        val = self.val_per_class if self.val_per_class is not None else default[1]
+        return train, val
 
 
 @dataclass(frozen=True)
@@ -322,11 +344,20 @@ def _validate_dataset(ds: DatasetConfig) -> None:
     if ds.kind == "synthetic":
         if ds.num_classes < 2:
             raise ConfigError("dataset.num_classes", f"must be ≥ 2 (got {ds.num_classes})")
-        _positive("dataset.train_per_class", ds.train_per_class)
-        _positive("dataset.val_per_class", ds.val_per_class)
+        train, val = ds.per_class_caps()
+        _positive("dataset.train_per_class", train)
+        _positive("dataset.val_per_class", val)
         return
-    if ds.train_per_class < 0 or ds.val_per_class < 0:
-        raise ConfigError("dataset.train_per_class", "caps must be ≥ 0 (0 = use every image)")
+    for name in ("train_per_class", "val_per_class"):
+        value = getattr(ds, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"dataset.{name}", f"a cap must be ≥ 0 (got {value}); leave it unset or 0 to use every image")
+    if not 0 < ds.val_fraction < 1:
+        raise ConfigError("dataset.val_fraction", f"must be in (0, 1) (got {ds.val_fraction})")
+    if ds.on_bad_image not in BAD_IMAGE_POLICIES:
+        raise ConfigError("dataset.on_bad_image", f"unknown {ds.on_bad_image!r}; use one of {BAD_IMAGE_POLICIES}")
+    if ds.cache_dir is not None and Path(ds.cache_dir).expanduser().is_file():
+        raise ConfigError("dataset.cache_dir", f"{ds.cache_dir} is a file; point it at a folder (created if missing)")
     if not ds.path:
         raise ConfigError("dataset.path", f"dataset.kind {ds.kind!r} needs a local path; nothing is downloaded")
     if not Path(ds.path).expanduser().exists():

@@ -89,7 +89,8 @@ class LatencySettings:
 @dataclass
 class PipelineResult:
     config: PipelineConfig
-    metrics: dict[str, float]  # every registered metric (`pxd.metrics`) plus <stage>_val_top1
+    # every registered metric (`pxd.metrics`) plus <stage>_val_top1, and test_top1 when the data has a test split
+    metrics: dict[str, float]
     stages: dict[str, StageOutcome]
     student: nn.Module = field(repr=False)
     cost: dict[str, Any] = field(default_factory=dict)
@@ -227,6 +228,8 @@ def run_tas(
     metrics = metrics_from_cost(cost, outcomes["student"].result.metrics)
     for kind, outcome in outcomes.items():
         metrics[f"{kind}_val_top1"] = outcome.result.metrics["val_top1"]
+    if data.test is not None:
+        metrics["test_top1"] = _test_top1(cfg, data, student, device)
     warnings = _pipeline_warnings(outcomes)
     return PipelineResult(config=cfg, metrics=metrics, stages=outcomes, student=student.cpu(), cost=cost.to_dict(),
                           warnings=warnings)
@@ -247,6 +250,13 @@ def _pipeline_warnings(outcomes: dict[str, StageOutcome]) -> list[str]:
     for warning in warnings:
         logger.warning(warning)
     return warnings
+
+
+def _test_top1(cfg: PipelineConfig, data: DatasetSplits, student: nn.Module, device: torch.device) -> float:
+    """The held-out test split, evaluated once at the weights `val_top1` selected; reported, never used to choose."""
+    return evaluate(student.to(device), data.test, resolution=cfg.student.resolution,
+                    image_resolution=cfg.teacher.resolution, eval_crop=data.eval_crop,
+                    batch_size=cfg.train.batch_size * 2, device=device)
 
 
 def _new_model(model: ModelConfig, num_classes: int, field: str, seed: int) -> nn.Module:

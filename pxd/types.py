@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -11,7 +11,11 @@ __all__ = ["ImageSet", "DatasetSplits", "Taps", "TapInfo"]
 
 @dataclass
 class ImageSet:
-    """Decoded images kept in memory: uint8 [N, 3, H, W] and int64 labels [N]."""
+    """Decoded images: uint8 [N, 3, H, W] and int64 labels [N].
+
+    Real datasets map `images` read-only from the on-disk cache (`pxd.data.cache`): never write into it;
+    every transform makes a new tensor.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -22,11 +26,17 @@ class ImageSet:
 
 @dataclass
 class DatasetSplits:
+    """What a run trains on: `val` selects epochs and frontiers; `test`, when the data has one, is
+    evaluated once at the selected weights and reported (`test_top1`), never used to choose."""
+
     train: ImageSet
     val: ImageSet
     classes: list[str]
-    fingerprint: str  # sha256 hex of everything that determines the data
+    fingerprint: str  # sha256 hex of everything that determines the data (content, not location)
     eval_crop: float = 1.0  # center-crop fraction used at evaluation
+    test: ImageSet | None = None
+    caps: dict[str, int] = field(default_factory=dict)  # per-class caps in force, e.g. {"train_per_class": 100}
+    skipped: list[str] = field(default_factory=list)  # unreadable images left out (dataset.on_bad_image: skip)
 
     @property
     def num_classes(self) -> int:

@@ -14,12 +14,17 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pxd.config import DatasetConfig
-from pxd.data import TwoViewSampler, iterate_batches, load_dataset
-from pxd.data.folder import load_cifar, load_imagefolder
+from pxd.data import TwoViewSampler, iterate_batches, load_cifar, load_dataset, load_imagefolder
 from pxd.data.synthetic import make_synthetic
 from pxd.data.views import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from pxd.errors import DatasetError
 from pxd.types import ImageSet
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    """Decoded datasets go to a per-test cache, never to the user's ~/.cache."""
+    monkeypatch.setenv("PXD_CACHE_DIR", str(tmp_path / "pxd-cache"))
 
 # ---------------------------------------------------------------------------------------------
 # synthetic
@@ -145,11 +150,9 @@ def _expect_dataset_error(cfg: DatasetConfig, *needles: str) -> str:
     return str(caught.value)
 
 
-def test_imagefolder_missing_val_names_the_layout(image_tree):
-    for path in sorted((image_tree / "val").rglob("*"), reverse=True):
-        path.unlink() if path.is_file() else path.rmdir()
-    (image_tree / "val").rmdir()
-    _expect_dataset_error(_folder_cfg(image_tree), "no val/ folder", "train/", "<class_a>/")
+def test_imagefolder_missing_train_names_the_layout(image_tree):
+    (image_tree / "train").rename(image_tree / "training")
+    _expect_dataset_error(_folder_cfg(image_tree), "no train/ folder", "train/", "<class_a>/")
 
 
 def test_imagefolder_class_mismatch_names_the_classes(image_tree):
@@ -189,33 +192,39 @@ def _write_pickle(path: Path, content) -> None:
         pickle.dump(content, handle)
 
 
-def _write_cifar10(folder: Path) -> Path:
+def _write_cifar10(folder: Path, per_batch: int = 4) -> Path:
     folder.mkdir(parents=True)
     for index in range(1, 6):
-        _write_pickle(folder / f"data_batch_{index}", _cifar_batch(4, 10, 4 * index, "labels"))
+        _write_pickle(folder / f"data_batch_{index}", _cifar_batch(per_batch, 10, per_batch * index, "labels"))
     _write_pickle(folder / "test_batch", _cifar_batch(10, 10, 0, "labels"))
     _write_pickle(folder / "batches.meta", {"label_names": [f"class{i}" for i in range(10)]})
     return folder
 
 
-def test_cifar10_test_batch_becomes_val_and_parent_folder_works(tmp_path):
+def test_cifar10_test_batch_becomes_test_val_comes_from_train_and_parent_folder_works(tmp_path):
     _write_cifar10(tmp_path / "cifar-10-batches-py")
     for path in (tmp_path, tmp_path / "cifar-10-batches-py"):
-        data = load_dataset(DatasetConfig(kind="cifar10", path=str(path), train_per_class=0, val_per_class=0), 0)
-        assert data.train.images.shape == (20, 3, 32, 32) and data.val.images.shape == (10, 3, 32, 32)
+        cfg = DatasetConfig(kind="cifar10", path=str(path), val_fraction=0.5)
+        data = load_dataset(cfg, 0)
+        # 20 training images, 2 per class: half of each class is held out as val.
+        assert data.train.images.shape == (10, 3, 32, 32) and data.val.images.shape == (10, 3, 32, 32)
+        assert data.test is not None and data.test.images.shape == (10, 3, 32, 32)
+        assert torch.bincount(data.val.labels, minlength=10).tolist() == [1] * 10
         assert data.classes == [f"class{i}" for i in range(10)]
-        assert data.val.labels.tolist() == list(range(10))
-        for split in (data.train, data.val):
+        assert data.test.labels.tolist() == list(range(10))
+        for split in (data.train, data.val, data.test):
             expected = split.labels.view(-1, 1) * 2 + torch.arange(3).view(1, 3)
             assert torch.equal(split.images[:, :, 5, 7].long(), expected)
 
 
 def test_cifar_caps_and_fingerprint(tmp_path):
-    folder = _write_cifar10(tmp_path / "c10")
-    cfg = DatasetConfig(kind="cifar10", path=str(folder), train_per_class=1, val_per_class=1)
+    folder = _write_cifar10(tmp_path / "c10", per_batch=8)  # 4 training images per class
+    cfg = DatasetConfig(kind="cifar10", path=str(folder), train_per_class=2, val_per_class=1, val_fraction=0.5)
     data = load_cifar(cfg, 0, 10)
-    assert torch.bincount(data.train.labels, minlength=10).tolist() == [1] * 10  # 2 per class on disk
-    assert len(data.val) == 10
+    assert torch.bincount(data.train.labels, minlength=10).tolist() == [2] * 10  # 2 left after holding out 2
+    assert torch.bincount(data.val.labels, minlength=10).tolist() == [1] * 10
+    assert len(data.test) == 10  # the test set is never capped
+    assert data.caps == {"train_per_class": 2, "val_per_class": 1}
     before = data.fingerprint
     _write_pickle(folder / "test_batch", _cifar_batch(20, 10, 0, "labels"))
     os.utime(folder / "test_batch", ns=(1_000_000_000, 1_000_000_000))
@@ -228,8 +237,9 @@ def test_cifar100_layout(tmp_path):
     _write_pickle(folder / "train", _cifar_batch(200, 100, 0, "fine_labels"))
     _write_pickle(folder / "test", _cifar_batch(100, 100, 0, "fine_labels"))
     _write_pickle(folder / "meta", {"fine_label_names": [f"c{i}" for i in range(100)], "coarse_label_names": []})
-    data = load_dataset(DatasetConfig(kind="cifar100", path=str(tmp_path), train_per_class=0, val_per_class=0), 0)
-    assert data.num_classes == 100 and len(data.train) == 200 and len(data.val) == 100
+    data = load_dataset(DatasetConfig(kind="cifar100", path=str(tmp_path)), 0)
+    assert data.num_classes == 100 and len(data.train) + len(data.val) == 200 and len(data.test) == 100
+    assert torch.bincount(data.val.labels, minlength=100).tolist() == [1] * 100  # 2 per class: one held out
 
 
 def test_cifar_missing_batch_is_named(tmp_path):
