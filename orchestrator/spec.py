@@ -73,7 +73,7 @@ _SAMPLER_CLASSES = {
 # Arguments make_sampler sets itself; everything else in a sampler's constructor may go in options.
 _SAMPLER_RESERVED = ("self", "seed", "constraints_func", "search_space")
 _DEFAULT_OBJECTIVES = ("val_top1", "gmacs", "pixels")
-_PATH_FIELDS = ("dataset.path", "teacher.checkpoint", "student.checkpoint")
+_PATH_FIELDS = ("dataset.path", "dataset.cache_dir", "teacher.checkpoint", "student.checkpoint")
 _LATENCY_DEVICES = ("auto", "cpu", "cuda")
 
 
