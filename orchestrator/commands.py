@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from pxd.config import PipelineConfig
     from pxd.pipeline import PipelineResult
 
-__all__ = ["add_subcommands", "cmd_train", "cmd_sweep", "cmd_frontier", "cmd_stages"]
+__all__ = ["add_subcommands", "cmd_train", "cmd_sweep", "cmd_frontier", "cmd_stages", "cmd_remeasure", "cmd_select"]
 
 
 def _tracking_flags(parser: argparse.ArgumentParser) -> None:
@@ -48,8 +48,40 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     frontier = sub.add_parser("frontier", help="print the frontier of a past sweep from MLflow")
     frontier.add_argument("sweep", help="sweep name or parent run id")
     frontier.add_argument("--json", action="store_true", help="print as JSON")
+    frontier.add_argument("--hardware", default=None, metavar="LABEL", help="the frontier on a hardware label measured by pxd remeasure")
+    frontier.add_argument("--compare", nargs=2, default=None, metavar=("LABEL_A", "LABEL_B"), help="which models leave or join the frontier between two hardware labels")
+    frontier.add_argument("--plot", type=Path, default=None, help="with --compare: write the comparison plot here (PNG)")
     _tracking_flags(frontier)
     frontier.set_defaults(handler=cmd_frontier)
+
+    remeasure = sub.add_parser("remeasure", help="re-time every trained student of a sweep on new hardware (no retraining)")
+    remeasure.add_argument("sweep", help="sweep name or parent run id")
+    remeasure.add_argument("--hardware", required=True, metavar="LABEL", help="name of the target (letters, digits, _ and -), e.g. laptop-ort")
+    remeasure.add_argument("--runtime", choices=("torch", "torch-compile", "onnxruntime"), default="torch", help="deployment runtime (default: eager torch)")
+    remeasure.add_argument("--device", default="cpu", help="cpu or cuda on the target (default: cpu)")
+    remeasure.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="compute dtype (bf16/fp16: torch runtimes on CUDA, under autocast)")
+    remeasure.add_argument("--threads", type=int, default=1, help="intra-op threads while timing (default: 1)")
+    remeasure.add_argument("--batch", type=int, default=16, help="batch size of the throughput measurement (default: 16)")
+    remeasure.add_argument("--repeats", type=int, default=30, help="timed batch-1 passes; the median is reported (default: 30)")
+    remeasure.add_argument("--warmup", type=int, default=5, help="untimed passes first (default: 5)")
+    remeasure.add_argument("--resource", default=None, metavar="NAME", help="time on the Ray nodes that offer this custom resource (ray start --resources '{\"NAME\": 1}') instead of this machine")
+    remeasure.add_argument("--ray-address", default=None, help="the Ray cluster of --resource (HOST:PORT of its head)")
+    remeasure.add_argument("--json", action="store_true", help="print the hardware frontier as JSON")
+    _tracking_flags(remeasure)
+    remeasure.set_defaults(handler=cmd_remeasure)
+
+    select = sub.add_parser("select", help="choose a model from a sweep's frontier and register it (MLflow Model Registry, alias)")
+    select.add_argument("sweep", help="sweep name or parent run id")
+    select.add_argument("--hardware", default=None, metavar="LABEL", help="choose on this hardware label's frontier and latency (after pxd remeasure)")
+    select.add_argument("--max-latency-ms", type=float, default=None, help="latency limit (on --hardware, else the sweep's latency_ms)")
+    select.add_argument("--max-gmacs", type=float, default=None)
+    select.add_argument("--max-pixels", type=float, default=None, help="input H × W limit")
+    select.add_argument("--min-top1", type=float, default=None, help="minimum val_top1 (a fraction)")
+    select.add_argument("--name", default=None, help="registered model name (default: <experiment>-student)")
+    select.add_argument("--alias", default="champion", help="registry alias to point at the chosen version (default: champion)")
+    select.add_argument("--json", action="store_true", help="print the choice as JSON")
+    _tracking_flags(select)
+    select.set_defaults(handler=cmd_select)
 
     stages = sub.add_parser("stages", help="list the stored teacher/assistant/student stages")
     stages.add_argument("--json", action="store_true", help="print as JSON")
@@ -118,6 +150,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from orchestrator.frontier import format_table, frontier_table, table_to_json
+    from orchestrator.hardware import compare_tables, hardware_table
     from orchestrator.schema import Tag, collect_rows, find_sweep_run, sweep_objectives
     from pxd.errors import ConfigError
 
@@ -127,16 +160,117 @@ def cmd_frontier(args: argparse.Namespace) -> int:
         parent = find_sweep_run(client, args.sweep)
         if parent is None:
             raise ConfigError("sweep", f"no sweep named or with run id {args.sweep!r} at {target.uri}; check the name and --tracking-uri/--root")
-        objectives, reference, ideal = sweep_objectives(parent)
-        table = frontier_table(collect_rows(client, parent), objectives, reference, ideal)
+        if args.compare:
+            tables = [hardware_table(client, parent.info.run_id, label) for label in args.compare]
+            return _print_comparison(compare_tables(*tables), tables, args)
+        if args.hardware:
+            table = hardware_table(client, parent.info.run_id, args.hardware)
+            reference, ideal = table["reference_point"], table["ideal_point"]
+        else:
+            objectives, reference, ideal = sweep_objectives(parent)
+            table = frontier_table(collect_rows(client, parent), objectives, reference, ideal)
     finally:
         target.close()
     if args.json:
         print(table_to_json(table))
     else:
         print(format_table(table))
-        print(f"hypervolume {table['hypervolume_normalised']:.4f} normalised ({table['hypervolume']:.6g} against reference "
+        on = f" on hardware {args.hardware}" if args.hardware else ""
+        print(f"hypervolume{on} {table['hypervolume_normalised']:.4f} normalised ({table['hypervolume']:.6g} against reference "
               f"{reference}, ideal {ideal}) · sweep {parent.data.tags.get(Tag.SWEEP)} · parent run {parent.info.run_id}")
+    return 0
+
+
+def _print_comparison(comparison: dict, tables: list[dict], args: argparse.Namespace) -> int:
+    from orchestrator.frontier import table_to_json
+    from orchestrator.plots import plot_comparison_png
+    from pxd.metrics import hardware_metric
+
+    first, second = comparison["first"], comparison["second"]
+    if args.plot is not None:
+        plot_comparison_png(tables[0], tables[1], args.plot)
+    if args.json:
+        print(table_to_json(comparison))
+        return 0
+    a, b = hardware_metric(first).name, hardware_metric(second).name
+    print(f"{'':<6} {'run_id':<34} {'val_top1':>8} {a:>24} {b:>24}")
+    for status, runs in (("stay", comparison["stay"]), ("leave", comparison["leave"]), ("join", comparison["join"])):
+        for run in runs:
+            metrics = comparison["rows"][run]["metrics"]
+            print(f"{status:<6} {run:<34} {metrics.get('val_top1', float('nan')):>8.4f} "
+                  f"{metrics.get(a, float('nan')):>24.4f} {metrics.get(b, float('nan')):>24.4f}")
+    print(f"from {first} to {second}: {len(comparison['leave'])} leave the frontier, {len(comparison['join'])} join, "
+          f"{len(comparison['stay'])} stay" + (f" · plot {args.plot}" if args.plot else ""))
+    return 0
+
+
+def cmd_remeasure(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.frontier import format_table, table_to_json
+    from orchestrator.hardware import TimingRequest, remeasure
+    from pxd.errors import ConfigError
+    from pxd.metrics import check_hardware_label
+
+    try:
+        check_hardware_label(args.hardware)
+    except ValueError as exc:
+        raise ConfigError("--hardware", str(exc)) from None
+    for flag, value, minimum in (("--threads", args.threads, 1), ("--batch", args.batch, 1), ("--repeats", args.repeats, 2),
+                                 ("--warmup", args.warmup, 0)):
+        if value < minimum:
+            raise ConfigError(flag, f"must be ≥ {minimum}, got {value}")
+    if args.device not in ("cpu", "cuda"):
+        raise ConfigError("--device", f"use cpu or cuda, got {args.device!r}")
+    if args.runtime == "onnxruntime":
+        import importlib.util
+
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise ConfigError("--runtime", "onnxruntime is not installed; pip install 'pxd[onnx]'")
+    if args.resource:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=args.ray_address or "auto", log_to_driver=False, logging_level="ERROR")
+    request = TimingRequest(label=args.hardware, runtime=args.runtime, device=args.device, threads=args.threads,
+                            warmup=args.warmup, repeats=args.repeats, batch_size=args.batch, dtype=args.dtype)
+    target = _open_tracking(args)
+    try:
+        table = remeasure(MlflowClient(target.uri), target.uri, args.sweep, request, resource=args.resource)
+    finally:
+        target.close()
+    if args.json:
+        print(table_to_json(table))
+    else:
+        print(format_table(table))
+        print(f"timed {len(table['timed'])} students on {args.hardware} ({args.runtime}, {args.device}, {args.threads} "
+              f"thread(s)); skipped {len(table['skipped'])}" + "".join(f"\n  skipped {k}: {v}" for k, v in table["skipped"].items()))
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.select import Limits, select_and_register
+
+    limits = Limits(max_latency_ms=args.max_latency_ms, max_gmacs=args.max_gmacs, max_pixels=args.max_pixels,
+                    min_top1=args.min_top1)
+    target = _open_tracking(args)
+    try:
+        chosen = select_and_register(MlflowClient(target.uri), args.sweep, limits, hardware=args.hardware,
+                                     name=args.name, alias=args.alias)
+    finally:
+        target.close()
+    if args.json:
+        print(json.dumps(chosen, indent=2, default=str))
+        return 0
+    metrics = chosen["metrics"]
+    print(f"selected run {chosen['run_id']}: {chosen['params']} at {chosen['input_size']}×{chosen['input_size']} px")
+    print("  " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("val_top1", "test_top1", "gmacs", "pixels")
+                           or k.startswith("latency_ms")))
+    print(f"  why: {chosen['why']}")
+    print(f"registered {chosen['model_name']} version {chosen['version']} with alias @{chosen['alias']}")
+    print(f"load it:  mlflow.pytorch.load_model(\"{chosen['uri']}\")   (input: float tensor [N, 3, {chosen['input_size']}, {chosen['input_size']}])")
     return 0
 
 

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from orchestrator.frontier import table_to_json
 
-__all__ = ["plot_png", "plot_html"]
+__all__ = ["plot_png", "plot_html", "plot_comparison_png"]
 
 _FRONT_COLOUR = "#d62728"
 _OTHER_COLOUR = "#9a9a9a"
@@ -286,4 +286,35 @@ def plot_html(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
+    return path
+
+
+def plot_comparison_png(first: Mapping[str, Any], second: Mapping[str, Any], path: str | Path) -> Path:
+    """Two hardware frontiers side by side (accuracy against each label's latency): the models that stay
+    on the frontier, leave it or join it between the two labels are coloured apart."""
+    from pxd.metrics import hardware_metric
+
+    path = Path(path)
+    fronts = [{r["run_id"] for r in t["rows"] if r["on_frontier"]} for t in (first, second)]
+    colours = {"stay": "#1f77b4", "leave": _FRONT_COLOUR, "join": "#2ca02c", "neither": _OTHER_COLOUR}
+    figure = Figure(figsize=(11, 4.5))
+    FigureCanvasAgg(figure)
+    for index, table in enumerate((first, second)):
+        axis = figure.add_subplot(1, 2, index + 1)
+        metric = hardware_metric(table["hardware"]).name
+        for row in table["rows"]:
+            run = row["run_id"]
+            status = ("stay" if run in fronts[0] and run in fronts[1] else "leave" if run in fronts[0]
+                      else "join" if run in fronts[1] else "neither")
+            axis.scatter(row["metrics"].get(metric, math.nan), row["metrics"].get("val_top1", math.nan),
+                         color=colours[status], s=36, zorder=3 if status != "neither" else 2)
+        axis.set_xlabel(f"{metric} (ms)")
+        axis.set_ylabel("val_top1")
+        axis.set_title(f"hardware {table['hardware']}")
+        axis.grid(alpha=0.3)
+    handles = [figure.axes[0].scatter([], [], color=c, label=k) for k, c in colours.items()]
+    figure.legend(handles=handles, loc="upper center", ncol=4, frameon=False)
+    figure.tight_layout(rect=(0, 0, 1, 0.92))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
     return path

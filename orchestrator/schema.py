@@ -38,6 +38,8 @@ __all__ = [
     "STATES",
     "epoch_metric",
     "stage_tag",
+    "hardware_tag",
+    "EXPERIMENT_KIND",
     "TrialResult",
     "trial_start_tags",
     "log_trial_result",
@@ -62,6 +64,7 @@ class Tag:
     OBJECTIVES = "pxd.objectives"  # JSON [[metric, mode], ...]
     REFERENCE_POINT = "pxd.reference_point"  # JSON {metric: value}
     IDEAL_POINT = "pxd.ideal_point"  # JSON {metric: value}: the normalised hypervolume's box
+    HARDWARE_LABELS = "pxd.hardware_labels"  # JSON [label, ...] the sweep's students were re-timed on
     OPTUNA_STORAGE = "pxd.optuna_storage"
     OPTUNA_STUDY = "pxd.optuna_study"
     # trial runs
@@ -126,6 +129,15 @@ def epoch_metric(stage: str, name: str = "val_top1") -> str:
     """The one per-epoch metric name of a stage (`student.val_top1`, step = epoch): on trial runs, on
     stage runs and in Tune's per-epoch reports alike."""
     return f"{stage}.{name}"
+
+
+def hardware_tag(label: str) -> str:
+    """`pxd.hardware.<label>`: on a trial run, the JSON timing record (runtime, device, threads, node, host,
+    repeats, spread); on the sweep run, the timing request."""
+    return f"pxd.hardware.{label}"
+
+
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3: the model-training UI view
 
 
 def stage_tag(kind: str, what: str) -> str:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.schema import KIND_STAGE, STAGE_CHECKPOINT, STAGES_EXPERIMENT, Tag, epoch_metric
+from orchestrator.schema import EXPERIMENT_KIND, KIND_STAGE, STAGE_CHECKPOINT, STAGES_EXPERIMENT, Tag, epoch_metric
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -206,7 +206,8 @@ class MlflowStageStore:
             experiment = self.client.get_experiment_by_name(STAGES_EXPERIMENT)
             if experiment is None:
                 try:
-                    self._experiment_id = self.client.create_experiment(STAGES_EXPERIMENT)
+                    self._experiment_id = self.client.create_experiment(
+                        STAGES_EXPERIMENT, tags={EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]})
                 except MlflowException:  # another trial created it first
                     self._experiment_id = self.client.get_experiment_by_name(STAGES_EXPERIMENT).experiment_id
             else:

@@ -320,12 +320,17 @@ def _completed_before(context: TrialContext) -> dict[str, Any] | None:
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
+    """The space's experiment, created if needed; it opens in MLflow's model-training view (MLflow 3 shows
+    the GenAI view unless the experiment says otherwise)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
-        return str(experiment.experiment_id)
-    return str(client.create_experiment(name))
+        experiment_id = str(experiment.experiment_id)
+    else:
+        experiment_id = str(client.create_experiment(name))
+    client.set_experiment_tag(experiment_id, *schema.EXPERIMENT_KIND)
+    return experiment_id
 
 
 def _parent_run(client: MlflowClient, experiment_id: str, name: str, spec: SweepSpec, storage_url: str, *,

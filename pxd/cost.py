@@ -26,7 +26,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from pxd.models import eval_mode
 
-__all__ = ["Cost", "count_params", "count_gmacs", "measure_latency", "measure_cost"]
+__all__ = [
+    "Cost", "count_params", "count_gmacs", "measure_latency", "measure_cost",
+    "RUNTIMES", "RuntimeTiming", "measure_runtime",
+]
 
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -167,3 +170,121 @@ def _device_name(device: torch.device) -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Deployment runtimes: latency as users will deploy (`pxd remeasure`)
+
+RUNTIMES = ("torch", "torch-compile", "onnxruntime")
+NOISY_CV = 0.10  # a coefficient of variation above this is reported as a noisy measurement
+
+
+@dataclass
+class RuntimeTiming:
+    """One model timed on one runtime: what a hardware label records."""
+
+    runtime: str
+    device: str
+    device_name: str
+    dtype: str
+    threads: int
+    batch_size: int  # the batch of `throughput_ips`
+    warmup: int
+    repeats: int
+    latency_ms: float  # median, batch 1
+    latency_cv: float  # coefficient of variation of the batch-1 repeats (stdev / mean)
+    throughput_ips: float  # images per second at `batch_size`
+    noisy: bool  # latency_cv above NOISY_CV: the number should not be trusted as is
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _runner(model: nn.Module, runtime: str, resolution: int, device: torch.device, threads: int) -> Callable[[Any], Any]:
+    """A callable taking a batch (a torch tensor), running `model` the way `runtime` deploys it."""
+    model = copy.deepcopy(model).to(device=device, dtype=torch.float32).eval()
+    if runtime == "torch":
+        return model
+    if runtime == "torch-compile":
+        return torch.compile(model)
+    if runtime == "onnxruntime":
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise RuntimeError("the onnxruntime runtime needs the optional extra: pip install 'pxd[onnx]'") from exc
+        import io
+
+        buffer = io.BytesIO()
+        example = torch.zeros(1, 3, resolution, resolution, device=device)
+        torch.onnx.export(model, (example,), buffer, input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+        session = ort.InferenceSession(buffer.getvalue(), options, providers=providers)
+        return lambda batch: session.run(None, {"image": batch.cpu().numpy()})
+    raise ValueError(f"unknown runtime {runtime!r}; use one of {RUNTIMES}")
+
+
+def measure_runtime(
+    model: nn.Module,
+    resolution: int,
+    *,
+    runtime: str = "torch",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    threads: int | None = None,
+    warmup: int = 5,
+    repeats: int = 30,
+    batch_size: int = 16,
+) -> RuntimeTiming:
+    """Median batch-1 latency (and its spread) and batch-`batch_size` throughput of `model` on `runtime`.
+
+    Warm-up passes first (they include compilation for torch-compile); `threads` fixes the intra-op
+    threads for the measurement (torch and ONNX Runtime alike); on CUDA every pass is synchronised, and
+    `dtype` bf16/fp16 runs under autocast with channels_last (torch runtimes).
+    """
+    if repeats < 2 or warmup < 0 or batch_size < 1:
+        raise ValueError(f"need repeats ≥ 2, warmup ≥ 0, batch_size ≥ 1 (got {repeats}, {warmup}, {batch_size})")
+    target = torch.device(device)
+    previous_threads = torch.get_num_threads()
+    threads = threads or previous_threads
+    torch.set_num_threads(threads)
+    try:
+        run = _runner(model, runtime, resolution, target, threads)
+        cuda = target.type == "cuda"
+        if cuda and runtime != "onnxruntime" and isinstance(run, nn.Module):
+            run = run.to(memory_format=torch.channels_last)
+        autocast: Any = (torch.autocast(device_type=target.type, dtype=dtype)
+                         if dtype in _AUTOCAST_DTYPES and runtime != "onnxruntime" else nullcontext())
+        sync: Callable[[], None] = (lambda: torch.cuda.synchronize(target)) if cuda else (lambda: None)
+        generator = torch.Generator().manual_seed(0)
+
+        def timed(batch: int, count: int) -> list[float]:
+            images = torch.randn(batch, 3, resolution, resolution, generator=generator).to(target)
+            if cuda:
+                images = images.contiguous(memory_format=torch.channels_last)
+            times = []
+            with torch.inference_mode(), autocast:
+                for step in range(warmup + count):
+                    sync()
+                    start = time.perf_counter()
+                    run(images)
+                    sync()
+                    if step >= warmup:
+                        times.append(time.perf_counter() - start)
+            return times
+
+        single = timed(1, repeats)
+        batched = timed(batch_size, max(3, repeats // 4))
+    finally:
+        torch.set_num_threads(previous_threads)
+    median = statistics.median(single)
+    cv = statistics.stdev(single) / statistics.fmean(single)
+    return RuntimeTiming(
+        runtime=runtime, device=str(target), device_name=_device_name(target),
+        dtype="float32" if runtime == "onnxruntime" else str(dtype).removeprefix("torch."), threads=threads,
+        batch_size=batch_size, warmup=warmup, repeats=repeats, latency_ms=median * 1e3, latency_cv=cv,
+        throughput_ips=batch_size / statistics.median(batched), noisy=cv > NOISY_CV,
+    )

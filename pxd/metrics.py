@@ -32,6 +32,9 @@ __all__ = [
     "constraint_keys",
     "constraint_metric",
     "metrics_from_cost",
+    "hardware_metric",
+    "hardware_cv_metric",
+    "check_hardware_label",
 ]
 
 MODES = ("max", "min")
@@ -155,3 +158,31 @@ _builtin(name="latency_ms", mode="min", unit="ms",
          description="median batch-1 latency on the trial's device")
 _builtin(name="throughput_ips", mode="max", unit="images/s", objective=False, constrainable=False, summary=False,
          ideal=float("inf"), description="images per second at the throughput batch size")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-hardware latency: one metric per hardware label (`pxd remeasure SWEEP --hardware LABEL`)
+
+_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def check_hardware_label(label: str) -> str:
+    """Labels become part of MLflow metric names: letters, digits, `_` and `-` only."""
+    if not label or not set(label) <= _LABEL_CHARS or len(label) > 64:
+        raise ValueError(f"hardware label {label!r}: use 1-64 letters, digits, '_' or '-', e.g. jetson-orin_trt")
+    return label
+
+
+def hardware_metric(label: str) -> Metric:
+    """The registry row of the latency measured on hardware `label` (`latency_ms.<label>`), registered
+    the first time it is asked for; a frontier's compute axis for that hardware."""
+    name = f"latency_ms.{check_hardware_label(label)}"
+    if name not in METRICS:
+        register(Metric(name=name, mode="min", unit="ms", objective=False, constrainable=False, summary=True,
+                        description=f"median batch-1 latency on hardware label {label} (pxd remeasure)"))
+    return METRICS[name]
+
+
+def hardware_cv_metric(label: str) -> str:
+    """The coefficient of variation of that latency's repeats (`latency_cv.<label>`)."""
+    return f"latency_cv.{check_hardware_label(label)}"

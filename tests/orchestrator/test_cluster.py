@@ -442,3 +442,33 @@ def test_the_compose_stack_keeps_mlflow_and_optuna_in_separate_databases_with_an
         except ImportError as exc:
             pytest.fail(f"{url.drivername}:// needs a driver the image does not install ({exc}); "
                         "name the installed one, e.g. postgresql+psycopg2://")
+
+
+def test_remeasure_times_on_the_ray_node_with_the_custom_resource(cluster, cluster_sweep):
+    """A third node offers the custom resource `edge` with 2 CPUs: `pxd remeasure --resource edge` times every
+    student there, with the requested thread count, and records that node with each measurement."""
+    _require_success(cluster_sweep)
+    ray_cli = _tool("ray")
+    log = cluster.workdir / "ray-edge.log"
+    with open(log, "ab") as handle:
+        edge = subprocess.Popen([*ray_cli, "start", "--address", cluster.ray_address, "--num-cpus", "2",
+                                 "--resources", '{"edge": 1}', "--disable-usage-stats", "--temp-dir",
+                                 str(cluster.workdir / "ray"), "--block"], stdout=handle, stderr=subprocess.STDOUT,
+                                env=cluster.env, cwd=cluster.workdir, start_new_session=True)
+    cluster.processes.append(edge)
+    _wait_for(lambda: _ray_started(log), edge, "the edge Ray node", log)
+    done = _run([*_tool("pxd"), "remeasure", SWEEP, "--hardware", "edge-2t", "--resource", "edge", "--threads", "2",
+                 "--repeats", "4", "--warmup", "1", "--batch", "2", "--ray-address", cluster.ray_address,
+                 "--tracking-uri", cluster.tracking_uri], SWEEP_TIMEOUT_S, env=cluster.env, cwd=cluster.workdir)
+    assert done.returncode == 0, done.stderr[-4000:]
+    nodes = _run([sys.executable, "-c", "import json, ray; ray.init(address='" + cluster.ray_address + "', "
+                  "logging_level='ERROR'); print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() "
+                  "if n['Alive']}))"], 120, env=cluster.env, cwd=cluster.workdir)
+    resources = json.loads(nodes.stdout.strip().splitlines()[-1])
+    edge_nodes = {node for node, offered in resources.items() if offered.get("edge")}
+    runs = [r for r in _trial_runs(cluster) if r.data.tags.get("pxd.state") == "COMPLETE"]
+    assert runs
+    for run in runs:
+        record = json.loads(run.data.tags["pxd.hardware.edge-2t"])
+        assert record["node_id"] in edge_nodes, "the timing ran on the node with the custom resource"
+        assert record["threads"] == 2 and run.data.metrics["latency_ms.edge-2t"] > 0

@@ -275,3 +275,104 @@ def test_searching_student_weights_trains_one_teacher_and_one_assistant_per_arch
     assert parent["assistants_trained"] == len(archs)
     assert parent["students_trained"] == 4
     assert len({r.data.tags["pxd.stage.teacher.key"] for r in trials}) == 1
+
+
+# -- job 3: re-run the frontier for new hardware; job 2: select and register -----------------------------
+
+
+@pytest.fixture(scope="module")
+def remeasured(first_sweep, mlflow_server):
+    """The first sweep re-timed on two labels of this machine: eager torch (1 thread), ONNX Runtime."""
+    from orchestrator.hardware import TimingRequest, remeasure
+
+    _, outcome = first_sweep
+    client = MlflowClient(mlflow_server)
+    lines: list[str] = []
+    tables = {}
+    for label, runtime in (("here-torch", "torch"), ("here-ort", "onnxruntime")):
+        request = TimingRequest(label=label, runtime=runtime, threads=1, repeats=5, warmup=1, batch_size=2)
+        tables[label] = remeasure(client, mlflow_server, outcome.sweep_name, request, report=lines.append)
+    return outcome, tables, lines
+
+
+def test_remeasure_logs_each_label_to_the_trial_runs_and_a_frontier_to_the_sweep(remeasured, mlflow_server):
+    outcome, tables, lines = remeasured
+    client = MlflowClient(mlflow_server)
+    children = [r for r in _children(client, outcome) if r.data.tags["pxd.state"] == "COMPLETE"]
+    for run in children:
+        for label, runtime in (("here-torch", "torch"), ("here-ort", "onnxruntime")):
+            assert run.data.metrics[f"latency_ms.{label}"] > 0 and f"latency_cv.{label}" in run.data.metrics
+            record = json.loads(run.data.tags[f"pxd.hardware.{label}"])
+            assert record["runtime"] == runtime and record["threads"] == 1 and record["repeats"] == 5
+    assert len(tables["here-torch"]["timed"]) == len(children) and not tables["here-torch"]["skipped"]
+    assert any("timed" in line for line in lines)  # progress, one line per model
+    artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id, "hardware/here-ort")}
+    assert {"hardware/here-ort/frontier.png", "hardware/here-ort/frontier.html", "hardware/here-ort/frontier.csv"} <= artifacts
+    # the label's latency is the compute axis of its frontier
+    assert [o["name"] for o in tables["here-ort"]["objectives"]] == ["val_top1", "pixels", "latency_ms.here-ort"]
+
+
+def test_remeasuring_a_label_again_replaces_its_numbers(remeasured, mlflow_server):
+    from orchestrator.hardware import TimingRequest, remeasure
+
+    outcome, _, _ = remeasured
+    client = MlflowClient(mlflow_server)
+    remeasure(client, mlflow_server, outcome.sweep_name,
+              TimingRequest(label="here-torch", threads=2, repeats=4, warmup=1, batch_size=2), report=lambda _: None)
+    run = next(r for r in _children(client, outcome) if r.data.tags["pxd.state"] == "COMPLETE")
+    assert json.loads(run.data.tags["pxd.hardware.here-torch"])["threads"] == 2  # the latest record, not a second one
+    assert json.loads(client.get_run(outcome.parent_run_id).data.tags["pxd.hardware_labels"]) == ["here-ort", "here-torch"]
+
+
+def test_frontier_per_hardware_and_the_comparison_of_two(remeasured, mlflow_server, tmp_path, capsys):
+    outcome, _, _ = remeasured
+    assert main(["frontier", outcome.sweep_name, "--hardware", "here-ort", "--tracking-uri", mlflow_server]) == 0
+    assert "on hardware here-ort" in capsys.readouterr().out
+    plot = tmp_path / "compare.png"
+    assert main(["frontier", outcome.sweep_name, "--compare", "here-torch", "here-ort", "--plot", str(plot),
+                 "--tracking-uri", mlflow_server, "--json"]) == 0
+    comparison = json.loads(capsys.readouterr().out)
+    assert set(comparison) >= {"stay", "leave", "join"} and plot.stat().st_size > 0
+    assert main(["frontier", outcome.sweep_name, "--hardware", "never-timed", "--tracking-uri", mlflow_server]) == 2
+
+
+def test_select_registers_the_most_accurate_feasible_frontier_point_and_it_loads(remeasured, mlflow_server, capsys,
+                                                                                monkeypatch):
+    import mlflow
+
+    outcome, tables, _ = remeasured
+    front = [r for r in tables["here-ort"]["rows"] if r["on_frontier"]]
+    limit = sorted(r["metrics"]["pixels"] for r in front)[0]  # only the cheapest input size passes
+    code = main(["select", outcome.sweep_name, "--hardware", "here-ort", "--max-pixels", str(limit), "--name",
+                 "tiny-student", "--alias", "edge", "--tracking-uri", mlflow_server, "--json"])
+    assert code == 0
+    chosen = json.loads(capsys.readouterr().out)
+    feasible = [r for r in front if r["metrics"]["pixels"] <= limit]
+    assert chosen["metrics"]["val_top1"] == max(r["metrics"]["val_top1"] for r in feasible)
+    assert chosen["uri"] == "models:/tiny-student@edge"
+    client = MlflowClient(mlflow_server)
+    version = client.get_model_version_by_alias("tiny-student", "edge")
+    assert version.tags["pxd.sweep"] == outcome.sweep_name and version.tags["pxd.trial_run"] == chosen["run_id"]
+    assert version.tags["pxd.hardware"] == "here-ort"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # as a user would, to resolve models:/ URIs
+    model = mlflow.pytorch.load_model("models:/tiny-student@edge")
+    side = chosen["input_size"]
+    assert model(torch.zeros(3, 3, side, side)).shape == (3, 4)
+
+
+def test_select_with_no_feasible_point_names_the_tightest_limit_and_registers_nothing(remeasured, mlflow_server, capsys):
+    from mlflow.exceptions import MlflowException
+
+    outcome, _, _ = remeasured
+    code = main(["select", outcome.sweep_name, "--max-pixels", "1", "--min-top1", "0.0", "--name", "never-registered",
+                 "--tracking-uri", mlflow_server])
+    assert code == 2
+    assert "--max-pixels" in capsys.readouterr().err
+    with pytest.raises(MlflowException):
+        MlflowClient(mlflow_server).get_registered_model("never-registered")
+
+
+def test_pxd_experiments_open_in_the_model_training_view(first_sweep, mlflow_server):
+    _, outcome = first_sweep
+    client = MlflowClient(mlflow_server)
+    assert client.get_experiment(outcome.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

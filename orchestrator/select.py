@@ -1,0 +1,132 @@
+"""`pxd select SWEEP`: choose a model from the frontier under constraints and register it.
+
+Among the frontier's points (the sweep's own, or a hardware label's after `pxd remeasure`) that meet
+every given limit, the rule picks the most accurate (`val_top1`); ties go to the lower latency on the
+chosen hardware (else `latency_ms`), then fewer `gmacs`, then fewer `pixels`, then the run id, so the
+choice is deterministic. The model is registered in the MLflow Model Registry under a name and an alias
+(registry stages are deprecated), with tags saying where it came from; `models:/NAME@ALIAS` loads it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from orchestrator import schema
+from orchestrator.frontier import frontier_table
+from pxd.errors import ConfigError
+from pxd.metrics import hardware_metric
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+__all__ = ["Limits", "choose", "select_and_register"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_latency_ms: float | None = None  # on --hardware's label, else the sweep's latency_ms
+    max_gmacs: float | None = None
+    max_pixels: float | None = None
+    min_top1: float | None = None
+
+    def checks(self, latency_metric: str) -> list[tuple[str, str, float, str]]:
+        """(flag, metric, limit, "max"|"min") for every limit given."""
+        given = [("--max-latency-ms", latency_metric, self.max_latency_ms, "max"),
+                 ("--max-gmacs", "gmacs", self.max_gmacs, "max"),
+                 ("--max-pixels", "pixels", self.max_pixels, "max"),
+                 ("--min-top1", "val_top1", self.min_top1, "min")]
+        return [(flag, metric, float(limit), kind) for flag, metric, limit, kind in given if limit is not None]
+
+
+@dataclass
+class Choice:
+    row: dict[str, Any]  # the frontier table row
+    why: str
+    candidates: int  # feasible frontier points
+    frontier: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _meets(row: dict[str, Any], metric: str, limit: float, kind: str) -> bool:
+    value = row["metrics"].get(metric, math.nan)
+    return not math.isnan(value) and (value <= limit if kind == "max" else value >= limit)
+
+
+def choose(table: dict[str, Any], limits: Limits, latency_metric: str) -> Choice:
+    """The most accurate frontier point meeting every limit; ConfigError naming the tightest limit if none."""
+    front = [r for r in table["rows"] if r["on_frontier"]]
+    checks = limits.checks(latency_metric)
+    feasible = [r for r in front if all(_meets(r, m, lim, k) for _, m, lim, k in checks)]
+    if not feasible:
+        if not front:
+            raise ConfigError("sweep", "its frontier is empty (no complete, feasible trial); nothing to select")
+        # the tightest limit: the one that alone rules out the most frontier points
+        flag, metric, limit, kind = max(checks, key=lambda c: sum(not _meets(r, c[1], c[2], c[3]) for r in front))
+        values = [r["metrics"].get(metric, math.nan) for r in front]
+        best = min(values) if kind == "max" else max(values)
+        raise ConfigError(flag, f"no frontier point meets every limit; the tightest is {flag} {limit:g}: the best "
+                                f"{metric} on the frontier is {best:.4g}; relax it (or re-time with pxd remeasure)")
+
+    def order(row: dict[str, Any]) -> tuple[float, ...]:
+        m = row["metrics"]
+        return (-m.get("val_top1", -math.inf), m.get(latency_metric, math.inf), m.get("gmacs", math.inf),
+                m.get("pixels", math.inf), 0.0)
+
+    ranked = sorted(feasible, key=lambda r: (*order(r)[:-1], str(r["run_id"])))
+    chosen = ranked[0]
+    limits_text = ", ".join(f"{flag} {limit:g}" for flag, _, limit, _ in checks) or "no limits"
+    why = (f"the most accurate of {len(feasible)} frontier point(s) meeting {limits_text} "
+           f"(of {len(front)} on the frontier; ties: lower {latency_metric}, gmacs, pixels)")
+    return Choice(row=chosen, why=why, candidates=len(feasible), frontier=len(front))
+
+
+def select_and_register(client: MlflowClient, sweep: str, limits: Limits, *, hardware: str | None, name: str | None,
+                        alias: str) -> dict[str, Any]:
+    """Choose, register under `name` with `alias`, tag the version; returns what was done."""
+    from orchestrator.hardware import hardware_table
+
+    parent = schema.find_sweep_run(client, sweep)
+    if parent is None:
+        raise ConfigError("sweep", f"no sweep named or with run id {sweep!r} at {client.tracking_uri}")
+    sweep_name = parent.data.tags.get(schema.Tag.SWEEP, sweep)
+    if hardware:
+        table = hardware_table(client, parent.info.run_id, hardware)
+        latency_metric = hardware_metric(hardware).name
+    else:
+        objectives, reference, ideal = schema.sweep_objectives(parent)
+        table = frontier_table(schema.collect_rows(client, parent), objectives, reference, ideal)
+        latency_metric = "latency_ms"
+    choice = choose(table, limits, latency_metric)
+    row = choice.row
+    model_name = name or f"{client.get_experiment(parent.info.experiment_id).name}-student"
+    version = client.create_model_version(model_name, row["model_uri"], run_id=row["run_id"]) \
+        if _registered(client, model_name) else _create(client, model_name, row)
+    resolution = int(round(math.sqrt(row["metrics"]["pixels"])))
+    tags = {"pxd.sweep": sweep_name, "pxd.trial_run": row["run_id"], "pxd.input_size": f"{resolution}x{resolution}",
+            "pxd.objectives": json.dumps({o["name"]: row["metrics"].get(o["name"]) for o in table["objectives"]}),
+            "pxd.hardware": hardware or "(the sweep's own device)", "pxd.selection_rule": choice.why}
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version.version, key, str(value))
+    client.set_registered_model_alias(model_name, alias, version.version)
+    return {"model_name": model_name, "version": str(version.version), "alias": alias,
+            "uri": f"models:/{model_name}@{alias}", "run_id": row["run_id"], "model_uri": row["model_uri"],
+            "input_size": resolution, "metrics": row["metrics"], "params": row["params"], "why": choice.why,
+            "hardware": hardware}
+
+
+def _registered(client: MlflowClient, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
+
+
+def _create(client: MlflowClient, name: str, row: dict[str, Any]) -> Any:
+    client.create_registered_model(name, description="pxd students selected from a sweep's frontier (pxd select)")
+    return client.create_model_version(name, row["model_uri"], run_id=row["run_id"])
