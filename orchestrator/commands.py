@@ -94,7 +94,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pxd.metrics import final_metrics
     from pxd.pipeline import run_tas
 
-    config = load_spec(args.config, args.overrides).fixed_config()  # errors, naming the field, if a value is a distribution
+    spec = load_spec(args.config, args.overrides)
+    for note in spec.notes:
+        print(f"[pxd] note: {note}", file=sys.stderr)
+    config = spec.fixed_config()  # errors, naming the field, if a value is a distribution
     result = run_tas(config, progress=not args.no_progress and not args.json and sys.stderr.isatty())
     metrics = {name: result.metrics[name] for name in final_metrics() if name in result.metrics}
     metrics.update({k: v for k, v in result.metrics.items() if k not in metrics})

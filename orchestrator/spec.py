@@ -261,8 +261,9 @@ def parse_spec(raw: Any, source_path: str | None = None) -> SweepSpec:
     sections = tuple(PipelineConfig.__dataclass_fields__) + ("search",)
     for key in raw:
         _check_known(key, sections, "", "top-level key")
+    notes = _drop_unused_blockwise_lists(raw)
     params = collect_params(raw)
-    notes = _fix_assistant_weights(raw, params)
+    notes += _fix_assistant_weights(raw, params)
     if "search" not in raw and params:
         raise ConfigError(
             "search",
@@ -275,6 +276,23 @@ def parse_spec(raw: Any, source_path: str | None = None) -> SweepSpec:
     name = raw.get("name") or (Path(source_path).stem if source_path else PipelineConfig.name)
     return SweepSpec(name=str(name), raw=raw, params=params, search=search, base=base, source_path=source_path,
                      notes=notes)
+
+
+def _drop_unused_blockwise_lists(raw: dict[str, Any]) -> tuple[str, ...]:
+    """In a search space (a file with `search:`), block-wise `student.depths`/`widths` apply only to
+    block-wise draws of `student.arch`; a trial of another architecture drops them. A fixed arch that is
+    not block-wise (`pxd train SPACE --set student.arch=resnet10t ...`, reproducing such a trial) drops
+    them the same way, so the run is the trial's run."""
+    from pxd.models import BLOCKWISE_FAMILIES
+
+    student = raw.get("student")
+    if "search" not in raw or not isinstance(student, dict) or not isinstance(student.get("arch"), str):
+        return ()
+    if student["arch"] in BLOCKWISE_FAMILIES:
+        return ()
+    dropped = [key for key in ("depths", "widths") if student.pop(key, None) is not None]
+    return tuple(f"student.{key} dropped: student.arch {student['arch']} is not block-wise (as in the sweep's trials)"
+                 for key in dropped)
 
 
 def _fix_assistant_weights(raw: dict[str, Any], params: tuple[Param, ...]) -> tuple[str, ...]:

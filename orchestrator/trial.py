@@ -10,6 +10,7 @@ diverges ends its MLflow run as FAILED with the error recorded on the run (tag `
 from __future__ import annotations
 
 import math
+import os
 import socket
 import traceback
 from dataclasses import dataclass
@@ -19,7 +20,10 @@ from orchestrator import schema
 from pxd.paths import flatten
 
 if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
     from torch import nn
+
+    from pxd.config import PipelineConfig
 
     from orchestrator.spec import SweepSpec
 
@@ -60,18 +64,32 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> schema.TrialResu
     """Run one trial; returns (and, inside Tune, reports) its final result."""
     import mlflow
     from mlflow.tracking import MlflowClient
+
+    from orchestrator.spec import materialize
+
+    config = materialize(context.spec, params)
+    client = MlflowClient(context.tracking_uri)
+    # model logging uses MLflow's fluent API, whose URI is process-wide (it also sets MLFLOW_TRACKING_URI):
+    # set it for the trial and give the caller's back after (a trial run in-process must not leak it)
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(context.tracking_uri)
+    try:
+        return _run(params, context, config, client)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, client: MlflowClient) -> schema.TrialResult:
+    import mlflow
     from ray import tune
 
-    from orchestrator.spec import constraint_values, is_feasible, materialize
+    from orchestrator.spec import constraint_values, is_feasible
     from orchestrator.stage_store import make_provider
     from pxd.pipeline import LatencySettings, run_tas
 
-    config = materialize(context.spec, params)
     trial_id = _trial_id()
     in_tune = trial_id is not None
     trial_id = trial_id or "local"
-    client = MlflowClient(context.tracking_uri)
-    mlflow.set_tracking_uri(context.tracking_uri)  # the trial's own process: model logging uses the fluent API
     tags = schema.trial_start_tags(sweep=context.sweep_name, parent_run_id=context.parent_run_id, trial_id=trial_id,
                                    params=params, hostname=socket.gethostname(), node_id=_node_id())
     run_name = f"{config.student.arch}@{config.student.resolution}-{trial_id}"

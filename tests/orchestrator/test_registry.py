@@ -7,6 +7,8 @@ test process does not reach Ray workers (a plugin registers its metrics in a mod
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -58,7 +60,9 @@ def test_a_registered_metric_is_accepted_recorded_constrained_and_on_the_frontie
     parent = _parent_run(client, experiment_id, "registry-test-sweep", spec, "sqlite:///unused.db", resume=False)
     context = TrialContext(spec=spec, sweep_name="registry-test-sweep", tracking_uri=mlflow_server,
                            experiment_id=experiment_id, parent_run_id=parent)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     results = [run_trial({"student.resolution": resolution}, context) for resolution in (8, 24)]
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before  # an in-process trial leaves the process's URI alone
     for result in results:
         recorded = client.get_run(result.run_id).data.metrics
         assert recorded["energy_mj"] == pytest.approx(1000.0 * recorded["gmacs"] * 4.6e-3)
