@@ -52,6 +52,7 @@ class TrialRow:
     state: str  # "COMPLETE", "FAILED", "PRUNED" (stopped early or infeasible before training) or "RUNNING"
     feasible: bool = True
     model_uri: str | None = None
+    arch: str | None = None  # the student's architecture, for people reading the table
 
 
 def _check_modes(modes: Sequence[str]) -> None:
@@ -211,6 +212,7 @@ def frontier_table(
             "trial_id": candidates[i].trial_id,
             "run_id": candidates[i].run_id,
             "model_uri": candidates[i].model_uri,
+            "arch": candidates[i].arch,
             "on_frontier": bool(mask[i]),
             "metrics": {key: float(value) for key, value in candidates[i].metrics.items()},
             "params": dict(candidates[i].params),

@@ -17,14 +17,12 @@ import math
 import os
 import socket
 import sys
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import schema
-from orchestrator.frontier import TrialRow, frontier_table, write_table
+from orchestrator.frontier import TrialRow, frontier_table
 from pxd.errors import ConfigError
 from pxd.metrics import check_hardware_label, get_metric, hardware_cv_metric, hardware_metric
 
@@ -106,8 +104,15 @@ def remeasure(client: MlflowClient, tracking_uri: str, sweep: str, request: Timi
     client.set_tag(parent.info.run_id, schema.hardware_tag(request.label), json.dumps(asdict(request)))
     labels = set(hardware_labels(client.get_run(parent.info.run_id))) | {request.label}
     client.set_tag(parent.info.run_id, schema.Tag.HARDWARE_LABELS, json.dumps(sorted(labels)))
+    from orchestrator.sweep import log_frontier
+
     table = hardware_table(client, parent.info.run_id, request.label)
-    _log_table(client, parent.info.run_id, table, f"hardware/{request.label}", x_metric=metric)
+    parent = client.get_run(parent.info.run_id)
+    log_frontier(client, parent, table, f"hardware/{request.label}", png_axes=(metric,))
+    # the sweep's own Pareto page again, now with this hardware's latency among its cost axes
+    objectives, reference, ideal = schema.sweep_objectives(parent)
+    own = frontier_table(schema.collect_rows(client, parent), objectives, reference, ideal)
+    log_frontier(client, parent, own, "frontier", png_axes=tuple(m for m, _ in objectives if m != "val_top1"))
     return {**table, "timed": sorted(results), "skipped": skipped}
 
 
@@ -207,14 +212,3 @@ def compare_tables(first: dict[str, Any], second: dict[str, Any]) -> dict[str, A
     join = sorted(set(front["second"]) - set(front["first"]))
     return {"first": first["hardware"], "second": second["hardware"], "stay": stay, "leave": leave, "join": join,
             "rows": {run: {**front["first"].get(run, {}), **front["second"].get(run, {})} for run in stay + leave + join}}
-
-
-def _log_table(client: MlflowClient, parent_run_id: str, table: dict[str, Any], path: str, *, x_metric: str) -> None:
-    from orchestrator.plots import plot_html, plot_png
-
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        write_table(table, folder)
-        plot_png(table, folder / "frontier.png", x_metrics=(x_metric,))
-        plot_html(table, folder / "frontier.html", x_metrics=(x_metric,))
-        client.log_artifacts(parent_run_id, str(folder), path)

@@ -135,8 +135,12 @@ def _range(values: list[float]) -> tuple[float, float]:
 
 
 def _tooltip(row: Mapping[str, Any]) -> str:
-    lines = [f"trial {row['trial_id']}", f"run {row['run_id']}"]
-    lines += [f"{key} = {value:.6g}" for key, value in row["metrics"].items()]
+    side = int(round(math.sqrt(row["metrics"]["pixels"]))) if "pixels" in row["metrics"] else None
+    lines = [f"{row.get('arch') or 'student'} at {side}×{side} px" if side else str(row.get("arch") or "student"),
+             f"trial {row['trial_id']}", f"run {row['run_id']}"]
+    # the figures a reader compares: registry metrics and hardware latencies, not per-epoch histories
+    lines += [f"{key} = {value:.6g}" for key, value in row["metrics"].items()
+              if "." not in key or key.startswith(("latency_ms.", "latency_cv."))]
     lines += [f"{key} = {value}" for key, value in row["params"].items()]
     return "\n".join(lines)
 
@@ -156,7 +160,7 @@ def _svg_panel(panel: _Panel, rows: Sequence[Mapping[str, Any]]) -> str:
     x_name, y_name = esc(panel.x_metric), esc(panel.y_metric)
     if not panel.points:
         message = _tag("text", f"no finite points for {x_name}", x=20, y=40)
-        return _tag("svg", message, class_="panel", width=width, height=height)
+        return _tag("svg", message, class_="panel", width=width, height=height, data_axis=panel.x_metric)
     x_low, x_high = _range([p[0] for p in panel.points])
     y_low, y_high = _range([p[1] for p in panel.points])
 
@@ -193,7 +197,7 @@ def _svg_panel(panel: _Panel, rows: Sequence[Mapping[str, Any]]) -> str:
                           data_row=index, cx=sx(x), cy=sy(y), r=5 if front else 3.5))
     viewbox = f"0 0 {width} {height}"
     body = "\n".join(parts)
-    return _tag("svg", body, class_="panel", width=width, height=height, viewBox=viewbox)
+    return _tag("svg", body, class_="panel", width=width, height=height, viewBox=viewbox, data_axis=panel.x_metric)
 
 
 def _html_frontier_table(table: Mapping[str, Any]) -> str:
@@ -210,7 +214,8 @@ def _html_frontier_table(table: Mapping[str, Any]) -> str:
         cells = [row["trial_id"], row["run_id"], row["model_uri"]]
         cells += [f"{row['metrics'][m]:.6g}" if m in row["metrics"] else "" for m in metrics]
         cells += [row["params"].get(p, "") for p in params]
-        tds = "".join(_tag("td", html.escape("" if c is None else str(c))) for c in cells)
+        tds = "".join(_tag("td", html.escape("" if c is None else str(c)), **({"class_": "run"} if i == 1 else {}))
+                      for i, c in enumerate(cells))
         body.append(_tag("tr", tds, data_row=index))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -220,7 +225,7 @@ _STYLE = """body{font-family:system-ui,sans-serif;margin:16px;color:#222}
 .grid{stroke:#eee}.tick{font-size:10px;text-anchor:middle;fill:#555}.ytick{text-anchor:end}
 .label,.title{font-size:12px;text-anchor:middle}.steps{fill:none;stroke:%s;stroke-width:1.5}
 .pt.other{fill:%s;opacity:.7}.pt.front{fill:%s;stroke:#000;stroke-width:.6}
-.pt.hit{stroke:#1f77b4;stroke-width:3}tr.hit{background:#dbeafe}
+.pt.hit{stroke:#1f77b4;stroke-width:3}tr.hit{background:#dbeafe}.pt{cursor:pointer}
 table{border-collapse:collapse;font-size:12px;margin-top:8px}
 td,th{border:1px solid #ccc;padding:2px 6px}
 """ % (_FRONT_COLOUR, _OTHER_COLOUR, _FRONT_COLOUR)
@@ -238,11 +243,36 @@ function mark(i,on){
  selected.textContent=!on||!r?'':
   'trial '+r.trial_id+'  run '+r.run_id+'  '+JSON.stringify(r.metrics);
 }
+// The MLflow UI's address. Inside MLflow's artifact viewer this page is a blob: URL whose text holds
+// the UI's origin (relative links do not work in a blob, and the viewer's sandbox blocks new windows and
+// top-level navigation, so a click opens the run in this frame); opened from the server it is ours;
+// opened as a file, the tracking URI recorded when the page was written.
+function base(){
+ try{var h=location.href;
+  if(h.indexOf('blob:')===0)return new URL(h.slice(5)).origin;
+  if(location.protocol==='http:'||location.protocol==='https:')return location.origin;}catch(e){}
+ var t=data.links&&data.links.tracking_uri;return t&&/^https?:/.test(t)?t.replace(/\/$/,''):null;
+}
+function runUrl(i){
+ var r=data.rows[i],b=base();
+ if(!r||!b||!data.links||!data.links.experiment_id)return null;
+ return b+'/#/experiments/'+encodeURIComponent(data.links.experiment_id)+'/runs/'+encodeURIComponent(r.run_id);
+}
 document.querySelectorAll('[data-row]').forEach(function(e){
  var i=e.getAttribute('data-row');
  e.addEventListener('mouseenter',function(){mark(i,true);});
  e.addEventListener('mouseleave',function(){mark(i,false);});
+ e.addEventListener('click',function(){var u=runUrl(i);if(u)location.href=u;});
 });
+document.querySelectorAll('tr[data-row] td.run').forEach(function(td){
+ var u=runUrl(td.parentNode.getAttribute('data-row'));if(!u)return;
+ var a=document.createElement('a');a.href=u;a.textContent=td.textContent;td.textContent='';td.appendChild(a);
+});
+// one cost axis at a time; without scripts every panel shows
+var axis=document.getElementById('pxd-axis');
+function show(){document.querySelectorAll('svg[data-axis]').forEach(function(p){
+ p.style.display=p.getAttribute('data-axis')===axis.value?'':'none';});}
+if(axis){axis.hidden=false;axis.addEventListener('change',show);show();}
 })();"""
 
 
@@ -258,13 +288,22 @@ def plot_html(
     path: str | Path,
     x_metrics: Sequence[str] = ("gmacs", "pixels"),
     y_metric: str = "val_top1",
+    *,
+    experiment_id: str | None = None,
+    tracking_uri: str | None = None,
 ) -> Path:
-    """Write one self-contained interactive HTML page: scatter panels, tooltips, frontier table."""
+    """Write one self-contained interactive HTML page: a chooser of the cost axis, scatter panels whose
+    points show the trial on hover and open its MLflow run on click (`experiment_id`), the frontier table."""
     panels = _panels(table, x_metrics, y_metric)
+    table = {**table, "links": {"experiment_id": experiment_id, "tracking_uri": tracking_uri}}
+    options = "".join(_tag("option", html.escape(p.x_metric), value=p.x_metric) for p in panels)
+    chooser = f'<label>cost axis <select id="pxd-axis" hidden>{options}</select></label>' if panels else ""
     esc = html.escape
     objectives = ", ".join(f"{o['name']} ({o['mode']})" for o in table["objectives"])
     volume = table.get("hypervolume")
     volume_text = "n/a (no reference point)" if volume is None else f"{volume:.6g}"
+    if table.get("hypervolume_normalised") is not None:
+        volume_text = f"{table['hypervolume_normalised']:.4f} of the reference-to-ideal box ({volume_text} in the objectives' units)"
     reference = json.dumps(table.get("reference_point"), default=str)
     summary = (
         f"{table['n_frontier']} of {table['n_eligible']} eligible trials on the frontier. "
@@ -275,6 +314,7 @@ def plot_html(
 <style>{_STYLE}</style></head><body>
 <h1>Pareto frontier</h1>
 <p>{esc(summary)}</p>
+<p>{chooser} · hover a point for its trial, click it to open its MLflow run</p>
 <div class="panels">{"".join(_svg_panel(panel, table["rows"]) for panel in panels)}</div>
 <p id="pxd-selected"></p>
 <h2>Frontier trials</h2>

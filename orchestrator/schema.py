@@ -228,6 +228,7 @@ def read_trial_row(run: Run) -> TrialRow:
         state=state,
         feasible=tags.get(Tag.FEASIBLE) == "true",
         model_uri=tags.get(Tag.MODEL_URI),
+        arch=run.data.params.get("student.arch"),
     )
 
 

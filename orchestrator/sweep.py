@@ -361,8 +361,6 @@ def finish_sweep(client: MlflowClient, parent_run_id: str, stopped: dict[str, st
                  ) -> tuple[dict[str, Any], list[TrialRow]]:
     """Frontier of the sweep → the parent run (table, plots, hypervolume) and tags on frontier runs.
     `stopped`: Tune trial id → why, for trials stopped before their final result (Optuna: PRUNED)."""
-    from orchestrator.plots import plot_html, plot_png
-
     parent = client.get_run(parent_run_id)
     objectives, reference, ideal = schema.sweep_objectives(parent)
     rows = schema.collect_rows(client, parent)
@@ -372,13 +370,8 @@ def finish_sweep(client: MlflowClient, parent_run_id: str, stopped: dict[str, st
     for row in rows:
         if row.state == "COMPLETE":
             client.set_tag(row.run_id, Tag.ON_FRONTIER, str(row.run_id in on_front).lower())
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        write_table(table, folder)
-        x_metrics = tuple(m for m, _ in objectives if m != "val_top1") or ("gmacs",)
-        plot_png(table, folder / "frontier.png", x_metrics=x_metrics)
-        plot_html(table, folder / "frontier.html", x_metrics=x_metrics)
-        client.log_artifacts(parent_run_id, str(folder), "frontier")
+    x_metrics = tuple(m for m, _ in objectives if m != "val_top1") or ("gmacs",)
+    log_frontier(client, parent, table, "frontier", png_axes=x_metrics)
     counts = {state: sum(r.state == state for r in rows) for state in ("COMPLETE", "FAILED", "PRUNED")}
     client.log_metric(parent_run_id, schema.SweepMetric.HYPERVOLUME, float(table["hypervolume"]))
     client.log_metric(parent_run_id, schema.SweepMetric.HYPERVOLUME_NORMALISED, float(table["hypervolume_normalised"]))
@@ -389,6 +382,32 @@ def finish_sweep(client: MlflowClient, parent_run_id: str, stopped: dict[str, st
     _log_stage_totals(client, parent_run_id, rows)
     client.set_terminated(parent_run_id, status="FINISHED")
     return table, rows
+
+
+def cost_axes(table: dict[str, Any]) -> tuple[str, ...]:
+    """Every cost metric the table's trials have (registered, lower is better), hardware latencies
+    included: the axes a reader of the Pareto page may choose from."""
+    from pxd import metrics as registry
+
+    present = {key for row in table["rows"] for key in row["metrics"]}
+    axes = [m.name for m in registry.METRICS.values() if m.mode == "min" and m.summary and m.name in present]
+    return tuple(axes + sorted(k for k in present if k.startswith("latency_ms.") and k not in axes))
+
+
+def log_frontier(client: MlflowClient, parent: Any, table: dict[str, Any], path: str, *,
+                 png_axes: tuple[str, ...]) -> None:
+    """A frontier's artifacts under `path` of the sweep's run: CSV and JSON, a PNG of `png_axes`, and
+    the interactive page with every cost axis to choose from, its points linked to their MLflow runs."""
+    from orchestrator.plots import plot_html, plot_png
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        write_table(table, folder)
+        plot_png(table, folder / "frontier.png", x_metrics=png_axes)
+        axes = tuple(dict.fromkeys((*png_axes, *cost_axes(table))))
+        plot_html(table, folder / "frontier.html", x_metrics=axes, experiment_id=parent.info.experiment_id,
+                  tracking_uri=client.tracking_uri)
+        client.log_artifacts(parent.info.run_id, str(folder), path)
 
 
 def _close_optuna_trials(study_name: str, storage_url: str, *, stopped: bool) -> set[str]:

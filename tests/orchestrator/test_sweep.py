@@ -8,6 +8,7 @@ computed by hand, failed trials kept out of the frontier, and stages trained onc
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -376,3 +377,60 @@ def test_pxd_experiments_open_in_the_model_training_view(first_sweep, mlflow_ser
     _, outcome = first_sweep
     client = MlflowClient(mlflow_server)
     assert client.get_experiment(outcome.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def _chromium() -> str:
+    """Debian's chromium (installed here with apt-get when missing and possible), else skip with the reason."""
+    import shutil
+    import subprocess
+
+    pytest.importorskip("playwright.sync_api", reason="the Pareto page test needs the playwright package (pxd[test])")
+    found = shutil.which("chromium")
+    if found is None and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], capture_output=True, timeout=900,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        found = shutil.which("chromium")
+    if found is None:
+        pytest.skip("no chromium browser (apt-get install chromium) for the Pareto page test")
+    return found
+
+
+def test_the_pareto_page_works_inside_the_mlflow_ui(first_sweep, mlflow_server, tmp_path):
+    """In headless Chromium: the sweep's frontier.html in MLflow's own artifact viewer shows one point per
+    eligible trial, a hover names the trial, and a click opens that trial's MLflow run."""
+    from playwright.sync_api import sync_playwright
+
+    executable = _chromium()
+    _, outcome = first_sweep
+    client = MlflowClient(mlflow_server)
+    with tempfile.TemporaryDirectory() as tmp:
+        table = json.loads(Path(client.download_artifacts(outcome.parent_run_id, "frontier/frontier.json", tmp)).read_text())
+    url = (f"{mlflow_server}/#/experiments/{outcome.experiment_id}/runs/{outcome.parent_run_id}"
+           "/artifacts/frontier/frontier.html")
+    navigated: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("framenavigated", lambda frame: navigated.append(frame.url))
+            page.goto(url)
+            frame = page.frame_locator("iframe.mlflow-html-iframe")
+            frame.locator("svg[data-axis]").first.wait_for(timeout=120_000)
+            points = frame.locator("svg[data-axis]:visible circle.pt")
+            assert points.count() == table["n_eligible"] == 6  # one point per eligible trial
+            assert frame.locator("svg[data-axis]:visible circle.pt.front").count() == table["n_frontier"]
+            page.screenshot(path=str(tmp_path / "pareto.png"))
+            assert (tmp_path / "pareto.png").stat().st_size > 10_000
+            front = frame.locator("svg[data-axis]:visible circle.pt.front").first
+            row = table["rows"][int(front.get_attribute("data-row"))]
+            front.hover()
+            assert row["run_id"] in frame.locator("#pxd-selected").text_content()
+            tooltip = front.locator("title").text_content()
+            assert row["arch"] in tooltip and f"run {row['run_id']}" in tooltip and "val_top1" in tooltip
+            front.dispatch_event("click")
+            page.wait_for_timeout(3000)
+        finally:
+            browser.close()
+    assert any(u.endswith(f"/#/experiments/{outcome.experiment_id}/runs/{row['run_id']}") for u in navigated), navigated
