@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.schema import EXPERIMENT_KIND, KIND_STAGE, STAGE_CHECKPOINT, STAGES_EXPERIMENT, Tag, epoch_metric
+from pxd.errors import PxdError
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -54,8 +55,8 @@ __all__ = [
 CHECKPOINT = STAGE_CHECKPOINT
 
 
-class StageWaitTimeout(RuntimeError):
-    pass
+class StageWaitTimeout(PxdError, RuntimeError):
+    """A trial waited longer than search.stage_wait_timeout_s for a stage another trial trains."""
 
 
 def lease_ttl_s() -> float:

@@ -28,8 +28,8 @@ import yaml
 from orchestrator import schema
 from orchestrator.frontier import TrialRow, format_table, frontier_table, write_table
 from orchestrator.schema import Tag
-from orchestrator.tracking import resolve_tracking, results_root, ui_command
 from orchestrator.spec import optuna_directions
+from orchestrator.tracking import resolve_tracking, results_root, ui_command
 from orchestrator.trial import TrialContext, run_trial
 from pxd.errors import ConfigError
 from pxd.paths import flatten

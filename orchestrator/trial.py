@@ -23,9 +23,8 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
     from torch import nn
 
-    from pxd.config import PipelineConfig
-
     from orchestrator.spec import SweepSpec
+    from pxd.config import PipelineConfig
 
 __all__ = ["TrialContext", "run_trial"]
 

@@ -368,7 +368,10 @@ def _validate_model(role: str, model: ModelConfig) -> None:
     # local: importing timm and torch costs seconds, keep `import pxd.config` cheap
     import timm
 
-    from pxd.models import BLOCKWISE_FAMILIES, check_model_supported  # builds on the meta device: no memory, no download
+    from pxd.models import (  # builds on the meta device: no memory, no download
+        BLOCKWISE_FAMILIES,
+        check_model_supported,
+    )
 
     _positive(f"{role}.resolution", model.resolution)
     if model.arch in BLOCKWISE_FAMILIES:

@@ -24,7 +24,7 @@ from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
 from pxd.errors import ConfigError
-from pxd.types import Taps, TapInfo
+from pxd.types import TapInfo, Taps
 
 if TYPE_CHECKING:
     from pxd.config import ModelConfig

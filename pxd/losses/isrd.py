@@ -27,12 +27,11 @@ R_T = 2·R_s, or a patch-8 ViT token map 7×7 → 56) s·h equals the target and
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from typing import TYPE_CHECKING
 
 from pxd.types import Taps
 

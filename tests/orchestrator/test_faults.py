@@ -31,10 +31,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.searcher import make_searcher
-from orchestrator.spec import parse_spec
 from orchestrator.schema import STAGE_CHECKPOINT as CHECKPOINT
 from orchestrator.schema import STAGES_EXPERIMENT, find_sweep_run
+from orchestrator.searcher import make_searcher
+from orchestrator.spec import parse_spec
 from orchestrator.stage_store import MlflowStageStore, SqlLeases
 from orchestrator.tracking import EmbeddedServer
 from pxd.train import StageResult

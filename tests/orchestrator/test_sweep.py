@@ -18,8 +18,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.spec import parse_spec
 from orchestrator.schema import STAGES_EXPERIMENT
+from orchestrator.spec import parse_spec
 from orchestrator.sweep import SweepOptions, run_sweep
 from tests.orchestrator.conftest import tiny_space
 

@@ -389,6 +389,7 @@ def test_eval_at_native_size_is_the_image_and_equal_resolutions_share_the_view()
 
 
 def test_normalisation_matches_timm():
-    from timm.data import IMAGENET_DEFAULT_MEAN as timm_mean, IMAGENET_DEFAULT_STD as timm_std
+    from timm.data import IMAGENET_DEFAULT_MEAN as timm_mean
+    from timm.data import IMAGENET_DEFAULT_STD as timm_std
 
     assert IMAGENET_DEFAULT_MEAN == timm_mean and IMAGENET_DEFAULT_STD == timm_std

@@ -9,8 +9,8 @@ import torch
 
 from pxd.config import PipelineConfig
 from pxd.errors import DivergedError
-from pxd.pipeline import init_from, run_tas, stage_keys
 from pxd.models import create_model
+from pxd.pipeline import init_from, run_tas, stage_keys
 
 
 def test_tas_runs_and_reports_student_metrics(tiny_raw):
