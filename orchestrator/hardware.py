@@ -53,10 +53,11 @@ def time_student(model_uri: str, resolution: int, request: TimingRequest, tracki
     import mlflow
     import torch
 
+    from orchestrator.tracking import fluent_tracking_uri
     from pxd.cost import measure_runtime
 
-    mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    with fluent_tracking_uri(tracking_uri):
+        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
     timing = measure_runtime(model, resolution, runtime=request.runtime, device=request.device,
                              dtype=getattr(torch, request.dtype), threads=request.threads, warmup=request.warmup,
                              repeats=request.repeats, batch_size=request.batch_size)

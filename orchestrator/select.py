@@ -102,8 +102,11 @@ def select_and_register(client: MlflowClient, sweep: str, limits: Limits, *, har
     choice = choose(table, limits, latency_metric)
     row = choice.row
     model_name = name or f"{client.get_experiment(parent.info.experiment_id).name}-student"
-    version = client.create_model_version(model_name, row["model_uri"], run_id=row["run_id"]) \
-        if _registered(client, model_name) else _create(client, model_name, row)
+    if not _registered(client, model_name):
+        client.create_registered_model(model_name, description="pxd students selected from a sweep's frontier (pxd select)")
+    # MLflow 3: a logged model (models:/m-...) is registered by its model id
+    model_id = row["model_uri"].split("/")[-1] if str(row["model_uri"]).startswith("models:/m-") else None
+    version = client.create_model_version(model_name, row["model_uri"], run_id=row["run_id"], model_id=model_id)
     resolution = int(round(math.sqrt(row["metrics"]["pixels"])))
     tags = {"pxd.sweep": sweep_name, "pxd.trial_run": row["run_id"], "pxd.input_size": f"{resolution}x{resolution}",
             "pxd.objectives": json.dumps({o["name"]: row["metrics"].get(o["name"]) for o in table["objectives"]}),
@@ -125,8 +128,3 @@ def _registered(client: MlflowClient, name: str) -> bool:
         return True
     except MlflowException:
         return False
-
-
-def _create(client: MlflowClient, name: str, row: dict[str, Any]) -> Any:
-    client.create_registered_model(name, description="pxd students selected from a sweep's frontier (pxd select)")
-    return client.create_model_version(name, row["model_uri"], run_id=row["run_id"])

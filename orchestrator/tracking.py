@@ -37,6 +37,7 @@ __all__ = [
     "resolve_tracking",
     "check_tracking",
     "ui_command",
+    "fluent_tracking_uri",
 ]
 
 DEFAULT_ROOT = "pxd-results"
@@ -216,6 +217,21 @@ class TrackingTarget:
     def close(self) -> None:
         if self.server is not None:
             self.server.stop()
+
+
+@contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (start_run, log_model, load_model) for `uri`, then the caller's URI back.
+    `mlflow.set_tracking_uri` is process-wide and also sets MLFLOW_TRACKING_URI: code that runs in the
+    caller's process (a trial run directly, `pxd remeasure` timing here) must not leak it."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def check_tracking(cli_uri: str | None, *, cluster: bool) -> None:

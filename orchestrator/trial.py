@@ -10,7 +10,6 @@ diverges ends its MLflow run as FAILED with the error recorded on the run (tag `
 from __future__ import annotations
 
 import math
-import os
 import socket
 import traceback
 from dataclasses import dataclass
@@ -61,21 +60,17 @@ def _trial_id() -> str | None:
 
 def run_trial(params: dict[str, Any], context: TrialContext) -> schema.TrialResult:
     """Run one trial; returns (and, inside Tune, reports) its final result."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from orchestrator.spec import materialize
+    from orchestrator.tracking import fluent_tracking_uri
 
     config = materialize(context.spec, params)
     client = MlflowClient(context.tracking_uri)
     # model logging uses MLflow's fluent API, whose URI is process-wide (it also sets MLFLOW_TRACKING_URI):
     # set it for the trial and give the caller's back after (a trial run in-process must not leak it)
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(context.tracking_uri)
-    try:
+    with fluent_tracking_uri(context.tracking_uri):
         return _run(params, context, config, client)
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, client: MlflowClient) -> schema.TrialResult:
@@ -159,5 +154,8 @@ def _log_student(student: nn.Module, resolution: int) -> str:
         input_example=example,
         # explicit requirements: inferring them starts a subprocess per trial
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"],
+        # the whole module: MLflow 3.17's default (pt2, torch.export) pins the batch size of the input
+        # example (1), and a deployed student must take any batch (pxd remeasure times batch N too)
+        serialization_format="pickle",
     )
     return str(info.model_uri)
