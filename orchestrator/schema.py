@@ -75,6 +75,7 @@ class Tag:
     NODE_ID = "pxd.node_id"  # Ray node id the trial ran on
     DEVICE = "pxd.device"
     ERROR = "pxd.error"  # first line of the error of a FAILED trial (error.txt holds the traceback)
+    WARNINGS = "pxd.warnings"  # JSON list: what the pipeline warned about (e.g. an assistant far below its teacher)
     FEASIBLE = "pxd.feasible"  # "true" | "false": meets every search.constraints limit
     MODEL_URI = "pxd.model_uri"  # the logged student (models:/...)
     ON_FRONTIER = "pxd.on_frontier"  # "true" | "false", set when the sweep finishes
@@ -180,13 +181,15 @@ def trial_start_tags(*, sweep: str, parent_run_id: str, trial_id: str, params: M
 
 
 def log_trial_result(client: MlflowClient, result: TrialResult, *, stages: Mapping[str, Any], device: str,
-                     cost: Mapping[str, Any]) -> None:
-    """Write a COMPLETE trial: final metrics, feasibility, the stages it used, its model."""
+                     cost: Mapping[str, Any], warnings: Sequence[str] = ()) -> None:
+    """Write a COMPLETE trial: final metrics, feasibility, the stages it used, its model, its warnings."""
     client.log_batch(result.run_id, metrics=[_metric(k, v) for k, v in result.metrics.items() if math.isfinite(v)])
     client.log_dict(result.run_id, dict(cost), COST_ARTIFACT)
     tags = {Tag.STATE: "COMPLETE", Tag.FEASIBLE: _true(result.feasible), Tag.DEVICE: device}
     if result.model_uri:
         tags[Tag.MODEL_URI] = result.model_uri
+    if warnings:
+        tags[Tag.WARNINGS] = json.dumps(list(warnings))[:4900]
     for kind, outcome in stages.items():
         tags[stage_tag(kind, "key")] = outcome.key
         tags[stage_tag(kind, "reused")] = _true(outcome.reused)

@@ -127,7 +127,7 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
             constraints=constraint_values(context.spec, outcome.metrics),
         )
         schema.log_trial_result(client, result, stages=outcome.stages, device=outcome.cost.get("device", ""),
-                                cost=outcome.cost)
+                                cost=outcome.cost, warnings=outcome.warnings)
     if in_tune:
         tune.report(result.report())
     return result
