@@ -38,6 +38,7 @@ __all__ = [
 ]
 
 MODES = ("max", "min")
+SOURCES = ("training", "cost", "remeasure")
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Metric:
     unit: str
     description: str
     # "training": set from the student's stage result; "cost": read from the `Cost` (the field of the
-    # same name unless `from_cost` computes it)
+    # same name unless `from_cost` computes it); "remeasure": logged later by `pxd remeasure`, never by a trial
     source: str = "cost"
     from_cost: Callable[[Cost], float] | None = None
     objective: bool = True  # may be a search objective
@@ -62,8 +63,8 @@ class Metric:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"metric {self.name}: mode must be one of {MODES}, got {self.mode!r}")
-        if self.source not in ("training", "cost"):
-            raise ValueError(f"metric {self.name}: source must be 'training' or 'cost', got {self.source!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"metric {self.name}: source must be one of {SOURCES}, got {self.source!r}")
 
     @property
     def constraint_key(self) -> str:
@@ -126,13 +127,13 @@ def constraint_metric(key: str) -> Metric:
 
 
 def metrics_from_cost(cost: Cost, training: Mapping[str, float]) -> dict[str, float]:
-    """Every registered metric of a student: cost metrics from `cost`, the others from `training`
-    (a training metric absent there, such as `test_top1` without a test split, is left out)."""
+    """Every metric a trial produces: cost metrics from `cost`, training ones from `training` (one absent
+    there, such as `test_top1` without a test split, is left out); `remeasure` ones come later."""
     values: dict[str, float] = {}
     for metric in METRICS.values():
         if metric.source == "cost":
             values[metric.name] = metric.value(cost)
-        elif metric.name in training:
+        elif metric.source == "training" and metric.name in training:
             values[metric.name] = float(training[metric.name])
     return values
 
@@ -178,7 +179,8 @@ def hardware_metric(label: str) -> Metric:
     the first time it is asked for; a frontier's compute axis for that hardware."""
     name = f"latency_ms.{check_hardware_label(label)}"
     if name not in METRICS:
-        register(Metric(name=name, mode="min", unit="ms", objective=False, constrainable=False, summary=True,
+        register(Metric(name=name, mode="min", unit="ms", source="remeasure", objective=False, constrainable=False,
+                        summary=True,
                         description=f"median batch-1 latency on hardware label {label} (pxd remeasure)"))
     return METRICS[name]
 

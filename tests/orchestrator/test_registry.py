@@ -90,3 +90,17 @@ def test_a_constraint_on_the_registered_metric_makes_trials_infeasible(energy_me
     assert not result.feasible
     table, _ = finish_sweep(client, parent)
     assert table["n_eligible"] == 0
+
+
+def test_hardware_latencies_are_registered_but_never_computed_by_a_trial():
+    from pxd.cost import Cost
+    from pxd.metrics import hardware_metric, metrics_from_cost
+
+    metric = hardware_metric("probe-hw")
+    try:
+        cost = Cost(params_m=1.0, gmacs=0.1, pixels=256, latency_ms=2.0, throughput_ips=10.0, batch_size=4,
+                    device="cpu", dtype="float32", threads=1, warmup=1, repeats=2)
+        values = metrics_from_cost(cost, {"val_top1": 0.5})
+        assert metric.name not in values and values["latency_ms"] == 2.0 and values["val_top1"] == 0.5
+    finally:
+        registry.unregister(metric.name)
