@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -29,7 +30,9 @@ class ParetoOptunaSearch(OptunaSearch):
         metrics = self._metric if isinstance(self._metric, list) else [self._metric]
         if self._ot_study is not None and not self._ot_study.metric_names:
             # optuna-dashboard then shows val_top1, gmacs, ... instead of "Objective 0", "Objective 1"
-            self._ot_study.set_metric_names(list(metrics))
+            with warnings.catch_warnings():  # marked experimental; the user cannot act on it
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self._ot_study.set_metric_names(list(metrics))
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
