@@ -272,11 +272,16 @@ def _student_pixels(raw: dict[str, Any], params: tuple[Param, ...]) -> list[floa
     return [float(side * side) for side in sides]
 
 
-def _check_reference(raw: dict[str, float], objectives: tuple[Objective, ...], teacher_resolution: int,
-                     student_pixels: list[float]) -> dict[str, float]:
+def _check_point_keys(raw: dict[str, float], objectives: tuple[Objective, ...], section: str) -> None:
+    """A point (reference, ideal) names objectives only."""
     metrics = [o.metric for o in objectives]
     for key in raw:
-        check_known(key, metrics, "search.reference_point.", "key")
+        check_known(key, metrics, f"search.{section}.", "key")
+
+
+def _check_reference(raw: dict[str, float], objectives: tuple[Objective, ...], teacher_resolution: int,
+                     student_pixels: list[float]) -> dict[str, float]:
+    _check_point_keys(raw, objectives, "reference_point")
     point = {}
     for objective in objectives:
         name = f"search.reference_point.{objective.metric}"
@@ -321,9 +326,7 @@ def _check_reference_reachable(objective: Objective, value: float, teacher_resol
 
 
 def _check_ideal(raw: dict[str, float], objectives: tuple[Objective, ...], reference: dict[str, float]) -> dict[str, float]:
-    metrics = [o.metric for o in objectives]
-    for key in raw:
-        check_known(key, metrics, "search.ideal_point.", "key")
+    _check_point_keys(raw, objectives, "ideal_point")
     ideal = {}
     for objective in objectives:
         name = f"search.ideal_point.{objective.metric}"

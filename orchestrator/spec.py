@@ -145,7 +145,7 @@ def read_yaml(path: str | os.PathLike[str]) -> Any:
     except OSError as exc:
         raise ConfigError(where, f"cannot read the file ({exc.strerror or exc}); check the path") from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        raw = _safe_load_unique(text)
     except _DuplicateKey as exc:
         raise ConfigError(where, f"{exc.key!r} appears twice at line {exc.first} and line {exc.second}; "
                                  "YAML keeps only the last one, so remove or merge one of them") from None
@@ -175,6 +175,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 raise _DuplicateKey(key, seen[key], line)
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+def _safe_load_unique(text: str) -> Any:
+    """`yaml.safe_load`, refusing duplicate keys: the same steps as PyYAML's own `load`."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def parse_spec(raw: Any, source_path: str | None = None) -> SweepSpec:
