@@ -36,7 +36,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     sweep.add_argument("space", help="a search-space YAML (see search_spaces/)")
     sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a value of the space, e.g. --set search.trials=4")
     sweep.add_argument("--name", default=None, help="sweep name (default: <space name>-<timestamp>)")
-    sweep.add_argument("--resume", action="store_true", help="resume the sweep --name (default: the latest sweep of this space) after a crash")
+    sweep.add_argument("--resume", action="store_true",
+                       help="resume the sweep --name (default: the latest sweep of this space) after a crash, "
+                            "or to raise search.trials / search.timeout_s")
     sweep.add_argument("--ray-address", default=None, help="join a Ray cluster (HOST:6379 of its head; run the driver on a Ray node); default: start Ray locally")
     sweep.add_argument("--optuna-storage", default=None, help="Optuna RDB URL, e.g. postgresql+psycopg2://USER@HOST/optuna (default: sqlite file beside the sweep's results)")
     sweep.add_argument("--force-retrain", action="store_true", help="retrain every teacher and assistant instead of reusing stored stages")

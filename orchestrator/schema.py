@@ -66,6 +66,7 @@ class Tag:
     IDEAL_POINT = "pxd.ideal_point"  # JSON {metric: value}: the normalised hypervolume's box
     HARDWARE_LABELS = "pxd.hardware_labels"  # JSON [label, ...] the sweep's students were re-timed on
     OPTUNA_STORAGE = "pxd.optuna_storage"
+    BUDGET = "pxd.budget"  # JSON {"trials": n, "timeout_s": s} of the latest launch (a resume may raise them)
     OPTUNA_STUDY = "pxd.optuna_study"
     # trial runs
     TRIAL_ID = "pxd.trial_id"  # Ray Tune's trial id

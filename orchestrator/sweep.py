@@ -81,11 +81,16 @@ def _claim_sweep(root: Path, spec: SweepSpec, options: SweepOptions) -> tuple[st
         if name is None or not (sweep_dir / "tune").exists():
             raise ConfigError("--resume", f"no sweep named {name or spec.name + '-*'!r} under {root / 'sweeps'} to resume; "
                                           "check --name and --root")
+        from orchestrator.budget import raised_only
+
         stored = yaml.safe_load((sweep_dir / "spec.yaml").read_text())
-        changes = _space_changes(stored, spec.raw)
-        if changes:
+        raised, refused = raised_only(_space_changes(stored, spec.raw))
+        if refused:
             raise ConfigError("--resume", f"the space differs from the one sweep {name!r} started with "
-                                          f"({'; '.join(changes)}); resume with the original space, or launch a new sweep")
+                                          f"({'; '.join(refused)}); resume with the original space (only search.trials "
+                                          "and search.timeout_s may be raised), or launch a new sweep")
+        if raised:  # the space the sweep now runs; a later resume compares with this one
+            (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(spec.raw, sort_keys=False))
         return str(name), sweep_dir
     name = options.name or _default_name(spec)
     sweep_dir = root / "sweeps" / name
@@ -99,12 +104,12 @@ def _claim_sweep(root: Path, spec: SweepSpec, options: SweepOptions) -> tuple[st
     return name, sweep_dir
 
 
-def _space_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """Readable differences between two spaces: `path: old → new`, one per changed value."""
+def _space_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Differences between two spaces: dotted path → (old value, new value), None where unset."""
     old, new = flatten(before, lists=True), flatten(after, lists=True)
     missing = object()
-    return [f"{key}: {old.get(key, '(unset)')!r} → {new.get(key, '(unset)')!r}"
-            for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
+    return {key: (old.get(key), new.get(key))
+            for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)}
 
 
 def _check_name_is_free(client: MlflowClient, storage_url: str, name: str, spec: SweepSpec, *, resume: bool) -> None:
@@ -140,6 +145,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
     import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
 
     from orchestrator.progress import SweepProgress
     from orchestrator.searcher import make_searcher
@@ -163,6 +169,9 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # pxd prints its own progress lines
     root = results_root(options.root)
     name, sweep_dir = _claim_sweep(root, spec, options)
+    from orchestrator.budget import BUDGET_FILE, LaunchBudget, SweepSearchGenerator, write_budget
+
+    budget_path = sweep_dir / BUDGET_FILE
     storage_url = options.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
 
     target = resolve_tracking(options.tracking_uri, root, cluster=options.ray_address is not None)
@@ -178,6 +187,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
             raise
         experiment_id = _experiment_id(client, spec.name)
         parent_run_id = _parent_run(client, experiment_id, name, spec, storage_url, resume=options.resume)
+        # the `trials` param is the first launch's; this tag follows a resume that raised the budget
+        client.set_tag(parent_run_id, Tag.BUDGET, json.dumps({"trials": search.trials, "timeout_s": search.timeout_s}))
         context = TrialContext(
             spec=spec, sweep_name=name, tracking_uri=target.uri, experiment_id=experiment_id,
             parent_run_id=parent_run_id, reuse_stages=options.reuse_stages, force_retrain=options.force_retrain,
@@ -190,6 +201,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
         run_config = tune.RunConfig(
             name="tune", storage_path=str(sweep_dir), callbacks=[progress], verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
+            stop=LaunchBudget(budget_path),  # search.timeout_s, read per launch (a resume may raise it)
         )
         if not context.force_retrain and context.reuse_stages:
             _warm_teacher(context, resources, quiet=options.quiet)
@@ -197,14 +209,19 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
         if options.resume and tune.Tuner.can_restore(tune_path):
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
         else:
+            searcher = make_searcher(spec, name, storage_url)
+            if search.max_concurrent:
+                searcher = ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    search_alg=make_searcher(spec, name, storage_url), num_samples=search.trials,
-                    max_concurrent_trials=search.max_concurrent, time_budget_s=search.timeout_s,
+                    # its sample target follows search.trials of the latest launch (a resume may raise it)
+                    search_alg=SweepSearchGenerator(searcher, budget_path), num_samples=search.trials,
                 ),
                 run_config=run_config,
             )
+        # this launch's budget; the time budget counts from here, as Tune's own time_budget_s would
+        write_budget(sweep_dir, trials=search.trials, timeout_s=search.timeout_s)
         started = time.monotonic()
         tuner.fit()
         progress.close()

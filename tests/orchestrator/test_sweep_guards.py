@@ -8,9 +8,11 @@ subprocesses where the process boundary is what is tested.
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import optuna
@@ -111,8 +113,60 @@ def test_resume_refuses_a_changed_space_with_a_readable_diff(ray_local, mlflow_s
     with pytest.raises(ConfigError) as error:
         run_sweep(parse_spec(changed), _options(tmp_path, mlflow_server, name="resumable", resume=True))
     assert error.value.field == "--resume"
-    assert "student.resolution.choice.2: 24 → '(unset)'" in error.value.message
+    assert "student.resolution.choice.2: 24 → (unset)" in error.value.message
     assert "search.objectives.1.metric: 'pixels' → 'gmacs'" in error.value.message
+
+
+def test_resume_refuses_a_lowered_budget(ray_local, mlflow_server, tmp_path):
+    original = _spec(trials=6, timeout_s=600)
+    sweep_dir = tmp_path / "sweeps" / "lowered"
+    (sweep_dir / "tune").mkdir(parents=True)
+    (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(original.raw, sort_keys=False))
+    with pytest.raises(ConfigError) as error:
+        run_sweep(_spec(trials=4, timeout_s=600), _options(tmp_path, mlflow_server, name="lowered", resume=True))
+    assert "search.trials: 6 → 4 (a budget may only be raised on resume)" in error.value.message
+    with pytest.raises(ConfigError, match=r"search.timeout_s: 600 → 60 \(a budget may only be raised"):
+        run_sweep(_spec(trials=6, timeout_s=60), _options(tmp_path, mlflow_server, name="lowered", resume=True))
+
+
+def test_resume_with_a_raised_trial_budget_runs_only_the_new_trials(ray_local, mlflow_server, tmp_path):
+    first = run_sweep(_spec(seed=31, trials=2), _options(tmp_path, mlflow_server, name="raised"))
+    assert len([r for r in first.rows if r.state == "COMPLETE"]) == 2
+    resumed = run_sweep(_spec(seed=31, trials=4), _options(tmp_path, mlflow_server, name="raised", resume=True))
+    assert resumed.parent_run_id == first.parent_run_id
+    complete = [r for r in resumed.rows if r.state == "COMPLETE"]
+    assert len(complete) == 4 and len({r.trial_id for r in complete}) == 4
+    study = optuna.load_study(study_name="raised", storage=f"sqlite:///{tmp_path / 'sweeps/raised/optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    combos = {(t.params["student.arch"], t.params["student.resolution"]) for t in study.trials}
+    assert len(combos) == 4, "the grid sampler goes on where the first launch stopped"
+    parent = MlflowClient(mlflow_server).get_run(first.parent_run_id)
+    assert json.loads(parent.data.tags[schema.Tag.BUDGET])["trials"] == 4
+    assert parent.data.params[schema.Param.TRIALS] == "2"  # what the sweep was launched with
+    stored = yaml.safe_load((tmp_path / "sweeps/raised/spec.yaml").read_text())
+    assert stored["search"]["trials"] == 4  # a later resume compares with the raised space
+
+
+def test_the_time_budget_is_the_latest_launchs(tmp_path):
+    from orchestrator.budget import LaunchBudget, SweepSearchGenerator, write_budget
+    from orchestrator.searcher import make_searcher
+
+    budget = tmp_path / "budget.json"
+    write_budget(tmp_path, trials=3, timeout_s=0)
+    stopper = LaunchBudget(budget)
+    assert stopper.stop_all()  # a zero budget has run out
+    time.sleep(0.01)  # a new mtime
+    write_budget(tmp_path, trials=5, timeout_s=3600)  # the resume raised both
+    assert not stopper.stop_all()
+    write_budget(tmp_path, trials=5, timeout_s=None)
+    assert not stopper.stop_all()
+    # Tune restores the generator's target from its checkpoint: the budget file raises it, never lowers it
+    generator = SweepSearchGenerator(make_searcher(_spec(), "gen", f"sqlite:///{tmp_path / 'o.db'}"), budget)
+    generator.set_state({"counter": 3, "total_samples": 3, "finished": False, "experiment": None})
+    assert generator.total_samples == 5 and not generator.is_finished()
+    write_budget(tmp_path, trials=2, timeout_s=None)
+    generator.set_state({"counter": 3, "total_samples": 3, "finished": False, "experiment": None})
+    assert generator.total_samples == 3 and generator.is_finished()
 
 
 def test_resume_checks_the_stored_studys_objectives(ray_local, mlflow_server, tmp_path):

@@ -1,0 +1,116 @@
+"""A sweep's budget (`search.trials`, `search.timeout_s`) as set by its latest launch.
+
+Tune restores a resumed experiment's sample target and stopper from the first launch's pickles, so a
+`--resume` that raises `search.trials` or `search.timeout_s` would otherwise run with the old budget.
+Each launch writes the budget it runs under to `sweeps/<name>/budget.json`; the search generator and the
+stopper below read it there, whatever Tune restored:
+
+- `search.trials` counts every trial of the sweep, across launches (as Optuna's study does): raising it
+  from 8 to 12 on resume runs 4 more.
+- `search.timeout_s` is the budget of one launch, counted from its start (as Tune's own
+  `time_budget_s`): a resumed launch gets the whole budget again.
+
+`--resume` accepts a space that differs from the one the sweep started with only by a higher
+`search.trials` or a higher (or removed) `search.timeout_s`; see `sweep._claim_sweep`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Stopper
+from ray.tune.search import SearchGenerator, Searcher
+
+__all__ = ["BUDGET_FILE", "LaunchBudget", "SweepSearchGenerator", "read_budget", "write_budget", "raised_only"]
+
+BUDGET_FILE = "budget.json"
+RAISABLE = ("search.trials", "search.timeout_s")
+
+
+def write_budget(sweep_dir: Path, *, trials: int, timeout_s: float | None) -> None:
+    """Record the budget this launch runs under (atomically: the driver reads it while Tune runs)."""
+    path = sweep_dir / BUDGET_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"trials": int(trials), "timeout_s": timeout_s, "started_at": time.time()}))
+    os.replace(tmp, path)
+
+
+def read_budget(path: str | Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def raised_only(changes: dict[str, tuple[Any, Any]]) -> tuple[dict[str, tuple[Any, Any]], list[str]]:
+    """Split space changes (`path → (before, after)`) into the budget raises `--resume` accepts and the
+    rest, described for the error (`path: before → after`, with why a budget change is refused)."""
+    accepted: dict[str, tuple[Any, Any]] = {}
+    refused: list[str] = []
+    for key, (before, after) in changes.items():
+        if key in RAISABLE and _is_raise(key, before, after):
+            accepted[key] = (before, after)
+            continue
+        note = " (a budget may only be raised on resume)" if key in RAISABLE else ""
+        refused.append(f"{key}: {_shown(before)} → {_shown(after)}{note}")
+    return accepted, refused
+
+
+def _is_raise(key: str, before: Any, after: Any) -> bool:
+    if key == "search.timeout_s":
+        if after is None:  # no limit any more
+            return True
+        return before is not None and isinstance(after, (int, float)) and after > before
+    return isinstance(before, int) and isinstance(after, int) and after > before
+
+
+def _shown(value: Any) -> str:
+    return "(unset)" if value is None else repr(value)
+
+
+class SweepSearchGenerator(SearchGenerator):
+    """Tune's search generator whose sample target follows the latest launch's `search.trials`.
+
+    On resume Tune restores the generator's state, target included, from its last checkpoint; the
+    target is then raised to the one in the sweep's budget file (never lowered below what ran)."""
+
+    def __init__(self, searcher: Searcher, budget_path: str | Path) -> None:
+        super().__init__(searcher)
+        self._budget_path = str(budget_path)
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        target = read_budget(self._budget_path).get("trials")
+        if isinstance(target, int) and target > self._total_samples:
+            self._total_samples = target
+
+
+class LaunchBudget(Stopper):
+    """Stops every trial when this launch's `search.timeout_s` has run out (Tune's `time_budget_s`,
+    read from the sweep's budget file so that a resume may raise it)."""
+
+    def __init__(self, budget_path: str | Path) -> None:
+        self._budget_path = str(budget_path)
+        self._seen: tuple[float, float] | None = None  # (file mtime, deadline)
+
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return time.time() >= self._deadline()
+
+    def _deadline(self) -> float:
+        try:
+            mtime = os.stat(self._budget_path).st_mtime
+        except OSError:
+            return float("inf")
+        if self._seen is None or self._seen[0] != mtime:
+            budget = read_budget(self._budget_path)
+            timeout = budget.get("timeout_s")
+            deadline = float("inf") if timeout is None else float(budget.get("started_at", time.time())) + float(timeout)
+            self._seen = (mtime, deadline)
+        return self._seen[1]
