@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator.tracking import EmbeddedServer, _healthy, resolve_tracking, ui_command
@@ -86,3 +87,38 @@ def test_the_ui_hint_works_for_every_tracking_uri_kind(tmp_path):
     assert hint.startswith(f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/m.db")
     hint = ui_command(TrackingTarget("postgresql://u@db/mlflow", None))
     assert hint.startswith("mlflow ui --backend-store-uri postgresql://u@db/mlflow")
+
+
+@pytest.mark.slow
+def test_two_sweeps_launched_at_once_on_one_root_both_finish_with_all_their_runs(tmp_path):
+    """Two `pxd sweep` processes on one root, no --tracking-uri: they share one embedded server, neither
+    stops it under the other, and each sweep's runs are all there afterwards."""
+    import tempfile
+
+    import yaml
+
+    from orchestrator import schema
+    from tests.orchestrator.conftest import tiny_space
+
+    root = tmp_path / "root"
+    commands = []
+    for index in range(2):
+        raw = tiny_space(trials=2, max_concurrent=1)
+        raw["seed"] = 40 + index
+        space = tmp_path / f"space{index}.yaml"
+        space.write_text(yaml.safe_dump(raw, sort_keys=False))
+        commands.append([sys.executable, "-m", "orchestrator.cli", "sweep", str(space), "--root", str(root),
+                         "--name", f"twin-{index}", "--quiet", "--json"])
+    procs = [subprocess.Popen(command, cwd=REPO, env=_env(RAY_TMPDIR=tempfile.mkdtemp(prefix="pxdray")),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for command in commands]
+    outputs = [proc.communicate(timeout=2 * SAFETY_TIMEOUT_S) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    assert not (root / "mlflow-server.json").exists(), "the last sweep to leave stops the shared server"
+    target = resolve_tracking(None, root, read_only=True)  # the store itself, after both have gone
+    client = MlflowClient(target.uri)
+    for index in range(2):
+        parent = schema.find_sweep_run(client, f"twin-{index}")
+        assert parent is not None and parent.info.status == "FINISHED"
+        states = [run.data.tags[schema.Tag.STATE] for run in schema.trial_runs(client, parent)]
+        assert states == ["COMPLETE", "COMPLETE"]
