@@ -206,6 +206,14 @@ def log_trial_failure(client: MlflowClient, run_id: str, error: str, traceback_t
     client.log_text(run_id, traceback_text, ERROR_ARTIFACT)
 
 
+def log_trial_over_budget(client: MlflowClient, run_id: str, metrics: Mapping[str, float], reason: str) -> None:
+    """Record a trial refused before training (a hard limit broken on metrics known before training):
+    those metrics, infeasible, PRUNED with the reason; the run ends KILLED."""
+    client.log_batch(run_id, metrics=[_metric(k, v) for k, v in metrics.items() if math.isfinite(v)])
+    _set_tags(client, run_id, {Tag.FEASIBLE: "false"})
+    log_trial_failure(client, run_id, reason, "", state="PRUNED")
+
+
 def _metric(key: str, value: float) -> Any:
     import time
 

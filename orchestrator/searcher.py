@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
+from orchestrator.trial import BEFORE_TRAINING
+
 if TYPE_CHECKING:
     from orchestrator.spec import SweepSpec
 
@@ -50,6 +52,17 @@ class ParetoOptunaSearch(OptunaSearch):
         if stored.state.is_finished():
             # `--resume` re-reports a trial the study already holds as finished (the driver died after
             # telling Optuna and before Tune saved its own state): telling it again would raise
+            self._completed_trials.add(trial_id)
+            return
+        if result and result.get(BEFORE_TRAINING):
+            # refused before training (a hard limit on gmacs/params/pixels): PRUNED, with its constraint values
+            # so that constrained samplers (TPE) count the region as infeasible
+            for name, value in zip(self._constraint_names, result.get("constraints") or []):
+                ot_trial.set_constraint(name, value)
+            ot_trial.set_user_attr("pxd_pruned", str(result[BEFORE_TRAINING])[:1000])
+            if result.get("mlflow_run_id"):
+                ot_trial.set_user_attr("mlflow_run_id", result["mlflow_run_id"])
+            self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED)
             self._completed_trials.add(trial_id)
             return
         metrics = self._metric if isinstance(self._metric, list) else [self._metric]

@@ -346,8 +346,15 @@ def constraint_values(spec: SweepSpec, metrics: dict[str, float]) -> list[float]
 
     A metric that is missing or NaN gives +inf: a trial cannot be shown to meet the limit.
     """
+    return constraint_values_of(spec, metrics, *spec.require_search().constraints)
+
+
+def constraint_values_of(spec: SweepSpec, metrics: dict[str, float], *keys: str) -> list[float]:
+    """`constraint_values` for the constraints `keys` only."""
     values = []
-    for key, limit in spec.require_search().constraints.items():
+    limits = spec.require_search().constraints
+    for key in keys:
+        limit = limits[key]
         metric = registry.constraint_metric(key)
         measured = metrics.get(metric.name)
         if measured is None or math.isnan(measured):
@@ -362,3 +369,19 @@ def is_feasible(spec: SweepSpec, metrics: dict[str, float]) -> bool:
     return all(value <= 0 for value in constraint_values(spec, metrics))
 
 
+def broken_before_training(spec: SweepSpec, metrics: dict[str, float]) -> tuple[list[str], list[float]]:
+    """The hard limits (`search.constraints`) a trial breaks on metrics known before training (`gmacs`,
+    `params_m`, `pixels`: fixed by architecture and input), readable (`gmacs 0.52 > max_gmacs 0.4`), and
+    its constraint values for Optuna (those known; 0, i.e. not shown broken, for the rest)."""
+    broken, values = [], []
+    for key, limit in spec.require_search().constraints.items():
+        metric = registry.constraint_metric(key)
+        if not metric.known_before_training or metric.name not in metrics:
+            values.append(0.0)
+            continue
+        (value,) = constraint_values_of(spec, {metric.name: metrics[metric.name]}, key)
+        values.append(value)
+        if value > 0:
+            relation = "<" if metric.mode == "max" else ">"
+            broken.append(f"{metric.name} {metrics[metric.name]:.6g} {relation} {key} {limit:g}")
+    return broken, values

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import socket
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,18 @@ if TYPE_CHECKING:
     from orchestrator.spec import SweepSpec
     from pxd.config import PipelineConfig
 
-__all__ = ["TrialContext", "run_trial"]
+__all__ = ["TrialContext", "run_trial", "OverBudget", "BEFORE_TRAINING"]
+
+# the key of a final report of a trial refused before training (its reason); the searcher tells it PRUNED
+BEFORE_TRAINING = "pruned_before_training"
+
+
+class OverBudget(Exception):
+    """The student breaks a hard limit on a metric known before training: nothing is trained."""
+
+    def __init__(self, broken: list[str], constraints: list[float], metrics: dict[str, float]) -> None:
+        super().__init__("; ".join(broken))
+        self.broken, self.constraints, self.metrics = broken, constraints, metrics
 
 
 @dataclass(frozen=True)
@@ -102,7 +114,18 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
             search = context.spec.require_search()
             latency = LatencySettings(search.latency.device, search.latency.repeats, search.latency.warmup)
             outcome = run_tas(config, provider=make_provider(context, parent_run_id=run_id), on_epoch=on_epoch,
-                              progress=False, latency=latency)
+                              progress=False, latency=latency, before_training=_budget_check(context.spec))
+        except OverBudget as over:
+            # infeasible by architecture and input alone: recorded PRUNED with the reason, nothing trained;
+            # the searcher tells Optuna PRUNED with the constraint values, so the sampler learns the region
+            reason = f"infeasible before training: {over}; nothing was trained"
+            schema.log_trial_over_budget(client, run_id, over.metrics, reason)
+            mlflow.end_run(status="KILLED")
+            report = {**over.metrics, BEFORE_TRAINING: reason, "constraints": over.constraints, "mlflow_run_id": run_id}
+            if in_tune:
+                tune.report(report)
+            return schema.TrialResult(run_id=run_id, metrics=over.metrics, feasible=False, model_uri=None,
+                                      constraints=over.constraints)
         except (SystemExit, KeyboardInterrupt):
             # stopped from outside (Tune ends a trial cut by the time budget with SystemExit): not the trial's
             # failure; the driver records it when the sweep ends, as the Optuna study holds it (PRUNED)
@@ -131,6 +154,21 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
     if in_tune:
         tune.report(result.report())
     return result
+
+
+def _budget_check(spec: SweepSpec) -> Callable[[dict[str, float]], None] | None:
+    """Raises `OverBudget` when the student's metrics known before training break a hard limit."""
+    from orchestrator.spec import broken_before_training
+
+    if not spec.require_search().constraints:
+        return None
+
+    def check(metrics: dict[str, float]) -> None:
+        broken, constraints = broken_before_training(spec, metrics)
+        if broken:
+            raise OverBudget(broken, constraints, metrics)
+
+    return check
 
 
 def _node_id() -> str:

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pxd.models import eval_mode
 
 __all__ = [
-    "Cost", "count_params", "count_gmacs", "measure_latency", "measure_cost",
+    "Cost", "count_params", "count_gmacs", "measure_latency", "measure_cost", "static_cost",
     "RUNTIMES", "RuntimeTiming", "measure_runtime",
 ]
 
@@ -159,6 +159,15 @@ def measure_cost(
         repeats=repeats,
         device_name=single["device_name"],
     )
+
+
+def static_cost(model: nn.Module, resolution: int) -> Cost:
+    """What `model` costs at `resolution` by its architecture and input alone (parameters, MACs, pixels),
+    known before any training; nothing is timed (latency and throughput are NaN)."""
+    nan = float("nan")
+    return Cost(params_m=count_params(model), gmacs=count_gmacs(model, resolution), pixels=resolution * resolution,
+                latency_ms=nan, throughput_ips=nan, batch_size=0, device="", dtype="", threads=torch.get_num_threads(),
+                warmup=0, repeats=0)
 
 
 def _device_name(device: torch.device) -> str:

@@ -32,6 +32,7 @@ __all__ = [
     "constraint_keys",
     "constraint_metric",
     "metrics_from_cost",
+    "metrics_before_training",
     "hardware_metric",
     "hardware_cv_metric",
     "check_hardware_label",
@@ -136,6 +137,12 @@ def metrics_from_cost(cost: Cost, training: Mapping[str, float]) -> dict[str, fl
         elif metric.source == "training" and metric.name in training:
             values[metric.name] = float(training[metric.name])
     return values
+
+
+def metrics_before_training(cost: Cost) -> dict[str, float]:
+    """The metrics fixed by architecture and input size alone (`known_before_training`), from a
+    `pxd.cost.static_cost`: what a budget can be checked on before anything trains."""
+    return {m.name: m.value(cost) for m in METRICS.values() if m.known_before_training and m.source == "cost"}
 
 
 def _builtin(**fields: Any) -> None:

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from pxd.config import DistillConfig, ModelConfig, PipelineConfig, TrainConfig
-from pxd.cost import measure_cost
+from pxd.cost import measure_cost, static_cost
 from pxd.data import load_dataset
 from pxd.losses import stage_loss_weights
-from pxd.metrics import metrics_from_cost
+from pxd.metrics import metrics_before_training, metrics_from_cost
 from pxd.models import create_model
 from pxd.train import EpochCallback, StageResult, autocast_dtype, evaluate, resolve_device, train_stage
 from pxd.types import DatasetSplits
@@ -176,17 +176,23 @@ def run_tas(
     data: DatasetSplits | None = None,
     measure_latency: bool = True,
     latency: LatencySettings | None = None,
+    before_training: Callable[[dict[str, float]], None] | None = None,
 ) -> PipelineResult:
     """Run the whole chain and measure the student's cost. Raises `DivergedError` on a NaN loss.
 
     Latency is measured on `latency.device` (default: the training device); `measure_latency=False`
-    times one pass only (tests).
+    times one pass only (tests). `before_training` gets the student's metrics known before training
+    (`gmacs`, `params_m`, `pixels`) before any stage trains, and may raise to stop the run there
+    (a sweep refuses a trial that breaks a hard budget this way).
     """
     provider = provider or TrainingProvider()
     device = resolve_device(cfg.train.device)
     data = data or load_dataset(cfg.dataset, cfg.seed)
     keys = stage_keys(cfg, data.fingerprint)
     num_classes = data.num_classes
+    if before_training is not None:
+        student = _new_model(cfg.student, num_classes, "student", cfg.seed)
+        before_training(metrics_before_training(static_cost(student, cfg.student.resolution)))
     high = cfg.teacher.resolution
     common = dict(data=data, image_resolution=high, train=cfg.train, seed=cfg.seed, device=device,
                   on_epoch=on_epoch, progress=progress)
