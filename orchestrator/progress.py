@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ray import tune
 
 from orchestrator.frontier import IncrementalFrontier, TrialRow
-from orchestrator.schema import epoch_metric
+from orchestrator.schema import FINAL_REPORT, epoch_metric
 
 if TYPE_CHECKING:
     from orchestrator.spec import SweepSpec
@@ -40,7 +40,7 @@ class SweepProgress(tune.Callback):
         self._print(f"trial {trial.trial_id} started")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if result.get("done") and "val_top1" in result:
+        if result.get(FINAL_REPORT) and "val_top1" in result:
             self.done[trial.trial_id] = TrialRow(
                 trial_id=trial.trial_id, run_id=result.get("mlflow_run_id"),
                 metrics={k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},

@@ -75,6 +75,7 @@ class Tag:
     HOSTNAME = "pxd.hostname"
     NODE_ID = "pxd.node_id"  # Ray node id the trial ran on
     DEVICE = "pxd.device"
+    STOPPED_REASON = "pxd.stopped_reason"  # why early stopping stopped a trial (set when it stops)
     ERROR = "pxd.error"  # first line of the error of a FAILED trial (error.txt holds the traceback)
     WARNINGS = "pxd.warnings"  # JSON list: what the pipeline warned about (e.g. an assistant far below its teacher)
     FEASIBLE = "pxd.feasible"  # "true" | "false": meets every search.constraints limit
@@ -151,6 +152,9 @@ def _true(value: bool) -> str:
     return str(bool(value)).lower()
 
 
+FINAL_REPORT = "pxd_final"  # key of a trial's final report (its objectives), absent from per-epoch reports
+
+
 @dataclass
 class TrialResult:
     """A trial's final result: what it logs to MLflow, reports to Tune and the frontier reads back."""
@@ -162,9 +166,10 @@ class TrialResult:
     constraints: list[float]  # Optuna's convention, one per set constraint: ≤ 0 satisfied
 
     def report(self) -> dict[str, Any]:
-        """The final Tune report (`done` marks it; the searcher tells Optuna only such a report)."""
+        """The final Tune report. `FINAL_REPORT` marks it: the searcher tells Optuna COMPLETE only for such a
+        report (Tune marks `done` the last partial report of a trial a scheduler stopped, too)."""
         return {**self.metrics, "mlflow_run_id": self.run_id, "model_uri": self.model_uri,
-                "feasible": self.feasible, "constraints": list(self.constraints), "done": True}
+                "feasible": self.feasible, "constraints": list(self.constraints), FINAL_REPORT: True}
 
 
 def trial_start_tags(*, sweep: str, parent_run_id: str, trial_id: str, params: Mapping[str, Any],

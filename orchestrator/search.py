@@ -74,6 +74,16 @@ class LatencyConfig:
 
 
 @dataclass(frozen=True)
+class EarlyStoppingConfig:
+    kind: str = "none"  # none | moasha (multi-objective ASHA over student epochs)
+    grace_period: int = 1  # student epochs before the first rung
+    reduction_factor: int = 3  # η: at each rung the best 1/η of the trials there go on
+
+
+EARLY_STOPPING = ("none", "moasha")
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     """The `search:` section. After `parse_spec` every objective has its mode, the reference point
     has a value for every objective, and the sampler has its seed."""
@@ -93,6 +103,7 @@ class SearchConfig:
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     timeout_s: int | None = None
     stage_wait_timeout_s: int = 3600
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
     @property
     def objective_metrics(self) -> tuple[str, ...]:
@@ -170,6 +181,7 @@ def parse_search(raw_search: Any, raw: dict[str, Any], params: tuple[Param, ...]
     if search.timeout_s is not None:
         _int(search.timeout_s, "search.timeout_s", minimum=1)
     _int(search.stage_wait_timeout_s, "search.stage_wait_timeout_s", minimum=1)
+    _check_early_stopping(search.early_stopping, objectives)
     return replace(
         search,
         sampler=sampler,
@@ -179,6 +191,16 @@ def parse_search(raw_search: Any, raw: dict[str, Any], params: tuple[Param, ...]
                                                        _student_pixels(raw, params))),
         ideal_point=_check_ideal(search.ideal_point, objectives, reference),
     )
+
+
+def _check_early_stopping(early: EarlyStoppingConfig, objectives: Sequence[Objective]) -> None:
+    if early.kind not in EARLY_STOPPING:
+        raise ConfigError("search.early_stopping.kind", f"unknown {early.kind!r}; use one of {', '.join(EARLY_STOPPING)}")
+    _int(early.grace_period, "search.early_stopping.grace_period", minimum=1)
+    _int(early.reduction_factor, "search.early_stopping.reduction_factor", minimum=2)
+    if early.kind == "moasha" and "val_top1" not in {o.metric for o in objectives}:
+        raise ConfigError("search.early_stopping.kind", "moasha ranks trials on their current val_top1, which is not "
+                                                        "an objective of this space; add it, or set kind: none")
 
 
 def _int(value: Any, name: str, minimum: int) -> int:

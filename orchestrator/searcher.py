@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
+from orchestrator.schema import FINAL_REPORT
 from orchestrator.trial import BEFORE_TRAINING
 
 if TYPE_CHECKING:
@@ -44,6 +45,15 @@ class ParetoOptunaSearch(OptunaSearch):
             ot_trial.set_user_attr("tune_trial_id", trial_id)
         return config
 
+    def _tell_no_values(self, ot_trial: optuna.Trial, state: optuna.trial.TrialState) -> None:
+        """Tell PRUNED or FAIL. Optuna stores the state first; the grid sampler then calls `study.stop()`
+        once its grid is used up, which raises outside `study.optimize` (Tune's own tell catches it too)."""
+        try:
+            self._ot_study.tell(ot_trial, None, state=state)
+        except RuntimeError as exc:
+            if "Study.stop" not in str(exc):
+                raise
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None or trial_id in self._completed_trials:
@@ -62,24 +72,24 @@ class ParetoOptunaSearch(OptunaSearch):
             ot_trial.set_user_attr("pxd_pruned", str(result[BEFORE_TRAINING])[:1000])
             if result.get("mlflow_run_id"):
                 ot_trial.set_user_attr("mlflow_run_id", result["mlflow_run_id"])
-            self._ot_study.tell(ot_trial, None, state=optuna.trial.TrialState.PRUNED)
+            self._tell_no_values(ot_trial, optuna.trial.TrialState.PRUNED)
             self._completed_trials.add(trial_id)
             return
         metrics = self._metric if isinstance(self._metric, list) else [self._metric]
         values = [result.get(m) for m in metrics] if result else []
         complete = (
-            not error and result is not None and bool(result.get("done"))
+            not error and result is not None and bool(result.get(FINAL_REPORT))
             and all(isinstance(v, (int, float)) and not math.isnan(v) for v in values)
         )
         if result and result.get("mlflow_run_id"):
             ot_trial.set_user_attr("mlflow_run_id", result["mlflow_run_id"])
         if not complete:
-            # Ray hands a stopped trial's last partial result to the searcher as if it had completed: only a
-            # report marked `done` is a result. A trial that ended without error and without it was stopped
-            # (the time budget ran out): PRUNED. One that raised, or broke its report: FAIL.
-            stopped = not error and result is not None and not result.get("done")
+            # Ray hands a stopped trial's last partial result to the searcher, marked `done`, as if it had
+            # completed: only a report marked FINAL_REPORT is a result. A trial that ended without error and
+            # without it was stopped (early stopping, the time budget): PRUNED. One that raised: FAIL.
+            stopped = not error and result is not None and not result.get(FINAL_REPORT)
             state = optuna.trial.TrialState.PRUNED if stopped else optuna.trial.TrialState.FAIL
-            self._ot_study.tell(ot_trial, None, state=state)
+            self._tell_no_values(ot_trial, state)
             self._completed_trials.add(trial_id)
             return
         for name, value in zip(self._constraint_names, result.get("constraints") or []):

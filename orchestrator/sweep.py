@@ -217,6 +217,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
                 tune_config=tune.TuneConfig(
                     # its sample target follows search.trials of the latest launch (a resume may raise it)
                     search_alg=SweepSearchGenerator(searcher, budget_path), num_samples=search.trials,
+                    scheduler=_scheduler(spec, sweep_dir, target.uri),
                 ),
                 run_config=run_config,
             )
@@ -233,6 +234,18 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
         return SweepOutcome(name, parent_run_id, experiment_id, target.uri, table, rows, ui_command(target))
     finally:
         target.close()
+
+
+def _scheduler(spec: SweepSpec, sweep_dir: Path, tracking_uri: str) -> Any:
+    """Tune's scheduler: MO-ASHA when `search.early_stopping.kind: moasha`, else None (every trial runs out)."""
+    early = spec.require_search().early_stopping
+    if early.kind != "moasha":
+        return None
+    from orchestrator.early_stopping import MOASHA, STATE_FILE
+
+    return MOASHA(spec.require_search().objective_pairs, grace_period=early.grace_period,
+                  reduction_factor=early.reduction_factor, max_t=spec.base.student_epochs,
+                  state_path=sweep_dir / STATE_FILE, tracking_uri=tracking_uri)
 
 
 def _prepare_teacher_task(context: TrialContext) -> dict[str, Any]:
@@ -450,7 +463,9 @@ def _close_lost_trials(client: MlflowClient, rows: list[TrialRow], stopped: dict
         if row.state != "RUNNING" or not row.run_id:
             continue
         if row.trial_id in stopped:
-            schema.log_trial_failure(client, row.run_id, stopped[row.trial_id], "", state="PRUNED")
+            # early stopping said why when it stopped the trial; otherwise the sweep's reason (the time budget)
+            reason = client.get_run(row.run_id).data.tags.get(Tag.STOPPED_REASON) or stopped[row.trial_id]
+            schema.log_trial_failure(client, row.run_id, reason, "", state="PRUNED")
             client.set_terminated(row.run_id, status="KILLED")
             row.state = "PRUNED"
         else:

@@ -103,18 +103,21 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
         run_id = run.info.run_id
         mlflow.log_params({k: ("" if v is None else v) for k, v in flatten(config.to_dict()).items()})
 
+        known: dict[str, float] = {}  # gmacs, params_m, pixels: filled in before any stage trains
+
         def on_epoch(kind: str, epoch: int, record: dict[str, float]) -> None:
             mlflow.log_metrics({schema.epoch_metric(kind, k): v for k, v in record.items()
                                 if k != "epoch" and math.isfinite(v)}, step=epoch)
             if in_tune:
                 name = schema.epoch_metric(kind)
-                tune.report({"stage": kind, "epoch": epoch, name: record["val_top1"], "mlflow_run_id": run_id})
+                # with the cost metrics known before training: what early stopping ranks trials on
+                tune.report({"stage": kind, "epoch": epoch, name: record["val_top1"], "mlflow_run_id": run_id, **known})
 
         try:
             search = context.spec.require_search()
             latency = LatencySettings(search.latency.device, search.latency.repeats, search.latency.warmup)
             outcome = run_tas(config, provider=make_provider(context, parent_run_id=run_id), on_epoch=on_epoch,
-                              progress=False, latency=latency, before_training=_budget_check(context.spec))
+                              progress=False, latency=latency, before_training=_budget_check(context.spec, known))
         except OverBudget as over:
             # infeasible by architecture and input alone: recorded PRUNED with the reason, nothing trained;
             # the searcher tells Optuna PRUNED with the constraint values, so the sampler learns the region
@@ -156,14 +159,13 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
     return result
 
 
-def _budget_check(spec: SweepSpec) -> Callable[[dict[str, float]], None] | None:
-    """Raises `OverBudget` when the student's metrics known before training break a hard limit."""
+def _budget_check(spec: SweepSpec, known: dict[str, float]) -> Callable[[dict[str, float]], None]:
+    """Keeps the student's metrics known before training in `known`; raises `OverBudget` when they break
+    a hard limit."""
     from orchestrator.spec import broken_before_training
 
-    if not spec.require_search().constraints:
-        return None
-
     def check(metrics: dict[str, float]) -> None:
+        known.update(metrics)
         broken, constraints = broken_before_training(spec, metrics)
         if broken:
             raise OverBudget(broken, constraints, metrics)

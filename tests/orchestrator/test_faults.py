@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
 from orchestrator.schema import STAGE_CHECKPOINT as CHECKPOINT
-from orchestrator.schema import STAGES_EXPERIMENT, find_sweep_run
+from orchestrator.schema import FINAL_REPORT, STAGES_EXPERIMENT, find_sweep_run
 from orchestrator.searcher import make_searcher
 from orchestrator.spec import parse_spec
 from orchestrator.stage_store import MlflowStageStore, SqlLeases
@@ -311,7 +311,7 @@ def test_a_trial_finished_before_the_crash_is_not_told_twice_on_resume(tmp_path)
     searcher = make_searcher(spec, "resume-race", storage)
     params = searcher.suggest("t1")
     searcher.save(str(tmp_path / "searcher.pkl"))  # the last snapshot before the crash
-    result = {"val_top1": 0.5, "pixels": float(params["student.resolution"]) ** 2, "done": True,
+    result = {"val_top1": 0.5, "pixels": float(params["student.resolution"]) ** 2, FINAL_REPORT: True,
               "mlflow_run_id": "run-1", "constraints": []}
     searcher.on_trial_complete("t1", result)
 

@@ -1,0 +1,170 @@
+"""Multi-objective early stopping (MO-ASHA: Schmucker et al. 2021; Salinas et al. 2022, Syne Tune's
+`moasha.py`), as a Ray Tune scheduler.
+
+Rungs are student epochs `grace_period × η^k` (below the student's epochs). When a trial's student
+reaches a rung, its point is recorded there: its current `val_top1` (the student stage's per-epoch
+validation accuracy) and its cost objectives known before training (`gmacs`, `params_m`, `pixels`, which
+trials report from their first epoch). Among the points recorded at that rung so far, the trial goes on
+if it is within the best `ceil(n / η)` by non-dominated sorting (Pareto rank, ties broken by crowding
+distance, as NSGA-II does); otherwise it is stopped. Objectives known only after training
+(`latency_ms`) are not part of the ranking.
+
+A stopped trial has no final result: the searcher tells Optuna PRUNED (Ray hands the searcher a stopped
+trial's last partial result; pxd's searcher only takes a report marked `done`), its MLflow run is tagged
+with the reason now and recorded PRUNED when the sweep ends, and it never enters the frontier. The rung
+records live in `sweeps/<name>/early_stopping.json`, so a resumed sweep keeps them (Tune does not save
+a scheduler's state).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from orchestrator import schema
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
+
+__all__ = ["MOASHA", "STATE_FILE", "rungs", "nondominated_ranks", "keep_best"]
+
+STATE_FILE = "early_stopping.json"
+
+
+def rungs(grace_period: int, reduction_factor: int, max_t: int) -> list[int]:
+    """Rung epochs `grace × η^k` strictly below `max_t` (a trial at max_t is finished, not judged)."""
+    levels, level = [], grace_period
+    while level < max_t:
+        levels.append(level)
+        level *= reduction_factor
+    return levels
+
+
+def nondominated_ranks(points: Sequence[Sequence[float]]) -> list[int]:
+    """Pareto rank of each point (0 = non-dominated), every coordinate to be minimised."""
+    remaining = set(range(len(points)))
+    ranks = [0] * len(points)
+    rank = 0
+    while remaining:
+        front = {i for i in remaining if not any(_dominates(points[j], points[i]) for j in remaining if j != i)}
+        for i in front:
+            ranks[i] = rank
+        remaining -= front
+        rank += 1
+    return ranks
+
+
+def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def _crowding(points: Sequence[Sequence[float]], members: Sequence[int]) -> dict[int, float]:
+    distance = {i: 0.0 for i in members}
+    if len(members) <= 2:
+        return {i: math.inf for i in members}
+    for axis in range(len(points[members[0]])):
+        ordered = sorted(members, key=lambda i: points[i][axis])
+        low, high = points[ordered[0]][axis], points[ordered[-1]][axis]
+        distance[ordered[0]] = distance[ordered[-1]] = math.inf
+        if high == low:
+            continue
+        for before, current, after in zip(ordered, ordered[1:], ordered[2:]):
+            distance[current] += (points[after][axis] - points[before][axis]) / (high - low)
+    return distance
+
+
+def keep_best(points: Sequence[Sequence[float]], fraction: float) -> set[int]:
+    """Indices of the best `ceil(n × fraction)` points: by Pareto rank, then larger crowding distance,
+    then order of arrival (earlier first)."""
+    n = len(points)
+    if n == 0:
+        return set()
+    ranks = nondominated_ranks(points)
+    crowding: dict[int, float] = {}
+    for rank in set(ranks):
+        crowding.update(_crowding(points, [i for i in range(n) if ranks[i] == rank]))
+    order = sorted(range(n), key=lambda i: (ranks[i], -crowding[i], i))
+    return set(order[:max(1, math.ceil(n * fraction))])
+
+
+class MOASHA(FIFOScheduler):
+    """Asynchronous successive halving on Pareto ranks. `objectives`: [(metric, mode), ...] of the
+    space; `val_top1` is read from the student's per-epoch report, the other (known-before-training)
+    ones from the trial's reports."""
+
+    def __init__(self, objectives: Sequence[tuple[str, str]], *, grace_period: int, reduction_factor: int,
+                 max_t: int, state_path: str | Path, tracking_uri: str | None = None) -> None:
+        super().__init__()
+        self._objectives = [tuple(pair) for pair in objectives]
+        self._eta = int(reduction_factor)
+        self._rungs = rungs(int(grace_period), self._eta, int(max_t))
+        self._state_path = str(state_path)
+        self._tracking_uri = tracking_uri
+        self._records: dict[str, dict[str, list[float]]] | None = None  # rung → trial id → point
+
+    # -- state, kept beside the sweep so that a resume continues with it
+    def _load(self) -> dict[str, dict[str, list[float]]]:
+        if self._records is None:
+            try:
+                self._records = json.loads(Path(self._state_path).read_text())["rungs"]
+            except (OSError, ValueError, KeyError):
+                self._records = {}
+        return self._records
+
+    def _save(self) -> None:
+        tmp = f"{self._state_path}.tmp"
+        Path(tmp).write_text(json.dumps({"rungs": self._records, "eta": self._eta, "levels": self._rungs}))
+        os.replace(tmp, self._state_path)
+
+    def _point(self, result: dict[str, Any]) -> list[float] | None:
+        """The trial's point to minimise, or None when a coordinate is missing."""
+        point = []
+        for metric, mode in self._objectives:
+            value = result.get(schema.epoch_metric("student") if metric == "val_top1" else metric)
+            if not isinstance(value, (int, float)) or math.isnan(value):
+                return None
+            point.append(-float(value) if mode == "max" else float(value))
+        return point
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
+        if result.get("stage") != "student" or result.get(schema.FINAL_REPORT):
+            return TrialScheduler.CONTINUE
+        epoch = result.get("epoch")
+        if not isinstance(epoch, int) or epoch not in self._rungs:
+            return TrialScheduler.CONTINUE
+        point = self._point(result)
+        if point is None:
+            return TrialScheduler.CONTINUE
+        records = self._load().setdefault(str(epoch), {})
+        records[trial.trial_id] = point
+        self._save()
+        ids = list(records)
+        kept = keep_best([records[i] for i in ids], 1.0 / self._eta)
+        if ids.index(trial.trial_id) in kept:
+            return TrialScheduler.CONTINUE
+        self._tag_stopped(result, epoch, len(ids))
+        return TrialScheduler.STOP
+
+    def _tag_stopped(self, result: dict[str, Any], epoch: int, n: int) -> None:
+        """Say why on the trial's run now; the sweep records it PRUNED (status KILLED) when it ends."""
+        run_id = result.get("mlflow_run_id")
+        if not self._tracking_uri or not run_id:
+            return
+        from mlflow.tracking import MlflowClient
+
+        keep = max(1, math.ceil(n / self._eta))
+        reason = (f"stopped early by MO-ASHA at student epoch {epoch}: not among the best {keep} of {n} trials "
+                  f"at that rung by Pareto rank on {', '.join(m for m, _ in self._objectives)}")
+        try:
+            MlflowClient(self._tracking_uri).set_tag(run_id, schema.Tag.STOPPED_REASON, reason)
+        except Exception:  # noqa: BLE001 - a tag is bookkeeping; the stop itself must happen
+            pass
+
+    def debug_string(self) -> str:
+        return f"MO-ASHA: rungs at student epochs {self._rungs}, keep 1/{self._eta}"
