@@ -88,6 +88,7 @@ class ParetoOptunaSearch(OptunaSearch):
 
 
 def make_searcher(spec: SweepSpec, study_name: str, storage_url: str) -> ParetoOptunaSearch:
+    from orchestrator.credentials import PrivateRDBStorage
     from orchestrator.spec import constraint_names, define_by_run, make_sampler
 
     return ParetoOptunaSearch(
@@ -95,7 +96,7 @@ def make_searcher(spec: SweepSpec, study_name: str, storage_url: str) -> ParetoO
         metric=list(spec.objective_metrics),
         mode=list(spec.objective_modes),
         sampler=make_sampler(spec),
-        storage=optuna.storages.RDBStorage(storage_url),
+        storage=PrivateRDBStorage(storage_url),  # Tune pickles the searcher: never its password
         study_name=study_name,
         constraint_names=constraint_names(spec),
     )
