@@ -19,6 +19,7 @@ as soon as Tune reports the failure.
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 from ray import tune
@@ -47,6 +48,22 @@ def lost_cause(error: BaseException | None, *, node_id: str, hostname: str, node
         return f"worker process died (killed or out of memory) on {where}"
     first_line = str(error).strip().splitlines()[0] if error is not None and str(error).strip() else "unknown error"
     return f"trial process lost on {where}: {type(error).__name__}: {first_line}"
+
+
+def _trial_error(trial: Any) -> BaseException | None:
+    """The error Tune recorded for the trial's last failure (callbacks are not handed it): the pickled
+    exception Tune writes in the trial's local folder, before it is synced to the storage path."""
+    import cloudpickle
+
+    try:
+        with open(trial.pickled_error_file, "rb") as handle:
+            return cloudpickle.load(handle)
+    except (OSError, TypeError, pickle.UnpicklingError, AttributeError, EOFError):
+        pass
+    try:
+        return trial.get_pickled_error()
+    except Exception as exc:  # noqa: BLE001 - an unreadable error file still leaves a cause to record
+        return exc
 
 
 def _alive_nodes() -> dict[str, bool]:
@@ -84,10 +101,7 @@ class LostAttempts(tune.Callback):
         lost = schema.trial_runs(client, client.get_run(self.parent_run_id), trial_id=str(trial.trial_id), state="RUNNING")
         if not lost:
             return  # the attempt raised and closed its run itself
-        try:
-            error = trial.get_pickled_error()
-        except Exception as exc:  # noqa: BLE001 - an unreadable error file still leaves a cause to record
-            error = exc
+        error = _trial_error(trial)
         alive = _alive_nodes()
         for run in lost:
             tags = run.data.tags
