@@ -66,10 +66,22 @@ def _trial_error(trial: Any) -> BaseException | None:
         return exc
 
 
-def _alive_nodes() -> dict[str, bool]:
+def _node_alive(node_id: str) -> bool | None:
+    """Whether the Ray node still runs; None if Ray does not know it. Ray marks a node dead only after
+    its health checks fail (~30 s), often after Tune reported the attempt's failure, so a node it still
+    lists as alive must also answer on its raylet's port."""
+    import socket
+
     import ray
 
-    return {node["NodeID"]: bool(node["Alive"]) for node in ray.nodes()}
+    node = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
+    if node is None or not node["Alive"]:
+        return None if node is None else False
+    try:
+        socket.create_connection((node["NodeManagerAddress"], int(node["NodeManagerPort"])), timeout=3).close()
+    except OSError:
+        return False
+    return True
 
 
 class LostAttempts(tune.Callback):
@@ -102,11 +114,10 @@ class LostAttempts(tune.Callback):
         if not lost:
             return  # the attempt raised and closed its run itself
         error = _trial_error(trial)
-        alive = _alive_nodes()
         for run in lost:
             tags = run.data.tags
             node_id = tags.get(schema.Tag.NODE_ID, "?")
             cause = lost_cause(error, node_id=node_id, hostname=tags.get(schema.Tag.HOSTNAME, "?"),
-                               node_alive=alive.get(node_id))
+                               node_alive=_node_alive(node_id))
             schema.log_trial_failure(client, run.info.run_id, cause + outcome, f"{cause}\n\nRay reported:\n{error}")
             client.set_terminated(run.info.run_id, status="FAILED")

@@ -10,14 +10,11 @@ Every process started here is stopped by its own pid / process group. ~3-5 minut
 
 from __future__ import annotations
 
-import secrets
-import shutil
+import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import optuna
 import pytest
@@ -25,18 +22,16 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator import schema
-from tests.orchestrator.conftest import free_port, tiny_space
+from tests.orchestrator.conftest import tiny_space
 from tests.orchestrator.test_cluster import (
-    _cluster_env,
+    REPO,
+    Cluster,
     _descendants,
-    _healthy,
     _kill_tree,
-    _pg_url,
-    _ray_started,
     _tail,
     _tool,
-    _wait_for,
     databases,  # noqa: F401 - a fixture: fresh MLflow and Optuna databases
+    running_cluster,
 )
 
 pytestmark = pytest.mark.slow
@@ -46,60 +41,18 @@ TRIALS = 3
 SWEEP_TIMEOUT_S = 600.0  # a guard against hanging forever; nothing asserts on durations
 
 
-@dataclass
-class Nodes:
-    ray_address: str
-    tracking_uri: str
-    optuna_storage: str
-    env: dict[str, str]
-    workdir: Path
-    workers: list[subprocess.Popen]
-    processes: list[subprocess.Popen] = field(default_factory=list)
-
-
 @pytest.fixture(scope="module")
-def nodes(databases) -> Iterator[Nodes]:  # noqa: F811 - the imported fixture
-    ray_cli, mlflow_cli = _tool("ray"), _tool("mlflow")
-    workdir = Path(tempfile.mkdtemp(prefix="pxdnl-"))  # short: Ray's unix socket paths
-    env = _cluster_env(secrets.token_hex(32))
-    env.update(
-        PXD_STAGE_LEASE_TTL_S="5",  # a lease held on the dead node frees quickly
+def nodes(databases) -> Iterator[Cluster]:  # noqa: F811 - the imported fixture
+    """A head that runs no trials (the driver attaches to it, and it must survive) and two 1-CPU workers."""
+    env_extra = {
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),  # this checkout
+        "PXD_STAGE_LEASE_TTL_S": "5",  # a lease held on the dead node frees quickly
         # the head notices a silent node within ~3 s instead of Ray's default ~30 s
-        RAY_health_check_period_ms="1000", RAY_health_check_timeout_ms="1000", RAY_health_check_failure_threshold="3",
-    )
-    ray_port, dashboard_port, mlflow_port = free_port(), free_port(), free_port()
-    result = Nodes(ray_address=f"127.0.0.1:{ray_port}", tracking_uri=f"http://127.0.0.1:{mlflow_port}",
-                   optuna_storage=_pg_url(databases["optuna"]), env=env, workdir=workdir, workers=[])
-
-    def start(command: list[str], log: Path) -> subprocess.Popen:
-        with open(log, "ab") as handle:
-            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=workdir,
-                                       start_new_session=True)
-        result.processes.append(process)
-        return process
-
-    common = ["--disable-usage-stats", "--temp-dir", str(workdir / "ray"), "--block"]
-    try:
-        head_log = workdir / "ray-head.log"
-        # 0 CPUs: no trial runs on the head, which the driver attaches to and which must survive
-        head = start([*ray_cli, "start", "--head", "--port", str(ray_port), "--num-cpus", "0",
-                      "--include-dashboard=false", "--dashboard-port", str(dashboard_port), *common], head_log)
-        server_log = workdir / "mlflow.log"
-        server = start([*mlflow_cli, "server", "--backend-store-uri", _pg_url(databases["mlflow"]),
-                        "--serve-artifacts", "--artifacts-destination", str(workdir / "artifacts"),
-                        "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"], server_log)
-        _wait_for(lambda: _ray_started(head_log), head, "the Ray head", head_log)
-        for index in range(2):
-            log = workdir / f"ray-worker-{index}.log"
-            worker = start([*ray_cli, "start", "--address", result.ray_address, "--num-cpus", "1", *common], log)
-            _wait_for(lambda log=log: _ray_started(log), worker, f"Ray worker node {index}", log)
-            result.workers.append(worker)
-        _wait_for(lambda: _healthy(result.tracking_uri), server, "mlflow server", server_log)
-        yield result
-    finally:
-        for process in reversed(result.processes):
-            _kill_tree(process)
-        shutil.rmtree(workdir, ignore_errors=True)
+        "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+        "RAY_health_check_failure_threshold": "3",
+    }
+    with running_cluster(databases, head_cpus=0, worker_cpus=(1, 1), env_extra=env_extra) as cluster:
+        yield cluster
 
 
 @dataclass
@@ -126,7 +79,7 @@ def _training_attempt(client: MlflowClient, workers: list[subprocess.Popen]) -> 
 
 
 @pytest.fixture(scope="module")
-def loss(nodes: Nodes) -> Loss:
+def loss(nodes: Cluster) -> Loss:
     """`pxd sweep` on the cluster (3 trials, 2 at a time); one worker node killed while a trial trains on it."""
     space = nodes.workdir / "space.yaml"
     raw = tiny_space(trials=TRIALS, max_concurrent=2, max_retries=2)
@@ -157,7 +110,7 @@ def loss(nodes: Nodes) -> Loss:
     return Loss(driver.returncode, _tail(log, 60), dead_node, dead_run)
 
 
-def _trial_runs(nodes: Nodes) -> list:
+def _trial_runs(nodes: Cluster) -> list:
     client = MlflowClient(nodes.tracking_uri)
     return schema.trial_runs(client, schema.find_sweep_run(client, SWEEP))
 
