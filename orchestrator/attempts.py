@@ -20,6 +20,7 @@ as soon as Tune reports the failure.
 from __future__ import annotations
 
 import pickle
+import sys
 from typing import Any
 
 from ray import tune
@@ -107,6 +108,13 @@ class LostAttempts(tune.Callback):
         self._close(trial, f"; not retried again (search.max_retries = {self.max_retries} used up)")
 
     def _close(self, trial: Any, outcome: str) -> None:
+        try:
+            self._close_runs(trial, outcome)
+        except Exception as exc:  # noqa: BLE001 - the sweep goes on; its end records the run as lost instead
+            print(f"[pxd] warning: could not record the lost attempt of trial {trial.trial_id} on its MLflow run "
+                  f"({credentials.scrub(str(exc))}); it is recorded FAILED when the sweep ends", file=sys.stderr, flush=True)
+
+    def _close_runs(self, trial: Any, outcome: str) -> None:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.tracking_uri)
