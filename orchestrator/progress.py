@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from ray import tune
 
 from orchestrator.frontier import IncrementalFrontier, TrialRow
-from orchestrator.schema import FINAL_REPORT, epoch_metric
+from orchestrator.schema import FINAL_REPORT, epoch_metric, report_error
 
 if TYPE_CHECKING:
     from orchestrator.spec import SweepSpec
@@ -40,7 +40,9 @@ class SweepProgress(tune.Callback):
         self._print(f"trial {trial.trial_id} started")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if result.get(FINAL_REPORT) and "val_top1" in result:
+        if report_error(result):
+            self.failed.add(trial.trial_id)  # an error that would repeat: finished, not retried
+        elif result.get(FINAL_REPORT) and "val_top1" in result:
             self.done[trial.trial_id] = TrialRow(
                 trial_id=trial.trial_id, run_id=result.get("mlflow_run_id"),
                 metrics={k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
@@ -55,11 +57,18 @@ class SweepProgress(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.discard(trial.trial_id)
+        if trial.trial_id in self.failed:
+            self._print(f"trial {trial.trial_id} FAILED, not retried: the error would repeat (its MLflow run holds it)")
+            return
         row = self.done.get(trial.trial_id)
         if row is None:
             self.stopped.add(trial.trial_id)  # ended without its final result: stopped (time budget)
         detail = f"val_top1 {row.metrics['val_top1']:.3f}" if row else "stopped before its final result"
         self._print(f"trial {trial.trial_id} finished ({detail})")
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.running.discard(trial.trial_id)
+        self._print(f"trial {trial.trial_id} lost its process or node (attempt {trial.num_failures}); running it again")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.discard(trial.trial_id)

@@ -41,6 +41,8 @@ __all__ = [
     "hardware_tag",
     "EXPERIMENT_KIND",
     "TrialResult",
+    "failed_report",
+    "report_error",
     "trial_start_tags",
     "log_trial_result",
     "log_trial_failure",
@@ -74,6 +76,7 @@ class Tag:
     PARAMS = "pxd.sampled"  # JSON {dotted parameter name: sampled value}
     HOSTNAME = "pxd.hostname"
     NODE_ID = "pxd.node_id"  # Ray node id the trial ran on
+    PID = "pxd.pid"  # the trial's process on that host (what an out-of-memory killer's log names)
     DEVICE = "pxd.device"
     STOPPED_REASON = "pxd.stopped_reason"  # why early stopping stopped a trial (set when it stops)
     ERROR = "pxd.error"  # first line of the error of a FAILED trial (error.txt holds the traceback)
@@ -172,8 +175,22 @@ class TrialResult:
                 "feasible": self.feasible, "constraints": list(self.constraints), FINAL_REPORT: True}
 
 
+_REPORT_ERROR = "pxd_error"
+
+
+def failed_report(run_id: str, error: str) -> dict[str, Any]:
+    """The final Tune report of a trial that failed with an error that would repeat (not retried): `done`
+    without objectives, so the searcher tells FAIL."""
+    return {"mlflow_run_id": run_id, _REPORT_ERROR: error, "done": True}
+
+
+def report_error(result: Mapping[str, Any]) -> str | None:
+    """The error a final report carries (`failed_report`), else None."""
+    return result.get(_REPORT_ERROR)
+
+
 def trial_start_tags(*, sweep: str, parent_run_id: str, trial_id: str, params: Mapping[str, Any],
-                     hostname: str, node_id: str) -> dict[str, str]:
+                     hostname: str, node_id: str, pid: int) -> dict[str, str]:
     return {
         Tag.PARENT_RUN: parent_run_id,
         Tag.SWEEP: sweep,
@@ -183,6 +200,7 @@ def trial_start_tags(*, sweep: str, parent_run_id: str, trial_id: str, params: M
         Tag.PARAMS: json.dumps(dict(params), sort_keys=True, default=str),
         Tag.HOSTNAME: hostname,
         Tag.NODE_ID: node_id,
+        Tag.PID: str(pid),
     }
 
 
@@ -206,9 +224,12 @@ def log_trial_result(client: MlflowClient, result: TrialResult, *, stages: Mappi
 
 def log_trial_failure(client: MlflowClient, run_id: str, error: str, traceback_text: str,
                       state: str = "FAILED") -> None:
-    """Record why a trial ended without a result; the run ends FAILED (KILLED for PRUNED)."""
-    _set_tags(client, run_id, {Tag.STATE: state, Tag.ERROR: error[:4900]})
-    client.log_text(run_id, traceback_text, ERROR_ARTIFACT)
+    """Record why a trial ended without a result; the run ends FAILED (KILLED for PRUNED). Passwords the
+    process knows of are masked (an error may quote a database or tracking URL)."""
+    from orchestrator.credentials import scrub
+
+    _set_tags(client, run_id, {Tag.STATE: state, Tag.ERROR: scrub(error)[:4900]})
+    client.log_text(run_id, scrub(traceback_text), ERROR_ARTIFACT)
 
 
 def log_trial_over_budget(client: MlflowClient, run_id: str, metrics: Mapping[str, float], reason: str) -> None:

@@ -104,6 +104,9 @@ class SearchConfig:
     timeout_s: int | None = None
     stage_wait_timeout_s: int = 3600
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # times a trial whose process or node was lost (killed, out of memory, node preempted) is run again;
+    # errors that would repeat (a bad config, a diverged loss: `pxd.errors.PxdError`) are never retried
+    max_retries: int = 2
 
     @property
     def objective_metrics(self) -> tuple[str, ...]:
@@ -182,6 +185,7 @@ def parse_search(raw_search: Any, raw: dict[str, Any], params: tuple[Param, ...]
         _int(search.timeout_s, "search.timeout_s", minimum=1)
     _int(search.stage_wait_timeout_s, "search.stage_wait_timeout_s", minimum=1)
     _check_early_stopping(search.early_stopping, objectives)
+    _int(search.max_retries, "search.max_retries", minimum=0)
     return replace(
         search,
         sampler=sampler,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.schema import FINAL_REPORT
+from orchestrator.schema import FINAL_REPORT, report_error
 from orchestrator.trial import BEFORE_TRAINING
 
 if TYPE_CHECKING:
@@ -87,7 +87,8 @@ class ParetoOptunaSearch(OptunaSearch):
             # Ray hands a stopped trial's last partial result to the searcher, marked `done`, as if it had
             # completed: only a report marked FINAL_REPORT is a result. A trial that ended without error and
             # without it was stopped (early stopping, the time budget): PRUNED. One that raised: FAIL.
-            stopped = not error and result is not None and not result.get(FINAL_REPORT)
+            stopped = (not error and result is not None and not result.get(FINAL_REPORT)
+                       and not report_error(result))  # an error that would repeat ends a trial with a report
             state = optuna.trial.TrialState.PRUNED if stopped else optuna.trial.TrialState.FAIL
             self._tell_no_values(ot_trial, state)
             self._completed_trials.add(trial_id)
@@ -98,6 +99,7 @@ class ParetoOptunaSearch(OptunaSearch):
 
 
 def make_searcher(spec: SweepSpec, study_name: str, storage_url: str) -> ParetoOptunaSearch:
+    from orchestrator.credentials import PrivateRDBStorage
     from orchestrator.spec import constraint_names, define_by_run, make_sampler
 
     return ParetoOptunaSearch(
@@ -105,7 +107,7 @@ def make_searcher(spec: SweepSpec, study_name: str, storage_url: str) -> ParetoO
         metric=list(spec.objective_metrics),
         mode=list(spec.objective_modes),
         sampler=make_sampler(spec),
-        storage=optuna.storages.RDBStorage(storage_url),
+        storage=PrivateRDBStorage(storage_url),  # Tune pickles the searcher: never its password
         study_name=study_name,
         constraint_names=constraint_names(spec),
     )

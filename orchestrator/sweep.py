@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from orchestrator import schema
+from orchestrator import credentials, schema
 from orchestrator.frontier import TrialRow, format_table, frontier_table, write_table
 from orchestrator.schema import Tag
 from orchestrator.spec import optuna_directions
@@ -147,11 +147,14 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
+    from orchestrator.attempts import LostAttempts
     from orchestrator.progress import SweepProgress
     from orchestrator.searcher import make_searcher
 
     search = spec.require_search()
     _validate(spec, options)  # bad input: one clear error, nothing created or launched
+    for url in (options.optuna_storage, options.tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")):
+        credentials.remember(url)  # kept out of what the sweep records and prints
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     # per-epoch reports carry progress only; the objectives come with the final report
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -199,8 +202,11 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
         trainable = tune.with_resources(tune.with_parameters(_trainable, context=context), resources)
         progress = SweepProgress(spec, total=search.trials, quiet=options.quiet)
         run_config = tune.RunConfig(
-            name="tune", storage_path=str(sweep_dir), callbacks=[progress], verbose=0,
-            failure_config=tune.FailureConfig(max_failures=0),
+            name="tune", storage_path=str(sweep_dir), verbose=0,
+            callbacks=[progress, LostAttempts(target.uri, parent_run_id, search.max_retries)],
+            # a lost process or node is retried; errors that would repeat end the trial without one
+            # (orchestrator.attempts)
+            failure_config=tune.FailureConfig(max_failures=search.max_retries),
             stop=LaunchBudget(budget_path),  # search.timeout_s, read per launch (a resume may raise it)
         )
         if not context.force_retrain and context.reuse_stages:
@@ -274,9 +280,25 @@ def _warm_teacher(context: TrialContext, resources: dict[str, float], *, quiet: 
 def _lease_url(options: SweepOptions, root: Path) -> str:
     """Stage leases live where every trial can reach them: the sweep's server database when there
     is one (Postgres on a cluster), else a SQLite file shared by every sweep under this root."""
-    if options.optuna_storage and not options.optuna_storage.startswith("sqlite"):
-        return options.optuna_storage
+    if _shared_database(options.optuna_storage):
+        return str(options.optuna_storage)
     return f"sqlite:///{root / 'stage-leases.db'}"
+
+
+def _shared_database(storage_url: str | None) -> bool:
+    return bool(storage_url) and not str(storage_url).startswith("sqlite")
+
+
+def _check_lease_store(options: SweepOptions) -> None:
+    """A cluster sweep needs a lease store every node reaches (`_lease_url`): refused without one, since
+    trials on other nodes would each train the shared stages (single-flight lost)."""
+    if options.ray_address and not _shared_database(options.optuna_storage):
+        given = (f"{options.optuna_storage} is a SQLite file" if options.optuna_storage
+                 else "without it they are a SQLite file")
+        raise ConfigError("--optuna-storage", f"a sweep on a Ray cluster (--ray-address) keeps its stage leases in the "
+                                              f"Optuna database, which every node must reach; {given} on the driver's "
+                                              "disk. Pass a Postgres URL, e.g. the compose stack's --optuna-storage "
+                                              "postgresql+psycopg2://postgres@postgres:5432/optuna")
 
 
 def _validate(spec: SweepSpec, options: SweepOptions) -> None:
@@ -285,6 +307,7 @@ def _validate(spec: SweepSpec, options: SweepOptions) -> None:
 
     check_dataset(spec.base.dataset)
     check_tracking(options.tracking_uri, cluster=options.ray_address is not None)
+    _check_lease_store(options)
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -372,7 +395,7 @@ def _parent_run(client: MlflowClient, experiment_id: str, name: str, spec: Sweep
             return str(found.info.run_id)
     search = spec.require_search()
     objectives = search.objective_pairs
-    storage_shown = storage_url if storage_url.startswith("sqlite") else "(database URL given on the command line)"
+    storage_shown = credentials.redact(storage_url)
     run = client.create_run(experiment_id, run_name=name, tags=schema.sweep_run_tags(
         sweep=name, objectives=objectives, reference_point=search.reference_point, ideal_point=search.ideal_point,
         optuna_storage=storage_shown, optuna_study=name,
@@ -402,7 +425,8 @@ def finish_sweep(client: MlflowClient, parent_run_id: str, stopped: dict[str, st
             client.set_tag(row.run_id, Tag.ON_FRONTIER, str(row.run_id in on_front).lower())
     x_metrics = tuple(m for m, _ in objectives if m != "val_top1") or ("gmacs",)
     log_frontier(client, parent, table, "frontier", png_axes=x_metrics)
-    counts = {state: sum(r.state == state for r in rows) for state in ("COMPLETE", "FAILED", "PRUNED")}
+    outcomes = trial_outcomes(rows)
+    counts = {state: sum(s == state for s in outcomes.values()) for state in ("COMPLETE", "FAILED", "PRUNED")}
     client.log_metric(parent_run_id, schema.SweepMetric.HYPERVOLUME, float(table["hypervolume"]))
     client.log_metric(parent_run_id, schema.SweepMetric.HYPERVOLUME_NORMALISED, float(table["hypervolume_normalised"]))
     client.log_metric(parent_run_id, schema.SweepMetric.FRONTIER_SIZE, float(len(on_front)))
@@ -412,6 +436,16 @@ def finish_sweep(client: MlflowClient, parent_run_id: str, stopped: dict[str, st
     _log_stage_totals(client, parent_run_id, rows)
     client.set_terminated(parent_run_id, status="FINISHED")
     return table, rows
+
+
+def trial_outcomes(rows: list[TrialRow]) -> dict[str, str]:
+    """Tune trial id → how the trial ended. A retried trial has a run per attempt (`orchestrator.attempts`):
+    it is COMPLETE if an attempt completed, else its latest attempt's state (rows come newest first)."""
+    outcomes: dict[str, str] = {}
+    for row in rows:
+        if outcomes.get(row.trial_id) != "COMPLETE" and (row.trial_id not in outcomes or row.state == "COMPLETE"):
+            outcomes[row.trial_id] = row.state
+    return outcomes
 
 
 def cost_axes(table: dict[str, Any]) -> tuple[str, ...]:
@@ -436,7 +470,7 @@ def log_frontier(client: MlflowClient, parent: Any, table: dict[str, Any], path:
         plot_png(table, folder / "frontier.png", x_metrics=png_axes)
         axes = tuple(dict.fromkeys((*png_axes, *cost_axes(table))))
         plot_html(table, folder / "frontier.html", x_metrics=axes, experiment_id=parent.info.experiment_id,
-                  tracking_uri=client.tracking_uri)
+                  tracking_uri=credentials.without_password(client.tracking_uri))
         client.log_artifacts(parent.info.run_id, str(folder), path)
 
 
@@ -495,14 +529,14 @@ def _log_stage_totals(client: MlflowClient, parent_run_id: str, rows: list[Trial
 
 def summary(outcome: SweepOutcome) -> str:
     lines = [format_table(outcome.table)]
-    failed = [r for r in outcome.rows if r.state == "FAILED"]
-    stopped = [r for r in outcome.rows if r.state == "PRUNED"]
+    outcomes = list(trial_outcomes(outcome.rows).values())
+    failed, stopped = outcomes.count("FAILED"), outcomes.count("PRUNED")
     lines.append(f"hypervolume {outcome.table['hypervolume_normalised']:.4f} of the reference-to-ideal box "
                  f"({outcome.table['hypervolume']:.6g} in the objectives' units) · frontier "
                  f"{sum(r['on_frontier'] for r in outcome.table['rows'])} of {outcome.table['n_eligible']} eligible"
-                 f" · {len(failed)} failed · {len(stopped)} stopped")
+                 f" · {failed} failed · {stopped} stopped")
     lines.append(f"sweep {outcome.sweep_name}: parent run {outcome.parent_run_id} (experiment {outcome.experiment_id}) at {outcome.tracking_uri}")
     lines.append(f"MLflow UI: {outcome.ui}")
     lines.append(f"frontier runs in the UI: filter  tags.`{Tag.ON_FRONTIER}` = 'true'")
-    return "\n".join(lines)
+    return credentials.scrub("\n".join(lines))
 

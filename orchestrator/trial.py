@@ -4,16 +4,19 @@ Every trial reports to Tune each epoch (`stage`, `epoch`, the stage's per-epoch 
 `schema.epoch_metric`) and once at the end with its `schema.TrialResult` (the registry's metrics,
 feasibility, constraint values) that the Optuna searcher tells the study. A trial that raises or
 diverges ends its MLflow run as FAILED with the error recorded on the run (tag `pxd.error`, artifact
-`error.txt`) and re-raises, so Tune and Optuna record a failure and the trial never enters the frontier.
+`error.txt`) and never enters the frontier. An error that would repeat (`orchestrator.attempts`) ends the
+trial with a final report carrying it, so Tune does not retry it and the searcher tells FAIL; any other
+error is re-raised, and Tune runs the trial again up to `search.max_retries` times.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import socket
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import schema
@@ -46,13 +49,13 @@ class TrialContext:
 
     spec: SweepSpec
     sweep_name: str
-    tracking_uri: str
+    tracking_uri: str = field(repr=False)  # may hold credentials (`orchestrator.credentials`)
     experiment_id: str
     parent_run_id: str
     reuse_stages: bool = True
     force_retrain: bool = False
     stage_wait_timeout_s: float = 3600.0
-    lease_url: str | None = None  # SQL database for single-flight stage leases
+    lease_url: str | None = field(default=None, repr=False)  # SQL database for single-flight stage leases
 
 
 def _trial_id() -> str | None:
@@ -70,13 +73,17 @@ def _trial_id() -> str | None:
     return None if trial_id is None else str(trial_id)
 
 
-def run_trial(params: dict[str, Any], context: TrialContext) -> schema.TrialResult:
-    """Run one trial; returns (and, inside Tune, reports) its final result."""
+def run_trial(params: dict[str, Any], context: TrialContext) -> schema.TrialResult | None:
+    """Run one trial; returns (and, inside Tune, reports) its final result. None: inside Tune, the trial
+    failed with an error that would repeat, recorded on its run and reported (`schema.failed_report`)."""
     from mlflow.tracking import MlflowClient
 
+    from orchestrator import credentials
     from orchestrator.spec import materialize
     from orchestrator.tracking import fluent_tracking_uri
 
+    for url in (context.tracking_uri, context.lease_url):
+        credentials.remember(url)  # error texts recorded on the run mask their passwords
     config = materialize(context.spec, params)
     client = MlflowClient(context.tracking_uri)
     # model logging uses MLflow's fluent API, whose URI is process-wide (it also sets MLFLOW_TRACKING_URI):
@@ -85,10 +92,12 @@ def run_trial(params: dict[str, Any], context: TrialContext) -> schema.TrialResu
         return _run(params, context, config, client)
 
 
-def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, client: MlflowClient) -> schema.TrialResult:
+def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, client: MlflowClient
+         ) -> schema.TrialResult | None:
     import mlflow
     from ray import tune
 
+    from orchestrator.attempts import will_repeat
     from orchestrator.spec import constraint_values, is_feasible
     from orchestrator.stage_store import make_provider
     from pxd.pipeline import LatencySettings, run_tas
@@ -97,7 +106,8 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
     in_tune = trial_id is not None
     trial_id = trial_id or "local"
     tags = schema.trial_start_tags(sweep=context.sweep_name, parent_run_id=context.parent_run_id, trial_id=trial_id,
-                                   params=params, hostname=socket.gethostname(), node_id=_node_id())
+                                   params=params, hostname=socket.gethostname(), node_id=_node_id(),
+                                   pid=os.getpid())
     run_name = f"{config.student.arch}@{config.student.resolution}-{trial_id}"
     with mlflow.start_run(experiment_id=context.experiment_id, run_name=run_name, tags=tags) as run:
         run_id = run.info.run_id
@@ -134,9 +144,13 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
             # failure; the driver records it when the sweep ends, as the Optuna study holds it (PRUNED)
             raise
         except BaseException as exc:
-            schema.log_trial_failure(client, run_id, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            error = f"{type(exc).__name__}: {exc}"
+            schema.log_trial_failure(client, run_id, error, traceback.format_exc())
             mlflow.end_run(status="FAILED")
-            raise
+            if not (in_tune and will_repeat(exc)):
+                raise
+            tune.report(schema.failed_report(run_id, error))  # finished, not errored: Tune does not retry it
+            return None
 
         reused = [o for o in outcome.stages.values() if o.reused]
         metrics = {

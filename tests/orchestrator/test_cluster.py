@@ -29,6 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,6 +193,7 @@ class Cluster:
     env: dict[str, str]
     workdir: Path
     processes: list[subprocess.Popen] = field(default_factory=list)
+    workers: list[subprocess.Popen] = field(default_factory=list)  # the worker nodes' `ray start` processes
 
 
 @pytest.fixture(scope="module")
@@ -220,10 +222,19 @@ def databases() -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="module")
 def cluster(databases) -> Iterator[Cluster]:
     """A Ray head + a Ray worker node + `mlflow server` on Postgres, each a real process we own."""
+    with running_cluster(databases) as result:
+        yield result
+
+
+@contextmanager
+def running_cluster(databases: dict[str, str], *, head_cpus: int = 1, worker_cpus: tuple[int, ...] = (1,),
+                    env_extra: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """A Ray head + worker nodes (`worker_cpus`: one per node) + `mlflow server` on Postgres, each a real
+    process we own, all stopped at the end."""
     ray_cli, mlflow_cli = _tool("ray"), _tool("mlflow")
     # Ray's unix sockets live under the temp dir and must stay under ~107 bytes: a short path
     workdir = Path(tempfile.mkdtemp(prefix="pxdcl-"))
-    env = _cluster_env(secrets.token_hex(32))
+    env = {**_cluster_env(secrets.token_hex(32)), **(env_extra or {})}
     ray_port, dashboard_port, mlflow_port = free_port(), free_port(), free_port()
     result = Cluster(
         ray_address=f"127.0.0.1:{ray_port}",
@@ -241,18 +252,22 @@ def cluster(databases) -> Iterator[Cluster]:
         result.processes.append(process)
         return process
 
-    ray_common = ["--num-cpus", "1", "--disable-usage-stats", "--temp-dir", str(workdir / "ray"), "--block"]
+    ray_common = ["--disable-usage-stats", "--temp-dir", str(workdir / "ray"), "--block"]
     try:
-        head_log, worker_log, mlflow_log = workdir / "ray-head.log", workdir / "ray-worker.log", workdir / "mlflow.log"
+        head_log, mlflow_log = workdir / "ray-head.log", workdir / "mlflow.log"
         # --dashboard-port: even without the dashboard UI the head binds it; the default 8265 may be taken
         head = start([*ray_cli, "start", "--head", "--port", str(ray_port), "--include-dashboard=false",
-                      "--dashboard-port", str(dashboard_port), *ray_common], head_log)
+                      "--dashboard-port", str(dashboard_port), "--num-cpus", str(head_cpus), *ray_common], head_log)
         server = start([*mlflow_cli, "server", "--backend-store-uri", _pg_url(databases["mlflow"]),
                         "--serve-artifacts", "--artifacts-destination", str(workdir / "artifacts"),
                         "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"], mlflow_log)
         _wait_for(lambda: _ray_started(head_log), head, "the Ray head", head_log)
-        worker = start([*ray_cli, "start", "--address", result.ray_address, *ray_common], worker_log)
-        _wait_for(lambda: _ray_started(worker_log), worker, "the Ray worker node", worker_log)
+        for index, cpus in enumerate(worker_cpus):
+            worker_log = workdir / f"ray-worker-{index}.log"
+            worker = start([*ray_cli, "start", "--address", result.ray_address, "--num-cpus", str(cpus), *ray_common],
+                           worker_log)
+            _wait_for(lambda log=worker_log: _ray_started(log), worker, f"Ray worker node {index}", worker_log)
+            result.workers.append(worker)
         _wait_for(lambda: _healthy(result.tracking_uri), server, "mlflow server", mlflow_log)
         yield result
     finally:

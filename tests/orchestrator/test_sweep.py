@@ -195,6 +195,8 @@ def test_failed_trials_are_recorded_and_never_enter_the_frontier(ray_local, mlfl
     failed = [r for r in children if r.data.tags["pxd.state"] == "FAILED"]
     complete = [r for r in children if r.data.tags["pxd.state"] == "COMPLETE"]
     assert len(failed) == 2 and len(complete) == 2
+    # a diverged loss would diverge again: one attempt per trial, although search.max_retries defaults to 2
+    assert len({r.data.tags["pxd.trial_id"] for r in children}) == len(children) == 4
     for run in failed:
         assert run.info.status == "FAILED"
         assert "diverged" in run.data.tags["pxd.error"]

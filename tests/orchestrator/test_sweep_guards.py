@@ -211,9 +211,26 @@ def _cli(tmp_path: Path, *args: str, env_extra: dict[str, str] | None = None) ->
 
 def test_an_unreachable_ray_address_fails_with_a_clear_error(mlflow_server, tmp_path):
     dead = f"127.0.0.1:{free_port()}"
-    done = _cli(tmp_path, "--ray-address", dead, "--tracking-uri", mlflow_server)
+    # a lease store every node could reach (never connected to: the address is checked first)
+    storage = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+    done = _cli(tmp_path, "--ray-address", dead, "--tracking-uri", mlflow_server, "--optuna-storage", storage)
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"--ray-address: cannot reach {dead}" in done.stderr
+
+
+@pytest.mark.parametrize("storage", [None, "sqlite:///optuna.db"])
+def test_a_cluster_sweep_without_a_lease_store_every_node_reaches_is_refused_before_launch(mlflow_server, tmp_path,
+                                                                                          storage):
+    """Stage leases live in the Optuna database; a SQLite file on the driver's disk is not shared by the
+    nodes, and single-flight would be lost. Nothing listens at the Ray address: the refusal comes first."""
+    root = tmp_path / "root"
+    options = SweepOptions(tracking_uri=mlflow_server, root=str(root), quiet=True, optuna_storage=storage,
+                           ray_address=f"127.0.0.1:{free_port()}")
+    with pytest.raises(ConfigError) as error:
+        run_sweep(_spec(), options)
+    assert error.value.field == "--optuna-storage"
+    assert "every node must reach" in error.value.message and "postgresql+psycopg2://" in error.value.message
+    assert not root.exists(), "nothing may be created or launched before the error"
 
 
 @pytest.mark.slow
