@@ -137,7 +137,8 @@ class SqlLeases:
         import sqlalchemy as sa
 
         with self._engine.begin() as conn:
-            conn.execute(sa.text(f"DELETE FROM {TABLE} WHERE key = :key AND owner = :owner"), {"key": key, "owner": owner})
+            conn.execute(sa.text(f"DELETE FROM {TABLE} WHERE key = :key AND owner = :owner"),
+                         {"key": key, "owner": owner})
 
     def holder(self, key: str) -> str | None:
         import sqlalchemy as sa

@@ -106,7 +106,8 @@ def with_retries(action: Callable[[], T], what: str) -> T:
         try:
             return action()
         except Exception as exc:  # noqa: BLE001 - logged, and the last try below raises
-            logger.warning("could not %s (attempt %d of %d, retrying in %.1fs): %s", what, attempt, attempts, delay, exc)
+            logger.warning("could not %s (attempt %d of %d, retrying in %.1fs): %s",
+                           what, attempt, attempts, delay, exc)
             time.sleep(delay)
             delay = min(delay * 2, 60.0)
     try:
@@ -164,7 +165,8 @@ class MlflowStageStore:
 
     def lookup(self, key: str) -> Run | None:
         """The newest usable (complete, FINISHED, not corrupt) run of the stage."""
-        return next(iter(self._runs(f"tags.`{Tag.STAGE_COMPLETE}` = 'true' and attributes.status = 'FINISHED'", key)), None)
+        usable = self._runs(f"tags.`{Tag.STAGE_COMPLETE}` = 'true' and attributes.status = 'FINISHED'", key)
+        return usable[0] if usable else None
 
     def _runs(self, condition: str, key: str) -> list[Run]:
         """The stage's runs that meet `condition` and are not marked corrupt, newest first."""
@@ -246,7 +248,8 @@ class MlflowStageStore:
     def create_run(self, kind: str, key: str, describe: dict[str, Any]) -> str:
         """A new, incomplete stage run (status RUNNING) with its describing params."""
         tags = {Tag.KIND: KIND_STAGE, Tag.STAGE: kind, Tag.STAGE_KEY: key, Tag.STAGE_COMPLETE: "false"}
-        run = self.client.create_run(self.experiment_id, run_name=f"{kind}-{key[:10]}", tags={**tags, **self.holder_tags()})
+        run = self.client.create_run(self.experiment_id, run_name=f"{kind}-{key[:10]}",
+                                     tags={**tags, **self.holder_tags()})
         for name, value in describe.items():
             self.client.log_param(run.info.run_id, name, value)
         return str(run.info.run_id)
@@ -271,7 +274,9 @@ class MlflowStageStore:
 
         with_retries(attempt, f"upload {artifact} to the stage run {run_id}")
 
-    def save(self, kind: str, key: str, describe: dict[str, Any], result: StageResult, run_id: str | None = None) -> str:
+    def save(
+        self, kind: str, key: str, describe: dict[str, Any], result: StageResult, run_id: str | None = None
+    ) -> str:
         """Store a finished stage in `run_id` (its incomplete run) or a new run; usable only once whole."""
         import torch
 
@@ -334,7 +339,9 @@ class MlflowStageStore:
             if found is not None:
                 return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
 
-    def _train(self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], StageResult]) -> tuple[StageResult, str]:
+    def _train(
+        self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], StageResult]
+    ) -> tuple[StageResult, str]:
         """Train the stage (holding its lease), resuming its newest incomplete run when there is one."""
         from pxd.pipeline import ResumableTraining
         from pxd.train import Checkpointing
@@ -351,7 +358,8 @@ class MlflowStageStore:
             logger.info("resuming the %s stage %s after epoch %d (run %s)", kind, key[:12], resume_from["epoch"],
                         incomplete.run_id)
         try:
-            result = train(Checkpointing(save=incomplete.save, resume_from=resume_from, interval_s=checkpoint_interval_s()))
+            result = train(Checkpointing(save=incomplete.save, resume_from=resume_from,
+                                         interval_s=checkpoint_interval_s()))
         except BaseException:
             if incomplete.run_id is not None:  # its last training state stays for the next lease holder
                 self.client.set_terminated(incomplete.run_id, status="FAILED")
@@ -417,7 +425,9 @@ def list_stages(tracking_uri: str) -> list[dict[str, Any]]:
     for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000):
         tags = run.data.tags
         usable = tags.get(Tag.STAGE_COMPLETE) == "true" and tags.get(Tag.STAGE_CORRUPT) != "true" and run.info.status == "FINISHED"
-        incomplete = tags.get(Tag.STAGE_COMPLETE) != "true" and Tag.STAGE_PARTIAL in tags
+        state = "ok" if usable else ("corrupt" if tags.get(Tag.STAGE_CORRUPT) == "true" else run.info.status.lower())
+        if state == run.info.status.lower() and tags.get(Tag.STAGE_COMPLETE) != "true" and Tag.STAGE_PARTIAL in tags:
+            state = f"incomplete (epoch {json.loads(tags[Tag.STAGE_PARTIAL])['epoch']})"
         rows.append({
             "key": tags.get(Tag.STAGE_KEY, ""),
             "stage": tags.get(Tag.STAGE, ""),
@@ -426,9 +436,7 @@ def list_stages(tracking_uri: str) -> list[dict[str, Any]]:
             "val_top1": run.data.metrics.get("val_top1", float("nan")),
             "train_seconds": run.data.metrics.get("train_seconds", float("nan")),
             "size_mb": run.data.metrics.get("checkpoint_bytes", 0.0) / 1e6,
-            "state": "ok" if usable else ("corrupt" if tags.get(Tag.STAGE_CORRUPT) == "true" else
-                                          f"incomplete (epoch {json.loads(tags[Tag.STAGE_PARTIAL])['epoch']})" if incomplete
-                                          else run.info.status.lower()),
+            "state": state,
             "run_id": run.info.run_id,
         })
     return rows

@@ -32,6 +32,7 @@ __all__ = [
     "EpochCallback",
     "Checkpointing",
     "DEFAULT_CHECKPOINT_INTERVAL_S",
+    "TRAINING_STATE_VERSION",
     "train_stage",
     "evaluate",
     "resolve_device",
@@ -313,11 +314,12 @@ def _rng_states(generator: torch.Generator, device: torch.device) -> dict[str, A
     and other layers (torch's global CPU and CUDA streams), and numpy's and Python's global streams.
     Plain types and tensors only, so the state loads with `torch.load(weights_only=True)`."""
     numpy_state = np.random.get_state(legacy=False)
+    numpy_key = numpy_state["state"]["key"].tolist()
     return {
         "data": generator.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": {**numpy_state, "state": {"key": numpy_state["state"]["key"].tolist(), "pos": numpy_state["state"]["pos"]}},
+        "numpy": {**numpy_state, "state": {"key": numpy_key, "pos": numpy_state["state"]["pos"]}},
         "python": random.getstate(),
     }
 

@@ -37,13 +37,17 @@ def _store(uri: str) -> MlflowStageStore:
     return MlflowStageStore(uri, leases=LocalLeases(), poll_s=0.1, wait_timeout_s=30)
 
 
+def _unused_seed() -> int:
+    """A seed no other test of the session used, so its stage keys are new to the shared server."""
+    return 1000 + uuid.uuid4().int % 10**6
+
+
 def _without_timing(history: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: v for k, v in record.items() if k != "epoch_seconds"} for record in history]
 
 
 def test_an_interrupted_stage_resumes_from_its_last_epoch_with_the_same_result(mlflow_server, tiny_raw):
-    tiny_raw["seed"] = 7  # keys of their own: no stage of another test is reused
-    tiny_raw["name"] = f"resume-{uuid.uuid4().hex[:6]}"
+    tiny_raw["seed"] = _unused_seed()
     tiny_raw["teacher"]["epochs"] = 3
     tiny_raw["assistant"]["enabled"] = False
     cfg = PipelineConfig.from_dict(tiny_raw)
@@ -164,7 +168,7 @@ def test_only_a_missing_or_tampered_checkpoint_marks_the_stage_corrupt(mlflow_se
 
 
 def test_a_tampered_training_state_is_marked_corrupt_and_the_stage_starts_over(mlflow_server, results_root, tiny_raw):
-    tiny_raw["seed"] = 11
+    tiny_raw["seed"] = _unused_seed()
     tiny_raw["teacher"]["epochs"] = 2
     tiny_raw["assistant"]["enabled"] = False
     cfg = PipelineConfig.from_dict(tiny_raw)

@@ -42,6 +42,10 @@ def _scramble_global_rngs() -> None:
     random.seed(12345)
 
 
+def _saving_every_epoch(saved: list[dict]) -> Checkpointing:
+    return Checkpointing(save=lambda state: saved.append(_roundtrip(state)), interval_s=0)
+
+
 def _without_timing(history: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: v for k, v in record.items() if k != "epoch_seconds"} for record in history]
 
@@ -83,8 +87,7 @@ def test_a_resumed_stage_equals_an_uninterrupted_one(tiny_raw, kind):
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        _train(cfg, data, teacher, kind, Checkpointing(save=lambda state: saved.append(_roundtrip(state)), interval_s=0),
-               on_epoch=stop_after_epoch_2)
+        _train(cfg, data, teacher, kind, _saving_every_epoch(saved), on_epoch=stop_after_epoch_2)
     assert [state["epoch"] for state in saved] == [1, 2]
 
     _scramble_global_rngs()
@@ -103,19 +106,19 @@ def test_a_resumed_stage_equals_an_uninterrupted_one(tiny_raw, kind):
 
 def test_checkpoints_follow_the_interval_and_never_the_last_epoch(tiny_raw):
     cfg, data, teacher = _setup(tiny_raw, "teacher")
-    every_epoch: list[int] = []
-    _train(cfg, data, teacher, "teacher", Checkpointing(save=lambda state: every_epoch.append(state["epoch"]), interval_s=0))
-    assert every_epoch == [1, 2, 3]  # the finished stage is the provider's to store, not a checkpoint
+    every_epoch: list[dict] = []
+    _train(cfg, data, teacher, "teacher", _saving_every_epoch(every_epoch))
+    assert [state["epoch"] for state in every_epoch] == [1, 2, 3]  # the finished stage is the provider's to store
 
     hour: list[int] = []
-    _train(cfg, data, teacher, "teacher", Checkpointing(save=lambda state: hour.append(state["epoch"]), interval_s=3600))
+    _train(cfg, data, teacher, "teacher", Checkpointing(save=hour.append, interval_s=3600))
     assert hour == []
 
 
 def test_a_state_of_another_stage_is_refused(tiny_raw):
     cfg, data, teacher = _setup(tiny_raw, "teacher")
     saved: list[dict] = []
-    _train(cfg, data, teacher, "teacher", Checkpointing(save=lambda state: saved.append(_roundtrip(state)), interval_s=0))
+    _train(cfg, data, teacher, "teacher", _saving_every_epoch(saved))
     with pytest.raises(ValueError, match="cannot resume the student stage"):
         _train(*_setup(tiny_raw, "student"), "student", Checkpointing(resume_from=saved[0]))
 
@@ -158,4 +161,5 @@ def test_the_pipeline_resumes_each_stage_through_its_provider(tiny_raw):
     for name, tensor in uninterrupted.student.state_dict().items():
         assert torch.equal(tensor, resumed.student.state_dict()[name]), name
     for kind in ("teacher", "assistant", "student"):
-        assert _without_timing(resumed.stages[kind].result.history) == _without_timing(uninterrupted.stages[kind].result.history)
+        expected = _without_timing(uninterrupted.stages[kind].result.history)
+        assert _without_timing(resumed.stages[kind].result.history) == expected, kind
