@@ -91,6 +91,9 @@ class Tag:
     STAGE_CORRUPT = "pxd.stage_corrupt"
     STAGE_CORRUPT_REASON = "pxd.stage_corrupt_reason"
     CHECKPOINT_SHA256 = "pxd.checkpoint_sha256"
+    # JSON {epoch, artifact, sha256, layout}: the last training state of a stage still training (incomplete)
+    STAGE_PARTIAL = "pxd.stage_partial"
+    STAGE_RESUMED_FROM = "pxd.stage_resumed_from"  # the epoch the last lease holder resumed after
     TRAINED_BY = "pxd.trained_by"  # host:pid:nonce of the process that trained it
     TRAINED_FOR_RUN = "pxd.trained_for_run"  # the trial run that trained it
 

@@ -3,15 +3,20 @@
 A finished stage is an MLflow run in the experiment `pxd-stages`, tagged with its `pxd.stage_key`, its
 checkpoint an artifact (`stage/checkpoint.pt`) whose sha256 is recorded in a tag. The run is marked
 usable (`pxd.stage_complete = true`, status FINISHED) only after the artifact is uploaded, and a load
-verifies the hash, so a half-written or corrupt stage is never used: it is tagged `pxd.stage_corrupt`
-and trained again.
+verifies the hash, so a half-written or corrupt stage is never used: a hash mismatch or a missing
+artifact tags it `pxd.stage_corrupt` and it is trained again. Any other failure to read it (a timeout,
+a full temp disk, the artifact store down) is retried with backoff, then fails the trial and leaves the
+stage untouched (`StageUnavailable`).
 
-Single-flight: before training a missing stage a trial takes a lease on its key in a SQL lease table
-(`SqlLeases`: a SQLite file under the results root by default; on a cluster the sweep's Postgres,
-which every node reaches). The holder renews the lease
-while it trains; the others poll the store. If the holder dies, its lease expires after
-`PXD_STAGE_LEASE_TTL_S` seconds (default 60) and the next waiter takes over. Waiting is bounded by the
-space's `search.stage_wait_timeout_s`, after which the trial fails with a clear error.
+A stage still training saves its training state at epoch boundaries, every
+`PXD_STAGE_CHECKPOINT_INTERVAL_S` seconds (default 300), into its run as an incomplete stage
+(`pxd.stage_partial`); the next holder of the stage's lease resumes from it.
+
+Single-flight: before training a missing stage a trial takes a lease on its key
+(`orchestrator.stage_leases`). The holder renews the lease while it trains; the others poll the store.
+If the holder dies, its lease expires after `PXD_STAGE_LEASE_TTL_S` seconds (default 60) and the next
+waiter takes over. Waiting is bounded by the space's `search.stage_wait_timeout_s`, after which the
+trial fails with a clear error.
 
 While it waits a trial sleeps: it has created its models on the CPU only and put nothing on the GPU,
 but Tune still holds the trial's resource reservation. To keep that window short, `pxd sweep` trains
@@ -22,16 +27,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import logging
 import os
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from orchestrator.schema import EXPERIMENT_KIND, KIND_STAGE, STAGE_CHECKPOINT, STAGES_EXPERIMENT, Tag, epoch_metric
+from orchestrator.stage_leases import Heartbeat, Leases, LocalLeases, SqlLeases, lease_ttl_s
 from pxd.errors import PxdError
 
 if TYPE_CHECKING:
@@ -45,6 +52,7 @@ __all__ = [
     "STAGES_EXPERIMENT",
     "CHECKPOINT",
     "StageWaitTimeout",
+    "StageUnavailable",
     "MlflowStageStore",
     "LocalLeases",
     "SqlLeases",
@@ -53,123 +61,63 @@ __all__ = [
 ]
 
 CHECKPOINT = STAGE_CHECKPOINT
+# An incomplete stage's training state alternates between two artifacts, so the one its tag names is
+# always whole, even if the trainer dies while uploading the other.
+PARTIAL_DIR = "stage/partial"
+PARTIAL_SLOTS = ("state-a.pt", "state-b.pt")
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StageWaitTimeout(PxdError, RuntimeError):
     """A trial waited longer than search.stage_wait_timeout_s for a stage another trial trains."""
 
 
-def lease_ttl_s() -> float:
-    return float(os.environ.get("PXD_STAGE_LEASE_TTL_S", "60"))
+class StageUnavailable(PxdError, RuntimeError):
+    """A stored stage could not be read or written after every retry (network, artifact store, disk); the
+    stage itself was left as it is, so a later attempt can use it."""
 
 
-class LocalLeases:
-    """Leases within one process (tests, `pxd train`); same contract as `SqlLeases`."""
-
-    def __init__(self) -> None:
-        self._table: dict[str, tuple[str, float]] = {}
-        self._lock = threading.Lock()
-
-    def acquire(self, key: str, owner: str, ttl_s: float) -> bool:
-        with self._lock:
-            holder = self._table.get(key)
-            now = time.monotonic()
-            if holder is None or holder[0] == owner or holder[1] < now:
-                self._table[key] = (owner, now + ttl_s)
-                return True
-            return False
-
-    renew = acquire
-
-    def release(self, key: str, owner: str) -> None:
-        with self._lock:
-            if self._table.get(key, ("",))[0] == owner:
-                del self._table[key]
-
-    def holder(self, key: str) -> str | None:
-        with self._lock:
-            holder = self._table.get(key)
-            return holder[0] if holder and holder[1] >= time.monotonic() else None
+def _env_float(name: str, default: float, minimum: float) -> float:
+    raw = os.environ.get(name)
+    try:
+        value = float(raw) if raw is not None else default
+    except ValueError:
+        value = float("nan")
+    if not value >= minimum:
+        raise ValueError(f"{name}={raw!r}: expected a number ≥ {minimum:g} (unset: {default:g})")
+    return value
 
 
-class SqlLeases:
-    """Leases in a SQL table every trial can reach: a SQLite file under the results root on one machine,
-    the sweep's Postgres on a cluster. Acquire is one atomic upsert, so exactly one owner wins.
+def checkpoint_interval_s() -> float:
+    """Seconds between training-state checkpoints of a stage (`PXD_STAGE_CHECKPOINT_INTERVAL_S`; 0: every epoch)."""
+    from pxd.train import DEFAULT_CHECKPOINT_INTERVAL_S
 
-    Expiry uses wall-clock time: nodes must keep their clocks in sync (NTP) to well within the TTL.
-    """
-
-    TABLE = "pxd_stage_leases"
-
-    def __init__(self, url: str) -> None:
-        import sqlalchemy as sa
-
-        connect_args = {"timeout": 60} if url.startswith("sqlite") else {}
-        self.url = url
-        self._engine = sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True)
-        with self._engine.begin() as conn:
-            conn.execute(sa.text(
-                f"CREATE TABLE IF NOT EXISTS {self.TABLE} (key VARCHAR(128) PRIMARY KEY, "
-                "owner VARCHAR(256) NOT NULL, expires_at DOUBLE PRECISION NOT NULL)"
-            ))
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"url": self.url}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["url"])
-
-    def acquire(self, key: str, owner: str, ttl_s: float) -> bool:
-        import sqlalchemy as sa
-
-        now = time.time()
-        with self._engine.begin() as conn:
-            conn.execute(sa.text(
-                f"INSERT INTO {self.TABLE} (key, owner, expires_at) VALUES (:key, :owner, :expires) "
-                f"ON CONFLICT (key) DO UPDATE SET owner = :owner, expires_at = :expires "
-                f"WHERE {self.TABLE}.owner = :owner OR {self.TABLE}.expires_at < :now"
-            ), {"key": key, "owner": owner, "expires": now + ttl_s, "now": now})
-            holder = conn.execute(sa.text(f"SELECT owner FROM {self.TABLE} WHERE key = :key"), {"key": key}).scalar()
-        return holder == owner
-
-    def renew(self, key: str, owner: str, ttl_s: float) -> bool:
-        return self.acquire(key, owner, ttl_s)
-
-    def release(self, key: str, owner: str) -> None:
-        import sqlalchemy as sa
-
-        with self._engine.begin() as conn:
-            conn.execute(sa.text(f"DELETE FROM {self.TABLE} WHERE key = :key AND owner = :owner"), {"key": key, "owner": owner})
-
-    def holder(self, key: str) -> str | None:
-        import sqlalchemy as sa
-
-        with self._engine.begin() as conn:
-            row = conn.execute(sa.text(f"SELECT owner, expires_at FROM {self.TABLE} WHERE key = :key"), {"key": key}).first()
-        return str(row[0]) if row and row[1] >= time.time() else None
+    return _env_float("PXD_STAGE_CHECKPOINT_INTERVAL_S", DEFAULT_CHECKPOINT_INTERVAL_S, 0.0)
 
 
-Leases = LocalLeases | SqlLeases  # one contract: acquire, renew, release, holder
-
-
-class _Heartbeat:
-    """Renews a lease in the background while the holder trains."""
-
-    def __init__(self, leases: Leases, key: str, owner: str, ttl_s: float) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(leases, key, owner, ttl_s), daemon=True)
-
-    def _run(self, leases: Leases, key: str, owner: str, ttl_s: float) -> None:
-        while not self._stop.wait(ttl_s / 3):
-            leases.renew(key, owner, ttl_s)
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+def with_retries(action: Callable[[], T], what: str) -> T:
+    """`action()`, retried with exponential backoff on any exception: `PXD_STAGE_IO_ATTEMPTS` tries (default 5),
+    waiting `PXD_STAGE_IO_BACKOFF_S` (default 2) seconds, doubled after each try, at most 60."""
+    attempts = int(_env_float("PXD_STAGE_IO_ATTEMPTS", 5, 1))
+    delay = _env_float("PXD_STAGE_IO_BACKOFF_S", 2.0, 0.0)
+    for attempt in range(1, attempts):
+        try:
+            return action()
+        except Exception as exc:  # noqa: BLE001 - logged, and the last try below raises
+            logger.warning("could not %s (attempt %d of %d, retrying in %.1fs): %s",
+                           what, attempt, attempts, delay, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 60.0)
+    try:
+        return action()
+    except Exception as exc:  # noqa: BLE001 - re-raised as the error the trial fails with
+        raise StageUnavailable(
+            f"could not {what} after {attempts} attempts: {type(exc).__name__}: {exc}; the stage was left as "
+            "it is: check the tracking server, its artifact store and the local temp disk, then retry "
+            "(PXD_STAGE_IO_ATTEMPTS / PXD_STAGE_IO_BACKOFF_S set the retries)"
+        ) from exc
 
 
 class MlflowStageStore:
@@ -216,36 +164,57 @@ class MlflowStageStore:
         return str(self._experiment_id)
 
     def lookup(self, key: str) -> Run | None:
+        """The newest usable (complete, FINISHED, not corrupt) run of the stage."""
+        usable = self._runs(f"tags.`{Tag.STAGE_COMPLETE}` = 'true' and attributes.status = 'FINISHED'", key)
+        return usable[0] if usable else None
+
+    def _runs(self, condition: str, key: str) -> list[Run]:
+        """The stage's runs that meet `condition` and are not marked corrupt, newest first."""
         runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=(f"tags.`{Tag.STAGE_KEY}` = '{key}' and tags.`{Tag.STAGE_COMPLETE}` = 'true' "
-                           "and attributes.status = 'FINISHED'"),
-            order_by=["attributes.start_time DESC"],
-            max_results=20,
+            [self.experiment_id], filter_string=f"tags.`{Tag.STAGE_KEY}` = '{key}' and {condition}",
+            order_by=["attributes.start_time DESC"], max_results=20,
         )
-        return next((r for r in runs if r.data.tags.get(Tag.STAGE_CORRUPT) != "true"), None)
+        return [r for r in runs if r.data.tags.get(Tag.STAGE_CORRUPT) != "true"]
 
     def load(self, run: Run) -> StageResult | None:
-        """The stage's result, or None (and the run tagged corrupt) when its checkpoint fails the hash."""
+        """The stage's result, or None (and the run tagged corrupt) when its checkpoint is missing or fails
+        the hash. Raises `StageUnavailable` when it cannot be read for any other reason."""
         import torch
 
         from pxd.train import StageResult
 
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                path = self.client.download_artifacts(run.info.run_id, CHECKPOINT, tmp)
-                payload = Path(path).read_bytes()
-            except Exception as exc:  # noqa: BLE001 - a missing artifact is a corrupt stage, recorded below
-                self.client.set_tag(run.info.run_id, Tag.STAGE_CORRUPT, "true")
-                self.client.set_tag(run.info.run_id, Tag.STAGE_CORRUPT_REASON, f"artifact unreadable: {exc}"[:500])
-                return None
-        if hashlib.sha256(payload).hexdigest() != run.data.tags.get(Tag.CHECKPOINT_SHA256):
-            self.client.set_tag(run.info.run_id, Tag.STAGE_CORRUPT, "true")
-            self.client.set_tag(run.info.run_id, Tag.STAGE_CORRUPT_REASON, "checkpoint sha256 mismatch")
+        payload = self._verified(run, CHECKPOINT, run.data.tags.get(Tag.CHECKPOINT_SHA256))
+        if payload is None:
             return None
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         metrics = {k: v for k, v in run.data.metrics.items()}
         return StageResult(kind=run.data.tags[Tag.STAGE], state_dict=state, metrics=metrics)
+
+    def _verified(self, run: Run, artifact: str, sha256: str | None) -> bytes | None:
+        """The artifact's bytes when they match `sha256`; None after tagging the run corrupt when the
+        artifact is missing or does not match, the only two failures that say the stage itself is bad."""
+        run_id = run.info.run_id
+        payload = with_retries(lambda: self._download(run_id, artifact),
+                               f"download {artifact} of the {run.data.tags.get(Tag.STAGE)} stage run {run_id}")
+        reason = None
+        if payload is None:
+            reason = f"artifact {artifact} is missing"
+        elif hashlib.sha256(payload).hexdigest() != sha256:
+            reason = f"{artifact} sha256 mismatch"
+        if reason is not None:
+            self.client.set_tag(run_id, Tag.STAGE_CORRUPT, "true")
+            self.client.set_tag(run_id, Tag.STAGE_CORRUPT_REASON, reason)
+            logger.warning("stage run %s is corrupt (%s); it will not be used again", run_id, reason)
+            return None
+        return payload
+
+    def _download(self, run_id: str, artifact: str) -> bytes | None:
+        """The artifact's bytes, or None when the run's artifact listing has no such file."""
+        folder, name = artifact.rsplit("/", 1)
+        if name not in {Path(entry.path).name for entry in self.client.list_artifacts(run_id, folder)}:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            return Path(self.client.download_artifacts(run_id, artifact, tmp)).read_bytes()
 
     def _find(self, key: str) -> tuple[StageResult, str] | None:
         while True:
@@ -256,24 +225,66 @@ class MlflowStageStore:
             if result is not None:
                 return result, run.info.run_id
 
+    def _find_incomplete(self, key: str) -> tuple[_IncompleteStage, dict[str, Any]] | None:
+        """The newest incomplete run of the stage with a whole training state of this pxd's layout, and
+        that state."""
+        import torch
+
+        from pxd.train import TRAINING_STATE_VERSION
+
+        for run in self._runs(f"tags.`{Tag.STAGE_COMPLETE}` = 'false'", key):
+            if Tag.STAGE_PARTIAL not in run.data.tags:
+                continue
+            partial = json.loads(run.data.tags[Tag.STAGE_PARTIAL])
+            if partial["layout"] != TRAINING_STATE_VERSION:
+                continue
+            payload = self._verified(run, partial["artifact"], partial["sha256"])
+            if payload is not None:
+                state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+                return _IncompleteStage(self, run.info.run_id, partial["artifact"]), state
+        return None
+
     # -- save ------------------------------------------------------------------------------------------
-    def save(self, kind: str, key: str, describe: dict[str, Any], result: StageResult) -> str:
+    def create_run(self, kind: str, key: str, describe: dict[str, Any]) -> str:
+        """A new, incomplete stage run (status RUNNING) with its describing params."""
+        tags = {Tag.KIND: KIND_STAGE, Tag.STAGE: kind, Tag.STAGE_KEY: key, Tag.STAGE_COMPLETE: "false"}
+        run = self.client.create_run(self.experiment_id, run_name=f"{kind}-{key[:10]}",
+                                     tags={**tags, **self.holder_tags()})
+        for name, value in describe.items():
+            self.client.log_param(run.info.run_id, name, value)
+        return str(run.info.run_id)
+
+    def holder_tags(self) -> dict[str, str]:
+        """Who trains the stage now: this process, and the sweep and trial run it trains for."""
+        tags = {Tag.TRAINED_BY: self.owner}
+        if self.sweep_name:
+            tags[Tag.SWEEP] = self.sweep_name
+        if self.trial_run_id:
+            tags[Tag.TRAINED_FOR_RUN] = self.trial_run_id
+        return tags
+
+    def upload(self, run_id: str, artifact: str, payload: bytes) -> None:
+        folder, name = artifact.rsplit("/", 1)
+
+        def attempt() -> None:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / name
+                path.write_bytes(payload)
+                self.client.log_artifact(run_id, str(path), folder)
+
+        with_retries(attempt, f"upload {artifact} to the stage run {run_id}")
+
+    def save(
+        self, kind: str, key: str, describe: dict[str, Any], result: StageResult, run_id: str | None = None
+    ) -> str:
+        """Store a finished stage in `run_id` (its incomplete run) or a new run; usable only once whole."""
         import torch
 
         buffer = io.BytesIO()
         torch.save(result.state_dict, buffer)
         payload = buffer.getvalue()
-        tags = {Tag.KIND: KIND_STAGE, Tag.STAGE: kind, Tag.STAGE_KEY: key, Tag.STAGE_COMPLETE: "false",
-                Tag.TRAINED_BY: self.owner}
-        if self.sweep_name:
-            tags[Tag.SWEEP] = self.sweep_name
-        if self.trial_run_id:
-            tags[Tag.TRAINED_FOR_RUN] = self.trial_run_id
-        run = self.client.create_run(self.experiment_id, run_name=f"{kind}-{key[:10]}", tags=tags)
-        run_id = run.info.run_id
+        run_id = run_id or self.create_run(kind, key, describe)
         try:
-            for name, value in describe.items():
-                self.client.log_param(run_id, name, value)
             for name, value in result.metrics.items():
                 self.client.log_metric(run_id, name, float(value))
             for record in result.history:
@@ -282,10 +293,7 @@ class MlflowStageStore:
                     if name != "epoch":
                         self.client.log_metric(run_id, epoch_metric(kind, name), float(value), step=step)
             self.client.log_metric(run_id, "checkpoint_bytes", float(len(payload)))
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "checkpoint.pt"
-                path.write_bytes(payload)
-                self.client.log_artifact(run_id, str(path), "stage")
+            self.upload(run_id, CHECKPOINT, payload)
             # usable only from here on: the artifact is complete and its hash recorded
             self.client.set_tag(run_id, Tag.CHECKPOINT_SHA256, hashlib.sha256(payload).hexdigest())
             self.client.set_tag(run_id, Tag.STAGE_COMPLETE, "true")
@@ -315,9 +323,8 @@ class MlflowStageStore:
                     found = self._find(key)  # finished while we polled
                     if found is not None:
                         return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
-                    with _Heartbeat(self.leases, key, self.owner, ttl):
-                        result = train()
-                        run_id = self.save(kind, key, describe, result)
+                    with Heartbeat(self.leases, key, self.owner, ttl):
+                        result, run_id = self._train(kind, key, describe, train)
                     return StageOutcome(result=result, key=key, reused=False, ref=run_id)
                 finally:
                     self.leases.release(key, self.owner)
@@ -331,6 +338,66 @@ class MlflowStageStore:
             found = self._find(key)
             if found is not None:
                 return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
+
+    def _train(
+        self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], StageResult]
+    ) -> tuple[StageResult, str]:
+        """Train the stage (holding its lease), resuming its newest incomplete run when there is one."""
+        from pxd.pipeline import ResumableTraining
+        from pxd.train import Checkpointing
+
+        if not isinstance(train, ResumableTraining):
+            result = train()
+            return result, self.save(kind, key, describe, result)
+        found = self._find_incomplete(key)
+        incomplete, resume_from = found if found is not None else (_IncompleteStage(self, None, None), None)
+        if resume_from is None:
+            incomplete.create_with = lambda: self.create_run(kind, key, describe)
+        else:
+            incomplete.take_over(resume_from["epoch"])
+            logger.info("resuming the %s stage %s after epoch %d (run %s)", kind, key[:12], resume_from["epoch"],
+                        incomplete.run_id)
+        try:
+            result = train(Checkpointing(save=incomplete.save, resume_from=resume_from,
+                                         interval_s=checkpoint_interval_s()))
+        except BaseException:
+            if incomplete.run_id is not None:  # its last training state stays for the next lease holder
+                self.client.set_terminated(incomplete.run_id, status="FAILED")
+            raise
+        return result, self.save(kind, key, describe, result, run_id=incomplete.run_id)
+
+
+class _IncompleteStage:
+    """A stage run still training, where its training state goes at each checkpoint; a new stage's run is
+    created (`create_with`) at its first checkpoint, so a short stage leaves no incomplete run behind."""
+
+    def __init__(self, store: MlflowStageStore, run_id: str | None, artifact: str | None) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.artifact = artifact  # the slot its tag names
+        self.create_with: Callable[[], str] | None = None
+
+    def take_over(self, epoch: int) -> None:
+        """The current lease holder continues this run after `epoch`."""
+        self.store.client.update_run(self.run_id, status="RUNNING")
+        for name, value in {**self.store.holder_tags(), Tag.STAGE_RESUMED_FROM: str(epoch)}.items():
+            self.store.client.set_tag(self.run_id, name, value)
+
+    def save(self, state: dict[str, Any]) -> None:
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        payload = buffer.getvalue()
+        if self.run_id is None:
+            self.run_id = self.create_with()
+        # the slot the tag does not name, so the named one stays whole until the tag moves
+        artifact = next(f"{PARTIAL_DIR}/{slot}" for slot in PARTIAL_SLOTS if f"{PARTIAL_DIR}/{slot}" != self.artifact)
+        self.store.upload(self.run_id, artifact, payload)
+        partial = {"epoch": state["epoch"], "artifact": artifact, "sha256": hashlib.sha256(payload).hexdigest(),
+                   "layout": state["version"]}
+        self.store.client.set_tag(self.run_id, Tag.STAGE_PARTIAL, json.dumps(partial))
+        self.artifact = artifact
 
 
 def make_provider(context: TrialContext, parent_run_id: str | None = None) -> MlflowStageStore:
@@ -358,6 +425,9 @@ def list_stages(tracking_uri: str) -> list[dict[str, Any]]:
     for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000):
         tags = run.data.tags
         usable = tags.get(Tag.STAGE_COMPLETE) == "true" and tags.get(Tag.STAGE_CORRUPT) != "true" and run.info.status == "FINISHED"
+        state = "ok" if usable else ("corrupt" if tags.get(Tag.STAGE_CORRUPT) == "true" else run.info.status.lower())
+        if state == run.info.status.lower() and tags.get(Tag.STAGE_COMPLETE) != "true" and Tag.STAGE_PARTIAL in tags:
+            state = f"incomplete (epoch {json.loads(tags[Tag.STAGE_PARTIAL])['epoch']})"
         rows.append({
             "key": tags.get(Tag.STAGE_KEY, ""),
             "stage": tags.get(Tag.STAGE, ""),
@@ -366,7 +436,7 @@ def list_stages(tracking_uri: str) -> list[dict[str, Any]]:
             "val_top1": run.data.metrics.get("val_top1", float("nan")),
             "train_seconds": run.data.metrics.get("train_seconds", float("nan")),
             "size_mb": run.data.metrics.get("checkpoint_bytes", 0.0) / 1e6,
-            "state": "ok" if usable else ("corrupt" if tags.get(Tag.STAGE_CORRUPT) == "true" else run.info.status.lower()),
+            "state": state,
             "run_id": run.info.run_id,
         })
     return rows

@@ -31,7 +31,7 @@ from pxd.data import load_dataset
 from pxd.losses import stage_loss_weights
 from pxd.metrics import metrics_before_training, metrics_from_cost
 from pxd.models import create_model
-from pxd.train import EpochCallback, StageResult, autocast_dtype, evaluate, resolve_device, train_stage
+from pxd.train import Checkpointing, EpochCallback, StageResult, autocast_dtype, evaluate, resolve_device, train_stage
 from pxd.types import DatasetSplits
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ __all__ = [
     "STAGE_KEY_VERSION",
     "ASSISTANT_GAP_WARNING",
     "StageProvider",
+    "ResumableTraining",
     "TrainingProvider",
     "StageOutcome",
     "PipelineResult",
@@ -66,14 +67,32 @@ class StageOutcome:
     ref: str | None = None  # where the provider keeps it (e.g. an MLflow run id)
 
 
+@dataclass(frozen=True)
+class ResumableTraining:
+    """A stage's training that can save its progress and resume from it.
+
+    Called with no argument it trains from epoch 0 without checkpoints, like any `train` callable; a
+    provider that keeps incomplete stages passes a `pxd.train.Checkpointing` instead.
+    """
+
+    run: Callable[[Checkpointing | None], StageResult]
+
+    def __call__(self, checkpointing: Checkpointing | None = None) -> StageResult:
+        return self.run(checkpointing)
+
+
 class StageProvider(Protocol):
-    """Gets a stage by key, training it with `train` only when it is not already available."""
+    """Gets a stage by key, training it with `train` only when it is not already available.
+
+    `train` is a zero-argument callable, or a `ResumableTraining` the provider may call with a
+    `Checkpointing` (the pipeline always passes one).
+    """
 
     def get_or_train(self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], StageResult]) -> StageOutcome: ...
 
 
 class TrainingProvider:
-    """The default provider: always trains (no cache)."""
+    """The default provider: always trains (no cache, no checkpoints)."""
 
     def get_or_train(self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], StageResult]) -> StageOutcome:
         return StageOutcome(result=train(), key=key, reused=False)
@@ -207,8 +226,9 @@ def run_tas(
         assistant = _new_model(dataclasses.replace(cfg.student, resolution=high), num_classes, "student", cfg.seed)
         outcomes["assistant"] = provider.get_or_train(
             "assistant", keys["assistant"], _describe(cfg, "assistant"),
-            lambda: train_stage("assistant", assistant, resolution=high, teacher=teacher, distill=cfg.assistant_distill,
-                                epochs=cfg.assistant_epochs, **{**common, "train": cfg.assistant_train}),
+            ResumableTraining(lambda checkpointing: train_stage(
+                "assistant", assistant, resolution=high, teacher=teacher, distill=cfg.assistant_distill,
+                epochs=cfg.assistant_epochs, checkpointing=checkpointing, **{**common, "train": cfg.assistant_train})),
         )
         assistant.load_state_dict(outcomes["assistant"].result.state_dict)
         upstream = assistant
@@ -219,8 +239,9 @@ def run_tas(
         init_from(upstream.state_dict(), student)
     outcomes["student"] = provider.get_or_train(
         "student", keys["student"], _describe(cfg, "student"),
-        lambda: train_stage("student", student, resolution=cfg.student.resolution, teacher=upstream,
-                            distill=cfg.distill, epochs=cfg.student_epochs, **common),
+        ResumableTraining(lambda checkpointing: train_stage(
+            "student", student, resolution=cfg.student.resolution, teacher=upstream, distill=cfg.distill,
+            epochs=cfg.student_epochs, checkpointing=checkpointing, **common)),
     )
     student.load_state_dict(outcomes["student"].result.state_dict)
 
@@ -278,17 +299,17 @@ def _teacher_stage(
     high = cfg.teacher.resolution
     teacher = _new_model(cfg.teacher, data.num_classes, "teacher", cfg.seed)
 
-    def train_teacher() -> StageResult:
+    def train_teacher(checkpointing: Checkpointing | None) -> StageResult:
         if cfg.teacher.epochs == 0:  # a loaded checkpoint / pretrained teacher, used as is
             top1 = evaluate(teacher.to(device), data.val, resolution=high, image_resolution=high,
                             eval_crop=data.eval_crop, batch_size=cfg.teacher_train.batch_size, device=device)
             state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
             return StageResult("teacher", state, {"val_top1": top1, "epochs": 0.0, "train_seconds": 0.0})
         # the teacher trains with its own optimiser settings (`teacher.train` over `train`)
-        return train_stage("teacher", teacher, resolution=high, teacher=None, distill=None,
-                           epochs=cfg.teacher.epochs, **{**common, "train": cfg.teacher_train})
+        return train_stage("teacher", teacher, resolution=high, teacher=None, distill=None, epochs=cfg.teacher.epochs,
+                           checkpointing=checkpointing, **{**common, "train": cfg.teacher_train})
 
-    outcome = provider.get_or_train("teacher", key, _describe(cfg, "teacher"), train_teacher)
+    outcome = provider.get_or_train("teacher", key, _describe(cfg, "teacher"), ResumableTraining(train_teacher))
     teacher.load_state_dict(outcome.result.state_dict)
     return teacher, outcome
 

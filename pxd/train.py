@@ -9,12 +9,14 @@ teacher-resolution view; the model being trained sees the same crop at its own r
 from __future__ import annotations
 
 import math
+import random
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,10 +27,40 @@ from pxd.losses import Distiller
 from pxd.models import forward_taps, tap_info
 from pxd.types import DatasetSplits, ImageSet
 
-__all__ = ["StageResult", "EpochCallback", "train_stage", "evaluate", "resolve_device", "autocast_dtype"]
+__all__ = [
+    "StageResult",
+    "EpochCallback",
+    "Checkpointing",
+    "DEFAULT_CHECKPOINT_INTERVAL_S",
+    "TRAINING_STATE_VERSION",
+    "train_stage",
+    "evaluate",
+    "resolve_device",
+    "autocast_dtype",
+]
 
 # on_epoch(stage kind, epoch number from 1, metrics of that epoch)
 EpochCallback = Callable[[str, int, dict[str, float]], None]
+
+DEFAULT_CHECKPOINT_INTERVAL_S = 300.0
+# Bump when the layout of a training state (`Checkpointing.save`'s argument) changes: older ones are not resumed.
+TRAINING_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """How a stage saves its progress and resumes from it; the store behind `save` is the caller's.
+
+    `save(state)` is called at an epoch boundary once `interval_s` seconds have passed since the stage
+    started or last saved (0: every epoch), never after the last epoch; `state` holds live tensors, so
+    `save` must serialise it before it returns. `resume_from` is such a state: training continues after
+    its epoch and ends with the same weights and history as an uninterrupted run with the same seed;
+    resuming consumes it (the optimiser takes over its tensors), so load a fresh one for each resume.
+    """
+
+    save: Callable[[dict[str, Any]], None] | None = None
+    resume_from: dict[str, Any] | None = None
+    interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S
 
 
 @dataclass
@@ -124,12 +156,16 @@ def train_stage(
     device: torch.device,
     on_epoch: EpochCallback | None = None,
     progress: bool | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> StageResult:
     """Train `model` at `resolution` for `epochs`, distilling from `teacher` when given.
 
     `image_resolution` is the teacher-side view (the highest resolution in the chain); the teacher, when
     given, sees that view and `model` sees the same crop resized to `resolution`. Returns the weights of
     the epoch with the best `val_top1` on the validation split (never a test split).
+
+    With `checkpointing`, the stage saves its whole training state at epoch boundaries and/or resumes
+    from one (see `Checkpointing`); on_epoch is called for the epochs trained here only.
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -151,11 +187,25 @@ def train_stage(
     scheduler = _cosine_with_warmup(optimizer, steps_per_epoch * epochs)
     amp = autocast_dtype(device)
 
-    bar = _progress_bar(kind, steps_per_epoch * epochs, progress)
+    checkpointing = checkpointing or Checkpointing()
     best_top1, best_epoch, best_state = -1.0, 0, None
     history: list[dict[str, float]] = []
-    started = time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    first_epoch, seconds_before = 1, 0.0
+    if checkpointing.resume_from is not None:
+        state = checkpointing.resume_from
+        _check_resumable(kind, state, epochs)
+        model.load_state_dict(state["model"])
+        distiller.load_state_dict(state["distiller"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_states(state["rng"], generator, device)
+        best_top1, best_epoch, best_state = state["best_top1"], state["best_epoch"], state["best_state"]
+        history = [dict(record) for record in state["history"]]
+        first_epoch, seconds_before = state["epoch"] + 1, state["train_seconds"]
+
+    bar = _progress_bar(kind, steps_per_epoch * epochs, progress, done=steps_per_epoch * (first_epoch - 1))
+    started = last_saved = time.perf_counter()
+    for epoch in range(first_epoch, epochs + 1):
         model.train()
         distiller.train()
         epoch_start = time.perf_counter()
@@ -196,6 +246,17 @@ def train_stage(
         if val_top1 > best_top1:
             best_top1, best_epoch = val_top1, epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        due = time.perf_counter() - last_saved >= checkpointing.interval_s
+        if checkpointing.save is not None and epoch < epochs and due:
+            checkpointing.save({
+                "version": TRAINING_STATE_VERSION, "kind": kind, "epoch": epoch, "epochs": epochs,
+                "model": model.state_dict(), "distiller": distiller.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_states(generator, device),
+                "best_top1": best_top1, "best_epoch": best_epoch, "best_state": best_state,
+                "history": history, "train_seconds": seconds_before + time.perf_counter() - started,
+            })
+            last_saved = time.perf_counter()
         if on_epoch is not None:
             on_epoch(kind, epoch, dict(record))
     if bar is not None:
@@ -205,7 +266,7 @@ def train_stage(
         "val_top1": best_top1,
         "best_epoch": float(best_epoch),
         "epochs": float(epochs),
-        "train_seconds": time.perf_counter() - started,
+        "train_seconds": seconds_before + time.perf_counter() - started,
     }
     return StageResult(kind=kind, state_dict=best_state, metrics=metrics, history=history,
                        warnings=list(distiller.warnings))
@@ -238,11 +299,49 @@ def _check_finite(kind: str, epoch: int, step: int, losses: dict[str, torch.Tens
             )
 
 
-def _progress_bar(kind: str, total: int, progress: bool | None) -> Any:
+def _progress_bar(kind: str, total: int, progress: bool | None, done: int = 0) -> Any:
     if progress is None:
         progress = sys.stderr.isatty()
     if not progress:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=f"{kind:>9}", unit="step", leave=True, dynamic_ncols=True)
+    return tqdm(total=total, initial=done, desc=f"{kind:>9}", unit="step", leave=True, dynamic_ncols=True)
+
+
+def _rng_states(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Every random stream training draws from: the data order and augmentation (`generator`), dropout
+    and other layers (torch's global CPU and CUDA streams), and numpy's and Python's global streams.
+    Plain types and tensors only, so the state loads with `torch.load(weights_only=True)`."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_key = numpy_state["state"]["key"].tolist()
+    return {
+        "data": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": {**numpy_state, "state": {"key": numpy_key, "pos": numpy_state["state"]["pos"]}},
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_states(states: dict[str, Any], generator: torch.Generator, device: torch.device) -> None:
+    generator.set_state(states["data"])
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and states["cuda"] is not None:
+        torch.cuda.set_rng_state(states["cuda"], device)
+    numpy_state = states["numpy"]
+    np.random.set_state({**numpy_state, "state": {"key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32),
+                                                 "pos": numpy_state["state"]["pos"]}})
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _check_resumable(kind: str, state: dict[str, Any], epochs: int) -> None:
+    """A saved state must come from this stage's own training (the store finds it by stage key)."""
+    if state.get("version") != TRAINING_STATE_VERSION or state.get("kind") != kind or state.get("epochs") != epochs:
+        raise ValueError(
+            f"cannot resume the {kind} stage ({epochs} epochs) from a training state of a "
+            f"{state.get('kind')} stage ({state.get('epochs')} epochs, layout version {state.get('version')})"
+        )
+    if not 1 <= state["epoch"] < epochs:
+        raise ValueError(f"cannot resume the {kind} stage after epoch {state['epoch']} of {epochs}")

@@ -27,7 +27,7 @@ and treated as a constant.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -199,3 +199,13 @@ class AdversarialTerm(nn.Module):
         loss.backward()
         self._optimizer.step()
         return float(loss.detach())
+
+    # The discriminator's optimiser state travels with the term's state_dict, so a stage resumed from a
+    # checkpoint (`pxd.train.Checkpointing`) continues exactly where it stopped.
+    def get_extra_state(self) -> dict[str, Any]:
+        return self._optimizer.state_dict() if self._optimizer is not None else {}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state:
+            self._optimizer = torch.optim.Adam(self.critic_parameters(), **CRITIC_OPTIMIZER)
+            self._optimizer.load_state_dict(state)
