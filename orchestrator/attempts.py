@@ -34,8 +34,9 @@ WILL_REPEAT: tuple[type[BaseException], ...] = (PxdError,)
 
 
 def will_repeat(exc: BaseException) -> bool:
-    """Whether running the trial again would fail the same way (then it is not retried)."""
-    return isinstance(exc, WILL_REPEAT)
+    """Whether running the trial again would fail the same way (then it is not retried). A pxd error that
+    says it is `transient` (a stage store still unreachable after its own retries) is retried."""
+    return isinstance(exc, WILL_REPEAT) and not getattr(exc, "transient", False)
 
 
 def lost_cause(error: BaseException | None, *, node_id: str, hostname: str, node_alive: bool | None) -> str:

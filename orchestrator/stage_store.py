@@ -78,6 +78,8 @@ class StageUnavailable(PxdError, RuntimeError):
     """A stored stage could not be read or written after every retry (network, artifact store, disk); the
     stage itself was left as it is, so a later attempt can use it."""
 
+    transient = True  # the trial is retried (search.max_retries): the store may be back by then
+
 
 def _env_float(name: str, default: float, minimum: float) -> float:
     raw = os.environ.get(name)

@@ -44,6 +44,9 @@ def test_max_retries_defaults_to_retrying_and_refuses_nonsense():
 def test_errors_pxd_raises_on_purpose_would_repeat_and_others_may_not():
     assert will_repeat(DivergedError("loss is nan")) and will_repeat(ConfigError("student.arch", "unknown"))
     assert not will_repeat(OSError("No space left on device")) and not will_repeat(ConnectionError("reset"))
+    from orchestrator.stage_store import StageUnavailable
+
+    assert not will_repeat(StageUnavailable("stage store unreachable after 5 attempts"))  # transient: retried
 
 
 def test_the_cause_of_a_lost_attempt_names_the_node_and_host():
