@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -243,10 +244,12 @@ def test_the_ray_health_check_passes_with_the_token_and_fails_without(tmp_path):
     base["HOME"] = str(tmp_path)  # no ~/.ray/auth_token of the caller's
     with_token = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     log = tmp_path / "head.log"
+    # a short temp dir: Ray's socket paths under pytest's tmp_path pass the 107-byte AF_UNIX limit
+    ray_temp = tempfile.mkdtemp(prefix="pxd-ray-")
     with open(log, "ab") as handle:
         head = subprocess.Popen([str(ray_cli), "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
                                  "--num-cpus", "0", "--include-dashboard=false", "--disable-usage-stats",
-                                 "--temp-dir", str(tmp_path / "ray"), "--block"],
+                                 "--temp-dir", ray_temp, "--block"],
                                 stdout=handle, stderr=subprocess.STDOUT, env=with_token, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
@@ -266,3 +269,4 @@ def test_the_ray_health_check_passes_with_the_token_and_fails_without(tmp_path):
                 break
             except subprocess.TimeoutExpired:
                 continue
+        shutil.rmtree(ray_temp, ignore_errors=True)
