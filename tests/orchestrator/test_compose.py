@@ -63,9 +63,10 @@ def _compose(env_file: Path, *arguments: str, files: tuple[Path, ...] = (COMPOSE
         pytest.skip("the docker-compose client is not installed (Debian: apt-get install docker-compose)")
     # the caller's own settings would override the env file; a developer's .env is replaced by --env-file
     referenced = set(re.findall(r"\$\{(\w+)", COMPOSE.read_text() + GPU_OVERRIDE.read_text()))
-    env = {name: value for name, value in os.environ.items() if name not in referenced and not name.startswith("COMPOSE_")}
+    env = {name: value for name, value in os.environ.items()
+           if name not in referenced and not name.startswith("COMPOSE_")}
     command = [binary, "--env-file", str(env_file), *[word for path in files for word in ("-f", str(path))], *arguments]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    return subprocess.run(command, check=False, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
 
 
 def _resolved(tmp_path: Path, files: tuple[Path, ...] = (COMPOSE,)) -> tuple[dict, dict[str, str]]:
@@ -129,9 +130,9 @@ def test_every_secret_is_required_in_the_file_and_comes_only_from_the_env_file(t
     for name in SECRETS:
         assert settings[name] in dumped, f"{name} from the env file reaches no service"
     assert "replace-with-a-generated-secret" not in dumped
-    ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], cwd=REPO, timeout=30)
+    ignored = subprocess.run(["git", "check-ignore", "-q", ".env"], check=False, cwd=REPO, timeout=30)
     assert ignored.returncode == 0, ".env must be ignored by git"
-    example = subprocess.run(["git", "check-ignore", "-q", ".env.example"], cwd=REPO, timeout=30)
+    example = subprocess.run(["git", "check-ignore", "-q", ".env.example"], check=False, cwd=REPO, timeout=30)
     assert example.returncode == 1, ".env.example must not be ignored"
 
 
@@ -253,11 +254,12 @@ def test_the_ray_health_check_passes_with_the_token_and_fails_without(tmp_path):
                                 stdout=handle, stderr=subprocess.STDOUT, env=with_token, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
-        while subprocess.run(check, capture_output=True, env=with_token, timeout=120).returncode != 0:
-            assert head.poll() is None and time.monotonic() < deadline, f"the Ray head did not start:\n{log.read_text()}"
+        while subprocess.run(check, check=False, capture_output=True, env=with_token, timeout=120).returncode != 0:
+            started = head.poll() is None and time.monotonic() < deadline
+            assert started, f"the Ray head did not start:\n{log.read_text()}"
             time.sleep(2)
         for wrong in ({**base}, {**with_token, "RAY_AUTH_TOKEN": secrets.token_hex(32)}):
-            done = subprocess.run(check, capture_output=True, text=True, env=wrong, timeout=120)
+            done = subprocess.run(check, check=False, capture_output=True, text=True, env=wrong, timeout=120)
             assert done.returncode != 0 and "Authentication" in done.stderr, done.stderr[-2000:]
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
