@@ -5,4 +5,4 @@ COPY pyproject.toml README.md ./
 COPY pxd ./pxd
 COPY orchestrator ./orchestrator
 COPY search_spaces ./search_spaces
-RUN pip install --no-cache-dir -e '.[postgres]'
+RUN pip install --no-cache-dir -e '.[postgres,auth]'

@@ -12,6 +12,7 @@ import os
 import sys
 
 from orchestrator import commands
+from orchestrator.tracking import login_error
 from pxd.errors import ConfigError
 
 __all__ = ["main", "build_parser", "EXIT_BAD_INPUT"]
@@ -37,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pxd: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        refused = login_error(exc)  # a tracking server that refused the credentials; anything else propagates
+        if refused is None:
+            raise
+        print(f"pxd: error: {refused}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ and proxied artifacts under the results root. Why a server and not `sqlite:///` 
 trial: SQLite locks under concurrent writers from several processes; behind one server process the
 writes are serialised, and MLflow's HTTP client retries transient errors with backoff, so concurrent
 trials (and a restarting server) lose nothing. Trials on other nodes need a URI they can reach, so a
-cluster run (`--ray-address`) must name a tracking server.
+cluster run (`--ray-address`) must name a tracking server. A server with auth on (the compose stack's
+`mlflow server --app-name basic-auth`) takes MLflow's own MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD,
+which MLflow's client reads in every pxd process and trial; pxd adds no credential settings of its own.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "results_root",
     "resolve_tracking",
     "check_tracking",
+    "login_error",
     "ui_command",
     "fluent_tracking_uri",
 ]
@@ -249,6 +252,25 @@ def check_tracking(cli_uri: str | None, *, cluster: bool) -> None:
             "a Ray cluster (--ray-address) needs a tracking server every node can reach; pass "
             "--tracking-uri http://HOST:PORT or set MLFLOW_TRACKING_URI",
         )
+
+
+# MLflow's error codes for a tracking server's answers 401 (no or a wrong login) and 403 (no permission)
+_REFUSAL_STATUS = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
+
+
+def login_error(exc: BaseException) -> ConfigError | None:
+    """A tracking server's refusal of the credentials as an error that names MLflow's credential
+    variables; None for every other error."""
+    status = _REFUSAL_STATUS.get(str(getattr(exc, "error_code", "")))
+    if status is None:
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    who = f"the MLflow user {user!r}" if user else "a client without a login (MLFLOW_TRACKING_USERNAME is not set)"
+    return ConfigError(
+        "MLFLOW_TRACKING_USERNAME",
+        f"the MLflow tracking server refused {who} (HTTP {status}); set MLFLOW_TRACKING_USERNAME and "
+        "MLFLOW_TRACKING_PASSWORD to a login with access (the compose stack's is MLFLOW_ADMIN_* in .env)",
+    )
 
 
 def resolve_tracking(cli_uri: str | None, root: Path, *, cluster: bool = False, read_only: bool = False) -> TrackingTarget:
