@@ -37,6 +37,7 @@ import pytest
 import yaml
 
 from tests.orchestrator.conftest import free_port, tiny_space
+from tests.orchestrator.test_mlflow_auth import PROTECTED, _auth_config, _status
 
 pytestmark = pytest.mark.slow
 
@@ -235,6 +236,13 @@ def running_cluster(databases: dict[str, str], *, head_cpus: int = 1, worker_cpu
     # Ray's unix sockets live under the temp dir and must stay under ~107 bytes: a short path
     workdir = Path(tempfile.mkdtemp(prefix="pxdcl-"))
     env = {**_cluster_env(secrets.token_hex(32)), **(env_extra or {})}
+    # MLflow with basic auth on, as the compose stack runs it: the server bootstraps its admin from
+    # MLFLOW_AUTH_ADMIN_*, every pxd process (driver, trials on every node) logs in with MLflow's standard
+    # MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD
+    login = ("pxd-admin", secrets.token_urlsafe(24))
+    env.update(MLFLOW_AUTH_CONFIG_PATH=str(_auth_config(workdir)), MLFLOW_AUTH_ADMIN_USERNAME=login[0],
+               MLFLOW_AUTH_ADMIN_PASSWORD=login[1], MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
+               MLFLOW_TRACKING_USERNAME=login[0], MLFLOW_TRACKING_PASSWORD=login[1])
     ray_port, dashboard_port, mlflow_port = free_port(), free_port(), free_port()
     result = Cluster(
         ray_address=f"127.0.0.1:{ray_port}",
@@ -258,7 +266,8 @@ def running_cluster(databases: dict[str, str], *, head_cpus: int = 1, worker_cpu
         # --dashboard-port: even without the dashboard UI the head binds it; the default 8265 may be taken
         head = start([*ray_cli, "start", "--head", "--port", str(ray_port), "--include-dashboard=false",
                       "--dashboard-port", str(dashboard_port), "--num-cpus", str(head_cpus), *ray_common], head_log)
-        server = start([*mlflow_cli, "server", "--backend-store-uri", _pg_url(databases["mlflow"]),
+        server = start([*mlflow_cli, "server", "--app-name", "basic-auth",
+                        "--backend-store-uri", _pg_url(databases["mlflow"]),
                         "--serve-artifacts", "--artifacts-destination", str(workdir / "artifacts"),
                         "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"], mlflow_log)
         _wait_for(lambda: _ray_started(head_log), head, "the Ray head", head_log)
@@ -406,57 +415,12 @@ def test_a_cluster_sweep_without_a_tracking_server_fails_before_anything_launche
     assert not root.exists(), "nothing may be created or launched before the error"
 
 
-def _compose_config() -> dict:
-    binary = shutil.which("docker-compose")
-    if binary is None:
-        pytest.skip("the docker-compose binary is not installed")
-    compose = REPO / "docker-compose.yml"
-    check = _run([binary, "-f", str(compose), "config", "-q"], 60)
-    assert check.returncode == 0, check.stderr
-    resolved = _run([binary, "-f", str(compose), "config"], 60)
-    assert resolved.returncode == 0, resolved.stderr
-    return yaml.safe_load(resolved.stdout)
-
-
-def _flag(command: str | list[str], flag: str) -> str:
-    """The value of `--flag VALUE` or `--flag=VALUE` in a service's command."""
-    # a list command may wrap a shell line (`sh -c "ray start ... && pxd sweep ..."`): look at every word
-    words = (command if isinstance(command, str) else " ".join(command)).split()
-    for index, word in enumerate(words):
-        if word == flag:
-            return words[index + 1]
-        if word.startswith(f"{flag}="):
-            return word.split("=", 1)[1]
-    raise AssertionError(f"{flag} is missing from {command!r}")
-
-
-def test_the_compose_stack_is_valid_and_wires_every_role_to_the_others():
-    services = _compose_config()["services"]
-    assert {"postgres", "mlflow", "ray-head", "ray-worker", "sweep"} <= set(services)
-    head_address = f"ray-head:{_flag(services['ray-head']['command'], '--port')}"
-    assert _flag(services["ray-worker"]["command"], "--address") == head_address
-    sweep = services["sweep"]["command"]
-    assert _flag(sweep, "--ray-address") == head_address
-    assert _flag(sweep, "--tracking-uri") == f"http://mlflow:{_flag(services['mlflow']['command'], '--port')}"
-
-
-def test_the_compose_stack_keeps_mlflow_and_optuna_in_separate_databases_with_an_installed_driver():
-    """MLflow and Optuna each stamp `alembic_version`; sharing one database breaks the second to start
-    (reproduced natively: Optuna refuses the MLflow-stamped schema)."""
-    import sqlalchemy as sa
-
-    services = _compose_config()["services"]
-    mlflow_url = sa.engine.make_url(_flag(services["mlflow"]["command"], "--backend-store-uri"))
-    optuna_url = sa.engine.make_url(_flag(services["sweep"]["command"], "--optuna-storage"))
-    assert mlflow_url.database != optuna_url.database, (
-        f"MLflow and Optuna share the database {mlflow_url.database!r}; give each its own"
-    )
-    for url in (mlflow_url, optuna_url):
-        try:
-            url.get_dialect().import_dbapi()
-        except ImportError as exc:
-            pytest.fail(f"{url.drivername}:// needs a driver the image does not install ({exc}); "
-                        "name the installed one, e.g. postgresql+psycopg2://")
+def test_the_cluster_tracking_server_refuses_requests_without_a_login(cluster, cluster_sweep):
+    """The sweep above ran against it with MLflow's credential variables; without them the API says 401."""
+    _require_success(cluster_sweep)
+    assert _status(cluster.tracking_uri + PROTECTED) == 401
+    login = (cluster.env["MLFLOW_TRACKING_USERNAME"], cluster.env["MLFLOW_TRACKING_PASSWORD"])
+    assert _status(cluster.tracking_uri + PROTECTED, login) == 200
 
 
 def test_remeasure_times_on_the_ray_node_with_the_custom_resource(cluster, cluster_sweep):
