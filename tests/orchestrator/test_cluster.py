@@ -261,6 +261,9 @@ def running_cluster(databases: dict[str, str], *, head_cpus: int = 1, worker_cpu
         return process
 
     ray_common = ["--disable-usage-stats", "--temp-dir", str(workdir / "ray"), "--block"]
+    # this process reads the runs back as a logged-in user too (restored at the end)
+    caller_login = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ.update(MLFLOW_TRACKING_USERNAME=login[0], MLFLOW_TRACKING_PASSWORD=login[1])
     try:
         head_log, mlflow_log = workdir / "ray-head.log", workdir / "mlflow.log"
         # --dashboard-port: even without the dashboard UI the head binds it; the default 8265 may be taken
@@ -283,6 +286,11 @@ def running_cluster(databases: dict[str, str], *, head_cpus: int = 1, worker_cpu
         for process in reversed(result.processes):
             _kill_tree(process)
         shutil.rmtree(workdir, ignore_errors=True)
+        for key, value in caller_login.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclass
