@@ -166,5 +166,18 @@ class MOASHA(FIFOScheduler):
         except Exception:  # noqa: BLE001 - a tag is bookkeeping; the stop itself must happen
             pass
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles the scheduler into the sweep's folder (tuner.pkl): no password from the tracking URL
+        from orchestrator import credentials
+
+        uri = self._tracking_uri and credentials.without_password(self._tracking_uri)
+        return {**self.__dict__, "_tracking_uri": uri, "_records": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from orchestrator import credentials
+
+        uri = state["_tracking_uri"]
+        self.__dict__.update({**state, "_tracking_uri": uri and credentials.full_url(uri)})
+
     def debug_string(self) -> str:
         return f"MO-ASHA: rungs at student epochs {self._rungs}, keep 1/{self._eta}"

@@ -87,3 +87,12 @@ def test_a_sweep_with_moasha_prunes_stopped_trials_everywhere(ray_local, mlflow_
     study = optuna.load_study(study_name="moasha", storage=f"sqlite:///{tmp_path / 'sweeps/moasha/optuna.db'}")
     optuna_states = {t.user_attrs["tune_trial_id"]: t.state.name for t in study.trials}
     assert optuna_states == states  # Optuna and MLflow agree: PRUNED, never COMPLETE with a partial result
+
+
+def test_the_pickled_scheduler_holds_no_password(tmp_path):
+    """Tune pickles the scheduler into the sweep's folder (tuner.pkl)."""
+    import pickle
+
+    scheduler = MOASHA([("val_top1", "max"), ("pixels", "min")], grace_period=1, reduction_factor=3, max_t=9,
+                       state_path=tmp_path / "state.json", tracking_uri="http://pxd:s3cret-pw@mlflow:5000")
+    assert b"s3cret-pw" not in pickle.dumps(scheduler)
