@@ -91,7 +91,8 @@ def base_config(args: argparse.Namespace, seed: int, student_resolution: int) ->
         "teacher": {"arch": args.teacher, "resolution": args.resolution, "epochs": args.teacher_epochs},
         "student": {"arch": args.student, "resolution": student_resolution},
         "distill": distill,
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "device": args.device},
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "device": args.device,
+                  **({} if args.lr is None else {"lr": args.lr})},
     })
 
 
@@ -239,7 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (pxd's default 4)")
     parser.add_argument("--kd", type=float, default=None, help="α (default: pxd's DistillConfig default)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=None, help="SGD lr of every stage (default: pxd's train.lr)")
     parser.add_argument("--num-classes", type=int, default=8, help="synthetic only")
     parser.add_argument("--train-per-class", type=int, default=96, help="synthetic: images made; folder: cap (0 = all)")
     parser.add_argument("--val-per-class", type=int, default=250, help="synthetic only (8 × 250 = 2,000 val images)")

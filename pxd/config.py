@@ -151,7 +151,10 @@ class DistillConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     optimizer: str = "sgd"
-    lr: float = 0.05
+    # 0.05 / 4: at T = 4 the KD logit gradient α·T·(p_s − p_t) is up to ~4× cross-entropy's, and at 0.05 an
+    # assistant distilled from scratch stalls (0.51 vs 0.88 at 0.0125; docs/benchmarks.md). The paper's
+    # 0.01 is for ImageNet-pretrained students and 120 epochs.
+    lr: float = 0.0125
     weight_decay: float = 5e-4
     momentum: float = 0.9
     batch_size: int = 64
