@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 import warnings
@@ -260,7 +261,11 @@ def plot_curves(curves: dict[str, list[list[float]]], default: str, grid_size: i
 
 
 # ---------------------------------------------------------------------------------------------
-# command line
+# command line: progress on stderr, the report on stdout (what bench/suite.py collects)
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def run(table: SearchTable, spec: SweepSpec, samplers: Sequence[str], seeds: Sequence[int], trials: int,
@@ -273,7 +278,7 @@ def run(table: SearchTable, spec: SweepSpec, samplers: Sequence[str], seeds: Seq
         grid = grid_hypervolume(table, spec)
         curves[name] = [[value / grid for value in hypervolume_curve(points, spec)] for points in asked]
         distinct[name] = float(np.median([len({point_key(p.params) for p in points}) for points in asked]))
-        print(f"  {name}: {len(seeds)} seeds × {trials} trials in {time.perf_counter() - started:.1f}s", flush=True)
+        _progress(f"  {name}: {len(seeds)} seeds × {trials} trials in {time.perf_counter() - started:.1f}s")
     at = [n for n in budgets(grid_size) if n <= trials]
     quality = summarise_curves(curves, at)
     default = spec.require_search().sampler.name
@@ -297,7 +302,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--table", type=Path, default=None, help="JSON table: reused if present, else built and saved")
     parser.add_argument("--samplers", nargs="+", default=list(COMPARED_SAMPLERS), choices=COMPARED_SAMPLERS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--trials", type=int, default=None, help="trials per study (default: the grid size)")
+    parser.add_argument("--trials", type=int, default=None, help="trials per study (default: the largest budget, 1/2 of the grid)")
     parser.add_argument("--concurrency", type=int, default=None, help="2b (default: the space's search.max_concurrent)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the hypervolume curves")
     parser.add_argument("--out", type=Path, default=None, help="write every number, settings and hardware as JSON")
@@ -316,10 +321,10 @@ def main(argv: list[str] | None = None) -> None:
     spec = load_spec(args.space)
     print(f"pxd search-quality benchmark · {environment['cpu']} · torch {environment['torch']} · "
           f"{environment['torch_threads']} threads · optuna {optuna.__version__}", flush=True)
-    table = load_or_build_table(spec, args.table, environment, log=lambda line: print(line, flush=True))
+    table = load_or_build_table(spec, args.table, environment, log=_progress)
     check_complete(table, spec)
     started = time.perf_counter()
-    result, curves = run(table, spec, args.samplers, args.seeds, args.trials or len(table.points),
+    result, curves = run(table, spec, args.samplers, args.seeds, args.trials or max(budgets(len(table.points))),
                          args.concurrency or spec.require_search().max_concurrent)
     report = format_report(result)
     print(f"\n{report}\n\nreplays {time.perf_counter() - started:.0f}s; table built in {table.build_seconds:.0f}s")

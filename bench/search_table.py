@@ -95,8 +95,11 @@ def training_space(spec: SweepSpec) -> dict[str, Any]:
     return json.loads(json.dumps(raw, default=str))
 
 
-def build_table(spec: SweepSpec, log: Callable[[str], None] = print) -> SearchTable:
-    """Train every grid point through `pxd.pipeline.run_tas`, teacher and assistants shared."""
+def build_table(spec: SweepSpec, log: Callable[[str], None] = print, *, done: Sequence[TablePoint] = (),
+                save: Callable[[SearchTable], None] | None = None) -> SearchTable:
+    """Train every grid point through `pxd.pipeline.run_tas`, teacher and assistants shared. Points in
+    `done` (a partial table) are kept; `save` gets the table after each new point, so a build that is
+    interrupted resumes where it stopped (the shared stages are then trained again, with the same seed)."""
     from bench.distillation import MemoryStageCache
     from pxd.data import load_dataset
     from pxd.pipeline import run_tas
@@ -105,14 +108,21 @@ def build_table(spec: SweepSpec, log: Callable[[str], None] = print) -> SearchTa
     cache = MemoryStageCache()
     grid = grid_points(spec)
     data = load_dataset(spec.base.dataset, spec.base.seed)
-    points = []
+    points = list(done)
+    table = SearchTable(points=points, space=training_space(spec))
+    finished = table.lookup()
     for index, params in enumerate(grid, 1):
+        if point_key(params) in finished:
+            continue
         config = materialize(spec, params)
         per_epoch: list[float] = []
 
         def on_epoch(kind: str, epoch: int, record: dict[str, float], per_epoch: list[float] = per_epoch) -> None:
             if kind == "student":
                 per_epoch.append(float(record["val_top1"]))
+            else:  # shared stages train once, with the first point that needs them
+                log(f"  [{time.perf_counter() - started:5.0f}s] {kind} epoch {epoch}  val_top1 {record['val_top1']:.3f}"
+                    f"  ({record['epoch_seconds']:.1f}s)")
 
         result = run_tas(config, provider=cache, on_epoch=on_epoch, progress=False, data=data, measure_latency=False)
         student = result.stages["student"].result
@@ -121,25 +131,37 @@ def build_table(spec: SweepSpec, log: Callable[[str], None] = print) -> SearchTa
         log(f"  [{time.perf_counter() - started:5.0f}s] {index:>3}/{len(grid)} {point_key(params)}  "
             f"val_top1 {result.metrics['val_top1']:.3f}  gmacs {result.metrics['gmacs']:.5f}  "
             f"student {student.metrics['train_seconds']:.1f}s")
-    return SearchTable(points=points, space=training_space(spec), build_seconds=time.perf_counter() - started)
+        table.build_seconds = time.perf_counter() - started
+        if save is not None:
+            save(table)
+    return table
 
 
 def load_or_build_table(spec: SweepSpec, path: Path | None, environment: dict[str, Any],
                         log: Callable[[str], None] = print) -> SearchTable:
     """The table at `path` when it was built for this space, else a new one (saved to `path`)."""
+    done: list[TablePoint] = []
+    spent = 0.0
     if path is not None and path.exists():
         table = SearchTable.from_json(json.loads(path.read_text()))
         if table.space != training_space(spec):
             raise ConfigError("--table", f"{path} was built for a different space (its training settings differ); "
                                          "delete it or give another --table path to build a new one")
-        log(f"table: {len(table.points)} points from {path} (built in {table.build_seconds:.0f}s)")
-        return table
-    log(f"table: training all {len(grid_points(spec))} grid points of {spec.source_path} ...")
-    table = build_table(spec, log)
-    table.environment = environment
-    if path is not None:
-        path.write_text(json.dumps(table.to_json(), indent=1))
-        log(f"table: wrote {path}")
+        if len(table.points) == len(grid_points(spec)):
+            log(f"table: {len(table.points)} points from {path} (built in {table.build_seconds:.0f}s)")
+            return table
+        done, spent = table.points, table.build_seconds
+        log(f"table: {len(done)} points from {path}, resuming the build")
+    log(f"table: training {len(grid_points(spec)) - len(done)} grid points of {spec.source_path} ...")
+
+    def save(partial: SearchTable) -> None:
+        if path is not None:
+            partial.environment = environment
+            path.write_text(json.dumps({**partial.to_json(), "build_seconds": spent + partial.build_seconds}, indent=1))
+
+    table = build_table(spec, log, done=done, save=save)
+    table.environment, table.build_seconds = environment, spent + table.build_seconds
+    log(f"table: {len(table.points)} points" + (f", saved to {path}" if path is not None else ""))
     return table
 
 
