@@ -290,7 +290,7 @@ def run(table: SearchTable, spec: SweepSpec, samplers: Sequence[str], seeds: Seq
     result = {"grid_size": grid_size, "grid_hypervolume": grid_hypervolume(table, spec), "grid_frontier": grid_front.size,
               "default_sampler": default, "seeds": list(seeds), "trials": trials, "concurrency": concurrency,
               "quality": quality, "distinct": distinct,
-              "quality_targets": quality_targets(quality, default, grid_size) if {default, "random"} <= set(quality) else None,
+              "quality_targets": quality_targets(quality, default, grid_size),
               "moasha": f"grace {settings.grace_period}, η {settings.reduction_factor}, {table.student_epochs} student epochs",
               "early_stopping": early, "early_summary": summarise_early(early), "curves": curves}
     return result, curves
@@ -304,6 +304,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--trials", type=int, default=None, help="trials per study (default: the largest budget, 1/2 of the grid)")
     parser.add_argument("--concurrency", type=int, default=None, help="2b (default: the space's search.max_concurrent)")
+    parser.add_argument("--reduction-factor", type=int, default=None,
+                        help="2b: MO-ASHA's η (default: the space's search.early_stopping.reduction_factor)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of the hypervolume curves")
     parser.add_argument("--out", type=Path, default=None, help="write every number, settings and hardware as JSON")
     return parser.parse_args(argv)
@@ -313,12 +315,15 @@ def main(argv: list[str] | None = None) -> None:
     from bench.distillation import _environment
 
     args = parse_args(argv)
-    if "random" not in args.samplers:
-        args.samplers.append("random")  # the baseline of the target
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     environment = _environment()
     spec = load_spec(args.space)
+    if args.reduction_factor is not None:
+        spec = load_spec(args.space, [f"search.early_stopping.reduction_factor={args.reduction_factor}"])
+    for needed in (spec.require_search().sampler.name, "random"):  # the targets compare these two
+        if needed not in args.samplers:
+            args.samplers.append(needed)
     print(f"pxd search-quality benchmark · {environment['cpu']} · torch {environment['torch']} · "
           f"{environment['torch_threads']} threads · optuna {optuna.__version__}", flush=True)
     table = load_or_build_table(spec, args.table, environment, log=_progress)
