@@ -85,6 +85,7 @@ def _running_attempt(client: MlflowClient, name: str, trial_id: str | None, kill
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_a_killed_trial_process_is_retried_then_recorded_failed_with_the_cause(mlflow_server, tmp_path, ray_tmp):
     retries = 1
     name = f"attempts-kill-{uuid.uuid4().hex[:6]}"

@@ -34,7 +34,7 @@ from tests.orchestrator.test_cluster import (
     running_cluster,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 SWEEP = "node-loss"
 TRIALS = 3

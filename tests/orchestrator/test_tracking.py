@@ -90,6 +90,7 @@ def test_the_ui_hint_works_for_every_tracking_uri_kind(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_two_sweeps_launched_at_once_on_one_root_both_finish_with_all_their_runs(tmp_path):
     """Two `pxd sweep` processes on one root, no --tracking-uri: they share one embedded server, neither
     stops it under the other, and each sweep's runs are all there afterwards."""
