@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,11 +29,17 @@ if TYPE_CHECKING:
 
     from orchestrator.spec import SweepSpec
     from pxd.config import PipelineConfig
+    from pxd.cost import LatencyCache
 
-__all__ = ["TrialContext", "run_trial", "OverBudget", "BEFORE_TRAINING"]
+__all__ = ["TrialContext", "run_trial", "OverBudget", "BEFORE_TRAINING", "TRIAL_SECTIONS", "LATENCY_CACHE_ENV"]
 
 # the key of a final report of a trial refused before training (its reason); the searcher tells it PRUNED
 BEFORE_TRAINING = "pruned_before_training"
+# what a trial times outside training beyond the pipeline's sections (`pxd.pipeline.TIMED_SECTIONS`);
+# each is logged as `schema.SweepMetric.overhead(section)`
+TRIAL_SECTIONS = ("log_model",)
+# "0" turns latency reuse off: every trial times its own student (`pxd.cost.LatencyCache`)
+LATENCY_CACHE_ENV = "PXD_LATENCY_CACHE"
 
 
 class OverBudget(Exception):
@@ -125,7 +132,8 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
 
         try:
             search = context.spec.require_search()
-            latency = LatencySettings(search.latency.device, search.latency.repeats, search.latency.warmup)
+            latency = LatencySettings(search.latency.device, search.latency.repeats, search.latency.warmup,
+                                      cache=_latency_cache(context, config))
             outcome = run_tas(config, provider=make_provider(context, parent_run_id=run_id), on_epoch=on_epoch,
                               progress=False, latency=latency, before_training=_budget_check(context.spec, known))
         except OverBudget as over:
@@ -153,17 +161,24 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
             return None
 
         reused = [o for o in outcome.stages.values() if o.reused]
+        started = time.perf_counter()
+        model_uri = _log_student(outcome.student, config.student.resolution)
+        sections = {**outcome.timings, "log_model": time.perf_counter() - started}
+        trained_seconds = sections.pop("training", 0.0)
         metrics = {
             **outcome.metrics,
             schema.SweepMetric.STAGES_REUSED: float(len(reused)),
             schema.SweepMetric.STAGES_TRAINED: float(len(outcome.stages) - len(reused)),
             # training time the reused stages took when they were trained, i.e. what reuse saved
             schema.SweepMetric.STAGE_SECONDS_SAVED: sum(o.result.metrics.get("train_seconds", 0.0) for o in reused),
+            schema.SweepMetric.STAGE_SECONDS_TRAINED: trained_seconds,
+            schema.SweepMetric.LATENCY_REUSED: float(bool(outcome.cost.get("latency_reused"))),
+            **{schema.SweepMetric.overhead(section): seconds for section, seconds in sections.items()},
         }
         result = schema.TrialResult(
             run_id=run_id, metrics={k: float(v) for k, v in metrics.items()},
             feasible=is_feasible(context.spec, outcome.metrics),
-            model_uri=_log_student(outcome.student, config.student.resolution),
+            model_uri=model_uri,
             constraints=constraint_values(context.spec, outcome.metrics),
         )
         schema.log_trial_result(client, result, stages=outcome.stages, device=outcome.cost.get("device", ""),
@@ -185,6 +200,17 @@ def _budget_check(spec: SweepSpec, known: dict[str, float]) -> Callable[[dict[st
             raise OverBudget(broken, constraints, metrics)
 
     return check
+
+
+def _latency_cache(context: TrialContext, config: PipelineConfig) -> LatencyCache | None:
+    """Latency measured once per architecture and input within the sweep, shared by its trials on this
+    machine (beside its decoded datasets); None when `LATENCY_CACHE_ENV` is "0"."""
+    from pxd.cost import LatencyCache
+    from pxd.data import cache_root
+
+    if os.environ.get(LATENCY_CACHE_ENV, "1") == "0":
+        return None
+    return LatencyCache(scope=context.parent_run_id, directory=cache_root(config.dataset) / "latency")
 
 
 def _node_id() -> str:
