@@ -15,8 +15,8 @@ store) and reads every trial back from MLflow:
   MLflow start-up included); "trial-phase efficiency" uses the span from the first trial's start to the
   last trial's end instead.
 
-`--compare` runs the sweep twice, alternating, with the overhead cuts off (`PXD_LATENCY_CACHE=0`: every
-trial times its own latency) and on, and prints both side by side with the ratios. Each run starts its
+`--compare` runs the sweep twice, alternating, with the overhead cuts off (`PXD_OVERHEAD_CUTS=0`: every
+trial times its own latency and logs its model cold) and on, and prints both side by side with the ratios. Each run starts its
 own Ray, since trial processes take the environment from it. Not part of the test suite.
 """
 
@@ -40,7 +40,7 @@ from orchestrator import schema
 from orchestrator.spec import load_spec
 from orchestrator.stage_store import list_stages
 from orchestrator.sweep import SweepOptions, run_sweep
-from orchestrator.trial import LATENCY_CACHE_ENV, TRIAL_SECTIONS
+from orchestrator.trial import OVERHEAD_CUTS_ENV, TRIAL_SECTIONS
 from pxd.pipeline import TIMED_SECTIONS
 
 SECTIONS = [s for s in TIMED_SECTIONS if s != "training"] + list(TRIAL_SECTIONS)
@@ -62,7 +62,7 @@ def one_sweep(spec: Any, *, cuts: bool, name: str) -> dict[str, Any]:
 
     from orchestrator.tracking import resolve_tracking
 
-    os.environ[LATENCY_CACHE_ENV] = "1" if cuts else "0"
+    os.environ[OVERHEAD_CUTS_ENV] = "1" if cuts else "0"
     with tempfile.TemporaryDirectory(prefix="pxd-bench-overhead-") as root:
         started = time.perf_counter()
         outcome = run_sweep(spec, SweepOptions(name=name, root=root, quiet=True))

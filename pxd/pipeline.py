@@ -113,6 +113,8 @@ class LatencySettings:
     repeats: int = 20
     warmup: int = 5
     cache: LatencyCache | None = None  # reuse a measurement of the same architecture and input (`pxd.cost`)
+    # called right before timing: e.g. to wait for the caller's background work, which would disturb it
+    before_timing: Callable[[], None] | None = None
 
 
 @dataclass
@@ -290,6 +292,8 @@ def run_tas(
     latency = latency or LatencySettings()
     timing_device = resolve_device(latency.device) if latency.device else device
     with _timed(timings, "latency"):
+        if latency.before_timing is not None:
+            latency.before_timing()
         cost = measure_cost(
             student, cfg.student.resolution, device=str(timing_device),
             dtype=autocast_dtype(timing_device) or torch.float32,

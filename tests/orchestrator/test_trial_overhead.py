@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator import schema
 from orchestrator.spec import parse_spec
 from orchestrator.sweep import _experiment_id, _parent_run
-from orchestrator.trial import LATENCY_CACHE_ENV, TRIAL_SECTIONS, TrialContext, run_trial
+from orchestrator.trial import OVERHEAD_CUTS_ENV, TRIAL_SECTIONS, TrialContext, run_trial
 from pxd import cost as cost_module
 from pxd.pipeline import TIMED_SECTIONS
 from tests.orchestrator.conftest import tiny_space
@@ -31,7 +31,7 @@ def _context(mlflow_server: str, name: str) -> tuple[TrialContext, MlflowClient]
 def fresh_trial_processes(monkeypatch, tmp_path):
     """Each trial as in a new process (no measurement held in memory), the cache on disk under tmp_path."""
     monkeypatch.setenv("PXD_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv(LATENCY_CACHE_ENV, raising=False)
+    monkeypatch.delenv(OVERHEAD_CUTS_ENV, raising=False)
     return lambda: monkeypatch.setattr(cost_module, "_IN_PROCESS", {})
 
 
@@ -56,7 +56,7 @@ def test_a_second_trial_of_the_same_student_reuses_the_latency_and_says_so(mlflo
 
 
 def test_latency_reuse_can_be_turned_off(mlflow_server, fresh_trial_processes, monkeypatch):
-    monkeypatch.setenv(LATENCY_CACHE_ENV, "0")
+    monkeypatch.setenv(OVERHEAD_CUTS_ENV, "0")
     context, client = _context(mlflow_server, "overhead-test-no-reuse")
     reused = []
     for _ in range(2):
