@@ -16,8 +16,8 @@ store) and reads every trial back from MLflow:
   last trial's end instead.
 
 `--compare` runs the sweep twice, alternating, with the overhead cuts off (`PXD_OVERHEAD_CUTS=0`: every
-trial times its own latency and logs its model cold) and on, and prints both side by side with the ratios. Each run starts its
-own Ray, since trial processes take the environment from it. Not part of the test suite.
+trial times its own latency and logs its model cold) and on, and prints both side by side with the ratios.
+Each run starts its own Ray, since trial processes take the environment from it. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ def one_sweep(spec: Any, *, cuts: bool, name: str) -> dict[str, Any]:
         client = MlflowClient(target.uri)
         parent = client.get_run(outcome.parent_run_id)
         trials = [run for run in schema.trial_runs(client, parent) if run.data.tags.get(schema.Tag.STATE) == "COMPLETE"]
-        stage_seconds = sum(row["train_seconds"] for row in list_stages(target.uri) if row["train_seconds"] == row["train_seconds"])
+        stage_seconds = sum(row["train_seconds"] for row in list_stages(target.uri)
+                            if row["train_seconds"] == row["train_seconds"])  # NaN: a stage without a result
     rows = []
     for run in trials:
         metrics = run.data.metrics

@@ -170,10 +170,12 @@ def main() -> int:
     step_over_parts = statistics.median(
         t / (u + s + i) for t, u, s, i in zip(samples["tas_step"], samples["upstream"], samples["student_ce_step"],
                                               samples["isrd"], strict=True))
-    step_over_plain = statistics.median(t / p for t, p in zip(samples["tas_step"], samples["plain_timm_step"], strict=True))
+    step_over_plain = statistics.median(
+        t / p for t, p in zip(samples["tas_step"], samples["plain_timm_step"], strict=True))
     print(f"student {args.student} @ {args.resolution}px, upstream (assistant) @ {args.teacher_resolution}px, "
           f"batch {args.batch_size}, isrd {args.isrd}, device {device}, threads {args.threads}, "
-          f"{args.repeats} repeats x {args.steps} steps; load average before {load_before[0]:.2f} after {load_after[0]:.2f}")
+          f"{args.repeats} repeats x {args.steps} steps; "
+          f"load average before {load_before[0]:.2f} after {load_after[0]:.2f}")
     print(f"{'variant':<28}{'median ms/step':>16}{'min':>10}{'max':>10}")
     for name, values in samples.items():
         print(f"{name:<28}{median[name] * 1e3:>16.2f}{min(values) * 1e3:>10.2f}{max(values) * 1e3:>10.2f}")

@@ -114,7 +114,8 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
     from orchestrator.stage_store import make_provider
     from pxd.pipeline import LatencySettings, run_tas
 
-    # while the stages train; waited for before latency timing and the model log
+    # started once a stage trains (not beside the data set-up it would slow down); waited for before latency
+    # timing and the model log
     warm_up = _ModelLoggingWarmUp(enabled=os.environ.get(OVERHEAD_CUTS_ENV, "1") != "0")
     trial_id = _trial_id()
     in_tune = trial_id is not None
@@ -130,6 +131,7 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
         known: dict[str, float] = {}  # gmacs, params_m, pixels: filled in before any stage trains
 
         def on_epoch(kind: str, epoch: int, record: dict[str, float]) -> None:
+            warm_up.start()
             mlflow.log_metrics({schema.epoch_metric(kind, k): v for k, v in record.items()
                                 if k != "epoch" and math.isfinite(v)}, step=epoch)
             if in_tune:
@@ -232,13 +234,19 @@ class _ModelLoggingWarmUp:
     its map of every installed package's modules, to check the model's requirements against the
     environment, and importing its model machinery. A trial is a process of its own and logs one model,
     so every trial paid that on its critical path. Saving a one-parameter model to a temporary directory
-    in a background thread, while the stages train, pays it off that path; the trial waits for it before
-    timing latency (it would disturb the timing) and before logging the student. A failed warm-up only
-    costs the time back: the real log does the same work and reports its own errors."""
+    in a background thread, once the first epoch of a stage is done, pays it while the stages train; the
+    trial waits for it before timing latency (it would disturb the timing) and before logging the
+    student. It only saves time where the trial has CPU to spare beside training (a GPU trial, more cores
+    than trial CPUs); on a saturated CPU it moves the work into training. A trial that trains nothing logs
+    cold. A failed warm-up only costs the time back: the real log does the same work and reports its own
+    errors."""
 
     def __init__(self, enabled: bool = True) -> None:
+        self._enabled = enabled
         self._thread = threading.Thread(target=self._run, name="pxd-model-logging-warm-up", daemon=True)
-        if enabled:
+
+    def start(self) -> None:
+        if self._enabled and self._thread.ident is None:
             self._thread.start()
 
     @staticmethod

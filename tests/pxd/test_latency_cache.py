@@ -67,6 +67,7 @@ def test_the_pipeline_reports_its_sections_and_reuses_latency(tiny_raw, tmp_path
     assert set(first.timings) == set(TIMED_SECTIONS)
     assert all(seconds >= 0 for seconds in first.timings.values())
     # nothing reused by the default provider: "training" is every stage's training time
-    assert first.timings["training"] == pytest.approx(sum(o.result.metrics["train_seconds"] for o in first.stages.values()))
+    trained = sum(o.result.metrics["train_seconds"] for o in first.stages.values())
+    assert first.timings["training"] == pytest.approx(trained)
     assert not first.cost["latency_reused"] and second.cost["latency_reused"]
     assert second.metrics["latency_ms"] == first.metrics["latency_ms"]
