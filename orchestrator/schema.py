@@ -120,10 +120,20 @@ class SweepMetric:
     STAGES_TRAINED = "stages_trained"  # also per kind: teachers_trained, assistants_trained, students_trained
     STAGES_REUSED = "stages_reused"  # also a trial metric
     STAGE_SECONDS_SAVED = "stage_seconds_saved"  # also a trial metric
+    # trial metrics: the training time of the stages the trial trained itself (the rest of its run's wall
+    # time is orchestration overhead), and 1.0 when its latency was reused from an earlier trial of the sweep
+    STAGE_SECONDS_TRAINED = "stage_seconds_trained"
+    LATENCY_REUSED = "latency_reused"
 
     @staticmethod
     def trained(kind: str) -> str:
         return f"{kind}s_trained"
+
+    @staticmethod
+    def overhead(section: str) -> str:
+        """`overhead.<section>_s`, a trial metric: seconds the trial spent in one section outside training
+        (`pxd.pipeline.TIMED_SECTIONS` and the trial's own `orchestrator.trial.TRIAL_SECTIONS`)."""
+        return f"overhead.{section}_s"
 
 
 STAGES_EXPERIMENT = "pxd-stages"

@@ -68,6 +68,7 @@ PARTIAL_SLOTS = ("state-a.pt", "state-b.pt")
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+_BATCH = 1000  # MLflow's limit of metrics per log_batch request
 
 
 class StageWaitTimeout(PxdError, RuntimeError):
@@ -250,10 +251,11 @@ class MlflowStageStore:
     def create_run(self, kind: str, key: str, describe: dict[str, Any]) -> str:
         """A new, incomplete stage run (status RUNNING) with its describing params."""
         tags = {Tag.KIND: KIND_STAGE, Tag.STAGE: kind, Tag.STAGE_KEY: key, Tag.STAGE_COMPLETE: "false"}
+        from mlflow.entities import Param
+
         run = self.client.create_run(self.experiment_id, run_name=f"{kind}-{key[:10]}",
                                      tags={**tags, **self.holder_tags()})
-        for name, value in describe.items():
-            self.client.log_param(run.info.run_id, name, value)
+        self.client.log_batch(run.info.run_id, params=[Param(name, str(value)) for name, value in describe.items()])
         return str(run.info.run_id)
 
     def holder_tags(self) -> dict[str, str]:
@@ -285,20 +287,22 @@ class MlflowStageStore:
         buffer = io.BytesIO()
         torch.save(result.state_dict, buffer)
         payload = buffer.getvalue()
+        from mlflow.entities import Metric, RunTag
+
         run_id = run_id or self.create_run(kind, key, describe)
         try:
-            for name, value in result.metrics.items():
-                self.client.log_metric(run_id, name, float(value))
-            for record in result.history:
-                step = int(record.get("epoch", 0))
-                for name, value in record.items():
-                    if name != "epoch":
-                        self.client.log_metric(run_id, epoch_metric(kind, name), float(value), step=step)
-            self.client.log_metric(run_id, "checkpoint_bytes", float(len(payload)))
+            # batched: one request per _BATCH metrics instead of one per value (each is a round trip to the server)
+            now = int(time.time() * 1000)
+            metrics = [Metric(name, float(value), now, 0) for name, value in result.metrics.items()]
+            metrics += [Metric(epoch_metric(kind, name), float(value), now, int(record.get("epoch", 0)))
+                        for record in result.history for name, value in record.items() if name != "epoch"]
+            metrics.append(Metric("checkpoint_bytes", float(len(payload)), now, 0))
+            for start in range(0, len(metrics), _BATCH):
+                self.client.log_batch(run_id, metrics=metrics[start : start + _BATCH])
             self.upload(run_id, CHECKPOINT, payload)
-            # usable only from here on: the artifact is complete and its hash recorded
-            self.client.set_tag(run_id, Tag.CHECKPOINT_SHA256, hashlib.sha256(payload).hexdigest())
-            self.client.set_tag(run_id, Tag.STAGE_COMPLETE, "true")
+            # usable only from here on: the artifact is complete and its hash recorded (one request, both tags)
+            self.client.log_batch(run_id, tags=[RunTag(Tag.CHECKPOINT_SHA256, hashlib.sha256(payload).hexdigest()),
+                                                RunTag(Tag.STAGE_COMPLETE, "true")])
             self.client.set_terminated(run_id, status="FINISHED")
         except BaseException:
             self.client.set_terminated(run_id, status="FAILED")

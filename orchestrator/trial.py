@@ -11,9 +11,12 @@ error is re-raised, and Tune runs the trial again up to `search.max_retries` tim
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,11 +31,20 @@ if TYPE_CHECKING:
 
     from orchestrator.spec import SweepSpec
     from pxd.config import PipelineConfig
+    from pxd.cost import LatencyCache
 
-__all__ = ["TrialContext", "run_trial", "OverBudget", "BEFORE_TRAINING"]
+__all__ = ["TrialContext", "run_trial", "OverBudget", "BEFORE_TRAINING", "TRIAL_SECTIONS", "OVERHEAD_CUTS_ENV"]
 
 # the key of a final report of a trial refused before training (its reason); the searcher tells it PRUNED
 BEFORE_TRAINING = "pruned_before_training"
+# what a trial times outside training beyond the pipeline's sections (`pxd.pipeline.TIMED_SECTIONS`);
+# each is logged as `schema.SweepMetric.overhead(section)`
+TRIAL_SECTIONS = ("log_model",)
+# "0" turns the trial's overhead cuts off (to measure them, bench/overhead.py): every trial times its own
+# student's latency (no `pxd.cost.LatencyCache`) and warms nothing up in the background
+OVERHEAD_CUTS_ENV = "PXD_OVERHEAD_CUTS"
+
+logger = logging.getLogger(__name__)
 
 
 class OverBudget(Exception):
@@ -102,6 +114,9 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
     from orchestrator.stage_store import make_provider
     from pxd.pipeline import LatencySettings, run_tas
 
+    # started once a stage trains (not beside the data set-up it would slow down); waited for before latency
+    # timing and the model log
+    warm_up = _ModelLoggingWarmUp(enabled=os.environ.get(OVERHEAD_CUTS_ENV, "1") != "0")
     trial_id = _trial_id()
     in_tune = trial_id is not None
     trial_id = trial_id or "local"
@@ -116,6 +131,7 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
         known: dict[str, float] = {}  # gmacs, params_m, pixels: filled in before any stage trains
 
         def on_epoch(kind: str, epoch: int, record: dict[str, float]) -> None:
+            warm_up.start()
             mlflow.log_metrics({schema.epoch_metric(kind, k): v for k, v in record.items()
                                 if k != "epoch" and math.isfinite(v)}, step=epoch)
             if in_tune:
@@ -125,7 +141,8 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
 
         try:
             search = context.spec.require_search()
-            latency = LatencySettings(search.latency.device, search.latency.repeats, search.latency.warmup)
+            latency = LatencySettings(search.latency.device, search.latency.repeats, search.latency.warmup,
+                                      cache=_latency_cache(context, config), before_timing=warm_up.wait)
             outcome = run_tas(config, provider=make_provider(context, parent_run_id=run_id), on_epoch=on_epoch,
                               progress=False, latency=latency, before_training=_budget_check(context.spec, known))
         except OverBudget as over:
@@ -153,17 +170,25 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
             return None
 
         reused = [o for o in outcome.stages.values() if o.reused]
+        started = time.perf_counter()
+        warm_up.wait()
+        model_uri = _log_student(outcome.student, config.student.resolution)
+        sections = {**outcome.timings, "log_model": time.perf_counter() - started}
+        trained_seconds = sections.pop("training", 0.0)
         metrics = {
             **outcome.metrics,
             schema.SweepMetric.STAGES_REUSED: float(len(reused)),
             schema.SweepMetric.STAGES_TRAINED: float(len(outcome.stages) - len(reused)),
             # training time the reused stages took when they were trained, i.e. what reuse saved
             schema.SweepMetric.STAGE_SECONDS_SAVED: sum(o.result.metrics.get("train_seconds", 0.0) for o in reused),
+            schema.SweepMetric.STAGE_SECONDS_TRAINED: trained_seconds,
+            schema.SweepMetric.LATENCY_REUSED: float(bool(outcome.cost.get("latency_reused"))),
+            **{schema.SweepMetric.overhead(section): seconds for section, seconds in sections.items()},
         }
         result = schema.TrialResult(
             run_id=run_id, metrics={k: float(v) for k, v in metrics.items()},
             feasible=is_feasible(context.spec, outcome.metrics),
-            model_uri=_log_student(outcome.student, config.student.resolution),
+            model_uri=model_uri,
             constraints=constraint_values(context.spec, outcome.metrics),
         )
         schema.log_trial_result(client, result, stages=outcome.stages, device=outcome.cost.get("device", ""),
@@ -187,18 +212,77 @@ def _budget_check(spec: SweepSpec, known: dict[str, float]) -> Callable[[dict[st
     return check
 
 
+def _latency_cache(context: TrialContext, config: PipelineConfig) -> LatencyCache | None:
+    """Latency measured once per architecture and input within the sweep, shared by its trials on this
+    machine (beside its decoded datasets); None when `OVERHEAD_CUTS_ENV` is "0"."""
+    from pxd.cost import LatencyCache
+    from pxd.data import cache_root
+
+    if os.environ.get(OVERHEAD_CUTS_ENV, "1") == "0":
+        return None
+    return LatencyCache(scope=context.parent_run_id, directory=cache_root(config.dataset) / "latency")
+
+
 def _node_id() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
 
+class _ModelLoggingWarmUp:
+    """MLflow's first model log in a process spends seconds (4 s of 5 s measured, docs/benchmarks.md) building
+    its map of every installed package's modules, to check the model's requirements against the
+    environment, and importing its model machinery. A trial is a process of its own and logs one model,
+    so every trial paid that on its critical path. Saving a one-parameter model to a temporary directory
+    in a background thread, once the first epoch of a stage is done, pays it while the stages train; the
+    trial waits for it before timing latency (it would disturb the timing) and before logging the
+    student. It only saves time where the trial has CPU to spare beside training (a GPU trial, more cores
+    than trial CPUs); on a saturated CPU it moves the work into training. A trial that trains nothing logs
+    cold. A failed warm-up only costs the time back: the real log does the same work and reports its own
+    errors."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self._enabled = enabled
+        self._thread = threading.Thread(target=self._run, name="pxd-model-logging-warm-up", daemon=True)
+
+    def start(self) -> None:
+        if self._enabled and self._thread.ident is None:
+            self._thread.start()
+
+    @staticmethod
+    def _run() -> None:
+        import tempfile
+
+        try:
+            import mlflow.pytorch
+            import numpy as np
+            import torch
+
+            with tempfile.TemporaryDirectory(prefix="pxd-warm-up-") as folder:
+                mlflow.pytorch.save_model(torch.nn.Linear(1, 1), f"{folder}/model", pip_requirements=_requirements(),
+                                          input_example=np.zeros((1, 1), dtype=np.float32),
+                                          serialization_format="pickle")
+        except Exception:  # noqa: BLE001 - the real log repeats the work and raises what is wrong
+            logger.warning("warming up MLflow's model logging failed; the student's log will take longer",
+                           exc_info=True)
+
+    def wait(self) -> None:
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def _requirements() -> list[str]:
+    # explicit requirements: inferring them starts a subprocess per trial
+    import timm
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"]
+
+
 def _log_student(student: nn.Module, resolution: int) -> str:
     """Log the student so it can be loaded and served: an input example at its own resolution."""
     import mlflow
     import numpy as np
-    import timm
-    import torch
 
     example = np.zeros((1, 3, resolution, resolution), dtype=np.float32)
     student.eval()
@@ -206,8 +290,7 @@ def _log_student(student: nn.Module, resolution: int) -> str:
         student,
         name="student",
         input_example=example,
-        # explicit requirements: inferring them starts a subprocess per trial
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"],
+        pip_requirements=_requirements(),
         # the whole module: MLflow 3.17's default (pt2, torch.export) pins the batch size of the input
         # example (1), and a deployed student must take any batch (pxd remeasure times batch N too)
         serialization_format="pickle",

@@ -4,12 +4,19 @@
 matrix products and convolutions (incl. attention) of one image; norms, activations and pooling are
 not counted, as in fvcore/ptflops conventions. Everything but latency and throughput is
 deterministic.
+
+Latency and throughput depend on the architecture, the input and how they are timed, not on the
+weights; a `LatencyCache` lets the trials of a sweep that train the same architecture at the same
+input reuse one measurement instead of timing it again (`measure_cost(..., cache=...)`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
+import os
 import platform
 import statistics
 import time
@@ -28,7 +35,7 @@ from pxd.models import eval_mode
 
 __all__ = [
     "Cost", "count_params", "count_gmacs", "measure_latency", "measure_cost", "static_cost",
-    "RUNTIMES", "RuntimeTiming", "measure_runtime",
+    "RUNTIMES", "RuntimeTiming", "measure_runtime", "LatencyCache",
 ]
 
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
@@ -48,6 +55,7 @@ class Cost:
     warmup: int
     repeats: int
     device_name: str = ""  # CPU model or GPU name, for re-measurement on other hardware
+    latency_reused: bool = False  # latency and throughput come from a `LatencyCache`, not timed for this model
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,6 +135,54 @@ def measure_latency(
     }
 
 
+_TIMED = ("latency_ms", "throughput_ips", "batch_size", "device", "dtype", "threads", "warmup", "repeats",
+          "device_name")  # the `Cost` fields a `LatencyCache` holds
+_IN_PROCESS: dict[str, dict[str, Any]] = {}  # every LatencyCache's measurements in this process, by key
+
+
+class LatencyCache:
+    """Latency measurements keyed by everything that decides them: the architecture (the caller's
+    description plus the module structure and parameter shapes), input resolution, device and its name,
+    dtype, threads, warm-up, repeats, throughput batch, torch version, and `scope` (e.g. the sweep: a
+    measurement is reused within it, never across sweeps). Held per process and, with `directory`, in one
+    JSON file per key, so other processes on the same machine (the sweep's other trials) reuse it too.
+    """
+
+    def __init__(self, scope: str, directory: str | Path | None = None) -> None:
+        self.scope = scope
+        self.directory = Path(directory) if directory is not None else None
+
+    def key(self, model: nn.Module, resolution: int, architecture: dict[str, Any], settings: dict[str, Any]) -> str:
+        structure = hashlib.sha256(repr(model).encode())
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            structure.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        payload = {"scope": self.scope, "architecture": architecture, "structure": structure.hexdigest(),
+                   "model_class": type(model).__qualname__, "resolution": resolution, "torch": torch.__version__,
+                   **settings}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:40]
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        if key in _IN_PROCESS:
+            return dict(_IN_PROCESS[key])
+        if self.directory is None:
+            return None
+        try:
+            timing = json.loads((self.directory / f"{key}.json").read_text())
+        except (OSError, ValueError):  # absent, or being replaced: time it again
+            return None
+        _IN_PROCESS[key] = timing
+        return dict(timing)
+
+    def put(self, key: str, timing: dict[str, Any]) -> None:
+        _IN_PROCESS[key] = dict(timing)
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        partial = self.directory / f"{key}.{os.getpid()}.partial"
+        partial.write_text(json.dumps(timing))
+        os.replace(partial, self.directory / f"{key}.json")  # a reader sees no file or a whole one
+
+
 def measure_cost(
     model: nn.Module,
     resolution: int,
@@ -136,28 +192,41 @@ def measure_cost(
     warmup: int = 3,
     repeats: int = 10,
     throughput_batch: int = 16,
+    cache: LatencyCache | None = None,
+    architecture: dict[str, Any] | None = None,
+    static: Cost | None = None,
 ) -> Cost:
     """Every cost figure of `model` at `resolution`: batch-1 latency, batch-`throughput_batch`
-    throughput. The model's device, dtype and train/eval modes are unchanged afterwards."""
-    single = measure_latency(
-        model, resolution, device=device, dtype=dtype, warmup=warmup, repeats=repeats, batch_size=1
-    )
-    batched = measure_latency(
-        model, resolution, device=device, dtype=dtype, warmup=warmup, repeats=repeats, batch_size=throughput_batch
-    )
+    throughput. The model's device, dtype and train/eval modes are unchanged afterwards.
+
+    With `cache`, latency and throughput are timed once per key (`LatencyCache`; `architecture` describes
+    the model, e.g. its config) and reused after that, with `latency_reused` set on the result. `static`: the
+    model's `static_cost` at `resolution` when the caller has it (not counted again).
+    """
+    target = torch.device(device)
+    settings = {"device": str(target), "device_name": _device_name(target), "dtype": str(dtype),
+                "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats, "batch": throughput_batch}
+    key = cache.key(model, resolution, architecture or {}, settings) if cache is not None else None
+    timed = cache.get(key) if cache is not None and key is not None else None
+    reused = timed is not None
+    if timed is None:
+        single = measure_latency(
+            model, resolution, device=device, dtype=dtype, warmup=warmup, repeats=repeats, batch_size=1
+        )
+        batched = measure_latency(
+            model, resolution, device=device, dtype=dtype, warmup=warmup, repeats=repeats, batch_size=throughput_batch
+        )
+        timed = {**{name: single[name] for name in _TIMED if name in single},
+                 "throughput_ips": batched["throughput_ips"], "batch_size": throughput_batch}
+        if cache is not None and key is not None:
+            cache.put(key, timed)
+    static = static or static_cost(model, resolution)
     return Cost(
-        params_m=count_params(model),
-        gmacs=count_gmacs(model, resolution),
-        pixels=resolution * resolution,
-        latency_ms=single["latency_ms"],
-        throughput_ips=batched["throughput_ips"],
-        batch_size=throughput_batch,
-        device=single["device"],
-        dtype=single["dtype"],
-        threads=single["threads"],
-        warmup=warmup,
-        repeats=repeats,
-        device_name=single["device_name"],
+        params_m=static.params_m,
+        gmacs=static.gmacs,
+        pixels=static.pixels,
+        latency_reused=reused,
+        **{name: timed[name] for name in _TIMED},
     )
 
 

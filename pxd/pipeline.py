@@ -17,7 +17,9 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from pxd.config import DistillConfig, ModelConfig, PipelineConfig, TrainConfig
-from pxd.cost import measure_cost, static_cost
+from pxd.cost import LatencyCache, measure_cost, static_cost
 from pxd.data import load_dataset
 from pxd.losses import stage_loss_weights
 from pxd.metrics import metrics_before_training, metrics_from_cost
@@ -50,6 +52,7 @@ __all__ = [
     "LatencySettings",
     "prepare_teacher",
     "init_from",
+    "TIMED_SECTIONS",
 ]
 
 # Bump when a change to the training code would change what a stage produces, so stores miss.
@@ -57,6 +60,12 @@ STAGE_KEY_VERSION = 2
 
 # An assistant this far (absolute val_top1) below its teacher did not learn what it should pass on.
 ASSISTANT_GAP_WARNING = 0.10
+
+# What `run_tas` spends outside training, by section (`PipelineResult.timings`, seconds): loading the
+# data, creating models and counting their cost before training, getting stages from the provider beyond
+# training them (lookup, download, upload, waiting for another trial's stage), timing latency, and
+# evaluating on the test split. "training" is the training time of the stages this run trained.
+TIMED_SECTIONS = ("data", "models", "stages", "latency", "test", "training")
 
 
 @dataclass
@@ -103,6 +112,9 @@ class LatencySettings:
     device: str | None = None  # auto | cpu | cuda; None: the training device
     repeats: int = 20
     warmup: int = 5
+    cache: LatencyCache | None = None  # reuse a measurement of the same architecture and input (`pxd.cost`)
+    # called right before timing: e.g. to wait for the caller's background work, which would disturb it
+    before_timing: Callable[[], None] | None = None
 
 
 @dataclass
@@ -115,6 +127,32 @@ class PipelineResult:
     cost: dict[str, Any] = field(default_factory=dict)
     # What the user should look at (also logged): an assistant far below its teacher, skipped stages.
     warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per `TIMED_SECTIONS` entry
+
+
+@contextmanager
+def _timed(timings: dict[str, float], section: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[section] = timings.get(section, 0.0) + time.perf_counter() - started
+
+
+class _TimedProvider:
+    """Wraps a provider: its time beyond the training it did goes to section "stages", the training to
+    "training" (a stage's `train_seconds`)."""
+
+    def __init__(self, provider: StageProvider, timings: dict[str, float]) -> None:
+        self.provider, self.timings = provider, timings
+
+    def get_or_train(self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], StageResult]) -> StageOutcome:
+        started = time.perf_counter()
+        outcome = self.provider.get_or_train(kind, key, describe, train)
+        trained = 0.0 if outcome.reused else float(outcome.result.metrics.get("train_seconds", 0.0))
+        self.timings["training"] = self.timings.get("training", 0.0) + trained
+        self.timings["stages"] = self.timings.get("stages", 0.0) + max(0.0, time.perf_counter() - started - trained)
+        return outcome
 
 
 def _digest(payload: dict[str, Any]) -> str:
@@ -204,26 +242,31 @@ def run_tas(
     (`gmacs`, `params_m`, `pixels`) before any stage trains, and may raise to stop the run there
     (a sweep refuses a trial that breaks a hard budget this way).
     """
-    provider = provider or TrainingProvider()
+    timings = {section: 0.0 for section in TIMED_SECTIONS}
+    provider = _TimedProvider(provider or TrainingProvider(), timings)
     device = resolve_device(cfg.train.device)
-    data = data or load_dataset(cfg.dataset, cfg.seed)
+    with _timed(timings, "data"):
+        data = data or load_dataset(cfg.dataset, cfg.seed)
     keys = stage_keys(cfg, data.fingerprint)
     num_classes = data.num_classes
-    if before_training is not None:
+    with _timed(timings, "models"):
         student = _new_model(cfg.student, num_classes, "student", cfg.seed)
-        before_training(metrics_before_training(static_cost(student, cfg.student.resolution)))
+        static = static_cost(student, cfg.student.resolution)  # counted once: the budget check and the result
+    if before_training is not None:
+        before_training(metrics_before_training(static))
     high = cfg.teacher.resolution
     common = dict(data=data, image_resolution=high, train=cfg.train, seed=cfg.seed, device=device,
                   on_epoch=on_epoch, progress=progress)
     outcomes: dict[str, StageOutcome] = {}
 
     # Stage 0: teacher
-    teacher, outcomes["teacher"] = _teacher_stage(cfg, data, provider, keys["teacher"], device, common)
+    teacher, outcomes["teacher"] = _teacher_stage(cfg, data, provider, keys["teacher"], device, common, timings)
     upstream = teacher
 
     # Stage 1: model compression (assistant = student architecture at the teacher's resolution)
     if cfg.assistant.enabled:
-        assistant = _new_model(dataclasses.replace(cfg.student, resolution=high), num_classes, "student", cfg.seed)
+        with _timed(timings, "models"):
+            assistant = _new_model(dataclasses.replace(cfg.student, resolution=high), num_classes, "student", cfg.seed)
         outcomes["assistant"] = provider.get_or_train(
             "assistant", keys["assistant"], _describe(cfg, "assistant"),
             ResumableTraining(lambda checkpointing: train_stage(
@@ -234,9 +277,10 @@ def run_tas(
         upstream = assistant
 
     # Stage 2: input compression (student at low resolution, distilled from its upstream)
-    student = _new_model(cfg.student, num_classes, "student", cfg.seed)
-    if cfg.assistant.enabled and cfg.assistant.init_student:
-        init_from(upstream.state_dict(), student)
+    with _timed(timings, "models"):
+        student = _new_model(cfg.student, num_classes, "student", cfg.seed)
+        if cfg.assistant.enabled and cfg.assistant.init_student:
+            init_from(upstream.state_dict(), student)
     outcomes["student"] = provider.get_or_train(
         "student", keys["student"], _describe(cfg, "student"),
         ResumableTraining(lambda checkpointing: train_stage(
@@ -247,19 +291,32 @@ def run_tas(
 
     latency = latency or LatencySettings()
     timing_device = resolve_device(latency.device) if latency.device else device
-    cost = measure_cost(
-        student, cfg.student.resolution, device=str(timing_device),
-        dtype=autocast_dtype(timing_device) or torch.float32,
-        repeats=latency.repeats if measure_latency else 1, warmup=latency.warmup if measure_latency else 0,
-    )
+    with _timed(timings, "latency"):
+        if latency.before_timing is not None:
+            latency.before_timing()
+        cost = measure_cost(
+            student, cfg.student.resolution, device=str(timing_device),
+            dtype=autocast_dtype(timing_device) or torch.float32,
+            repeats=latency.repeats if measure_latency else 1, warmup=latency.warmup if measure_latency else 0,
+            cache=latency.cache, architecture=_architecture(cfg.student, num_classes), static=static,
+        )
     metrics = metrics_from_cost(cost, outcomes["student"].result.metrics)
     for kind, outcome in outcomes.items():
         metrics[f"{kind}_val_top1"] = outcome.result.metrics["val_top1"]
     if data.test is not None:
-        metrics["test_top1"] = _test_top1(cfg, data, student, device)
+        with _timed(timings, "test"):
+            metrics["test_top1"] = _test_top1(cfg, data, student, device)
     warnings = _pipeline_warnings(outcomes)
     return PipelineResult(config=cfg, metrics=metrics, stages=outcomes, student=student.cpu(), cost=cost.to_dict(),
-                          warnings=warnings)
+                          warnings=warnings, timings=timings)
+
+
+def _architecture(model: ModelConfig, num_classes: int) -> dict[str, Any]:
+    """What decides a model's latency: its architecture and head, not its weights (`LatencyCache`)."""
+    identity = dataclasses.asdict(model)
+    for weights_only in ("checkpoint", "pretrained", "epochs"):
+        identity.pop(weights_only, None)
+    return {**identity, "num_classes": num_classes}
 
 
 def _pipeline_warnings(outcomes: dict[str, StageOutcome]) -> list[str]:
@@ -294,10 +351,11 @@ def _new_model(model: ModelConfig, num_classes: int, field: str, seed: int) -> n
 
 def _teacher_stage(
     cfg: PipelineConfig, data: DatasetSplits, provider: StageProvider, key: str, device: torch.device,
-    common: dict[str, Any],
+    common: dict[str, Any], timings: dict[str, float] | None = None,
 ) -> tuple[nn.Module, StageOutcome]:
     high = cfg.teacher.resolution
-    teacher = _new_model(cfg.teacher, data.num_classes, "teacher", cfg.seed)
+    with _timed(timings if timings is not None else {}, "models"):
+        teacher = _new_model(cfg.teacher, data.num_classes, "teacher", cfg.seed)
 
     def train_teacher(checkpointing: Checkpointing | None) -> StageResult:
         if cfg.teacher.epochs == 0:  # a loaded checkpoint / pretrained teacher, used as is

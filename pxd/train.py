@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_CHECKPOINT_INTERVAL_S",
     "TRAINING_STATE_VERSION",
     "train_stage",
+    "train_step",
     "evaluate",
     "resolve_device",
     "autocast_dtype",
@@ -185,7 +186,6 @@ def train_stage(
     params = [p for p in model.parameters() if p.requires_grad] + distiller.student_side_parameters()
     optimizer = _optimizer(params, train)
     scheduler = _cosine_with_warmup(optimizer, steps_per_epoch * epochs)
-    amp = autocast_dtype(device)
 
     checkpointing = checkpointing or Checkpointing()
     best_top1, best_epoch, best_state = -1.0, 0, None
@@ -213,19 +213,10 @@ def train_stage(
         steps = 0
         for images, labels in iterate_batches(train_split, train.batch_size, shuffle=True, generator=generator, device=device):
             teacher_view, student_view = sampler(images, generator)
-            labels = labels.to(device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                teacher_taps = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_taps = forward_taps(teacher, _to_memory_format(teacher_view, device))
-                taps = forward_taps(model, _to_memory_format(student_view, device))
-                losses = distiller(taps, teacher_taps, labels, teacher_view)
-            loss = sum(losses.values())
-            _check_finite(kind, epoch, steps, losses)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, losses = train_step(
+                model, teacher, distiller, optimizer, teacher_view, student_view, labels.to(device), device=device,
+                check=lambda terms: _check_finite(kind, epoch, steps, terms),  # noqa: B023 - called at once
+            )
             scheduler.step()
             for name, value in distiller.critic_step().items():  # terms with their own optimiser
                 sums[name] = sums.get(name, 0.0) + value
@@ -270,6 +261,43 @@ def train_stage(
     }
     return StageResult(kind=kind, state_dict=best_state, metrics=metrics, history=history,
                        warnings=list(distiller.warnings))
+
+
+def train_step(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    distiller: Distiller,
+    optimizer: torch.optim.Optimizer,
+    teacher_view: torch.Tensor,
+    student_view: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    device: torch.device,
+    check: Callable[[dict[str, torch.Tensor]], None] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One optimisation step of a stage (the body of `train_stage`'s loop; bench/training_step.py times it):
+    the upstream model's taps on the teacher view, the model's on its own view, the distiller's weighted
+    terms, backward and the optimiser's step. Returns the summed loss and the terms. `check(terms)` runs
+    before backward and may raise (a diverged loss).
+
+    The upstream forward runs under no_grad, not inference_mode: loss terms (KD) save the teacher's
+    outputs for the student's backward, which inference tensors cannot be.
+    """
+    amp = autocast_dtype(device)
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        teacher_taps = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_taps = forward_taps(teacher, _to_memory_format(teacher_view, device))
+        taps = forward_taps(model, _to_memory_format(student_view, device))
+        losses = distiller(taps, teacher_taps, labels, teacher_view)
+    loss = sum(losses.values())
+    if check is not None:
+        check(losses)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, losses
 
 
 def _make_distiller(

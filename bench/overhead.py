@@ -1,0 +1,171 @@
+"""Orchestration overhead benchmark: per-trial wall time not spent training stages, and sweep efficiency.
+
+    python bench/overhead.py [--space search_spaces/quickstart.yaml] [--set KEY=VALUE ...] [--trials N]
+                             [--compare] [--out results.json]
+
+Runs the space on the local Ray with a fresh results root (its own embedded MLflow server and stage
+store) and reads every trial back from MLflow:
+
+- overhead of a trial = its run's wall time (end − start) − `stage_seconds_trained` (the training time of
+  the stages it trained itself); median and p90 over the COMPLETE trials, and the median of each timed
+  section (`overhead.<section>_s`: data, models, stages, latency, test, log_model; "other" is the rest:
+  starting the run, logging params and the result);
+- sweep efficiency = Σ stage training time (every stage run of the sweep, the teacher included)
+  ÷ (sweep wall time × search.max_concurrent), the sweep's wall time measured around `run_sweep` (Ray and
+  MLflow start-up included); "trial-phase efficiency" uses the span from the first trial's start to the
+  last trial's end instead.
+
+`--compare` runs the sweep twice, alternating, with the overhead cuts off (`PXD_OVERHEAD_CUTS=0`: every
+trial times its own latency and logs its model cold) and on, and prints both side by side with the ratios.
+Each run starts its own Ray, since trial processes take the environment from it. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from orchestrator import schema
+from orchestrator.spec import load_spec
+from orchestrator.stage_store import list_stages
+from orchestrator.sweep import SweepOptions, run_sweep
+from orchestrator.trial import OVERHEAD_CUTS_ENV, TRIAL_SECTIONS
+from pxd.pipeline import TIMED_SECTIONS
+
+SECTIONS = [s for s in TIMED_SECTIONS if s != "training"] + list(TRIAL_SECTIONS)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Linear-interpolated percentile (numpy's default)."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    position = (len(ordered) - 1) * fraction
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def one_sweep(spec: Any, *, cuts: bool, name: str) -> dict[str, Any]:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.tracking import resolve_tracking
+
+    os.environ[OVERHEAD_CUTS_ENV] = "1" if cuts else "0"
+    with tempfile.TemporaryDirectory(prefix="pxd-bench-overhead-") as root:
+        started = time.perf_counter()
+        outcome = run_sweep(spec, SweepOptions(name=name, root=root, quiet=True))
+        wall = time.perf_counter() - started
+        ray.shutdown()  # the next run starts its own Ray, whose workers take the environment set above
+        target = resolve_tracking(None, Path(root), read_only=True)
+        client = MlflowClient(target.uri)
+        parent = client.get_run(outcome.parent_run_id)
+        trials = [run for run in schema.trial_runs(client, parent) if run.data.tags.get(schema.Tag.STATE) == "COMPLETE"]
+        stage_seconds = sum(row["train_seconds"] for row in list_stages(target.uri)
+                            if row["train_seconds"] == row["train_seconds"])  # NaN: a stage without a result
+    rows = []
+    for run in trials:
+        metrics = run.data.metrics
+        run_wall = (run.info.end_time - run.info.start_time) / 1000
+        trained = metrics.get(schema.SweepMetric.STAGE_SECONDS_TRAINED, float("nan"))
+        sections = {s: metrics.get(schema.SweepMetric.overhead(s), float("nan")) for s in SECTIONS}
+        overhead = run_wall - trained
+        rows.append({"wall_s": run_wall, "trained_s": trained, "overhead_s": overhead, **sections,
+                     "other": overhead - sum(v for v in sections.values() if v == v),
+                     "latency_reused": metrics.get(schema.SweepMetric.LATENCY_REUSED, 0.0),
+                     "start": run.info.start_time / 1000, "end": run.info.end_time / 1000})
+    concurrency = spec.require_search().max_concurrent or 1
+    span = max(r["end"] for r in rows) - min(r["start"] for r in rows) if rows else float("nan")
+    trial_trained = sum(r["trained_s"] for r in rows)
+    overheads = [r["overhead_s"] for r in rows]
+    return {
+        "cuts": cuts, "sweep_wall_s": wall, "trials_complete": len(rows), "concurrency": concurrency,
+        "stage_seconds_total": stage_seconds, "efficiency": stage_seconds / (wall * concurrency),
+        "trial_phase_efficiency": trial_trained / (span * concurrency) if rows else float("nan"),
+        "overhead_median_s": statistics.median(overheads) if rows else float("nan"),
+        "overhead_p90_s": percentile(overheads, 0.9),
+        "trial_wall_median_s": statistics.median(r["wall_s"] for r in rows) if rows else float("nan"),
+        "trained_median_s": statistics.median(r["trained_s"] for r in rows) if rows else float("nan"),
+        "section_median_s": {s: statistics.median(r[s] for r in rows) for s in [*SECTIONS, "other"]} if rows else {},
+        "latency_reused": sum(r["latency_reused"] for r in rows),
+        "trials": rows,
+    }
+
+
+def print_table(results: dict[str, dict[str, Any]]) -> None:
+    labels = list(results)
+    print(f"{'':<34}" + "".join(f"{label:>14}" for label in labels))
+
+    def line(title: str, values: list[float], fmt: str = "{:>14.2f}") -> None:
+        print(f"{title:<34}" + "".join(fmt.format(v) for v in values))
+
+    line("trials COMPLETE", [results[k]["trials_complete"] for k in labels], "{:>14.0f}")
+    line("sweep wall s", [results[k]["sweep_wall_s"] for k in labels], "{:>14.1f}")
+    line("Σ stage training s (all stages)", [results[k]["stage_seconds_total"] for k in labels], "{:>14.1f}")
+    line("trial wall s, median", [results[k]["trial_wall_median_s"] for k in labels])
+    line("trial stage training s, median", [results[k]["trained_median_s"] for k in labels])
+    line("overhead s/trial, median", [results[k]["overhead_median_s"] for k in labels])
+    line("overhead s/trial, p90", [results[k]["overhead_p90_s"] for k in labels])
+    for section in [*SECTIONS, "other"]:
+        line(f"  {section} s, median", [results[k]["section_median_s"].get(section, float("nan")) for k in labels])
+    line("trials reusing a latency", [results[k]["latency_reused"] for k in labels], "{:>14.0f}")
+    line("sweep efficiency", [results[k]["efficiency"] for k in labels], "{:>14.3f}")
+    line("trial-phase efficiency", [results[k]["trial_phase_efficiency"] for k in labels], "{:>14.3f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", default="search_spaces/quickstart.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a value of the space, as `pxd sweep --set`")
+    parser.add_argument("--trials", type=int, default=None, help="override search.trials")
+    parser.add_argument("--compare", action="store_true", help="also run with the overhead cuts off, alternating")
+    parser.add_argument("--repeats", type=int, default=1, help="sweeps per variant (alternating with --compare)")
+    parser.add_argument("--out", type=Path, default=None, help="write every number as JSON")
+    args = parser.parse_args()
+    overrides = list(args.overrides) + ([f"search.trials={args.trials}"] if args.trials else [])
+    spec = load_spec(args.space, overrides)
+    load_before = os.getloadavg()
+    variants = [("cuts_off", False), ("cuts_on", True)] if args.compare else [("cuts_on", True)]
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in variants}
+    for repeat in range(args.repeats):
+        for label, cuts in variants if repeat % 2 == 0 else variants[::-1]:
+            print(f"[bench] {args.space} {label} (repeat {repeat + 1}) ...", file=sys.stderr, flush=True)
+            runs[label].append(one_sweep(spec, cuts=cuts, name=f"bench-overhead-{label}-{repeat}"))
+    # per variant: the repeat with the median sweep wall time
+    results = {label: sorted(rs, key=lambda r: r["sweep_wall_s"])[len(rs) // 2] for label, rs in runs.items()}
+    load_after = os.getloadavg()
+    print(f"space {args.space} {' '.join(overrides)}; load average before {load_before[0]:.2f} "
+          f"after {load_after[0]:.2f}; {os.cpu_count()} CPUs; torch {torch.__version__}")
+    print_table(results)
+    if args.compare:
+        off, on = results["cuts_off"], results["cuts_on"]
+        print(f"ratio off/on: median overhead {off['overhead_median_s'] / on['overhead_median_s']:.2f}x, "
+              f"p90 overhead {off['overhead_p90_s'] / on['overhead_p90_s']:.2f}x, "
+              f"sweep wall {off['sweep_wall_s'] / on['sweep_wall_s']:.2f}x")
+    for label, result in results.items():
+        met = [f"median overhead {result['overhead_median_s']:.2f} s vs target 1 s "
+               f"({'met' if result['overhead_median_s'] <= 1.0 else 'missed'})",
+               f"efficiency {result['efficiency']:.3f} vs target 0.85 "
+               f"({'met' if result['efficiency'] >= 0.85 else 'missed'})"]
+        print(f"{label}: " + "; ".join(met))
+    if args.out:
+        args.out.write_text(json.dumps({"runs": runs, "space": args.space, "overrides": overrides,
+                                        "load_before": load_before, "load_after": load_after,
+                                        "python": platform.python_version(), "torch": torch.__version__}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
