@@ -43,6 +43,8 @@ __all__ = [
     "TrialResult",
     "failed_report",
     "report_error",
+    "over_budget_report",
+    "report_over_budget",
     "trial_start_tags",
     "log_trial_result",
     "log_trial_failure",
@@ -195,6 +197,21 @@ def failed_report(run_id: str, error: str) -> dict[str, Any]:
     """The final Tune report of a trial that failed with an error that would repeat (not retried): `done`
     without objectives, so the searcher tells FAIL."""
     return {"mlflow_run_id": run_id, _REPORT_ERROR: error, "done": True}
+
+
+_REPORT_OVER_BUDGET = "pruned_before_training"
+
+
+def over_budget_report(run_id: str, reason: str, metrics: Mapping[str, float], constraints: Sequence[float]
+                       ) -> dict[str, Any]:
+    """The final Tune report of a trial refused before training (a hard limit on a metric known before
+    training): its known metrics and constraint values, and why; the searcher tells PRUNED."""
+    return {**metrics, _REPORT_OVER_BUDGET: reason, "constraints": list(constraints), "mlflow_run_id": run_id}
+
+
+def report_over_budget(result: Mapping[str, Any]) -> str | None:
+    """Why a final report's trial was refused before training (`over_budget_report`), else None."""
+    return result.get(_REPORT_OVER_BUDGET)
 
 
 def report_error(result: Mapping[str, Any]) -> str | None:

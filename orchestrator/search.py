@@ -26,6 +26,7 @@ __all__ = [
     "SamplerConfig",
     "ResourcesConfig",
     "LatencyConfig",
+    "EarlyStoppingConfig",
     "SearchConfig",
     "parse_search",
     "sampler_for",

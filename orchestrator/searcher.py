@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.schema import FINAL_REPORT, report_error
-from orchestrator.trial import BEFORE_TRAINING
+from orchestrator.schema import FINAL_REPORT, report_error, report_over_budget
 
 if TYPE_CHECKING:
     from orchestrator.spec import SweepSpec
@@ -64,12 +63,12 @@ class ParetoOptunaSearch(OptunaSearch):
             # telling Optuna and before Tune saved its own state): telling it again would raise
             self._completed_trials.add(trial_id)
             return
-        if result and result.get(BEFORE_TRAINING):
+        if result and report_over_budget(result):
             # refused before training (a hard limit on gmacs/params/pixels): PRUNED, with its constraint values
             # so that constrained samplers (TPE) count the region as infeasible
             for name, value in zip(self._constraint_names, result.get("constraints") or []):
                 ot_trial.set_constraint(name, value)
-            ot_trial.set_user_attr("pxd_pruned", str(result[BEFORE_TRAINING])[:1000])
+            ot_trial.set_user_attr("pxd_pruned", str(report_over_budget(result))[:1000])
             if result.get("mlflow_run_id"):
                 ot_trial.set_user_attr("mlflow_run_id", result["mlflow_run_id"])
             self._tell_no_values(ot_trial, optuna.trial.TrialState.PRUNED)

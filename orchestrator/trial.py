@@ -33,10 +33,7 @@ if TYPE_CHECKING:
     from pxd.config import PipelineConfig
     from pxd.cost import LatencyCache
 
-__all__ = ["TrialContext", "run_trial", "OverBudget", "BEFORE_TRAINING", "TRIAL_SECTIONS", "OVERHEAD_CUTS_ENV"]
-
-# the key of a final report of a trial refused before training (its reason); the searcher tells it PRUNED
-BEFORE_TRAINING = "pruned_before_training"
+__all__ = ["TrialContext", "run_trial", "OverBudget", "TRIAL_SECTIONS", "OVERHEAD_CUTS_ENV"]
 # what a trial times outside training beyond the pipeline's sections (`pxd.pipeline.TIMED_SECTIONS`);
 # each is logged as `schema.SweepMetric.overhead(section)`
 TRIAL_SECTIONS = ("log_model",)
@@ -116,7 +113,7 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
 
     # started once a stage trains (not beside the data set-up it would slow down); waited for before latency
     # timing and the model log
-    warm_up = _ModelLoggingWarmUp(enabled=os.environ.get(OVERHEAD_CUTS_ENV, "1") != "0")
+    warm_up = _ModelLoggingWarmUp(enabled=_overhead_cuts())
     trial_id = _trial_id()
     in_tune = trial_id is not None
     trial_id = trial_id or "local"
@@ -151,9 +148,8 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
             reason = f"infeasible before training: {over}; nothing was trained"
             schema.log_trial_over_budget(client, run_id, over.metrics, reason)
             mlflow.end_run(status="KILLED")
-            report = {**over.metrics, BEFORE_TRAINING: reason, "constraints": over.constraints, "mlflow_run_id": run_id}
             if in_tune:
-                tune.report(report)
+                tune.report(schema.over_budget_report(run_id, reason, over.metrics, over.constraints))
             return schema.TrialResult(run_id=run_id, metrics=over.metrics, feasible=False, model_uri=None,
                                       constraints=over.constraints)
         except (SystemExit, KeyboardInterrupt):
@@ -218,9 +214,13 @@ def _latency_cache(context: TrialContext, config: PipelineConfig) -> LatencyCach
     from pxd.cost import LatencyCache
     from pxd.data import cache_root
 
-    if os.environ.get(OVERHEAD_CUTS_ENV, "1") == "0":
+    if not _overhead_cuts():
         return None
     return LatencyCache(scope=context.parent_run_id, directory=cache_root(config.dataset) / "latency")
+
+
+def _overhead_cuts() -> bool:
+    return os.environ.get(OVERHEAD_CUTS_ENV, "1") != "0"
 
 
 def _node_id() -> str:
