@@ -17,7 +17,7 @@ student budget (epochs, data, crops, initial weights):
 Distilled variants use pxd's DistillConfig defaults (the paper's α = 0.9, T = 4, η) unless flags say
 otherwise. The teacher, the assistant and the CE model at R are trained once per seed and shared.
 
-    PYTHONPATH=. python bench/distillation.py                     # synthetic set, seeds 0 1 2
+    PYTHONPATH=. python bench/distillation.py                     # synthetic set at 64 px, seeds 0 1 2
     PYTHONPATH=. python bench/distillation.py --dataset ../shared/datasets/flowers128 --seeds 0 1 2
 
 Nothing here is run by the test suite. Everything goes through pxd's API (`run_tas`, `train_stage`,
@@ -235,14 +235,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--student-resolutions", type=int, nargs="+", default=None, help="default R/2 and R/4")
     parser.add_argument("--teacher", default="resnet10t")
     parser.add_argument("--student", default="resnet10t")
-    parser.add_argument("--teacher-epochs", type=int, default=8)
+    parser.add_argument("--teacher-epochs", type=int, default=30,
+                        help="the teacher trains once per seed, to convergence (a user distils a good teacher)")
     parser.add_argument("--epochs", type=int, default=5, help="assistant and student epochs (every variant)")
     parser.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (pxd's default 4)")
     parser.add_argument("--kd", type=float, default=None, help="α (default: pxd's DistillConfig default)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=None, help="SGD lr of every stage (default: pxd's train.lr)")
     parser.add_argument("--num-classes", type=int, default=8, help="synthetic only")
-    parser.add_argument("--train-per-class", type=int, default=96, help="synthetic: images made; folder: cap (0 = all)")
+    parser.add_argument("--train-per-class", type=int, default=64, help="synthetic: images made; folder: cap (0 = all)")
     parser.add_argument("--val-per-class", type=int, default=250, help="synthetic only (8 × 250 = 2,000 val images)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip ce_10x (the slowest variant)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
