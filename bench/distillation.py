@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import platform
 import statistics
@@ -46,7 +47,7 @@ from pxd.data import load_dataset
 from pxd.models import create_model
 from pxd.pipeline import StageOutcome, init_from, run_tas
 from pxd.train import StageResult, resolve_device, train_stage
-from pxd.types import DatasetSplits
+from pxd.types import DatasetSplits, ImageSet
 
 __all__ = ["MemoryStageCache", "base_config", "main", "run_ce", "run_distilled", "run_seed", "summarise"]
 
@@ -78,9 +79,9 @@ def base_config(args: argparse.Namespace, seed: int, student_resolution: int) ->
     if args.dataset == "synthetic":
         dataset = {"kind": "synthetic", "image_size": args.resolution, "num_classes": args.num_classes,
                    "train_per_class": args.train_per_class, "val_per_class": args.val_per_class}
-    else:  # an ImageFolder tree; 0 keeps every image
+    else:  # an ImageFolder tree, every image (`load_bench_data` caps the training images)
         dataset = {"kind": "imagefolder", "path": args.dataset, "image_size": args.resolution,
-                   "train_per_class": args.train_per_class, "val_per_class": 0}
+                   "train_per_class": 0, "val_per_class": 0}
     distill = {"temperature": args.temperature}
     if args.kd is not None:
         distill["kd"] = args.kd
@@ -94,6 +95,28 @@ def base_config(args: argparse.Namespace, seed: int, student_resolution: int) ->
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "device": args.device,
                   **({} if args.lr is None else {"lr": args.lr})},
     })
+
+
+def load_bench_data(cfg: PipelineConfig, args: argparse.Namespace, seed: int) -> DatasetSplits:
+    """The synthetic set as configured; a folder with `--train-per-class` training photos per class
+    (drawn with `seed`), the training photos left over joining the val photos as validation (held out,
+    never trained on: flowers128 has 736 val photos, too few to resolve a point)."""
+    data = load_dataset(cfg.dataset, seed)
+    if cfg.dataset.kind == "synthetic" or not args.train_per_class:
+        return data
+    generator = torch.Generator().manual_seed(seed)
+    keep, rest = [], []
+    for label in range(data.num_classes):
+        members = torch.nonzero(data.train.labels == label).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        keep.append(members[: args.train_per_class])
+        rest.append(members[args.train_per_class:])
+    keep, rest = torch.cat(keep).sort().values, torch.cat(rest).sort().values
+    train = ImageSet(data.train.images[keep], data.train.labels[keep])
+    val = ImageSet(torch.cat([data.val.images, data.train.images[rest]]), torch.cat([data.val.labels, data.train.labels[rest]]))
+    fingerprint = hashlib.sha256(f"{data.fingerprint}:train-per-class {args.train_per_class}:seed {seed}".encode()).hexdigest()
+    return dataclasses.replace(data, train=train, val=val, fingerprint=fingerprint,
+                               caps={"train_per_class": args.train_per_class})
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -152,7 +175,7 @@ def run_seed(args: argparse.Namespace, seed: int, started: float) -> dict[int, d
     high_ce_state = None
     for resolution in args.student_resolutions:
         cfg = base_config(args, seed, resolution)
-        data = data or load_dataset(cfg.dataset, seed)
+        data = data or load_bench_data(cfg, args, seed)
         if high_ce_state is None:
             high, high_ce_state = run_ce(cfg, data, cfg.teacher.resolution, _printer(seed, f"ce@{cfg.teacher.resolution}", started))
             runs[cfg.teacher.resolution] = {"ce": high}
@@ -243,7 +266,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=None, help="SGD lr of every stage (default: pxd's train.lr)")
     parser.add_argument("--num-classes", type=int, default=8, help="synthetic only")
-    parser.add_argument("--train-per-class", type=int, default=64, help="synthetic: images made; folder: cap (0 = all)")
+    parser.add_argument("--train-per-class", type=int, default=64,
+                        help="synthetic: images made; folder: training photos per class, the rest validate (0 = all train)")
     parser.add_argument("--val-per-class", type=int, default=250, help="synthetic only (8 × 250 = 2,000 val images)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip ce_10x (the slowest variant)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

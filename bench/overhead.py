@@ -15,8 +15,13 @@ store) and reads every trial back from MLflow:
   MLflow start-up included); "trial-phase efficiency" uses the span from the first trial's start to the
   last trial's end instead.
 
-`--compare` runs the sweep twice, alternating, with the overhead cuts off (`PXD_OVERHEAD_CUTS=0`: every
-trial times its own latency and logs its model cold) and on, and prints both side by side with the ratios.
+"slot time not training" = (that span × concurrency − Σ the trials' own stage training) ÷ trials: the
+run's overhead plus what happens between runs (a new worker process importing torch, timm and MLflow,
+idle slots).
+
+`--compare` runs the sweep twice, alternating, with the overhead cuts off (`PXD_OVERHEAD_CUTS=0` and
+`search.reuse_actors=false`: every trial in a fresh worker process, loading its dataset, timing its own
+latency and logging its model cold) and on, and prints both side by side with the ratios.
 Each run starts its own Ray, since trial processes take the environment from it. Not part of the test suite.
 """
 
@@ -93,6 +98,9 @@ def one_sweep(spec: Any, *, cuts: bool, name: str) -> dict[str, Any]:
         "cuts": cuts, "sweep_wall_s": wall, "trials_complete": len(rows), "concurrency": concurrency,
         "stage_seconds_total": stage_seconds, "efficiency": stage_seconds / (wall * concurrency),
         "trial_phase_efficiency": trial_trained / (span * concurrency) if rows else float("nan"),
+        # what a trial slot spends not training, between the first trial's start and the last one's end:
+        # the run's own overhead plus starting a worker process (imports) and idle slots
+        "slot_overhead_per_trial_s": (span * concurrency - trial_trained) / len(rows) if rows else float("nan"),
         "overhead_median_s": statistics.median(overheads) if rows else float("nan"),
         "overhead_p90_s": percentile(overheads, 0.9),
         "trial_wall_median_s": statistics.median(r["wall_s"] for r in rows) if rows else float("nan"),
@@ -119,6 +127,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
     line("overhead s/trial, p90", [results[k]["overhead_p90_s"] for k in labels])
     for section in [*SECTIONS, "other"]:
         line(f"  {section} s, median", [results[k]["section_median_s"].get(section, float("nan")) for k in labels])
+    line("slot time not training s/trial", [results[k]["slot_overhead_per_trial_s"] for k in labels])
     line("trials reusing a latency", [results[k]["latency_reused"] for k in labels], "{:>14.0f}")
     line("sweep efficiency", [results[k]["efficiency"] for k in labels], "{:>14.3f}")
     line("trial-phase efficiency", [results[k]["trial_phase_efficiency"] for k in labels], "{:>14.3f}")
@@ -135,14 +144,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="write every number as JSON")
     args = parser.parse_args()
     overrides = list(args.overrides) + ([f"search.trials={args.trials}"] if args.trials else [])
-    spec = load_spec(args.space, overrides)
+    # cuts off: also a fresh worker process per trial (Tune's default), as before search.reuse_actors
+    specs = {True: load_spec(args.space, overrides), False: load_spec(args.space, [*overrides, "search.reuse_actors=false"])}
+    spec = specs[True]
     load_before = os.getloadavg()
     variants = [("cuts_off", False), ("cuts_on", True)] if args.compare else [("cuts_on", True)]
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in variants}
     for repeat in range(args.repeats):
         for label, cuts in variants if repeat % 2 == 0 else variants[::-1]:
             print(f"[bench] {args.space} {label} (repeat {repeat + 1}) ...", file=sys.stderr, flush=True)
-            runs[label].append(one_sweep(spec, cuts=cuts, name=f"bench-overhead-{label}-{repeat}"))
+            runs[label].append(one_sweep(specs[cuts], cuts=cuts, name=f"bench-overhead-{label}-{repeat}"))
     # per variant: the repeat with the median sweep wall time
     results = {label: sorted(rs, key=lambda r: r["sweep_wall_s"])[len(rs) // 2] for label, rs in runs.items()}
     load_after = os.getloadavg()

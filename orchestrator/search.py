@@ -108,6 +108,10 @@ class SearchConfig:
     # times a trial whose process or node was lost (killed, out of memory, node preempted) is run again;
     # errors that would repeat (a bad config, a diverged loss: `pxd.errors.PxdError`) are never retried
     max_retries: int = 2
+    # Ray Tune's `reuse_actors`: a trial's worker process (its imported libraries, the dataset it loaded,
+    # MLflow's package scan) is kept for the next trial on the same resources instead of a new process
+    # per trial; false gives every trial a fresh process (what Tune does by default)
+    reuse_actors: bool = True
 
     @property
     def objective_metrics(self) -> tuple[str, ...]:

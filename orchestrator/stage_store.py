@@ -69,6 +69,11 @@ PARTIAL_SLOTS = ("state-a.pt", "state-b.pt")
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _BATCH = 1000  # MLflow's limit of metrics per log_batch request
+# (stage run id, checkpoint sha256) → its verified result, kept by this process: a worker process that
+# runs trial after trial (`search.reuse_actors`) downloads the teacher and an assistant once, not once per
+# trial. The hash is the checkpoint's, so a kept result is exactly what a new download would verify.
+_LOADED: dict[tuple[str, str], StageResult] = {}
+_LOADED_MAX = 4
 
 
 class StageWaitTimeout(PxdError, RuntimeError):
@@ -186,12 +191,20 @@ class MlflowStageStore:
 
         from pxd.train import StageResult
 
-        payload = self._verified(run, CHECKPOINT, run.data.tags.get(Tag.CHECKPOINT_SHA256))
+        sha256 = run.data.tags.get(Tag.CHECKPOINT_SHA256)
+        kept = _LOADED.get((run.info.run_id, sha256 or ""))
+        if kept is not None:
+            return kept
+        payload = self._verified(run, CHECKPOINT, sha256)
         if payload is None:
             return None
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         metrics = {k: v for k, v in run.data.metrics.items()}
-        return StageResult(kind=run.data.tags[Tag.STAGE], state_dict=state, metrics=metrics)
+        result = StageResult(kind=run.data.tags[Tag.STAGE], state_dict=state, metrics=metrics)
+        if len(_LOADED) >= _LOADED_MAX:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[(run.info.run_id, sha256 or "")] = result
+        return result
 
     def _verified(self, run: Run, artifact: str, sha256: str | None) -> bytes | None:
         """The artifact's bytes when they match `sha256`; None after tagging the run corrupt when the

@@ -224,6 +224,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
                     # its sample target follows search.trials of the latest launch (a resume may raise it)
                     search_alg=SweepSearchGenerator(searcher, budget_path), num_samples=search.trials,
                     scheduler=_scheduler(spec, sweep_dir, target.uri),
+                    reuse_actors=search.reuse_actors,
                 ),
                 run_config=run_config,
             )

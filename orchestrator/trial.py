@@ -140,8 +140,12 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
             search = context.spec.require_search()
             latency = LatencySettings(search.latency.device, search.latency.repeats, search.latency.warmup,
                                       cache=_latency_cache(context, config), before_timing=warm_up.wait)
+            loading = time.perf_counter()
+            data = _process_dataset(config)
+            loading = time.perf_counter() - loading
             outcome = run_tas(config, provider=make_provider(context, parent_run_id=run_id), on_epoch=on_epoch,
-                              progress=False, latency=latency, before_training=_budget_check(context.spec, known))
+                              progress=False, latency=latency, before_training=_budget_check(context.spec, known),
+                              data=data)
         except OverBudget as over:
             # infeasible by architecture and input alone: recorded PRUNED with the reason, nothing trained;
             # the searcher tells Optuna PRUNED with the constraint values, so the sampler learns the region
@@ -170,6 +174,7 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
         warm_up.wait()
         model_uri = _log_student(outcome.student, config.student.resolution)
         sections = {**outcome.timings, "log_model": time.perf_counter() - started}
+        sections["data"] = sections.get("data", 0.0) + loading
         trained_seconds = sections.pop("training", 0.0)
         metrics = {
             **outcome.metrics,
@@ -217,6 +222,26 @@ def _latency_cache(context: TrialContext, config: PipelineConfig) -> LatencyCach
     if not _overhead_cuts():
         return None
     return LatencyCache(scope=context.parent_run_id, directory=cache_root(config.dataset) / "latency")
+
+
+# (dataset config, seed) → its splits, kept by this process for the next trial (one entry: a sweep has
+# one dataset); a worker process lives on between trials with `search.reuse_actors`
+_DATASETS: dict[tuple[Any, int], Any] = {}
+
+
+def _process_dataset(config: PipelineConfig) -> Any:
+    """The trial's dataset, loaded once per worker process: a reused process does not generate the
+    synthetic set or map a decoded dataset again. None (the pipeline loads it itself) when the overhead
+    cuts are off. Splits are only ever read, so trials can share them."""
+    from pxd.data import load_dataset
+
+    if not _overhead_cuts():
+        return None
+    key = (config.dataset, config.seed)
+    if key not in _DATASETS:
+        _DATASETS.clear()
+        _DATASETS[key] = load_dataset(config.dataset, config.seed, progress=False)
+    return _DATASETS[key]
 
 
 def _overhead_cuts() -> bool:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from mlflow.tracking import MlflowClient
 
 from orchestrator import schema
 from orchestrator.spec import parse_spec
 from orchestrator.sweep import _experiment_id, _parent_run
+from orchestrator import trial as trial_module
 from orchestrator.trial import OVERHEAD_CUTS_ENV, TRIAL_SECTIONS, TrialContext, run_trial
 from pxd import cost as cost_module
 from pxd.pipeline import TIMED_SECTIONS
@@ -32,7 +35,12 @@ def fresh_trial_processes(monkeypatch, tmp_path):
     """Each trial as in a new process (no measurement held in memory), the cache on disk under tmp_path."""
     monkeypatch.setenv("PXD_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv(OVERHEAD_CUTS_ENV, raising=False)
-    return lambda: monkeypatch.setattr(cost_module, "_IN_PROCESS", {})
+
+    def fresh() -> None:
+        monkeypatch.setattr(cost_module, "_IN_PROCESS", {})
+        monkeypatch.setattr(trial_module, "_DATASETS", {})
+
+    return fresh
 
 
 def test_a_second_trial_of_the_same_student_reuses_the_latency_and_says_so(mlflow_server, fresh_trial_processes):
@@ -64,3 +72,19 @@ def test_latency_reuse_can_be_turned_off(mlflow_server, fresh_trial_processes, m
         result = run_trial({"student.resolution": 8}, context)
         reused.append(client.get_run(result.run_id).data.metrics[schema.SweepMetric.LATENCY_REUSED])
     assert reused == [0.0, 0.0]
+
+
+def test_a_kept_worker_process_loads_the_dataset_once(monkeypatch):
+    """With search.reuse_actors a worker process runs trial after trial: the second trial of the same
+    dataset gets the splits already in memory; another dataset replaces them; cuts off loads every time."""
+    monkeypatch.setattr(trial_module, "_DATASETS", {})
+    monkeypatch.delenv(OVERHEAD_CUTS_ENV, raising=False)
+    spec = parse_spec(tiny_space(), source_path="overhead.yaml")
+    config = spec.base
+    first = trial_module._process_dataset(config)
+    assert trial_module._process_dataset(config) is first
+    other = dataclasses.replace(config, dataset=dataclasses.replace(config.dataset, train_per_class=4))
+    assert trial_module._process_dataset(other) is not first and len(trial_module._DATASETS) == 1
+    assert len(trial_module._process_dataset(other).train) == 4 * first.num_classes
+    monkeypatch.setenv(OVERHEAD_CUTS_ENV, "0")
+    assert trial_module._process_dataset(config) is None  # the pipeline loads it itself
