@@ -75,3 +75,32 @@ def test_the_shared_attribute_survives_at_one_eighth(bed):
     means = torch.stack([mean_colour(train.images)[train.labels // 2 == s].mean(0) for s in range(2)])
     predicted = torch.cdist(mean_colour(val.images), means).argmin(1)
     assert (predicted == val.labels // 2).float().mean() >= 0.9
+
+
+@pytest.mark.long
+def test_at_a_quarter_of_the_side_cross_entropy_needs_more_data_to_learn_the_cue():
+    """The bed's promise to the distillation benchmark: at 16 px (from 64) the orientation cue is learnable
+    (CE with 10× the images) but not at the default budget (64 images per class, 5 epochs)."""
+    import dataclasses
+
+    from pxd.config import PipelineConfig
+    from pxd.data import load_dataset
+    from pxd.models import create_model
+    from pxd.train import train_stage
+
+    cfg = PipelineConfig.from_dict({
+        "dataset": {"kind": "synthetic", "image_size": 64, "num_classes": 8, "train_per_class": 64, "val_per_class": 100},
+        "teacher": {"arch": "resnet10t", "resolution": 64},
+        "student": {"arch": "resnet10t", "resolution": 16},
+        "train": {"epochs": 5, "batch_size": 64, "device": "cpu"},
+    })
+    accuracy = {}
+    for factor in (1, 10):
+        data = load_dataset(dataclasses.replace(cfg.dataset, train_per_class=64 * factor), 0)
+        torch.manual_seed(0)
+        student = create_model(cfg.student, data.num_classes, field="student")
+        result = train_stage("student", student, data, resolution=16, image_resolution=64, teacher=None,
+                             distill=None, train=cfg.train, epochs=5, seed=0, device=torch.device("cpu"), progress=False)
+        accuracy[factor] = result.metrics["val_top1"]
+    assert accuracy[1] < 0.65, accuracy  # the 4 shapes (0.5) and little of the orientation
+    assert accuracy[10] >= accuracy[1] + 0.25, accuracy  # the cue is there to be learned
