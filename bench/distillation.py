@@ -85,6 +85,8 @@ def base_config(args: argparse.Namespace, seed: int, student_resolution: int) ->
     distill = {"temperature": args.temperature}
     if args.kd is not None:
         distill["kd"] = args.kd
+    if args.isrd is not None:
+        distill["isrd"] = args.isrd
     return PipelineConfig.from_dict({
         "name": "bench-distillation",
         "seed": seed,
@@ -263,6 +265,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=5, help="assistant and student epochs (every variant)")
     parser.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (pxd's default 4)")
     parser.add_argument("--kd", type=float, default=None, help="α (default: pxd's DistillConfig default)")
+    parser.add_argument("--isrd", type=float, default=None, help="ISRD weight η (default: pxd's DistillConfig default)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=None, help="SGD lr of every stage (default: pxd's train.lr)")
     parser.add_argument("--num-classes", type=int, default=8, help="synthetic only")

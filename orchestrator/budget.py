@@ -88,6 +88,27 @@ class SweepSearchGenerator(SearchGenerator):
         if isinstance(target, int) and target > self._total_samples:
             self._total_samples = target
 
+    def restore_from_dir(self, dirpath: str) -> None:
+        super().restore_from_dir(dirpath)
+        # trials that were created and finished after Tune's last snapshot (the driver died between):
+        # Optuna holds them, Tune's restored state does not; they count towards search.trials
+        self._counter += len(finished_after_snapshot(self.searcher))
+
+
+def finished_after_snapshot(searcher: Searcher) -> list[int]:
+    """Numbers of the study's finished trials (COMPLETE, PRUNED, FAIL) that the restored searcher does not
+    hold: created after the snapshot it was restored from. Unwraps Tune's ConcurrencyLimiter."""
+    import optuna
+
+    while hasattr(searcher, "searcher"):
+        searcher = searcher.searcher
+    study = getattr(searcher, "_ot_study", None)
+    if study is None:
+        return []
+    known = {trial.number for trial in getattr(searcher, "_ot_trials", {}).values()}
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    return [t.number for t in study.get_trials(deepcopy=False, states=finished) if t.number not in known]
+
 
 class LaunchBudget(Stopper):
     """Stops every trial when this launch's `search.timeout_s` has run out (Tune's `time_budget_s`,
