@@ -19,8 +19,8 @@ store) and reads every trial back from MLflow:
 run's overhead plus what happens between runs (a new worker process importing torch, timm and MLflow,
 idle slots).
 
-`--compare` runs the sweep twice, alternating, with the overhead cuts off (`PXD_OVERHEAD_CUTS=0` and
-`search.reuse_actors=false`: every trial in a fresh worker process, loading its dataset, timing its own
+`--compare` runs the sweep twice, alternating, with the overhead cuts on (`search.reuse_actors=true`)
+and off (`PXD_OVERHEAD_CUTS=0` and `search.reuse_actors=false`: every trial in a fresh worker process, loading its dataset, timing its own
 latency and logging its model cold) and on, and prints both side by side with the ratios.
 Each run starts its own Ray, since trial processes take the environment from it. Not part of the test suite.
 """
@@ -144,8 +144,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="write every number as JSON")
     args = parser.parse_args()
     overrides = list(args.overrides) + ([f"search.trials={args.trials}"] if args.trials else [])
-    # cuts off: also a fresh worker process per trial (Tune's default), as before search.reuse_actors
-    specs = {True: load_spec(args.space, overrides), False: load_spec(args.space, [*overrides, "search.reuse_actors=false"])}
+    # cuts on: worker processes kept between trials (search.reuse_actors); off: a fresh one per trial
+    specs = {True: load_spec(args.space, [*overrides, "search.reuse_actors=true"]),
+             False: load_spec(args.space, [*overrides, "search.reuse_actors=false"])}
     spec = specs[True]
     load_before = os.getloadavg()
     variants = [("cuts_off", False), ("cuts_on", True)] if args.compare else [("cuts_on", True)]

@@ -25,7 +25,7 @@ from typing import Any
 from ray.tune import Stopper
 from ray.tune.search import SearchGenerator, Searcher
 
-__all__ = ["BUDGET_FILE", "LaunchBudget", "SweepSearchGenerator", "read_budget", "write_budget", "raised_only"]
+__all__ = ["BUDGET_FILE", "LaunchBudget", "RecordedTrials", "SweepSearchGenerator", "read_budget", "write_budget", "raised_only"]
 
 BUDGET_FILE = "budget.json"
 RAISABLE = ("search.trials", "search.timeout_s")
@@ -78,9 +78,10 @@ class SweepSearchGenerator(SearchGenerator):
     On resume Tune restores the generator's state, target included, from its last checkpoint; the
     target is then raised to the one in the sweep's budget file (never lowered below what ran)."""
 
-    def __init__(self, searcher: Searcher, budget_path: str | Path) -> None:
+    def __init__(self, searcher: Searcher, budget_path: str | Path, recorded: RecordedTrials | None = None) -> None:
         super().__init__(searcher)
         self._budget_path = str(budget_path)
+        self._recorded = recorded
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
@@ -91,13 +92,43 @@ class SweepSearchGenerator(SearchGenerator):
     def restore_from_dir(self, dirpath: str) -> None:
         super().restore_from_dir(dirpath)
         # trials that were created and finished after Tune's last snapshot (the driver died between):
-        # Optuna holds them, Tune's restored state does not; they count towards search.trials
-        self._counter += len(finished_after_snapshot(self.searcher))
+        # Optuna or MLflow holds them, Tune's restored state does not; they count towards search.trials
+        self._counter += len(finished_after_snapshot(self.searcher, self._recorded))
 
 
-def finished_after_snapshot(searcher: Searcher) -> list[int]:
-    """Numbers of the study's finished trials (COMPLETE, PRUNED, FAIL) that the restored searcher does not
-    hold: created after the snapshot it was restored from. Unwraps Tune's ConcurrencyLimiter."""
+class RecordedTrials:
+    """The Tune trial ids a sweep's MLflow runs record as COMPLETE (picklable; no password kept)."""
+
+    def __init__(self, tracking_uri: str, parent_run_id: str) -> None:
+        self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
+
+    def __getstate__(self) -> dict[str, Any]:
+        from orchestrator import credentials
+
+        return {**self.__dict__, "tracking_uri": credentials.without_password(self.tracking_uri)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from orchestrator import credentials
+
+        self.__dict__.update({**state, "tracking_uri": credentials.full_url(state["tracking_uri"])})
+
+    def complete(self) -> dict[str, str]:
+        """Tune trial id → MLflow run id of its COMPLETE run."""
+        from mlflow.tracking import MlflowClient
+
+        from orchestrator import schema
+
+        client = MlflowClient(self.tracking_uri)
+        parent = client.get_run(self.parent_run_id)
+        return {run.data.tags[schema.Tag.TRIAL_ID]: run.info.run_id
+                for run in schema.trial_runs(client, parent, state="COMPLETE")}
+
+
+def finished_after_snapshot(searcher: Searcher, recorded: RecordedTrials | None = None) -> list[str]:
+    """The trials created after the snapshot the searcher was restored from that finished: the study's
+    finished trials (COMPLETE, PRUNED, FAIL) the restored searcher does not hold, and the COMPLETE MLflow
+    runs of Tune trials it does not hold (a trial can finish in MLflow before the driver tells Optuna).
+    Unwraps Tune's ConcurrencyLimiter."""
     import optuna
 
     while hasattr(searcher, "searcher"):
@@ -105,9 +136,14 @@ def finished_after_snapshot(searcher: Searcher) -> list[int]:
     study = getattr(searcher, "_ot_study", None)
     if study is None:
         return []
-    known = {trial.number for trial in getattr(searcher, "_ot_trials", {}).values()}
+    held = getattr(searcher, "_ot_trials", {})
+    known = {trial.number for trial in held.values()}
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    return [t.number for t in study.get_trials(deepcopy=False, states=finished) if t.number not in known]
+    orphans = {f"optuna:{t.user_attrs.get('mlflow_run_id') or t.number}"
+               for t in study.get_trials(deepcopy=False, states=finished) if t.number not in known}
+    if recorded is not None:
+        orphans |= {f"optuna:{run_id}" for trial_id, run_id in recorded.complete().items() if trial_id not in held}
+    return sorted(orphans)
 
 
 class LaunchBudget(Stopper):

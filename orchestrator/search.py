@@ -108,10 +108,10 @@ class SearchConfig:
     # times a trial whose process or node was lost (killed, out of memory, node preempted) is run again;
     # errors that would repeat (a bad config, a diverged loss: `pxd.errors.PxdError`) are never retried
     max_retries: int = 2
-    # Ray Tune's `reuse_actors`: a trial's worker process (its imported libraries, the dataset it loaded,
-    # MLflow's package scan) is kept for the next trial on the same resources instead of a new process
-    # per trial; false gives every trial a fresh process (what Tune does by default)
-    reuse_actors: bool = True
+    # Ray Tune's `reuse_actors`: true keeps a trial's worker process (its imported libraries, the dataset
+    # it loaded, MLflow's package scan) for the next trial on the same resources; false (Tune's default,
+    # and pxd's until a resume race is fixed: docs/sweeps.md) gives every trial a fresh process
+    reuse_actors: bool = False
 
     @property
     def objective_metrics(self) -> tuple[str, ...]:

@@ -172,7 +172,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # pxd prints its own progress lines
     root = results_root(options.root)
     name, sweep_dir = _claim_sweep(root, spec, options)
-    from orchestrator.budget import BUDGET_FILE, LaunchBudget, SweepSearchGenerator, write_budget
+    from orchestrator.budget import BUDGET_FILE, LaunchBudget, RecordedTrials, SweepSearchGenerator, write_budget
 
     budget_path = sweep_dir / BUDGET_FILE
     storage_url = options.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
@@ -222,7 +222,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
                 trainable,
                 tune_config=tune.TuneConfig(
                     # its sample target follows search.trials of the latest launch (a resume may raise it)
-                    search_alg=SweepSearchGenerator(searcher, budget_path), num_samples=search.trials,
+                    search_alg=SweepSearchGenerator(searcher, budget_path, RecordedTrials(target.uri, parent_run_id)),
+                    num_samples=search.trials,
                     scheduler=_scheduler(spec, sweep_dir, target.uri),
                     reuse_actors=search.reuse_actors,
                 ),
