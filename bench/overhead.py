@@ -19,9 +19,10 @@ store) and reads every trial back from MLflow:
 run's overhead plus what happens between runs (a new worker process importing torch, timm and MLflow,
 idle slots).
 
-`--compare` runs the sweep twice, alternating, with the overhead cuts on (`search.reuse_actors=true`)
-and off (`PXD_OVERHEAD_CUTS=0` and `search.reuse_actors=false`: every trial in a fresh worker process, loading its dataset, timing its own
-latency and logging its model cold) and on, and prints both side by side with the ratios.
+`--compare` runs the sweep twice, alternating, with the overhead cuts off (`PXD_OVERHEAD_CUTS=0` and
+`search.reuse_actors=false`: every trial in a fresh worker process, loading its dataset, timing its own
+latency and logging its model cold) and on (`search.reuse_actors=true`), and prints both side by side
+with the ratios.
 Each run starts its own Ray, since trial processes take the environment from it. Not part of the test suite.
 """
 

@@ -139,10 +139,11 @@ def finished_after_snapshot(searcher: Searcher, recorded: RecordedTrials | None 
     held = getattr(searcher, "_ot_trials", {})
     known = {trial.number for trial in held.values()}
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    orphans = {f"optuna:{t.user_attrs.get('mlflow_run_id') or t.number}"
+    # one key per trial: its MLflow run id once it has one (a told trial and its COMPLETE run count once)
+    orphans = {str(t.user_attrs.get("mlflow_run_id") or f"optuna trial {t.number}")
                for t in study.get_trials(deepcopy=False, states=finished) if t.number not in known}
     if recorded is not None:
-        orphans |= {f"optuna:{run_id}" for trial_id, run_id in recorded.complete().items() if trial_id not in held}
+        orphans |= {run_id for trial_id, run_id in recorded.complete().items() if trial_id not in held}
     return sorted(orphans)
 
 

@@ -192,9 +192,9 @@ class MlflowStageStore:
         from pxd.train import StageResult
 
         sha256 = run.data.tags.get(Tag.CHECKPOINT_SHA256)
-        kept = _LOADED.get((run.info.run_id, sha256 or ""))
-        if kept is not None:
-            return kept
+        kept_as = (run.info.run_id, sha256 or "")
+        if kept_as in _LOADED:
+            return _LOADED[kept_as]
         payload = self._verified(run, CHECKPOINT, sha256)
         if payload is None:
             return None
@@ -203,7 +203,7 @@ class MlflowStageStore:
         result = StageResult(kind=run.data.tags[Tag.STAGE], state_dict=state, metrics=metrics)
         if len(_LOADED) >= _LOADED_MAX:
             _LOADED.pop(next(iter(_LOADED)))
-        _LOADED[(run.info.run_id, sha256 or "")] = result
+        _LOADED[kept_as] = result
         return result
 
     def _verified(self, run: Run, artifact: str, sha256: str | None) -> bytes | None:
