@@ -17,6 +17,7 @@ stopper below read it there, whatever Tune restored:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ from typing import Any
 
 from ray.tune import Stopper
 from ray.tune.search import SearchGenerator, Searcher
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["BUDGET_FILE", "LaunchBudget", "RecordedTrials", "SweepSearchGenerator", "read_budget", "write_budget", "raised_only"]
 
@@ -93,7 +96,11 @@ class SweepSearchGenerator(SearchGenerator):
         super().restore_from_dir(dirpath)
         # trials that were created and finished after Tune's last snapshot (the driver died between):
         # Optuna or MLflow holds them, Tune's restored state does not; they count towards search.trials
-        self._counter += len(finished_after_snapshot(self.searcher, self._recorded))
+        orphans = finished_after_snapshot(self.searcher, self._recorded)
+        if orphans:
+            logger.info("resume: %d trial(s) finished after Tune's last snapshot count towards search.trials: %s",
+                        len(orphans), ", ".join(orphans))
+        self._counter += len(orphans)
 
 
 class RecordedTrials:

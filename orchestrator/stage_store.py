@@ -74,6 +74,11 @@ _BATCH = 1000  # MLflow's limit of metrics per log_batch request
 # trial. The hash is the checkpoint's, so a kept result is exactly what a new download would verify.
 _LOADED: dict[tuple[str, str], StageResult] = {}
 _LOADED_MAX = 4
+# (tracking URI, stage key) → (run id, sha256) of the complete run this process found and verified: the
+# next trial in the same process takes the kept result without searching MLflow again (one search per
+# stage and process, not per trial). A complete stage never changes; a copy verified by its hash stays
+# valid even if the run is tagged corrupt later. Off with PXD_OVERHEAD_CUTS=0.
+_FOUND: dict[tuple[str, str], tuple[str, str]] = {}
 
 
 class StageWaitTimeout(PxdError, RuntimeError):
@@ -145,6 +150,7 @@ class MlflowStageStore:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
         self.leases = leases
         self.force_retrain = force_retrain
         self.wait_timeout_s = wait_timeout_s
@@ -233,12 +239,17 @@ class MlflowStageStore:
             return Path(self.client.download_artifacts(run_id, artifact, tmp)).read_bytes()
 
     def _find(self, key: str) -> tuple[StageResult, str] | None:
+        found = _FOUND.get((self.tracking_uri, key))
+        if found is not None and found in _LOADED:
+            return _LOADED[found], found[0]
         while True:
             run = self.lookup(key)
             if run is None:
                 return None
             result = self.load(run)
             if result is not None:
+                if os.environ.get("PXD_OVERHEAD_CUTS", "1") != "0":
+                    _FOUND[(self.tracking_uri, key)] = (run.info.run_id, run.data.tags.get(Tag.CHECKPOINT_SHA256) or "")
                 return result, run.info.run_id
 
     def _find_incomplete(self, key: str) -> tuple[_IncompleteStage, dict[str, Any]] | None:

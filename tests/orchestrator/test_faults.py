@@ -327,7 +327,7 @@ def test_a_trial_finished_before_the_crash_is_not_told_twice_on_resume(tmp_path)
 def test_a_killed_sweep_driver_resumes_without_losing_finished_trials(mlflow_server, tmp_path, ray_tmp, capsys):
     trials = 4
     name = f"faults-resume-{uuid.uuid4().hex[:6]}"
-    space = _space_file(tmp_path, seed=11, trials=trials, max_concurrent=2)
+    space = _space_file(tmp_path, seed=11, trials=trials, max_concurrent=2, reuse_actors=True)
     root = tmp_path / "root"
     # a short lease TTL: stages the killed trials were training are free again quickly on resume
     env = _env(RAY_ADDRESS="local", RAY_TMPDIR=ray_tmp, PXD_STAGE_LEASE_TTL_S="5")
@@ -345,6 +345,7 @@ def test_a_killed_sweep_driver_resumes_without_losing_finished_trials(mlflow_ser
         _wait_for(lambda: _mid_sweep(client, name, 2), "2 complete trials and a running one",
                   procs=(driver,), logs=logs)
         os.killpg(driver.pid, signal.SIGKILL)  # the driver, its Ray and every trial process
+        killed_at = time.time() * 1000
         driver.wait(timeout=30)
         before = {r.info.run_id: r for r in _complete_children(client, name)}
         assert 2 <= len(before) < trials, "the driver must die mid-sweep"
@@ -368,7 +369,8 @@ def test_a_killed_sweep_driver_resumes_without_losing_finished_trials(mlflow_ser
     assert not left_running, "the run of a trial killed with the driver must not stay RUNNING"
     complete = _complete_children(client, name)
     trial_ids = [r.data.tags["pxd.trial_id"] for r in complete]
-    assert len(complete) == trials and len(set(trial_ids)) == trials, f"one COMPLETE run per trial, got {trial_ids}"
+    detail = [(r.data.tags["pxd.trial_id"], r.info.start_time, r.info.end_time, r.info.run_id in before) for r in complete]
+    assert len(complete) == trials and len(set(trial_ids)) == trials, f"one COMPLETE run per trial, got {detail} killed at {killed_at}; {_tails(logs)}"
     assert set(before) <= {r.info.run_id for r in complete}
     combos = {(r.data.params["student.arch"], r.data.params["student.resolution"]) for r in complete}
     assert len(combos) == trials, "the grid sampler must not repeat a point across the resume"

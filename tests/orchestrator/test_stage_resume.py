@@ -192,3 +192,31 @@ def test_a_tampered_training_state_is_marked_corrupt_and_the_stage_starts_over(m
     assert result.stages["teacher"].ref != row["run_id"]
     tags = MlflowClient(mlflow_server).get_run(row["run_id"]).data.tags
     assert tags[Tag.STAGE_CORRUPT] == "true" and "sha256 mismatch" in tags[Tag.STAGE_CORRUPT_REASON]
+
+
+def test_a_kept_worker_process_searches_mlflow_for_a_stage_once(mlflow_server, monkeypatch):
+    """A worker process that runs trial after trial (search.reuse_actors) finds a complete stage in
+    MLflow once; its later trials take the verified copy it keeps. With the cuts off, every trial searches."""
+    monkeypatch.delenv("PXD_OVERHEAD_CUTS", raising=False)
+    key, run_id = _stored(mlflow_server)
+    searches: list[str] = []
+    for _ in range(3):  # three trials of one process, each with its own store, as run_trial builds
+        store = _store(mlflow_server)
+        real_search = store.client.search_runs
+        monkeypatch.setattr(store.client, "search_runs",
+                            lambda *a, _real=real_search, **k: searches.append(k.get("filter_string", "")) or _real(*a, **k))
+        outcome = store.get_or_train("teacher", key, {"arch": "io-test"}, _must_not_train)
+        assert outcome.reused and outcome.ref == run_id
+        assert torch.equal(outcome.result.state_dict["w"], torch.ones(2))
+    assert len(searches) == 1
+
+    monkeypatch.setenv("PXD_OVERHEAD_CUTS", "0")
+    monkeypatch.setattr("orchestrator.stage_store._FOUND", {})
+    searches.clear()
+    for _ in range(2):
+        store = _store(mlflow_server)
+        real_search = store.client.search_runs
+        monkeypatch.setattr(store.client, "search_runs",
+                            lambda *a, _real=real_search, **k: searches.append(k.get("filter_string", "")) or _real(*a, **k))
+        assert store.get_or_train("teacher", key, {"arch": "io-test"}, _must_not_train).ref == run_id
+    assert len(searches) == 2
