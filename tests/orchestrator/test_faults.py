@@ -327,7 +327,7 @@ def test_a_trial_finished_before_the_crash_is_not_told_twice_on_resume(tmp_path)
 def test_a_killed_sweep_driver_resumes_without_losing_finished_trials(mlflow_server, tmp_path, ray_tmp, capsys):
     trials = 4
     name = f"faults-resume-{uuid.uuid4().hex[:6]}"
-    space = _space_file(tmp_path, seed=11, trials=trials, max_concurrent=2, reuse_actors=True)
+    space = _space_file(tmp_path, seed=11, trials=trials, max_concurrent=2)
     root = tmp_path / "root"
     # a short lease TTL: stages the killed trials were training are free again quickly on resume
     env = _env(RAY_ADDRESS="local", RAY_TMPDIR=ray_tmp, PXD_STAGE_LEASE_TTL_S="5")
