@@ -248,7 +248,9 @@ class MlflowStageStore:
                 return None
             result = self.load(run)
             if result is not None:
-                if os.environ.get("PXD_OVERHEAD_CUTS", "1") != "0":
+                from orchestrator.trial import overhead_cuts_on
+
+                if overhead_cuts_on():
                     _FOUND[(self.tracking_uri, key)] = (run.info.run_id, run.data.tags.get(Tag.CHECKPOINT_SHA256) or "")
                 return result, run.info.run_id
 

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from pxd.config import PipelineConfig
     from pxd.cost import LatencyCache
 
-__all__ = ["TrialContext", "run_trial", "OverBudget", "TRIAL_SECTIONS", "OVERHEAD_CUTS_ENV"]
+__all__ = ["TrialContext", "run_trial", "OverBudget", "TRIAL_SECTIONS", "OVERHEAD_CUTS_ENV", "overhead_cuts_on"]
 # what a trial times outside training beyond the pipeline's sections (`pxd.pipeline.TIMED_SECTIONS`);
 # each is logged as `schema.SweepMetric.overhead(section)`
 TRIAL_SECTIONS = ("log_model",)
@@ -113,7 +113,7 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
 
     # started once a stage trains (not beside the data set-up it would slow down); waited for before latency
     # timing and the model log
-    warm_up = _ModelLoggingWarmUp(enabled=_overhead_cuts())
+    warm_up = _ModelLoggingWarmUp(enabled=overhead_cuts_on())
     trial_id = _trial_id()
     in_tune = trial_id is not None
     trial_id = trial_id or "local"
@@ -219,7 +219,7 @@ def _latency_cache(context: TrialContext, config: PipelineConfig) -> LatencyCach
     from pxd.cost import LatencyCache
     from pxd.data import cache_root
 
-    if not _overhead_cuts():
+    if not overhead_cuts_on():
         return None
     return LatencyCache(scope=context.parent_run_id, directory=cache_root(config.dataset) / "latency")
 
@@ -235,7 +235,7 @@ def _process_dataset(config: PipelineConfig) -> Any:
     cuts are off. Splits are only ever read, so trials can share them."""
     from pxd.data import load_dataset
 
-    if not _overhead_cuts():
+    if not overhead_cuts_on():
         return None
     key = (config.dataset, config.seed)
     if key not in _DATASETS:
@@ -244,7 +244,8 @@ def _process_dataset(config: PipelineConfig) -> Any:
     return _DATASETS[key]
 
 
-def _overhead_cuts() -> bool:
+def overhead_cuts_on() -> bool:
+    """False when `OVERHEAD_CUTS_ENV` is "0" (every cut off, to measure them)."""
     return os.environ.get(OVERHEAD_CUTS_ENV, "1") != "0"
 
 

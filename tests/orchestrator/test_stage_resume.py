@@ -194,6 +194,18 @@ def test_a_tampered_training_state_is_marked_corrupt_and_the_stage_starts_over(m
     assert tags[Tag.STAGE_CORRUPT] == "true" and "sha256 mismatch" in tags[Tag.STAGE_CORRUPT_REASON]
 
 
+def _counting_searches(store: MlflowStageStore, searches: list[str], monkeypatch) -> MlflowStageStore:
+    """The store, with each MLflow run search it makes (still made) appended to `searches`."""
+    real_search = store.client.search_runs
+
+    def search_runs(*args, **kwargs):
+        searches.append(kwargs.get("filter_string", ""))
+        return real_search(*args, **kwargs)
+
+    monkeypatch.setattr(store.client, "search_runs", search_runs)
+    return store
+
+
 def test_a_kept_worker_process_searches_mlflow_for_a_stage_once(mlflow_server, monkeypatch):
     """A worker process that runs trial after trial (search.reuse_actors) finds a complete stage in
     MLflow once; its later trials take the verified copy it keeps. With the cuts off, every trial searches."""
@@ -201,10 +213,7 @@ def test_a_kept_worker_process_searches_mlflow_for_a_stage_once(mlflow_server, m
     key, run_id = _stored(mlflow_server)
     searches: list[str] = []
     for _ in range(3):  # three trials of one process, each with its own store, as run_trial builds
-        store = _store(mlflow_server)
-        real_search = store.client.search_runs
-        monkeypatch.setattr(store.client, "search_runs",
-                            lambda *a, _real=real_search, **k: searches.append(k.get("filter_string", "")) or _real(*a, **k))
+        store = _counting_searches(_store(mlflow_server), searches, monkeypatch)
         outcome = store.get_or_train("teacher", key, {"arch": "io-test"}, _must_not_train)
         assert outcome.reused and outcome.ref == run_id
         assert torch.equal(outcome.result.state_dict["w"], torch.ones(2))
@@ -214,9 +223,6 @@ def test_a_kept_worker_process_searches_mlflow_for_a_stage_once(mlflow_server, m
     monkeypatch.setattr("orchestrator.stage_store._FOUND", {})
     searches.clear()
     for _ in range(2):
-        store = _store(mlflow_server)
-        real_search = store.client.search_runs
-        monkeypatch.setattr(store.client, "search_runs",
-                            lambda *a, _real=real_search, **k: searches.append(k.get("filter_string", "")) or _real(*a, **k))
+        store = _counting_searches(_store(mlflow_server), searches, monkeypatch)
         assert store.get_or_train("teacher", key, {"arch": "io-test"}, _must_not_train).ref == run_id
     assert len(searches) == 2
