@@ -13,7 +13,13 @@ store) and reads every trial back from MLflow:
 - sweep efficiency = Σ stage training time (every stage run of the sweep, the teacher included)
   ÷ (sweep wall time × search.max_concurrent), the sweep's wall time measured around `run_sweep` (Ray and
   MLflow start-up included); "trial-phase efficiency" uses the span from the first trial's start to the
-  last trial's end instead.
+  last trial's end instead; "CPU-weighted sweep efficiency" counts each stage's training time once per
+  CPU thread it trained with (`train_threads`) against wall × concurrency × search.resources.cpu, so a
+  teacher warm-up that trains alone on every slot's CPUs counts as using them;
+- phases of the sweep's wall time: start-up (validation, Ray, the MLflow server, the parent run) until
+  the first stage begins training, the teacher warm-up until the first trial's run starts, the trial
+  phase until the last trial's run ends, and the wind-down (Optuna, frontier, plots, stopping the
+  server) until `run_sweep` returns.
 
 "slot time not training" = (that span × concurrency − Σ the trials' own stage training) ÷ trials: the
 run's overhead plus what happens between runs (a new worker process importing torch, timm and MLflow,
@@ -70,16 +76,20 @@ def one_sweep(spec: Any, *, cuts: bool, name: str) -> dict[str, Any]:
 
     os.environ[OVERHEAD_CUTS_ENV] = "1" if cuts else "0"
     with tempfile.TemporaryDirectory(prefix="pxd-bench-overhead-") as root:
-        started = time.perf_counter()
+        started, started_clock = time.perf_counter(), time.time()
         outcome = run_sweep(spec, SweepOptions(name=name, root=root, quiet=True))
         wall = time.perf_counter() - started
+        ended_clock = time.time()
         ray.shutdown()  # the next run starts its own Ray, whose workers take the environment set above
         target = resolve_tracking(None, Path(root), read_only=True)
         client = MlflowClient(target.uri)
         parent = client.get_run(outcome.parent_run_id)
         trials = [run for run in schema.trial_runs(client, parent) if run.data.tags.get(schema.Tag.STATE) == "COMPLETE"]
-        stage_seconds = sum(row["train_seconds"] for row in list_stages(target.uri)
-                            if row["train_seconds"] == row["train_seconds"])  # NaN: a stage without a result
+        stages = [row for row in list_stages(target.uri) if row["train_seconds"] == row["train_seconds"]]  # NaN: no result
+        stage_seconds = sum(row["train_seconds"] for row in stages)
+        # CPU-seconds: a stage trained on k threads (the teacher warm-up holds every trial slot's CPUs) counts k times
+        stage_cpu_seconds = sum(row["train_seconds"] * _threads(client, row["run_id"]) for row in stages)
+        stage_starts = _stage_run_starts(client)
     rows = []
     for run in trials:
         metrics = run.data.metrics
@@ -95,9 +105,11 @@ def one_sweep(spec: Any, *, cuts: bool, name: str) -> dict[str, Any]:
     span = max(r["end"] for r in rows) - min(r["start"] for r in rows) if rows else float("nan")
     trial_trained = sum(r["trained_s"] for r in rows)
     overheads = [r["overhead_s"] for r in rows]
+    phases = _phases(rows, stage_starts, started_clock, ended_clock)
     return {
         "cuts": cuts, "sweep_wall_s": wall, "trials_complete": len(rows), "concurrency": concurrency,
         "stage_seconds_total": stage_seconds, "efficiency": stage_seconds / (wall * concurrency),
+        "cpu_weighted_efficiency": stage_cpu_seconds / (wall * concurrency * spec.require_search().resources.cpu),
         "trial_phase_efficiency": trial_trained / (span * concurrency) if rows else float("nan"),
         # what a trial slot spends not training, between the first trial's start and the last one's end:
         # the run's own overhead plus starting a worker process (imports) and idle slots
@@ -108,8 +120,65 @@ def one_sweep(spec: Any, *, cuts: bool, name: str) -> dict[str, Any]:
         "trained_median_s": statistics.median(r["trained_s"] for r in rows) if rows else float("nan"),
         "section_median_s": {s: statistics.median(r[s] for r in rows) for s in [*SECTIONS, "other"]} if rows else {},
         "latency_reused": sum(r["latency_reused"] for r in rows),
+        "phases_s": phases,
+        "gap_between_runs_median_s": _gap_between_runs(rows, concurrency),
         "trials": rows,
     }
+
+
+def _threads(client: Any, run_id: str) -> float:
+    """The CPU threads a stage trained with (`train_threads`; stages stored before it was logged: 1)."""
+    return client.get_run(run_id).data.metrics.get("train_threads", 1.0)
+
+
+def _stage_run_starts(client: Any) -> list[float]:
+    """When each stage of the sweep's stage store began training (s since the epoch), earliest first.
+
+    A stage run is created at its first checkpoint or when the stage is saved, so its start time can
+    be after training began: the estimate is the earlier of that and (run end − training time)."""
+    from orchestrator.stage_store import STAGES_EXPERIMENT
+
+    experiment = client.get_experiment_by_name(STAGES_EXPERIMENT)
+    if experiment is None:
+        return []
+    starts = []
+    for run in client.search_runs([experiment.experiment_id], max_results=5000):
+        start = run.info.start_time / 1000
+        trained = run.data.metrics.get("train_seconds")
+        if run.info.end_time and trained is not None:
+            start = min(start, run.info.end_time / 1000 - trained)
+        starts.append(start)
+    return sorted(starts)
+
+
+def _phases(rows: list[dict[str, Any]], stage_starts: list[float], started: float, ended: float) -> dict[str, float]:
+    """Where the sweep's wall time goes, in order: start-up (validation, Ray and the MLflow server,
+    the parent run) until the first stage run starts; the teacher warm-up until the first trial's run
+    starts; the trial phase until the last trial's run ends; the wind-down (closing Optuna, the
+    frontier, plots, stopping the server) until `run_sweep` returns."""
+    if not rows:
+        return {}
+    first_trial, last_trial = min(r["start"] for r in rows), max(r["end"] for r in rows)
+    first_stage = min([s for s in stage_starts if s <= first_trial] or [first_trial])
+    return {"start_up": first_stage - started, "teacher_warm_up": first_trial - first_stage,
+            "trial_phase": last_trial - first_trial, "wind_down": ended - last_trial}
+
+
+def _gap_between_runs(rows: list[dict[str, Any]], concurrency: int) -> float:
+    """Median time a slot stands between one trial's run ending and the next run starting.
+
+    Trials are assigned to slots greedily in start order (a run takes the slot that freed up
+    earliest); the first `concurrency` runs have no predecessor."""
+    slots: list[float] = []
+    gaps = []
+    for row in sorted(rows, key=lambda r: r["start"]):
+        if len(slots) < concurrency:
+            slots.append(row["end"])
+            continue
+        earliest = min(range(len(slots)), key=lambda i: slots[i])
+        gaps.append(row["start"] - slots[earliest])
+        slots[earliest] = row["end"]
+    return statistics.median(gaps) if gaps else float("nan")
 
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
@@ -129,9 +198,13 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
     for section in [*SECTIONS, "other"]:
         line(f"  {section} s, median", [results[k]["section_median_s"].get(section, float("nan")) for k in labels])
     line("slot time not training s/trial", [results[k]["slot_overhead_per_trial_s"] for k in labels])
+    line("  gap between runs s, median", [results[k]["gap_between_runs_median_s"] for k in labels])
+    for phase in ("start_up", "teacher_warm_up", "trial_phase", "wind_down"):
+        line(f"phase {phase} s", [results[k]["phases_s"].get(phase, float("nan")) for k in labels], "{:>14.1f}")
     line("trials reusing a latency", [results[k]["latency_reused"] for k in labels], "{:>14.0f}")
     line("sweep efficiency", [results[k]["efficiency"] for k in labels], "{:>14.3f}")
     line("trial-phase efficiency", [results[k]["trial_phase_efficiency"] for k in labels], "{:>14.3f}")
+    line("CPU-weighted sweep efficiency", [results[k]["cpu_weighted_efficiency"] for k in labels], "{:>14.3f}")
 
 
 def main() -> int:

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     from orchestrator.spec import SweepSpec
 
-__all__ = ["SweepOptions", "SweepOutcome", "run_sweep", "finish_sweep", "summary"]
+__all__ = ["SweepOptions", "SweepOutcome", "run_sweep", "finish_sweep", "summary", "warm_up_cpus"]
 
 
 @dataclass
@@ -256,24 +256,45 @@ def _scheduler(spec: SweepSpec, sweep_dir: Path, tracking_uri: str) -> Any:
                   state_path=sweep_dir / STATE_FILE, tracking_uri=tracking_uri)
 
 
-def _prepare_teacher_task(context: TrialContext) -> dict[str, Any]:
+def _prepare_teacher_task(context: TrialContext, threads: int) -> dict[str, Any]:
+    import torch
+
     from orchestrator.stage_store import make_provider
     from pxd.pipeline import prepare_teacher
 
-    # the space's base config holds the sweep's one teacher and dataset
-    outcome = prepare_teacher(context.spec.base, provider=make_provider(context), progress=False)
+    # Ray sets OMP_NUM_THREADS for the task, but a pooled worker that imported torch before keeps its count
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # the space's base config holds the sweep's one teacher and dataset
+        outcome = prepare_teacher(context.spec.base, provider=make_provider(context), progress=False)
+    finally:
+        torch.set_num_threads(previous)  # the worker may next run a one-CPU task or trial
     return {"key": outcome.key, "reused": outcome.reused, "val_top1": outcome.result.metrics.get("val_top1")}
+
+
+def warm_up_cpus(search: Any, available_cpus: float, largest_node_cpus: float) -> float:
+    """CPUs for the teacher warm-up: it trains alone, before any trial, so it takes what the trial slots
+    would hold together (search.resources.cpu × search.max_concurrent), within one node (a task runs on one) and what is free now (another sweep may share the cluster),
+    and never fewer than one trial's CPUs."""
+    per_trial = float(search.resources.cpu)
+    return max(per_trial, float(int(min(per_trial * search.max_concurrent, largest_node_cpus, available_cpus))))
 
 
 def _warm_teacher(context: TrialContext, resources: dict[str, float], *, quiet: bool) -> None:
     """Train (or find) the teacher every trial needs before launching trials, so concurrent trials do
-    not sit on their resource reservations waiting for it. Runs as a Ray task with a trial's resources."""
+    not sit on their resource reservations waiting for it. Runs as one Ray task on the CPUs the trial
+    slots would hold (`warm_up_cpus`), with a trial's GPU share."""
     import ray
 
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    largest = max((float(node["Resources"].get("CPU", 0.0)) for node in nodes), default=resources["cpu"])
+    cpus = warm_up_cpus(context.spec.require_search(), float(ray.available_resources().get("CPU", 0.0)), largest)
     if not quiet:
-        print("[pxd] preparing the shared teacher stage before launching trials ...", file=sys.stderr, flush=True)
-    task = ray.remote(num_cpus=resources["cpu"], num_gpus=resources["gpu"], max_retries=0)(_prepare_teacher_task)
-    info = ray.get(task.remote(context))
+        print(f"[pxd] preparing the shared teacher stage on {cpus:g} CPU(s) before launching trials ...",
+              file=sys.stderr, flush=True)
+    task = ray.remote(num_cpus=cpus, num_gpus=resources["gpu"], max_retries=0)(_prepare_teacher_task)
+    info = ray.get(task.remote(context, max(1, int(cpus))))
     if not quiet:
         state = "reused from the stage store" if info["reused"] else "trained"
         print(f"[pxd] teacher {info['key'][:12]} {state} (val_top1 {info['val_top1']:.3f})", file=sys.stderr, flush=True)

@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,13 +71,19 @@ def _healthy(uri: str, timeout: float = 2.0) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether `pid` runs. A zombie (exited, not yet reaped by its parent) counts as dead: signal 0
+    still reaches it, but it serves nothing and will never exit further."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        # /proc/<pid>/stat: "pid (comm) state ..."; comm may hold spaces or parentheses, so split after the last ')'
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): signal 0 is all there is
 
 
 @contextmanager
@@ -139,7 +145,11 @@ class EmbeddedServer:
             "--artifacts-destination", str(self.artifacts),
             "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         ]
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # MLflow's job execution (GenAI evaluation and prompt jobs; pxd runs none) starts a job runner and
+        # seven huey consumers, each importing MLflow: ~20 CPU-seconds at start and pollers for the whole
+        # sweep, which on a laptop compete with training. The user's own setting wins.
+        env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -175,8 +185,11 @@ class EmbeddedServer:
                 return
             info = self._info()
             if info:
-                _kill_group(int(info.get("pid", -1)))
+                pid = int(info.get("pid", -1))
+                _kill_group(pid, self.process if self.process is not None and self.process.pid == pid else None)
             (self.root / SERVER_FILE).unlink(missing_ok=True)
+        if self.process is not None:
+            self.process.poll()  # the starter reaps its child also when the last user elsewhere stopped it
         self.process = None
 
     def _live_users(self) -> list[str]:
@@ -193,17 +206,26 @@ class EmbeddedServer:
         return live
 
 
-def _kill_group(pid: int) -> None:
-    """Stop the server's process group (it runs in a session of its own: pgid == pid)."""
+def _kill_group(pid: int, child: subprocess.Popen | None = None) -> None:
+    """Stop the server's process group (it runs in a session of its own: pgid == pid): SIGTERM, then
+    SIGKILL after 20 s. `child`: the server when this process started it, waited for (and so reaped)."""
     if pid <= 0:
         return
     try:
         os.killpg(pid, signal.SIGTERM)
     except (ProcessLookupError, PermissionError):
         return
+    if child is not None:
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            child.wait()
+        return
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and _pid_alive(pid):
-        time.sleep(0.2)
+        time.sleep(0.05)
     if _pid_alive(pid):
         try:
             os.killpg(pid, signal.SIGKILL)

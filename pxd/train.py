@@ -258,6 +258,7 @@ def train_stage(
         "best_epoch": float(best_epoch),
         "epochs": float(epochs),
         "train_seconds": seconds_before + time.perf_counter() - started,
+        "train_threads": float(torch.get_num_threads()),  # CPU threads it trained with (for cost accounting)
     }
     return StageResult(kind=kind, state_dict=best_state, metrics=metrics, history=history,
                        warnings=list(distiller.warnings))

@@ -101,3 +101,17 @@ def test_shipped_spaces_train_one_teacher_and_one_assistant_per_architecture(spa
     for params, keys in draws:
         by_arch.setdefault(architecture(params), set()).add(keys["assistant"])
     assert all(len(keys) == 1 for keys in by_arch.values()), by_arch
+
+
+@pytest.mark.parametrize(("max_concurrent", "available", "largest", "expected"), [
+    (2, 2.0, 2.0, 2.0),  # the laptop default: both trial slots' CPUs
+    (8, 64.0, 16.0, 8.0),  # what the slots would hold, not the whole cluster
+    (32, 64.0, 16.0, 16.0),  # one task runs on one node
+    (2, 1.0, 2.0, 1.0),  # another sweep holds a CPU: only what is free, never waiting for more
+    (2, 0.0, 2.0, 1.0),  # nothing free: still one trial's CPUs, as before
+])
+def test_the_teacher_warm_up_takes_the_cpus_of_the_idle_trial_slots(max_concurrent, available, largest, expected):
+    from orchestrator.sweep import warm_up_cpus
+
+    raw = _space(search__max_concurrent=max_concurrent, search__resources={"cpu": 1, "gpu": 0})
+    assert warm_up_cpus(parse_spec(raw).require_search(), available, largest) == expected

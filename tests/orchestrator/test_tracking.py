@@ -4,14 +4,16 @@ commands never wait for one to start. Real `mlflow server` processes throughout.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import EmbeddedServer, _healthy, resolve_tracking, ui_command
+from orchestrator.tracking import EmbeddedServer, _healthy, _pid_alive, resolve_tracking, ui_command
 from tests.orchestrator.test_faults import REPO, _env
 
 SAFETY_TIMEOUT_S = 300
@@ -29,6 +31,57 @@ def test_no_user_stops_a_server_another_one_is_using(tmp_path):
         second.stop()
     assert not _healthy(uri), "the last user's leaving stops the server"
     assert not (tmp_path / "mlflow-server.json").exists()
+
+
+def _process_tree(pid: int) -> list[str]:
+    """Command lines of `pid` and every descendant (from /proc)."""
+    children: dict[int, list[int]] = {}
+    commands: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+            commands[int(entry)] = open(f"/proc/{entry}/cmdline").read().replace("\0", " ")
+        except OSError:
+            continue
+        children.setdefault(int(stat.rpartition(")")[2].split()[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(commands.get(current, ""))
+        todo.extend(children.get(current, []))
+    return found
+
+
+def test_a_zombie_counts_as_a_dead_process():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + SAFETY_TIMEOUT_S
+        while open(f"/proc/{child.pid}/stat").read().rpartition(")")[2].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.05)
+        # exited but not reaped: signal 0 still reaches it, yet it serves nothing
+        assert not _pid_alive(child.pid)
+        assert _pid_alive(os.getpid())
+    finally:
+        child.wait()
+
+
+def test_the_embedded_server_runs_no_job_runner_and_stopping_it_leaves_no_process(tmp_path):
+    server = EmbeddedServer(tmp_path)
+    server.start()
+    pid = json.loads((tmp_path / "mlflow-server.json").read_text())["pid"]
+    try:
+        tree = _process_tree(pid)
+        assert any("uvicorn" in command for command in tree), tree
+        # MLflow's job execution (huey consumers, a job runner) is off: pxd runs no MLflow jobs
+        assert not [command for command in tree if "huey" in command or "_job_runner" in command], tree
+    finally:
+        server.stop()
+    # the starter reaped its child: no zombie left behind for the rest of the sweep's life
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
 
 
 def test_a_user_that_died_does_not_keep_the_server_alive(tmp_path):
