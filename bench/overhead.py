@@ -25,10 +25,11 @@ store) and reads every trial back from MLflow:
 run's overhead plus what happens between runs (a new worker process importing torch, timm and MLflow,
 idle slots).
 
-`--compare` runs the sweep twice, alternating, with the overhead cuts off (`PXD_OVERHEAD_CUTS=0` and
+`--compare` runs three variants, alternating: `cuts_off` (`PXD_OVERHEAD_CUTS=0` and
 `search.reuse_actors=false`: every trial in a fresh worker process, loading its dataset, timing its own
-latency and logging its model cold) and on (`search.reuse_actors=true`), and prints both side by side
-with the ratios.
+latency and logging its model cold), `default` (the cuts on, `search.reuse_actors=false` as shipped)
+and `cuts_on` (the cuts on, `search.reuse_actors=true`: worker processes kept between trials), and
+prints them side by side with the ratios. Without `--compare` only `cuts_on` runs.
 Each run starts its own Ray, since trial processes take the environment from it. Not part of the test suite.
 """
 
@@ -213,22 +214,23 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of the space, as `pxd sweep --set`")
     parser.add_argument("--trials", type=int, default=None, help="override search.trials")
-    parser.add_argument("--compare", action="store_true", help="also run with the overhead cuts off, alternating")
+    parser.add_argument("--compare", action="store_true", help="run cuts_off, default and cuts_on, alternating")
     parser.add_argument("--repeats", type=int, default=1, help="sweeps per variant (alternating with --compare)")
     parser.add_argument("--out", type=Path, default=None, help="write every number as JSON")
     args = parser.parse_args()
     overrides = list(args.overrides) + ([f"search.trials={args.trials}"] if args.trials else [])
-    # cuts on: worker processes kept between trials (search.reuse_actors); off: a fresh one per trial
-    specs = {True: load_spec(args.space, [*overrides, "search.reuse_actors=true"]),
-             False: load_spec(args.space, [*overrides, "search.reuse_actors=false"])}
-    spec = specs[True]
+    # (label, overhead cuts, search.reuse_actors): kept worker processes only in cuts_on
+    variants = [("cuts_off", False, False), ("default", True, False), ("cuts_on", True, True)]
+    if not args.compare:
+        variants = variants[-1:]
+    specs = {label: load_spec(args.space, [*overrides, f"search.reuse_actors={str(reuse).lower()}"])
+             for label, _, reuse in variants}
     load_before = os.getloadavg()
-    variants = [("cuts_off", False), ("cuts_on", True)] if args.compare else [("cuts_on", True)]
-    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in variants}
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in variants}
     for repeat in range(args.repeats):
-        for label, cuts in variants if repeat % 2 == 0 else variants[::-1]:
+        for label, cuts, _ in variants if repeat % 2 == 0 else variants[::-1]:
             print(f"[bench] {args.space} {label} (repeat {repeat + 1}) ...", file=sys.stderr, flush=True)
-            runs[label].append(one_sweep(specs[cuts], cuts=cuts, name=f"bench-overhead-{label}-{repeat}"))
+            runs[label].append(one_sweep(specs[label], cuts=cuts, name=f"bench-overhead-{label}-{repeat}"))
     # per variant: the repeat with the median sweep wall time
     results = {label: sorted(rs, key=lambda r: r["sweep_wall_s"])[len(rs) // 2] for label, rs in runs.items()}
     load_after = os.getloadavg()
@@ -236,10 +238,12 @@ def main() -> int:
           f"after {load_after[0]:.2f}; {os.cpu_count()} CPUs; torch {torch.__version__}")
     print_table(results)
     if args.compare:
-        off, on = results["cuts_off"], results["cuts_on"]
-        print(f"ratio off/on: median overhead {off['overhead_median_s'] / on['overhead_median_s']:.2f}x, "
-              f"p90 overhead {off['overhead_p90_s'] / on['overhead_p90_s']:.2f}x, "
-              f"sweep wall {off['sweep_wall_s'] / on['sweep_wall_s']:.2f}x")
+        off = results["cuts_off"]
+        for label in ("default", "cuts_on"):
+            on = results[label]
+            print(f"ratio cuts_off/{label}: median overhead {off['overhead_median_s'] / on['overhead_median_s']:.2f}x, "
+                  f"p90 overhead {off['overhead_p90_s'] / on['overhead_p90_s']:.2f}x, "
+                  f"sweep wall {off['sweep_wall_s'] / on['sweep_wall_s']:.2f}x")
     for label, result in results.items():
         met = [f"median overhead {result['overhead_median_s']:.2f} s vs target 1 s "
                f"({'met' if result['overhead_median_s'] <= 1.0 else 'missed'})",

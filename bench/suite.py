@@ -5,8 +5,9 @@
     PYTHONPATH=. python bench/suite.py --args "overhead=--trials 8"
 
 Parts (each a script in bench/, run with `PYTHONPATH=.` from the repository root so this checkout's
-code is measured): `search` (2a search quality, 2b early stopping), `stage_reuse` (2c),
-`training_step` (2d), `overhead` (2e). A part whose script is absent is skipped with a message. Each
+code is measured): `search` (2a search quality, 2b early stopping), `stage_reuse` (2c; 12 trials of
+the quickstart's 3 student architectures), `training_step` (2d), `overhead` (2e; `--compare`: cuts off,
+the shipped default, kept worker processes). A part whose script is absent is skipped with a message. Each
 part prints its progress on stderr (shown live) and its summary on stdout (collected); a script that
 takes `--out` writes its JSON into `--out-dir`, with `suite.json` (every part's command, exit status,
 wall time and summary). Not part of the test suite.
@@ -34,14 +35,18 @@ class Part:
     items: str  # issue 12's item numbers
     # outputs besides --out, relative to the output folder
     outputs: dict[str, str] = field(default_factory=dict)
+    # arguments the issue's item needs (before --args, which may override them)
+    defaults: tuple[str, ...] = ()
 
 
 PARTS = {
     "search": Part("bench/search_quality.py", "2a, 2b",
                    {"--table": "search_quality_table.json", "--plot": "search_quality.png"}),
-    "stage_reuse": Part("bench/stage_reuse.py", "2c"),
+    # 2c asks for ≥ 12 trials over ≥ 3 student architectures: the quickstart space has 3
+    "stage_reuse": Part("bench/stage_reuse.py", "2c", defaults=("--trials", "12")),
     "training_step": Part("bench/training_step.py", "2d"),
-    "overhead": Part("bench/overhead.py", "2e"),
+    # the shipped default (reuse_actors false) beside the cuts off and kept worker processes
+    "overhead": Part("bench/overhead.py", "2e", defaults=("--compare",)),
 }
 
 
@@ -52,7 +57,7 @@ def command_for(name: str, part: Part, out_dir: Path, extra: list[str]) -> list[
         command += ["--out", str(out_dir / f"{name}.json")]
     for flag, filename in part.outputs.items():
         command += [flag, str(out_dir / filename)]
-    return command + extra
+    return command + list(part.defaults) + extra
 
 
 def run_part(command: list[str]) -> tuple[int, str, float]:
