@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from pxd.config import PipelineConfig
     from pxd.cost import LatencyCache
 
-__all__ = ["TrialContext", "run_trial", "OverBudget", "TRIAL_SECTIONS", "OVERHEAD_CUTS_ENV", "overhead_cuts_on"]
+__all__ = ["TrialContext", "run_trial", "OverBudget", "TRIAL_SECTIONS", "OVERHEAD_CUTS_ENV", "overhead_cuts_on",
+           "RayletWatch"]
 # what a trial times outside training beyond the pipeline's sections (`pxd.pipeline.TIMED_SECTIONS`);
 # each is logged as `schema.SweepMetric.overhead(section)`
 TRIAL_SECTIONS = ("log_model",)
@@ -114,6 +115,7 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
     # started once a stage trains (not beside the data set-up it would slow down); waited for before latency
     # timing and the model log
     warm_up = _ModelLoggingWarmUp(enabled=overhead_cuts_on())
+    raylet = RayletWatch()
     trial_id = _trial_id()
     in_tune = trial_id is not None
     trial_id = trial_id or "local"
@@ -192,6 +194,13 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
             model_uri=model_uri,
             constraints=constraint_values(context.spec, outcome.metrics),
         )
+        if in_tune and raylet.gone():
+            # orphaned: the driver died with its Ray; recorded lost, as the resumed sweep would record it
+            schema.log_trial_failure(client, run_id, "trial process lost (its Ray node stopped before the result "
+                                     "was recorded; a resumed sweep runs the trial again)", "")
+            mlflow.end_run(status="FAILED")
+            logger.warning("trial %s: its Ray node is gone; the result is not recorded", trial_id)
+            raise SystemExit(1)
         schema.log_trial_result(client, result, stages=outcome.stages, device=outcome.cost.get("device", ""),
                                 cost=outcome.cost, warnings=outcome.warnings)
     if in_tune:
@@ -247,6 +256,22 @@ def _process_dataset(config: PipelineConfig) -> Any:
 def overhead_cuts_on() -> bool:
     """False when `OVERHEAD_CUTS_ENV` is "0" (every cut off, to measure them)."""
     return os.environ.get(OVERHEAD_CUTS_ENV, "1") != "0"
+
+
+class RayletWatch:
+    """Whether the Ray node (raylet) that started this worker process is gone.
+
+    A Tune trial runs in a worker process the raylet started, in a process group of its own (Ray 2.60),
+    so killing a sweep driver and its local Ray does not kill it: it runs on until it next needs Ray.
+    Its result can no longer reach the driver (Tune's snapshot does not hold it, Optuna is never told),
+    so it must not be recorded COMPLETE: a resumed sweep would count it beside the trial it runs again
+    in its place. When the raylet dies its children are re-parented, so the parent pid changes."""
+
+    def __init__(self) -> None:
+        self.parent = os.getppid()
+
+    def gone(self) -> bool:
+        return os.getppid() != self.parent
 
 
 def _node_id() -> str:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import uuid
 
 import optuna
@@ -134,3 +136,89 @@ def test_a_killed_trial_process_is_retried_then_recorded_failed_with_the_cause(m
     assert len(study.trials) == 2, "the retries are attempts of one Optuna trial, not new trials"
     assert states[target] == OPTUNA_FAIL and list(states.values()).count(OPTUNA_COMPLETE) == 1
     assert parent.data.metrics["trials_failed"] == 1 and parent.data.metrics["trials_complete"] == 1
+
+
+# -- a trial orphaned by its driver's death records nothing COMPLETE ---------------------------------------
+_ACTOR_DRIVER = """
+import sys, time
+from pathlib import Path
+import ray
+ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+
+@ray.remote(num_cpus=0)
+class Trial:
+    def watch(self, path):
+        import os, threading
+        from orchestrator.trial import RayletWatch
+
+        watch = RayletWatch()
+        def loop():
+            while True:  # what a trial would see at its end: is the node that started it still there?
+                Path(path).write_text(f"{os.getpid()} {watch.gone()}")
+                time.sleep(0.05)
+        threading.Thread(target=loop, daemon=True).start()
+        return os.getpid(), os.getpgid(0)
+
+trial = Trial.remote()
+print(*ray.get(trial.watch.remote(sys.argv[1])), flush=True)
+time.sleep(3600)
+"""
+
+
+def _read_watch(path):
+    try:
+        pid, gone = path.read_text().split()
+    except (OSError, ValueError):
+        return None
+    return int(pid), gone == "True"
+
+
+def test_a_trial_process_outliving_its_killed_driver_knows_its_ray_node_is_gone(tmp_path, ray_tmp):  # noqa: F811
+    """The premise of `RayletWatch`, on real Ray: killing a driver's process group (driver, raylet)
+    leaves the trial's worker process in its own group; the watch then says gone, so the trial does
+    not record its result COMPLETE (`trial._run`). A worker that dies first cannot record it either."""
+    status = tmp_path / "watch.txt"
+    log = tmp_path / "driver.log"
+    driver = _spawn([sys.executable, "-c", _ACTOR_DRIVER, str(status)], log, _env(RAY_TMPDIR=ray_tmp))
+    try:
+        _wait_for(lambda: _read_watch(status) is not None, "the actor's first watch", procs=(driver,), logs=(log,))
+        pid, gone = _read_watch(status)
+        assert not gone, "the raylet that started the worker is alive"
+        assert os.getpgid(pid) != os.getpgid(driver.pid), "Ray starts the worker in a process group of its own"
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        driver.wait(timeout=60)
+
+        def settled():
+            seen = _read_watch(status)
+            return not _alive(pid) or (seen is not None and seen[1])
+
+        _wait_for(settled, "the orphaned worker to see its raylet gone (or to exit)", logs=(log,))
+    finally:
+        _kill_group(driver)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_the_raylet_watch_sees_its_parent_process_die(tmp_path):
+    """Deterministic half of the above: a process whose parent dies is re-parented; the watch says so."""
+    status = tmp_path / "watch.txt"
+    child = (f"import os, time\nfrom pathlib import Path\nfrom orchestrator.trial import RayletWatch\nw = RayletWatch()\n"
+             f"p = Path({str(status)!r})\np.write_text(f'{{os.getpid()}} {{w.gone()}}')\n"
+             "deadline = time.time() + 120\n"
+             "while not w.gone() and time.time() < deadline:\n    time.sleep(0.05)\n"
+             "p.write_text(f'{os.getpid()} {w.gone()}')\n")
+    parent = (f"import subprocess, sys, time\nfrom pathlib import Path\n"
+              f"subprocess.Popen([sys.executable, '-c', {child!r}])\n"
+              f"while not Path({str(status)!r}).exists():\n    time.sleep(0.05)\n")  # then exits, leaving the child
+    subprocess.run([sys.executable, "-c", parent], env=_env(), check=True, timeout=120)
+    first = _read_watch(status)
+    assert first is not None
+    pid = first[0]
+    _wait_for(lambda: not _alive(pid), "the child to notice its parent died", logs=())
+    assert _read_watch(status)[1], "after its parent died the watch says gone"
+
+
+def _alive(pid):
+    from orchestrator.tracking import _pid_alive
+
+    return _pid_alive(pid)
