@@ -13,6 +13,7 @@ trial, separate runs for shared stages (experiment `pxd-stages`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shutil
@@ -235,7 +236,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
         tuner.fit()
         progress.close()
         budget_ran_out = search.timeout_s is not None and time.monotonic() - started >= search.timeout_s
-        stopped = _close_optuna_trials(name, storage_url, stopped=budget_ran_out)
+        stopped = _close_optuna_trials(name, storage_url, stopped=budget_ran_out, spec=spec, client=client,
+                                       parent_run_id=parent_run_id)
         reason = (f"stopped when the time budget search.timeout_s = {search.timeout_s}s ran out" if budget_ran_out
                   else "stopped before its final result")
         table, rows = finish_sweep(client, parent_run_id, stopped={trial_id: reason for trial_id in stopped})
@@ -497,19 +499,48 @@ def log_frontier(client: MlflowClient, parent: Any, table: dict[str, Any], path:
         client.log_artifacts(parent.info.run_id, str(folder), path)
 
 
-def _close_optuna_trials(study_name: str, storage_url: str, *, stopped: bool) -> set[str]:
-    """No study trial stays RUNNING once the sweep is over. A trial Tune still ran when the time budget
-    ran out is told PRUNED (stopped, like the searcher tells a trial that ended without its final
-    result); any other (its driver was killed before Tune saved its state, and resume did not rerun it)
-    is told FAIL. Returns the Tune trial ids of the study's PRUNED trials."""
+def _close_optuna_trials(study_name: str, storage_url: str, *, stopped: bool, spec: SweepSpec,
+                         client: MlflowClient, parent_run_id: str) -> set[str]:
+    """No study trial stays RUNNING once the sweep is over. A trial whose MLflow run is COMPLETE (it
+    recorded its result, then its driver died before telling Optuna, after Tune's last snapshot) is told
+    COMPLETE with the recorded values and constraints, so the study and MLflow agree. A trial Tune still
+    ran when the time budget ran out is told PRUNED (stopped, like the searcher tells a trial that ended
+    without its final result); any other (its driver was killed before Tune saved its state, and resume
+    did not rerun it) is told FAIL. Returns the Tune trial ids of the study's PRUNED trials."""
     import optuna
 
     study = optuna.load_study(study_name=study_name, storage=storage_url)
     state = optuna.trial.TrialState.PRUNED if stopped else optuna.trial.TrialState.FAIL
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    recorded: dict[str, Any] = {}
+    if running:  # Tune trial id → its COMPLETE MLflow run
+        parent = client.get_run(parent_run_id)
+        recorded = {run.data.tags[Tag.TRIAL_ID]: run for run in schema.trial_runs(client, parent, state="COMPLETE")}
+    for trial in running:
+        run = recorded.get(str(trial.user_attrs.get("tune_trial_id", "")))
+        if run is not None and _tell_recorded(study, trial, run, spec):
+            continue
         study.tell(trial.number, state=state)
     return {str(t.user_attrs["tune_trial_id"]) for t in study.get_trials(deepcopy=False)
             if t.state == optuna.trial.TrialState.PRUNED and t.user_attrs.get("tune_trial_id")}
+
+
+def _tell_recorded(study: Any, trial: Any, run: Any, spec: SweepSpec) -> bool:
+    """Tell the study a trial's recorded MLflow result (as the searcher would have); False if incomplete."""
+    import optuna
+
+    from orchestrator.spec import constraint_names, constraint_values
+
+    metrics = dict(run.data.metrics)
+    values = [metrics.get(metric) for metric in spec.objective_metrics]
+    if not all(isinstance(v, float) and math.isfinite(v) for v in values):
+        return False
+    live = optuna.trial.Trial(study, trial._trial_id)
+    for name, value in zip(constraint_names(spec), constraint_values(spec, metrics)):
+        live.set_constraint(name, value)
+    live.set_user_attr("mlflow_run_id", run.info.run_id)
+    study.tell(live, values)
+    return True
 
 
 def _close_lost_trials(client: MlflowClient, rows: list[TrialRow], stopped: dict[str, str]) -> None:

@@ -388,6 +388,39 @@ def test_a_killed_sweep_driver_resumes_without_losing_finished_trials(mlflow_ser
     assert parent.data.metrics["trials_complete"] == trials
 
 
+def test_a_trial_recorded_complete_after_tunes_snapshot_is_told_to_optuna_when_the_sweep_ends(mlflow_server, tmp_path):
+    """The driver died after a trial recorded its result in MLflow and before it told Optuna (after Tune's
+    last snapshot, so the resume does not rerun it): at the end the study gets the recorded values, as
+    the searcher would have told them; a trial with no recorded result is told FAIL."""
+    from orchestrator import schema
+    from orchestrator.sweep import _close_optuna_trials
+
+    spec = parse_spec(tiny_space(constraints={"max_pixels": 300}))
+    name = f"faults-told-{uuid.uuid4().hex[:6]}"
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize"])
+    recorded, lost = study.ask(), study.ask()
+    recorded.set_user_attr("tune_trial_id", "aaaa0001")
+    lost.set_user_attr("tune_trial_id", "aaaa0002")
+    client = MlflowClient(mlflow_server)
+    experiment = client.create_experiment(name)
+    parent = client.create_run(experiment, tags={schema.Tag.KIND: "sweep", schema.Tag.SWEEP: name})
+    run = client.create_run(experiment, tags={schema.Tag.PARENT_RUN: parent.info.run_id, schema.Tag.KIND: schema.KIND_TRIAL,
+                                              schema.Tag.TRIAL_ID: "aaaa0001", schema.Tag.STATE: "COMPLETE"})
+    client.log_metric(run.info.run_id, "val_top1", 0.375)
+    client.log_metric(run.info.run_id, "pixels", 256.0)
+    client.set_terminated(run.info.run_id)
+
+    _close_optuna_trials(name, storage, stopped=False, spec=spec, client=client, parent_run_id=parent.info.run_id)
+
+    trials = {t.number: t for t in optuna.load_study(study_name=name, storage=storage).trials}
+    told = trials[recorded.number]
+    assert told.state == optuna.trial.TrialState.COMPLETE and told.values == [0.375, 256.0]
+    assert told.user_attrs["mlflow_run_id"] == run.info.run_id
+    assert told.constraints == {"max_pixels": -44.0}  # 256 pixels under the limit of 300: satisfied (≤ 0)
+    assert trials[lost.number].state == optuna.trial.TrialState.FAIL
+
+
 # -- 4. the tracking server restarts mid-sweep -----------------------------------------------------------
 def _crash(server: EmbeddedServer) -> None:
     """SIGKILL a server this test started (and its workers): a crash, not a clean shutdown. Then the
