@@ -195,10 +195,8 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
             constraints=constraint_values(context.spec, outcome.metrics),
         )
         if in_tune and raylet.gone():
-            # orphaned: the driver died with its Ray; recorded lost, as the resumed sweep would record it
-            schema.log_trial_failure(client, run_id, "trial process lost (its Ray node stopped before the result "
-                                     "was recorded; a resumed sweep runs the trial again)", "")
-            mlflow.end_run(status="FAILED")
+            # orphaned: the driver died with its Ray. Recording nothing leaves the run RUNNING, which the
+            # resumed sweep closes as lost (`sweep._close_lost_trials`) like any trial killed with its driver
             logger.warning("trial %s: its Ray node is gone; the result is not recorded", trial_id)
             raise SystemExit(1)
         schema.log_trial_result(client, result, stages=outcome.stages, device=outcome.cost.get("device", ""),
