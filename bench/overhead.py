@@ -30,12 +30,19 @@ idle slots).
 latency and logging its model cold), `default` (the cuts on, `search.reuse_actors=false` as shipped)
 and `cuts_on` (the cuts on, `search.reuse_actors=true`: worker processes kept between trials), and
 prints them side by side with the ratios. Without `--compare` only `cuts_on` runs.
+
+`--gpu-busy` (an NVIDIA GPU, `pip install nvidia-ml-py`) samples the GPU's utilisation with NVML every
+0.1 s through each sweep (`bench/gpu_busy.py`) and prints the busy fraction over the whole sweep and over
+its trial phase; for a sweep of small fractional-GPU trials, e.g.
+`--gpu-busy --set search.resources.gpu=0.25 --set search.max_concurrent=4 --trials 16`. Without NVML it
+stops before any sweep starts.
 Each run starts its own Ray, since trial processes take the environment from it. Not part of the test suite.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -49,6 +56,7 @@ from typing import Any
 import ray
 import torch
 
+from bench.gpu_busy import GpuBusySampler, NvmlUnavailable
 from orchestrator import schema
 from orchestrator.spec import load_spec
 from orchestrator.stage_store import list_stages
@@ -70,16 +78,18 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def one_sweep(spec: Any, *, cuts: bool, name: str) -> dict[str, Any]:
+def one_sweep(spec: Any, *, cuts: bool, name: str, gpu_index: int | None = None) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
     from orchestrator.tracking import resolve_tracking
 
     os.environ[OVERHEAD_CUTS_ENV] = "1" if cuts else "0"
     with tempfile.TemporaryDirectory(prefix="pxd-bench-overhead-") as root:
-        started, started_clock = time.perf_counter(), time.time()
-        outcome = run_sweep(spec, SweepOptions(name=name, root=root, quiet=True))
-        wall = time.perf_counter() - started
+        with contextlib.ExitStack() as stack:
+            sampler = None if gpu_index is None else stack.enter_context(GpuBusySampler(gpu_index))
+            started, started_clock = time.perf_counter(), time.time()
+            outcome = run_sweep(spec, SweepOptions(name=name, root=root, quiet=True))
+            wall = time.perf_counter() - started
         ended_clock = time.time()
         ray.shutdown()  # the next run starts its own Ray, whose workers take the environment set above
         target = resolve_tracking(None, Path(root), read_only=True)
@@ -107,7 +117,11 @@ def one_sweep(spec: Any, *, cuts: bool, name: str) -> dict[str, Any]:
     trial_trained = sum(r["trained_s"] for r in rows)
     overheads = [r["overhead_s"] for r in rows]
     phases = _phases(rows, stage_starts, started_clock, ended_clock)
+    gpu = {} if sampler is None else {
+        "sweep": sampler.summary(started_clock, ended_clock),
+        "trial_phase": sampler.summary(min(r["start"] for r in rows), max(r["end"] for r in rows)) if rows else {}}
     return {
+        "gpu_busy": gpu,
         "cuts": cuts, "sweep_wall_s": wall, "trials_complete": len(rows), "concurrency": concurrency,
         "stage_seconds_total": stage_seconds, "efficiency": stage_seconds / (wall * concurrency),
         "cpu_weighted_efficiency": stage_cpu_seconds / (wall * concurrency * spec.require_search().resources.cpu),
@@ -206,6 +220,12 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
     line("sweep efficiency", [results[k]["efficiency"] for k in labels], "{:>14.3f}")
     line("trial-phase efficiency", [results[k]["trial_phase_efficiency"] for k in labels], "{:>14.3f}")
     line("CPU-weighted sweep efficiency", [results[k]["cpu_weighted_efficiency"] for k in labels], "{:>14.3f}")
+    if any(results[k].get("gpu_busy") for k in labels):
+        for window in ("sweep", "trial_phase"):
+            line(f"GPU busy fraction, {window}",
+                 [results[k]["gpu_busy"].get(window, {}).get("busy_fraction", float("nan")) for k in labels], "{:>14.3f}")
+        line("GPU memory used MiB, max",
+             [results[k]["gpu_busy"].get("sweep", {}).get("memory_used_max_mib", float("nan")) for k in labels], "{:>14.0f}")
 
 
 def main() -> int:
@@ -217,7 +237,16 @@ def main() -> int:
     parser.add_argument("--compare", action="store_true", help="run cuts_off, default and cuts_on, alternating")
     parser.add_argument("--repeats", type=int, default=1, help="sweeps per variant (alternating with --compare)")
     parser.add_argument("--out", type=Path, default=None, help="write every number as JSON")
+    parser.add_argument("--gpu-busy", action="store_true", help="sample GPU utilisation with NVML through each sweep")
+    parser.add_argument("--gpu-index", type=int, default=0, help="the GPU NVML samples (with --gpu-busy)")
     args = parser.parse_args()
+    gpu_index = args.gpu_index if args.gpu_busy else None
+    if gpu_index is not None:
+        try:  # before any sweep: a missing NVML must not cost a sweep
+            with GpuBusySampler(gpu_index) as probe:
+                print(f"[bench] sampling {probe.name} (GPU {gpu_index}) with NVML", file=sys.stderr)
+        except NvmlUnavailable as error:
+            parser.error(f"--gpu-busy: {error}")
     overrides = list(args.overrides) + ([f"search.trials={args.trials}"] if args.trials else [])
     # (label, overhead cuts, search.reuse_actors): kept worker processes only in cuts_on
     variants = [("cuts_off", False, False), ("default", True, False), ("cuts_on", True, True)]
@@ -230,7 +259,8 @@ def main() -> int:
     for repeat in range(args.repeats):
         for label, cuts, _ in variants if repeat % 2 == 0 else variants[::-1]:
             print(f"[bench] {args.space} {label} (repeat {repeat + 1}) ...", file=sys.stderr, flush=True)
-            runs[label].append(one_sweep(specs[label], cuts=cuts, name=f"bench-overhead-{label}-{repeat}"))
+            runs[label].append(one_sweep(specs[label], cuts=cuts, name=f"bench-overhead-{label}-{repeat}",
+                                         gpu_index=gpu_index))
     # per variant: the repeat with the median sweep wall time
     results = {label: sorted(rs, key=lambda r: r["sweep_wall_s"])[len(rs) // 2] for label, rs in runs.items()}
     load_after = os.getloadavg()
@@ -249,6 +279,9 @@ def main() -> int:
                f"({'met' if result['overhead_median_s'] <= 1.0 else 'missed'})",
                f"efficiency {result['efficiency']:.3f} vs target 0.85 "
                f"({'met' if result['efficiency'] >= 0.85 else 'missed'})"]
+        busy = result.get("gpu_busy", {}).get("trial_phase", {}).get("busy_fraction")
+        if busy is not None:
+            met.append(f"GPU busy {busy:.3f} over the trial phase vs target 0.85 ({'met' if busy >= 0.85 else 'missed'})")
         print(f"{label}: " + "; ".join(met))
     if args.out:
         args.out.write_text(json.dumps({"runs": runs, "space": args.space, "overrides": overrides,
