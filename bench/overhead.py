@@ -27,9 +27,10 @@ idle slots).
 
 `--compare` runs three variants, alternating: `cuts_off` (`PXD_OVERHEAD_CUTS=0` and
 `search.reuse_actors=false`: every trial in a fresh worker process, loading its dataset, timing its own
-latency and logging its model cold), `default` (the cuts on, `search.reuse_actors=false` as shipped)
-and `cuts_on` (the cuts on, `search.reuse_actors=true`: worker processes kept between trials), and
-prints them side by side with the ratios. Without `--compare` only `cuts_on` runs.
+latency and logging its model cold), `fresh_processes` (the cuts on, `search.reuse_actors=false`: the
+shipped default until 2026-12-03) and `default` (as shipped: the cuts on, `search.reuse_actors=true`,
+worker processes kept between trials), and prints them side by side with the ratios. Without
+`--compare` only `default` runs.
 
 `--gpu-busy` (an NVIDIA GPU, `pip install nvidia-ml-py`) samples the GPU's utilisation with NVML every
 0.1 s through each sweep (`bench/gpu_busy.py`) and prints the busy fraction over the whole sweep and over
@@ -234,7 +235,7 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a value of the space, as `pxd sweep --set`")
     parser.add_argument("--trials", type=int, default=None, help="override search.trials")
-    parser.add_argument("--compare", action="store_true", help="run cuts_off, default and cuts_on, alternating")
+    parser.add_argument("--compare", action="store_true", help="run cuts_off, fresh_processes and default, alternating")
     parser.add_argument("--repeats", type=int, default=1, help="sweeps per variant (alternating with --compare)")
     parser.add_argument("--out", type=Path, default=None, help="write every number as JSON")
     parser.add_argument("--gpu-busy", action="store_true", help="sample GPU utilisation with NVML through each sweep")
@@ -248,8 +249,8 @@ def main() -> int:
         except NvmlUnavailable as error:
             parser.error(f"--gpu-busy: {error}")
     overrides = list(args.overrides) + ([f"search.trials={args.trials}"] if args.trials else [])
-    # (label, overhead cuts, search.reuse_actors): kept worker processes only in cuts_on
-    variants = [("cuts_off", False, False), ("default", True, False), ("cuts_on", True, True)]
+    # (label, overhead cuts, search.reuse_actors): `default` is what ships
+    variants = [("cuts_off", False, False), ("fresh_processes", True, False), ("default", True, True)]
     if not args.compare:
         variants = variants[-1:]
     specs = {label: load_spec(args.space, [*overrides, f"search.reuse_actors={str(reuse).lower()}"])
@@ -269,7 +270,7 @@ def main() -> int:
     print_table(results)
     if args.compare:
         off = results["cuts_off"]
-        for label in ("default", "cuts_on"):
+        for label in ("fresh_processes", "default"):
             on = results[label]
             print(f"ratio cuts_off/{label}: median overhead {off['overhead_median_s'] / on['overhead_median_s']:.2f}x, "
                   f"p90 overhead {off['overhead_p90_s'] / on['overhead_p90_s']:.2f}x, "

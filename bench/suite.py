@@ -7,7 +7,7 @@
 Parts (each a script in bench/, run with `PYTHONPATH=.` from the repository root so this checkout's
 code is measured): `search` (2a search quality, 2b early stopping), `stage_reuse` (2c; 12 trials of
 the quickstart's 3 student architectures), `training_step` (2d), `overhead` (2e; `--compare`: cuts off,
-the shipped default, kept worker processes). A part whose script is absent is skipped with a message. Each
+fresh worker processes per trial, the shipped default). A part whose script is absent is skipped with a message. Each
 part prints its progress on stderr (shown live) and its summary on stdout (collected); a script that
 takes `--out` writes its JSON into `--out-dir`, with `suite.json` (every part's command, exit status,
 wall time and summary). Not part of the test suite.
@@ -45,7 +45,7 @@ PARTS = {
     # 2c asks for ≥ 12 trials over ≥ 3 student architectures: the quickstart space has 3
     "stage_reuse": Part("bench/stage_reuse.py", "2c", defaults=("--trials", "12")),
     "training_step": Part("bench/training_step.py", "2d"),
-    # the shipped default (reuse_actors false) beside the cuts off and kept worker processes
+    # the shipped default (kept worker processes) beside the cuts off and fresh processes per trial
     "overhead": Part("bench/overhead.py", "2e", defaults=("--compare",)),
 }
 

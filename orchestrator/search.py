@@ -109,9 +109,10 @@ class SearchConfig:
     # errors that would repeat (a bad config, a diverged loss: `pxd.errors.PxdError`) are never retried
     max_retries: int = 2
     # Ray Tune's `reuse_actors`: true keeps a trial's worker process (its imported libraries, the dataset
-    # it loaded, MLflow's package scan) for the next trial on the same resources; false (Tune's default,
-    # and pxd's until a resume race is fixed: docs/sweeps.md) gives every trial a fresh process
-    reuse_actors: bool = False
+    # it loaded, MLflow's package scan) for the next trial on the same resources, saving ~10 s of process
+    # start per trial (docs/benchmarks.md); false (Tune's own default) gives every trial a fresh process,
+    # worth it when a trial leaks memory (e.g. a user's model). pxd's default: true (docs/sweeps.md)
+    reuse_actors: bool = True
 
     @property
     def objective_metrics(self) -> tuple[str, ...]:
