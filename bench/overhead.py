@@ -199,14 +199,14 @@ def _gap_between_runs(rows: list[dict[str, Any]], concurrency: int) -> float:
 
 def print_table(results: dict[str, dict[str, Any]]) -> None:
     labels = list(results)
-    print(f"{'':<34}" + "".join(f"{label:>14}" for label in labels))
+    print(f"{'':<34}" + "".join(f"{label:>16}" for label in labels))
 
-    def line(title: str, values: list[float], fmt: str = "{:>14.2f}") -> None:
+    def line(title: str, values: list[float], fmt: str = "{:>16.2f}") -> None:
         print(f"{title:<34}" + "".join(fmt.format(v) for v in values))
 
-    line("trials COMPLETE", [results[k]["trials_complete"] for k in labels], "{:>14.0f}")
-    line("sweep wall s", [results[k]["sweep_wall_s"] for k in labels], "{:>14.1f}")
-    line("Σ stage training s (all stages)", [results[k]["stage_seconds_total"] for k in labels], "{:>14.1f}")
+    line("trials COMPLETE", [results[k]["trials_complete"] for k in labels], "{:>16.0f}")
+    line("sweep wall s", [results[k]["sweep_wall_s"] for k in labels], "{:>16.1f}")
+    line("Σ stage training s (all stages)", [results[k]["stage_seconds_total"] for k in labels], "{:>16.1f}")
     line("trial wall s, median", [results[k]["trial_wall_median_s"] for k in labels])
     line("trial stage training s, median", [results[k]["trained_median_s"] for k in labels])
     line("overhead s/trial, median", [results[k]["overhead_median_s"] for k in labels])
@@ -216,17 +216,17 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
     line("slot time not training s/trial", [results[k]["slot_overhead_per_trial_s"] for k in labels])
     line("  gap between runs s, median", [results[k]["gap_between_runs_median_s"] for k in labels])
     for phase in ("start_up", "teacher_warm_up", "trial_phase", "wind_down"):
-        line(f"phase {phase} s", [results[k]["phases_s"].get(phase, float("nan")) for k in labels], "{:>14.1f}")
-    line("trials reusing a latency", [results[k]["latency_reused"] for k in labels], "{:>14.0f}")
-    line("sweep efficiency", [results[k]["efficiency"] for k in labels], "{:>14.3f}")
-    line("trial-phase efficiency", [results[k]["trial_phase_efficiency"] for k in labels], "{:>14.3f}")
-    line("CPU-weighted sweep efficiency", [results[k]["cpu_weighted_efficiency"] for k in labels], "{:>14.3f}")
+        line(f"phase {phase} s", [results[k]["phases_s"].get(phase, float("nan")) for k in labels], "{:>16.1f}")
+    line("trials reusing a latency", [results[k]["latency_reused"] for k in labels], "{:>16.0f}")
+    line("sweep efficiency", [results[k]["efficiency"] for k in labels], "{:>16.3f}")
+    line("trial-phase efficiency", [results[k]["trial_phase_efficiency"] for k in labels], "{:>16.3f}")
+    line("CPU-weighted sweep efficiency", [results[k]["cpu_weighted_efficiency"] for k in labels], "{:>16.3f}")
     if any(results[k].get("gpu_busy") for k in labels):
         for window in ("sweep", "trial_phase"):
             line(f"GPU busy fraction, {window}",
-                 [results[k]["gpu_busy"].get(window, {}).get("busy_fraction", float("nan")) for k in labels], "{:>14.3f}")
+                 [results[k]["gpu_busy"].get(window, {}).get("busy_fraction", float("nan")) for k in labels], "{:>16.3f}")
         line("GPU memory used MiB, max",
-             [results[k]["gpu_busy"].get("sweep", {}).get("memory_used_max_mib", float("nan")) for k in labels], "{:>14.0f}")
+             [results[k]["gpu_busy"].get("sweep", {}).get("memory_used_max_mib", float("nan")) for k in labels], "{:>16.0f}")
 
 
 def main() -> int:
