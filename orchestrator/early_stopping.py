@@ -6,8 +6,11 @@ reaches a rung, its point is recorded there: its current `val_top1` (the student
 validation accuracy) and its cost objectives known before training (`gmacs`, `params_m`, `pixels`, which
 trials report from their first epoch). Among the points recorded at that rung so far, the trial goes on
 if it is within the best `ceil(n / η)` by non-dominated sorting (Pareto rank, ties broken by crowding
-distance, as NSGA-II does); otherwise it is stopped. Objectives known only after training
-(`latency_ms`) are not part of the ranking.
+distance, as NSGA-II does), or — with `keep_front` (the default) — if no other point at the rung
+dominates it; otherwise it is stopped. So only the dominated fraction is stopped: a trial on the rung's
+current Pareto front is, on the evidence so far, a frontier point, and stopping it can only lose
+hypervolume (classic MO-ASHA, `keep_front=False`, stops front points too once the front holds more than
+1/η of the rung). Objectives known only after training (`latency_ms`) are not part of the ranking.
 
 A stopped trial has no final result: the searcher tells Optuna PRUNED (Ray hands the searcher a stopped
 trial's last partial result; pxd's searcher only takes a report marked `done`), its MLflow run is tagged
@@ -32,7 +35,7 @@ from orchestrator import schema
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
-__all__ = ["MOASHA", "STATE_FILE", "rungs", "nondominated_ranks", "keep_best"]
+__all__ = ["MOASHA", "STATE_FILE", "rungs", "nondominated_ranks", "keep_best", "goes_on"]
 
 STATE_FILE = "early_stopping.json"
 
@@ -93,14 +96,24 @@ def keep_best(points: Sequence[Sequence[float]], fraction: float) -> set[int]:
     return set(order[:max(1, math.ceil(n * fraction))])
 
 
+def goes_on(points: Sequence[Sequence[float]], index: int, fraction: float, keep_front: bool) -> bool:
+    """Whether the point at `index` among a rung's `points` goes on: among the best `ceil(n × fraction)`
+    (`keep_best`), or, with `keep_front`, not dominated by any other point there."""
+    if index in keep_best(points, fraction):
+        return True
+    return keep_front and not any(_dominates(other, points[index]) for j, other in enumerate(points) if j != index)
+
+
 class MOASHA(FIFOScheduler):
     """Asynchronous successive halving on Pareto ranks. `objectives`: [(metric, mode), ...] of the
     space; `val_top1` is read from the student's per-epoch report, the other (known-before-training)
     ones from the trial's reports."""
 
     def __init__(self, objectives: Sequence[tuple[str, str]], *, grace_period: int, reduction_factor: int,
-                 max_t: int, state_path: str | Path, tracking_uri: str | None = None) -> None:
+                 max_t: int, state_path: str | Path, tracking_uri: str | None = None,
+                 keep_front: bool = True) -> None:
         super().__init__()
+        self._keep_front = bool(keep_front)
         self._objectives = [tuple(pair) for pair in objectives]
         self._eta = int(reduction_factor)
         self._rungs = rungs(int(grace_period), self._eta, int(max_t))
@@ -145,8 +158,7 @@ class MOASHA(FIFOScheduler):
         records[trial.trial_id] = point
         self._save()
         ids = list(records)
-        kept = keep_best([records[i] for i in ids], 1.0 / self._eta)
-        if ids.index(trial.trial_id) in kept:
+        if goes_on([records[i] for i in ids], ids.index(trial.trial_id), 1.0 / self._eta, self._keep_front):
             return TrialScheduler.CONTINUE
         self._tag_stopped(result, epoch, len(ids))
         return TrialScheduler.STOP
@@ -160,7 +172,8 @@ class MOASHA(FIFOScheduler):
 
         keep = max(1, math.ceil(n / self._eta))
         reason = (f"stopped early by MO-ASHA at student epoch {epoch}: not among the best {keep} of {n} trials "
-                  f"at that rung by Pareto rank on {', '.join(m for m, _ in self._objectives)}")
+                  f"at that rung by Pareto rank on {', '.join(m for m, _ in self._objectives)}"
+                  + (", and dominated there" if self._keep_front else ""))
         try:
             MlflowClient(self._tracking_uri).set_tag(run_id, schema.Tag.STOPPED_REASON, reason)
         except Exception:  # noqa: BLE001 - a tag is bookkeeping; the stop itself must happen
@@ -177,7 +190,8 @@ class MOASHA(FIFOScheduler):
         from orchestrator import credentials
 
         uri = state["_tracking_uri"]
-        self.__dict__.update({**state, "_tracking_uri": uri and credentials.full_url(uri)})
+        self.__dict__.update({"_keep_front": True, **state, "_tracking_uri": uri and credentials.full_url(uri)})
 
     def debug_string(self) -> str:
-        return f"MO-ASHA: rungs at student epochs {self._rungs}, keep 1/{self._eta}"
+        front = " and the rung's Pareto front" if self._keep_front else ""
+        return f"MO-ASHA: rungs at student epochs {self._rungs}, keep 1/{self._eta}{front}"

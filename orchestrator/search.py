@@ -79,6 +79,9 @@ class EarlyStoppingConfig:
     kind: str = "none"  # none | moasha (multi-objective ASHA over student epochs)
     grace_period: int = 1  # student epochs before the first rung
     reduction_factor: int = 3  # η: at each rung the best 1/η of the trials there go on
+    # true: a trial no other trial at its rung dominates (on the rung's first Pareto front) always goes
+    # on, only dominated trials outside the best 1/η are stopped; false: classic MO-ASHA, the best 1/η only
+    keep_front: bool = True
 
 
 EARLY_STOPPING = ("none", "moasha")

@@ -255,7 +255,7 @@ def _scheduler(spec: SweepSpec, sweep_dir: Path, tracking_uri: str) -> Any:
 
     return MOASHA(spec.require_search().objective_pairs, grace_period=early.grace_period,
                   reduction_factor=early.reduction_factor, max_t=spec.base.student_epochs,
-                  state_path=sweep_dir / STATE_FILE, tracking_uri=tracking_uri)
+                  keep_front=early.keep_front, state_path=sweep_dir / STATE_FILE, tracking_uri=tracking_uri)
 
 
 def _prepare_teacher_task(context: TrialContext, threads: int) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune.schedulers import TrialScheduler
 
 from orchestrator import schema
-from orchestrator.early_stopping import MOASHA, keep_best, nondominated_ranks, rungs
+from orchestrator.early_stopping import MOASHA, goes_on, keep_best, nondominated_ranks, rungs
 from orchestrator.spec import parse_spec
 from orchestrator.sweep import SweepOptions, run_sweep
 from pxd.errors import ConfigError
@@ -32,6 +32,33 @@ def test_nondominated_sorting_ranks_fronts():
     assert keep_best(points, 1 / 2) == {0, 1}
     assert keep_best(points, 1 / 3) == {0, 1}  # ceil(4/3) = 2
     assert keep_best([(1, 1)], 1 / 3) == {0}  # the first trial at a rung always goes on
+
+
+def test_with_keep_front_only_dominated_trials_outside_the_best_fraction_are_stopped():
+    # minimise both; at η = 3 the best ceil(4/3) = 2 go on by rank and crowding
+    points = [(1, 3), (2, 1), (1.5, 2), (3, 4)]  # the first three are mutually non-dominated
+    best = keep_best(points, 1 / 3)
+    assert len(best) == 2 and 3 not in best
+    front_point_outside_best = ({0, 1, 2} - best).pop()
+    assert not goes_on(points, front_point_outside_best, 1 / 3, keep_front=False)  # classic MO-ASHA stops it
+    assert goes_on(points, front_point_outside_best, 1 / 3, keep_front=True)  # no point dominates it
+    assert not goes_on(points, 3, 1 / 3, keep_front=True)  # dominated by every other point
+    assert all(goes_on(points, i, 1 / 3, keep_front=True) for i in best)
+
+
+def test_moasha_keeps_a_front_trial_that_classic_mo_asha_stops(tmp_path):
+    objectives = [("val_top1", "max"), ("pixels", "min")]
+    go, stop = TrialScheduler.CONTINUE, TrialScheduler.STOP
+    decisions = {}
+    for keep_front in (True, False):
+        scheduler = MOASHA(objectives, grace_period=1, reduction_factor=3, max_t=4, keep_front=keep_front,
+                           state_path=tmp_path / f"{keep_front}.json")
+        assert scheduler.on_trial_result(None, SimpleNamespace(trial_id="a"), _result(1, 0.5, 576)) == go
+        # b is cheaper and less accurate: neither dominates; only one of 2 is kept by rank
+        decisions[keep_front] = scheduler.on_trial_result(None, SimpleNamespace(trial_id="b"), _result(1, 0.3, 64))
+        # c is dominated by a (less accurate at the same pixels): stopped under both rules
+        assert scheduler.on_trial_result(None, SimpleNamespace(trial_id="c"), _result(1, 0.4, 576)) == stop
+    assert decisions == {True: go, False: stop}
 
 
 def _result(trial_epoch: int, val: float, pixels: float, stage: str = "student") -> dict:
@@ -66,8 +93,10 @@ def test_moasha_needs_val_top1_among_the_objectives():
 
 
 def test_a_sweep_with_moasha_prunes_stopped_trials_everywhere(ray_local, mlflow_server, tmp_path):
+    # classic MO-ASHA (keep_front: false): in this tiny space the 6 trials are mostly mutually
+    # non-dominated at the rung, so the default rule would stop few or none; the plumbing is the same
     raw = tiny_space(trials=6, max_concurrent=1, early_stopping={"kind": "moasha", "grace_period": 1,
-                                                                 "reduction_factor": 3})
+                                                                 "reduction_factor": 3, "keep_front": False})
     raw["seed"] = 61
     raw["student"]["epochs"] = 3  # one rung, at student epoch 1
     outcome = run_sweep(parse_spec(raw, source_path="moasha.yaml"),
