@@ -135,10 +135,10 @@ def replay_early_stopping(points: Sequence[TablePoint], spec: SweepSpec, concurr
     early = search.early_stopping
     epochs = len(points[0].student_val_top1)
     with tempfile.TemporaryDirectory(prefix="pxd-bench-moasha-") as state_dir:
-        scheduler = MOASHA(search.objective_pairs, grace_period=early.grace_period,
-                           reduction_factor=early.reduction_factor, max_t=epochs,
-                           keep_front=early.keep_front if keep_front is None else keep_front,
-                           state_path=Path(state_dir) / "early_stopping.json")
+        if keep_front is not None:
+            early = replace(early, keep_front=keep_front)
+        scheduler = MOASHA.from_config(search.objective_pairs, early, max_t=epochs,
+                                       state_path=Path(state_dir) / "early_stopping.json")
         queue = list(range(len(points)))
         running: dict[int, int] = {}  # trial index → epochs trained
         trained, complete, stopped_at = 0, [], {}

@@ -35,6 +35,8 @@ from orchestrator import schema
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
+    from orchestrator.search import EarlyStoppingConfig
+
 __all__ = ["MOASHA", "STATE_FILE", "rungs", "nondominated_ranks", "keep_best", "goes_on"]
 
 STATE_FILE = "early_stopping.json"
@@ -120,6 +122,13 @@ class MOASHA(FIFOScheduler):
         self._state_path = str(state_path)
         self._tracking_uri = tracking_uri
         self._records: dict[str, dict[str, list[float]]] | None = None  # rung → trial id → point
+
+    @classmethod
+    def from_config(cls, objectives: Sequence[tuple[str, str]], early: EarlyStoppingConfig, *, max_t: int,
+                    state_path: str | Path, tracking_uri: str | None = None) -> MOASHA:
+        """The scheduler a space's `search.early_stopping` section describes."""
+        return cls(objectives, grace_period=early.grace_period, reduction_factor=early.reduction_factor,
+                   max_t=max_t, keep_front=early.keep_front, state_path=state_path, tracking_uri=tracking_uri)
 
     # -- state, kept beside the sweep so that a resume continues with it
     def _load(self) -> dict[str, dict[str, list[float]]]:

@@ -253,9 +253,8 @@ def _scheduler(spec: SweepSpec, sweep_dir: Path, tracking_uri: str) -> Any:
         return None
     from orchestrator.early_stopping import MOASHA, STATE_FILE
 
-    return MOASHA(spec.require_search().objective_pairs, grace_period=early.grace_period,
-                  reduction_factor=early.reduction_factor, max_t=spec.base.student_epochs,
-                  keep_front=early.keep_front, state_path=sweep_dir / STATE_FILE, tracking_uri=tracking_uri)
+    return MOASHA.from_config(spec.require_search().objective_pairs, early, max_t=spec.base.student_epochs,
+                              state_path=sweep_dir / STATE_FILE, tracking_uri=tracking_uri)
 
 
 def _prepare_teacher_task(context: TrialContext, threads: int) -> dict[str, Any]:
