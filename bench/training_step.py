@@ -2,7 +2,7 @@
 
     python bench/training_step.py [--student resnet10t] [--resolution 32] [--teacher-resolution 64]
                                   [--batch-size 32] [--isrd 1.0] [--repeats 15] [--steps 5]
-                                  [--threads 1] [--device cpu] [--out results.json]
+                                  [--threads 1] [--device cpu] [--channels-last] [--out results.json]
 
 The step is pxd's own (`pxd.train.train_step`, what `train_stage` runs per batch) for the student stage of
 the TAS chain: the assistant (the student's architecture at the teacher's resolution) forward at high
@@ -55,7 +55,7 @@ def build(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[
     num_classes, high, low = args.num_classes, args.teacher_resolution, args.resolution
     train = TrainConfig(optimizer="sgd", lr=0.01, batch_size=args.batch_size)
     distill = DistillConfig(ce=1.0, kd=0.9, temperature=2.0, isrd=args.isrd)
-    channels_last = device.type == "cuda"
+    channels_last = args.channels_last and device.type == "cuda"
 
     def new_student(resolution: int) -> torch.nn.Module:
         model = create_model(ModelConfig(arch=args.student, resolution=resolution), num_classes, field="student")
@@ -84,7 +84,7 @@ def build(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[
     isrd = ISRDTerm(TermContext(student=isrd_info, teacher=tap_info(assistant, high), student_resolution=low,
                                 teacher_resolution=high, temperature=1.0)).to(device)
     with torch.no_grad():
-        taps = forward_taps(student, _to_memory_format(student_view, device))
+        taps = forward_taps(student, _to_memory_format(student_view, device, channels_last))
     input_map = taps.input_map.detach().clone().requires_grad_(True)
 
     plain = timm.create_model(args.student, num_classes=num_classes, pretrained=False).to(device).train()
@@ -94,14 +94,16 @@ def build(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[
     amp = autocast_dtype(device)
 
     def tas_step() -> None:
-        train_step(student, assistant, distiller, step_optimizer, teacher_view, student_view, labels, device=device)
+        train_step(student, assistant, distiller, step_optimizer, teacher_view, student_view, labels, device=device,
+                   channels_last=channels_last)
 
     def upstream() -> None:
         with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            forward_taps(assistant, _to_memory_format(teacher_view, device))
+            forward_taps(assistant, _to_memory_format(teacher_view, device, channels_last))
 
     def student_ce_step() -> None:
-        train_step(ce_student, None, ce_distiller, ce_optimizer, teacher_view, student_view, labels, device=device)
+        train_step(ce_student, None, ce_distiller, ce_optimizer, teacher_view, student_view, labels, device=device,
+                   channels_last=channels_last)
 
     def isrd_term() -> None:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -114,7 +116,7 @@ def build(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[
 
     def plain_step() -> None:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = F.cross_entropy(plain(_to_memory_format(student_view, device)), labels)
+            loss = F.cross_entropy(plain(_to_memory_format(student_view, device, channels_last)), labels)
         plain_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         plain_optimizer.step()
@@ -150,6 +152,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant per repeat")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (a sweep's trial: 1 per CPU)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last on CUDA (train.channels_last)")
     parser.add_argument("--out", type=Path, default=None, help="write every number as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -173,7 +176,8 @@ def main() -> int:
     step_over_plain = statistics.median(
         t / p for t, p in zip(samples["tas_step"], samples["plain_timm_step"], strict=True))
     print(f"student {args.student} @ {args.resolution}px, upstream (assistant) @ {args.teacher_resolution}px, "
-          f"batch {args.batch_size}, isrd {args.isrd}, device {device}, threads {args.threads}, "
+          f"batch {args.batch_size}, isrd {args.isrd}, device {device}, "
+          f"channels_last {bool(args.channels_last and device.type == 'cuda')}, threads {args.threads}, "
           f"{args.repeats} repeats x {args.steps} steps; "
           f"load average before {load_before[0]:.2f} after {load_after[0]:.2f}")
     print(f"{'variant':<28}{'median ms/step':>16}{'min':>10}{'max':>10}")

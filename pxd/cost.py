@@ -90,7 +90,7 @@ def measure_latency(
 ) -> dict[str, Any]:
     """Median wall time of one forward pass of a `batch_size` batch, on a copy of `model`.
 
-    The copy is moved to `device`, in eval mode; on CUDA it is channels_last and, for bf16/fp16,
+    The copy is moved to `device`, in eval mode, in the default (NCHW) memory format; for bf16/fp16 it
     runs under autocast. The caller's model is left as it was.
     """
     if repeats < 1 or warmup < 0 or batch_size < 1:
@@ -101,9 +101,6 @@ def measure_latency(
     runner = copy.deepcopy(model).to(device=target, dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, resolution, resolution, generator=generator).to(target)
-    if is_cuda:
-        runner = runner.to(memory_format=torch.channels_last)
-        images = images.contiguous(memory_format=torch.channels_last)
     if dtype in _AUTOCAST_DTYPES:
         autocast: Any = torch.autocast(device_type=target.type, dtype=dtype)
     elif dtype == torch.float32:
@@ -321,7 +318,7 @@ def measure_runtime(
 
     Warm-up passes first (they include compilation for torch-compile); `threads` fixes the intra-op
     threads for the measurement (torch and ONNX Runtime alike); on CUDA every pass is synchronised, and
-    `dtype` bf16/fp16 runs under autocast with channels_last (torch runtimes).
+    `dtype` bf16/fp16 runs under autocast (torch runtimes), in the default (NCHW) memory format.
     """
     if repeats < 2 or warmup < 0 or batch_size < 1:
         raise ValueError(f"need repeats ≥ 2, warmup ≥ 0, batch_size ≥ 1 (got {repeats}, {warmup}, {batch_size})")
@@ -332,8 +329,6 @@ def measure_runtime(
     try:
         run = _runner(model, runtime, resolution, target, threads)
         cuda = target.type == "cuda"
-        if cuda and runtime != "onnxruntime" and isinstance(run, nn.Module):
-            run = run.to(memory_format=torch.channels_last)
         autocast: Any = (torch.autocast(device_type=target.type, dtype=dtype)
                          if dtype in _AUTOCAST_DTYPES and runtime != "onnxruntime" else nullcontext())
         sync: Callable[[], None] = (lambda: torch.cuda.synchronize(target)) if cuda else (lambda: None)
@@ -341,8 +336,6 @@ def measure_runtime(
 
         def timed(batch: int, count: int) -> list[float]:
             images = torch.randn(batch, 3, resolution, resolution, generator=generator).to(target)
-            if cuda:
-                images = images.contiguous(memory_format=torch.channels_last)
             times = []
             with torch.inference_mode(), autocast:
                 for step in range(warmup + count):

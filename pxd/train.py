@@ -103,6 +103,7 @@ def evaluate(
     eval_crop: float,
     batch_size: int,
     device: torch.device,
+    channels_last: bool = False,
 ) -> float:
     """Top-1 accuracy with the evaluation view (resize + center crop) at `resolution`."""
     was_training = model.training
@@ -113,15 +114,16 @@ def evaluate(
     for images, labels in iterate_batches(split, batch_size, shuffle=False, generator=None, device=device):
         _, view = sampler(images)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = model(_to_memory_format(view, device))
+            logits = model(_to_memory_format(view, device, channels_last))
         correct += int((logits.argmax(dim=1) == labels.to(device)).sum())
         total += int(labels.shape[0])
     model.train(was_training)
     return correct / max(total, 1)
 
 
-def _to_memory_format(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+def _to_memory_format(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """`x` in channels_last on CUDA when asked (`train.channels_last`), else as it is."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and device.type == "cuda" else x
 
 
 def _optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -171,11 +173,14 @@ def train_stage(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model.to(device)
-    if device.type == "cuda":
+    channels_last = train.channels_last and device.type == "cuda"
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     distiller = _make_distiller(model, teacher, distill, resolution, image_resolution, device)
     if teacher is not None:
         teacher.to(device).eval()
+        if channels_last:
+            teacher.to(memory_format=torch.channels_last)
         for param in teacher.parameters():
             param.requires_grad_(False)
 
@@ -215,6 +220,7 @@ def train_stage(
             teacher_view, student_view = sampler(images, generator)
             loss, losses = train_step(
                 model, teacher, distiller, optimizer, teacher_view, student_view, labels.to(device), device=device,
+                channels_last=channels_last,
                 check=lambda terms: _check_finite(kind, epoch, steps, terms),  # noqa: B023 - called at once
             )
             scheduler.step()
@@ -229,7 +235,7 @@ def train_stage(
                 bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}", best=f"{max(best_top1, 0):.3f}")
         val_top1 = evaluate(
             model, val_split, resolution=resolution, image_resolution=image_resolution,
-            eval_crop=data.eval_crop, batch_size=train.batch_size * 2, device=device,
+            eval_crop=data.eval_crop, batch_size=train.batch_size * 2, device=device, channels_last=channels_last,
         )
         record = {f"train_{name}": total / max(steps, 1) for name, total in sums.items()}
         record.update(val_top1=val_top1, epoch=float(epoch), epoch_seconds=time.perf_counter() - epoch_start)
@@ -275,6 +281,7 @@ def train_step(
     *,
     device: torch.device,
     check: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    channels_last: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimisation step of a stage (the body of `train_stage`'s loop; bench/training_step.py times it):
     the upstream model's taps on the teacher view, the model's on its own view, the distiller's weighted
@@ -289,8 +296,8 @@ def train_step(
         teacher_taps = None
         if teacher is not None:
             with torch.no_grad():
-                teacher_taps = forward_taps(teacher, _to_memory_format(teacher_view, device))
-        taps = forward_taps(model, _to_memory_format(student_view, device))
+                teacher_taps = forward_taps(teacher, _to_memory_format(teacher_view, device, channels_last))
+        taps = forward_taps(model, _to_memory_format(student_view, device, channels_last))
         losses = distiller(taps, teacher_taps, labels, teacher_view)
     loss = sum(losses.values())
     if check is not None:
