@@ -74,6 +74,9 @@ def test_stage_keys_depend_on_what_determines_the_result(tiny_raw):
     # the device does not change what a stage stands for
     on_gpu = stage_keys(dataclasses.replace(base, train=dataclasses.replace(base.train, device="cuda")), "data-A")
     assert on_gpu == keys
+    # nor does the memory format: channels_last changes speed, never the weights a stage stands for
+    nhwc = stage_keys(dataclasses.replace(base, train=dataclasses.replace(base.train, channels_last=True)), "data-A")
+    assert nhwc == keys
 
 
 def test_student_starts_from_the_assistant_weights_across_resolutions():
