@@ -7,7 +7,8 @@
 Parts (each a script in bench/, run with `PYTHONPATH=.` from the repository root so this checkout's
 code is measured): `search` (2a search quality, 2b early stopping), `stage_reuse` (2c; 12 trials of
 the quickstart's 3 student architectures), `training_step` (2d), `overhead` (2e; `--compare`: cuts off,
-fresh worker processes per trial, the shipped default). A part whose script is absent is skipped with a message. Each
+fresh worker processes per trial, the shipped default), `gpu_packing` (4; only where CUDA is available, else
+skipped with a message). A part whose script is absent is skipped with a message. Each
 part prints its progress on stderr (shown live) and its summary on stdout (collected); a script that
 takes `--out` writes its JSON into `--out-dir`, with `suite.json` (every part's command, exit status,
 wall time and summary). Not part of the test suite.
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class Part:
     script: str  # relative to the repository root
     items: str  # issue 12's item numbers
+    needs_gpu: bool = False  # skipped with a message where CUDA is not available
     # outputs besides --out, relative to the output folder
     outputs: dict[str, str] = field(default_factory=dict)
     # arguments the issue's item needs (before --args, which may override them)
@@ -47,7 +49,16 @@ PARTS = {
     "training_step": Part("bench/training_step.py", "2d"),
     # the shipped default (kept worker processes) beside the cuts off and fresh processes per trial
     "overhead": Part("bench/overhead.py", "2e", defaults=("--compare",)),
+    # item 4: trials packed 1, 4 and 8 to a GPU, with channels_last and host-held data beside the default
+    "gpu_packing": Part("bench/gpu_packing.py", "4", needs_gpu=True,
+                        defaults=("--concurrency", "1", "4", "8", "--channels-last", "4", "--host-data", "4")),
 }
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def command_for(name: str, part: Part, out_dir: Path, extra: list[str]) -> list[str]:
@@ -99,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         if not (ROOT / part.script).exists():
             print(f"\n== {name} ({part.items}): skipped, {part.script} is not in this checkout", flush=True)
             results[name] = {"status": "skipped", "script": part.script}
+            continue
+        if part.needs_gpu and not cuda_available():
+            print(f"\n== {name} ({part.items}): skipped, no CUDA GPU here", flush=True)
+            results[name] = {"status": "skipped", "script": part.script, "reason": "no CUDA GPU"}
             continue
         command = command_for(name, part, args.out_dir, args.extra.get(name, []))
         print(f"\n== {name} ({part.items}): {shlex.join(command)}", flush=True)
