@@ -32,6 +32,7 @@ Without NVML (or on `--device cpu`) the busy columns are nan. Not in the test su
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import fcntl
 import json
@@ -144,6 +145,13 @@ def worker(rank: int, base: dict[str, Any], trials: list[dict[str, Any]], store:
         results.put(("error", rank, traceback.format_exc()))
 
 
+def _stop(procs: list[Any]) -> None:
+    for proc in procs:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.terminate()
+
+
 def run_configuration(base: dict[str, Any], trials: list[dict[str, Any]], teacher_store: Path, *, concurrency: int,
                       threads: int, gpu_index: int | None, timeout_s: float) -> dict[str, Any]:
     ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
@@ -154,43 +162,39 @@ def run_configuration(base: dict[str, Any], trials: list[dict[str, Any]], teache
     procs = [ctx.Process(target=worker, args=(rank, base, trials, str(store), threads, tasks, results), daemon=True)
              for rank in range(concurrency)]
     done: list[dict[str, Any]] = []
-    error = None
+    error: str | None = None
     sampler = GpuBusySampler(gpu_index) if gpu_index is not None else None
-    try:
+    start = end = time.time()
+    with contextlib.ExitStack() as stack:
         if sampler is not None:
-            sampler.__enter__()
+            stack.enter_context(sampler)
+        stack.callback(shutil.rmtree, store, ignore_errors=True)
+        stack.callback(_stop, procs)
         for proc in procs:
             proc.start()
-        ready = 0
-        while ready < concurrency and error is None:
-            kind, rank, payload = results.get(timeout=timeout_s)
-            ready += kind == "ready"
-            error = payload if kind == "error" else None
-        start = time.time()
-        for index in range(len(trials)):
-            tasks.put(index)
-        for _ in procs:
-            tasks.put(None)
-        while error is None and len(done) < len(trials):
-            kind, rank, payload = results.get(timeout=timeout_s)
-            if kind == "error":
-                error = payload
-            elif kind == "done":
-                done.append(payload)
-                print(f"[bench] concurrency {concurrency}: trial {len(done)}/{len(trials)} "
-                      f"({payload['arch']} @ {payload['resolution']}px) {payload['wall_s']:.1f} s", file=sys.stderr)
+        try:
+            ready = 0
+            while ready < concurrency and error is None:
+                kind, rank, payload = results.get(timeout=timeout_s)
+                ready += kind == "ready"
+                error = payload if kind == "error" else None
+            start = time.time()
+            for index in range(len(trials) if error is None else 0):
+                tasks.put(index)
+            for _ in procs:
+                tasks.put(None)
+            while error is None and len(done) < len(trials):
+                kind, rank, payload = results.get(timeout=timeout_s)
+                if kind == "error":
+                    error = payload
+                elif kind == "done":
+                    done.append(payload)
+                    print(f"[bench] concurrency {concurrency}: trial {len(done)}/{len(trials)} "
+                          f"({payload['arch']} @ {payload['resolution']}px) {payload['wall_s']:.1f} s",
+                          file=sys.stderr)
+        except queue.Empty:
+            error = f"no word from the workers in {timeout_s:.0f} s"
         end = time.time()
-    except queue.Empty:
-        error, end = f"no word from the workers in {timeout_s:.0f} s", time.time()
-        start = locals().get("start", end)
-    finally:
-        if sampler is not None:
-            sampler.__exit__(None, None, None)
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.terminate()
-        shutil.rmtree(store, ignore_errors=True)
     wall = end - start
     training = sum(r["timings"].get("training", 0.0) for r in done)
     out: dict[str, Any] = {

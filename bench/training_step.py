@@ -55,7 +55,7 @@ def build(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[
     num_classes, high, low = args.num_classes, args.teacher_resolution, args.resolution
     train = TrainConfig(optimizer="sgd", lr=0.01, batch_size=args.batch_size)
     distill = DistillConfig(ce=1.0, kd=0.9, temperature=2.0, isrd=args.isrd)
-    channels_last = args.channels_last and device.type == "cuda"
+    channels_last = args.channels_last
 
     def new_student(resolution: int) -> torch.nn.Module:
         model = create_model(ModelConfig(arch=args.student, resolution=resolution), num_classes, field="student")
@@ -157,6 +157,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    args.channels_last = args.channels_last and device.type == "cuda"  # as train_stage: ignored on CPU
     variants = build(args, device)
     load_before = os.getloadavg()
     samples: dict[str, list[float]] = {name: [] for name in variants}
@@ -177,7 +178,7 @@ def main() -> int:
         t / p for t, p in zip(samples["tas_step"], samples["plain_timm_step"], strict=True))
     print(f"student {args.student} @ {args.resolution}px, upstream (assistant) @ {args.teacher_resolution}px, "
           f"batch {args.batch_size}, isrd {args.isrd}, device {device}, "
-          f"channels_last {bool(args.channels_last and device.type == 'cuda')}, threads {args.threads}, "
+          f"channels_last {args.channels_last}, threads {args.threads}, "
           f"{args.repeats} repeats x {args.steps} steps; "
           f"load average before {load_before[0]:.2f} after {load_after[0]:.2f}")
     print(f"{'variant':<28}{'median ms/step':>16}{'min':>10}{'max':>10}")

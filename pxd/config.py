@@ -164,7 +164,7 @@ class TrainConfig:
     max_device_data_bytes: int = 4 * 1024**3
     # channels_last memory format for models and batches on CUDA (ignored on CPU). Off by default: on an
     # H200 (torch 2.11, cuDNN 9.19) it made every new input shape of a depthwise-conv model
-    # (mobilenetv3_small_050) cost ~4 s before its first step, and small models ran no faster
+    # (mobilenetv3_small_050) cost 2–7 s before its first step, and small models ran no faster
     # (docs/benchmarks.md, "GPU fast path"). Speed only: it is not part of a stage's key.
     channels_last: bool = False
 
