@@ -182,11 +182,17 @@ class MlflowStageStore:
         usable = self._runs(f"tags.`{Tag.STAGE_COMPLETE}` = 'true' and attributes.status = 'FINISHED'", key)
         return usable[0] if usable else None
 
-    def _runs(self, condition: str, key: str) -> list[Run]:
-        """The stage's runs that meet `condition` and are not marked corrupt, newest first."""
+    @staticmethod
+    def _usable(run: Run) -> bool:
+        """What `lookup` searches for, checked on a run at hand."""
+        return run.data.tags.get(Tag.STAGE_COMPLETE) == "true" and run.info.status == "FINISHED"
+
+    def _runs(self, condition: str, key: str, max_results: int = 20) -> list[Run]:
+        """The stage's runs that meet `condition` (all: "") and are not marked corrupt, newest first."""
         runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{Tag.STAGE_KEY}` = '{key}' and {condition}",
-            order_by=["attributes.start_time DESC"], max_results=20,
+            [self.experiment_id],
+            filter_string=f"tags.`{Tag.STAGE_KEY}` = '{key}'" + (f" and {condition}" if condition else ""),
+            order_by=["attributes.start_time DESC"], max_results=max_results,
         )
         return [r for r in runs if r.data.tags.get(Tag.STAGE_CORRUPT) != "true"]
 
@@ -254,14 +260,26 @@ class MlflowStageStore:
                     _FOUND[(self.tracking_uri, key)] = (run.info.run_id, run.data.tags.get(Tag.CHECKPOINT_SHA256) or "")
                 return result, run.info.run_id
 
-    def _find_incomplete(self, key: str) -> tuple[_IncompleteStage, dict[str, Any]] | None:
-        """The newest incomplete run of the stage with a whole training state of this pxd's layout, and
-        that state."""
+    def _find_under_lease(self, key: str) -> tuple[StageResult, str] | list[Run]:
+        """Under the stage's lease: the stage when another trial completed it meanwhile (as `_find`), else
+        its incomplete runs, newest first, for `_find_incomplete`. One search for both."""
+        runs = self._runs("", key, max_results=50)
+        if any(self._usable(run) for run in runs):
+            found = self._find(key)
+            if found is not None:
+                return found
+        return [run for run in runs if run.data.tags.get(Tag.STAGE_COMPLETE) == "false"]
+
+    def _find_incomplete(self, key: str, runs: list[Run] | None = None) -> tuple[_IncompleteStage, dict[str, Any]] | None:
+        """The newest incomplete run of the stage (among `runs`, else searched) with a whole training state
+        of this pxd's layout, and that state."""
         import torch
 
         from pxd.train import TRAINING_STATE_VERSION
 
-        for run in self._runs(f"tags.`{Tag.STAGE_COMPLETE}` = 'false'", key):
+        if runs is None:
+            runs = self._runs(f"tags.`{Tag.STAGE_COMPLETE}` = 'false'", key)
+        for run in runs:
             if Tag.STAGE_PARTIAL not in run.data.tags:
                 continue
             partial = json.loads(run.data.tags[Tag.STAGE_PARTIAL])
@@ -352,11 +370,11 @@ class MlflowStageStore:
         while True:
             if self.leases.acquire(key, self.owner, ttl):
                 try:
-                    found = self._find(key)  # finished while we polled
-                    if found is not None:
+                    found = self._find_under_lease(key)  # finished while we polled, else its incomplete runs
+                    if isinstance(found, tuple):
                         return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
                     with Heartbeat(self.leases, key, self.owner, ttl):
-                        result, run_id = self._train(kind, key, describe, train)
+                        result, run_id = self._train(kind, key, describe, train, incomplete_runs=found)
                     return StageOutcome(result=result, key=key, reused=False, ref=run_id)
                 finally:
                     self.leases.release(key, self.owner)
@@ -372,16 +390,18 @@ class MlflowStageStore:
                 return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
 
     def _train(
-        self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], StageResult]
+        self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], StageResult],
+        incomplete_runs: list[Run] | None = None,
     ) -> tuple[StageResult, str]:
-        """Train the stage (holding its lease), resuming its newest incomplete run when there is one."""
+        """Train the stage (holding its lease), resuming its newest incomplete run when there is one
+        (among `incomplete_runs` when the caller has searched for them)."""
         from pxd.pipeline import ResumableTraining
         from pxd.train import Checkpointing
 
         if not isinstance(train, ResumableTraining):
             result = train()
             return result, self.save(kind, key, describe, result)
-        found = self._find_incomplete(key)
+        found = self._find_incomplete(key, incomplete_runs)
         incomplete, resume_from = found if found is not None else (_IncompleteStage(self, None, None), None)
         if resume_from is None:
             incomplete.create_with = lambda: self.create_run(kind, key, describe)

@@ -147,7 +147,7 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
             loading = time.perf_counter() - loading
             outcome = run_tas(config, provider=make_provider(context, parent_run_id=run_id), on_epoch=on_epoch,
                               progress=False, latency=latency, before_training=_budget_check(context.spec, known),
-                              data=data)
+                              data=data, keep_in_process=overhead_cuts_on())
         except OverBudget as over:
             # infeasible by architecture and input alone: recorded PRUNED with the reason, nothing trained;
             # the searcher tells Optuna PRUNED with the constraint values, so the sampler learns the region
@@ -304,13 +304,11 @@ class _ModelLoggingWarmUp:
 
         try:
             import mlflow.pytorch
-            import numpy as np
             import torch
 
             with tempfile.TemporaryDirectory(prefix="pxd-warm-up-") as folder:
                 mlflow.pytorch.save_model(torch.nn.Linear(1, 1), f"{folder}/model", pip_requirements=_requirements(),
-                                          input_example=np.zeros((1, 1), dtype=np.float32),
-                                          serialization_format="pickle")
+                                          signature=_signature((-1, 1), (-1, 1)), serialization_format="pickle")
         except Exception:  # noqa: BLE001 - the real log repeats the work and raises what is wrong
             logger.warning("warming up MLflow's model logging failed; the student's log will take longer",
                            exc_info=True)
@@ -328,17 +326,31 @@ def _requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"]
 
 
-def _log_student(student: nn.Module, resolution: int) -> str:
-    """Log the student so it can be loaded and served: an input example at its own resolution."""
-    import mlflow
+def _signature(inputs: tuple[int, ...], outputs: tuple[int, ...]) -> Any:
+    """A float32 tensor signature; -1 is any size (the batch)."""
     import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
 
-    example = np.zeros((1, 3, resolution, resolution), dtype=np.float32)
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), inputs)]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), outputs)]))
+
+
+def _log_student(student: nn.Module, resolution: int) -> str:
+    """Log the student so it can be loaded and served: its signature takes any batch of RGB float32 images at
+    its own resolution and gives one row of logits per image. Stated, not inferred from an input example:
+    MLflow would then run the model twice more (inferring, then validating a serving example), and save and
+    upload two more files, per trial."""
+    import mlflow
+    import torch
+
     student.eval()
+    with torch.no_grad():
+        classes = int(student(torch.zeros(1, 3, resolution, resolution)).shape[-1])
     info = mlflow.pytorch.log_model(
         student,
         name="student",
-        input_example=example,
+        signature=_signature((-1, 3, resolution, resolution), (-1, classes)),
         pip_requirements=_requirements(),
         # the whole module: MLflow 3.17's default (pt2, torch.export) pins the batch size of the input
         # example (1), and a deployed student must take any batch (pxd remeasure times batch N too)

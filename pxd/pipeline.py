@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from pxd.config import DistillConfig, ModelConfig, PipelineConfig, TrainConfig
-from pxd.cost import LatencyCache, measure_cost, static_cost
+from pxd.cost import Cost, LatencyCache, measure_cost, static_cost
 from pxd.data import load_dataset
 from pxd.losses import stage_loss_weights
 from pxd.metrics import metrics_before_training, metrics_from_cost
@@ -234,13 +234,17 @@ def run_tas(
     measure_latency: bool = True,
     latency: LatencySettings | None = None,
     before_training: Callable[[dict[str, float]], None] | None = None,
+    keep_in_process: bool = True,
 ) -> PipelineResult:
     """Run the whole chain and measure the student's cost. Raises `DivergedError` on a NaN loss.
 
     Latency is measured on `latency.device` (default: the training device); `measure_latency=False`
     times one pass only (tests). `before_training` gets the student's metrics known before training
     (`gmacs`, `params_m`, `pixels`) before any stage trains, and may raise to stop the run there
-    (a sweep refuses a trial that breaks a hard budget this way).
+    (a sweep refuses a trial that breaks a hard budget this way). `keep_in_process` keeps, for the next
+    run in this process, the teacher and assistant modules (`_KEPT_UPSTREAM`) and the student's cost known
+    before training (`_STATIC_COSTS`); False builds and counts everything again (to measure what keeping
+    saves, bench/overhead.py).
     """
     timings = {section: 0.0 for section in TIMED_SECTIONS}
     provider = _TimedProvider(provider or TrainingProvider(), timings)
@@ -250,8 +254,9 @@ def run_tas(
     keys = stage_keys(cfg, data.fingerprint)
     num_classes = data.num_classes
     with _timed(timings, "models"):
+        # trained in stage 2 below: counting does not change it (eval mode, no grad), and training seeds itself
         student = _new_model(cfg.student, num_classes, "student", cfg.seed)
-        static = static_cost(student, cfg.student.resolution)  # counted once: the budget check and the result
+        static = _static_cost(cfg.student, num_classes, student, keep_in_process)  # counted once: the budget check and the result
     if before_training is not None:
         before_training(metrics_before_training(static))
     high = cfg.teacher.resolution
@@ -260,26 +265,23 @@ def run_tas(
     outcomes: dict[str, StageOutcome] = {}
 
     # Stage 0: teacher
-    teacher, outcomes["teacher"] = _teacher_stage(cfg, data, provider, keys["teacher"], device, common, timings)
+    teacher, outcomes["teacher"] = _teacher_stage(cfg, data, provider, keys["teacher"], device, common, timings,
+                                                  keep_in_process)
     upstream = teacher
 
     # Stage 1: model compression (assistant = student architecture at the teacher's resolution)
     if cfg.assistant.enabled:
-        with _timed(timings, "models"):
-            assistant = _new_model(dataclasses.replace(cfg.student, resolution=high), num_classes, "student", cfg.seed)
-        outcomes["assistant"] = provider.get_or_train(
-            "assistant", keys["assistant"], _describe(cfg, "assistant"),
-            ResumableTraining(lambda checkpointing: train_stage(
+        upstream, outcomes["assistant"] = _upstream_stage(
+            "assistant", keys["assistant"], _describe(cfg, "assistant"), provider, timings, keep_in_process,
+            build=lambda: _new_model(dataclasses.replace(cfg.student, resolution=high), num_classes, "student", cfg.seed),
+            train=lambda assistant, checkpointing: train_stage(
                 "assistant", assistant, resolution=high, teacher=teacher, distill=cfg.assistant_distill,
-                epochs=cfg.assistant_epochs, checkpointing=checkpointing, **{**common, "train": cfg.assistant_train})),
+                epochs=cfg.assistant_epochs, checkpointing=checkpointing, **{**common, "train": cfg.assistant_train}),
         )
-        assistant.load_state_dict(outcomes["assistant"].result.state_dict)
-        upstream = assistant
 
     # Stage 2: input compression (student at low resolution, distilled from its upstream)
-    with _timed(timings, "models"):
-        student = _new_model(cfg.student, num_classes, "student", cfg.seed)
-        if cfg.assistant.enabled and cfg.assistant.init_student:
+    if cfg.assistant.enabled and cfg.assistant.init_student:
+        with _timed(timings, "models"):
             init_from(upstream.state_dict(), student)
     outcomes["student"] = provider.get_or_train(
         "student", keys["student"], _describe(cfg, "student"),
@@ -351,13 +353,11 @@ def _new_model(model: ModelConfig, num_classes: int, field: str, seed: int) -> n
 
 def _teacher_stage(
     cfg: PipelineConfig, data: DatasetSplits, provider: StageProvider, key: str, device: torch.device,
-    common: dict[str, Any], timings: dict[str, float] | None = None,
+    common: dict[str, Any], timings: dict[str, float] | None = None, keep_in_process: bool = True,
 ) -> tuple[nn.Module, StageOutcome]:
     high = cfg.teacher.resolution
-    with _timed(timings if timings is not None else {}, "models"):
-        teacher = _new_model(cfg.teacher, data.num_classes, "teacher", cfg.seed)
 
-    def train_teacher(checkpointing: Checkpointing | None) -> StageResult:
+    def train_teacher(teacher: nn.Module, checkpointing: Checkpointing | None) -> StageResult:
         if cfg.teacher.epochs == 0:  # a loaded checkpoint / pretrained teacher, used as is
             top1 = evaluate(teacher.to(device), data.val, resolution=high, image_resolution=high,
                             eval_crop=data.eval_crop, batch_size=cfg.teacher_train.batch_size, device=device)
@@ -367,9 +367,70 @@ def _teacher_stage(
         return train_stage("teacher", teacher, resolution=high, teacher=None, distill=None, epochs=cfg.teacher.epochs,
                            checkpointing=checkpointing, **{**common, "train": cfg.teacher_train})
 
-    outcome = provider.get_or_train("teacher", key, _describe(cfg, "teacher"), ResumableTraining(train_teacher))
-    teacher.load_state_dict(outcome.result.state_dict)
-    return teacher, outcome
+    return _upstream_stage("teacher", key, _describe(cfg, "teacher"), provider, timings if timings is not None else {},
+                           keep_in_process, build=lambda: _new_model(cfg.teacher, data.num_classes, "teacher", cfg.seed),
+                           train=train_teacher)
+
+
+# (stage kind, stage key) → (the StageResult a module was loaded from, that module), kept by this process:
+# a worker process that runs trial after trial (a sweep's `search.reuse_actors`) builds its teacher and
+# assistant once, not once per trial. A kept module is used only when the provider hands out that same
+# result object again (a store's verified in-memory copy, e.g. `orchestrator.stage_store`), so its weights
+# are exactly the stage's. Upstream modules are only read (eval mode, no gradients) by the stages that
+# distil from them; a stage that trains always builds a new module.
+_KEPT_UPSTREAM: dict[tuple[str, str], tuple[StageResult, nn.Module]] = {}
+_KEPT_UPSTREAM_MAX = 4
+
+
+def _upstream_stage(
+    kind: str, key: str, describe: dict[str, Any], provider: StageProvider, timings: dict[str, float],
+    keep_in_process: bool, *, build: Callable[[], nn.Module], train: Callable[[nn.Module, Checkpointing | None], StageResult],
+) -> tuple[nn.Module, StageOutcome]:
+    """The teacher or assistant stage, got or trained through `provider`, as a module holding its weights."""
+    kept = _KEPT_UPSTREAM.get((kind, key)) if keep_in_process else None
+    model: nn.Module | None = None
+    if kept is None:  # likely to be needed: build it outside the stage's time, as its own section
+        with _timed(timings, "models"):
+            model = build()
+
+    def train_stage_model(checkpointing: Checkpointing | None) -> StageResult:
+        nonlocal model
+        if model is None:
+            model = build()
+        return train(model, checkpointing)
+
+    outcome = provider.get_or_train(kind, key, describe, ResumableTraining(train_stage_model))
+    if kept is not None and kept[0] is outcome.result:
+        return kept[1], outcome
+    with _timed(timings, "models"):
+        if model is None:
+            model = build()
+        model.load_state_dict(outcome.result.state_dict)
+    if not keep_in_process:
+        return model, outcome
+    _KEPT_UPSTREAM.pop((kind, key), None)
+    if len(_KEPT_UPSTREAM) >= _KEPT_UPSTREAM_MAX:
+        _KEPT_UPSTREAM.pop(next(iter(_KEPT_UPSTREAM)))
+    _KEPT_UPSTREAM[(kind, key)] = (outcome.result, model)
+    return model, outcome
+
+
+# (architecture, input side) → the cost known before training (`pxd.cost.static_cost`), kept by this process
+_STATIC_COSTS: dict[str, Cost] = {}
+_STATIC_COSTS_MAX = 256
+
+
+def _static_cost(model_cfg: ModelConfig, num_classes: int, model: nn.Module, keep: bool = True) -> Cost:
+    """`static_cost(model, model_cfg.resolution)`, counted once per architecture and input in a process (with
+    `keep`): it depends on the architecture alone, never on the weights."""
+    if not keep:
+        return static_cost(model, model_cfg.resolution)
+    key = _digest(_architecture(model_cfg, num_classes))
+    if key not in _STATIC_COSTS:
+        if len(_STATIC_COSTS) >= _STATIC_COSTS_MAX:
+            _STATIC_COSTS.pop(next(iter(_STATIC_COSTS)))
+        _STATIC_COSTS[key] = static_cost(model, model_cfg.resolution)
+    return dataclasses.replace(_STATIC_COSTS[key], threads=torch.get_num_threads())
 
 
 def prepare_teacher(cfg: PipelineConfig, *, provider: StageProvider, progress: bool | None = None) -> StageOutcome:

@@ -16,7 +16,7 @@ from orchestrator.schema import STAGE_CHECKPOINT, Tag
 from orchestrator.stage_leases import LocalLeases
 from orchestrator.stage_store import MlflowStageStore, StageUnavailable, list_stages
 from pxd.config import PipelineConfig
-from pxd.pipeline import run_tas, stage_keys
+from pxd.pipeline import ResumableTraining, run_tas, stage_keys
 from pxd.train import StageResult
 from tests.orchestrator.conftest import free_port
 
@@ -226,3 +226,43 @@ def test_a_kept_worker_process_searches_mlflow_for_a_stage_once(mlflow_server, m
         store = _counting_searches(_store(mlflow_server), searches, monkeypatch)
         assert store.get_or_train("teacher", key, {"arch": "io-test"}, _must_not_train).ref == run_id
     assert len(searches) == 2
+
+
+class _FinishedByAnotherTrial(LocalLeases):
+    """The lease is free only once another trial has completed the stage (it held the lease until then)."""
+
+    def __init__(self, uri: str, key: str) -> None:
+        super().__init__()
+        self.uri, self.key = uri, key
+        self.other_run: str | None = None
+
+    def acquire(self, key: str, owner: str, ttl_s: float) -> bool:
+        if self.other_run is None:
+            self.other_run = str(_store(self.uri).get_or_train("teacher", self.key, {"arch": "io-test"},
+                                                               lambda: _result(2.0)).ref)
+        return super().acquire(key, owner, ttl_s)
+
+
+def test_a_stage_completed_just_before_the_lease_is_taken_is_reused_not_trained(mlflow_server, monkeypatch):
+    """Between this trial's first look-up (a miss) and its lease, another trial finished the stage: the
+    look-up under the lease (one search, also for incomplete runs) finds it, and nothing trains again."""
+    key = f"io-{uuid.uuid4().hex}"
+    leases = _FinishedByAnotherTrial(mlflow_server, key)
+    store = _counting_searches(MlflowStageStore(mlflow_server, leases=leases, poll_s=0.1, wait_timeout_s=30),
+                               [], monkeypatch)
+    outcome = store.get_or_train("teacher", key, {"arch": "io-test"}, _must_not_train)
+    assert outcome.reused and outcome.ref == leases.other_run
+    assert torch.equal(outcome.result.state_dict["w"], torch.full((2,), 2.0))
+
+
+def test_a_new_stage_is_searched_for_twice_before_it_trains(mlflow_server, monkeypatch):
+    """A stage no trial has stored: one look-up before the lease, one under it (complete and incomplete runs
+    at once), then it trains and is stored."""
+    monkeypatch.delenv("PXD_OVERHEAD_CUTS", raising=False)
+    key = f"io-{uuid.uuid4().hex}"
+    searches: list[str] = []
+    store = _counting_searches(_store(mlflow_server), searches, monkeypatch)
+    outcome = store.get_or_train("teacher", key, {"arch": "io-test"}, ResumableTraining(lambda _checkpointing: _result(3.0)))
+    assert not outcome.reused and len(searches) == 2
+    again = _store(mlflow_server).get_or_train("teacher", key, {"arch": "io-test"}, _must_not_train)
+    assert again.reused and again.ref == outcome.ref

@@ -88,3 +88,63 @@ def test_student_starts_from_the_assistant_weights_across_resolutions():
     copied = init_from(source.state_dict(), target)
     assert "pos_embed" in copied and "patch_embed.proj.weight" in copied
     assert torch.equal(target.state_dict()["blocks.0.attn.qkv.weight"], source.state_dict()["blocks.0.attn.qkv.weight"])
+
+
+class _KeepingProvider:
+    """Hands out the same result object for a stage it has seen, as a store's in-memory copy does."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, object] = {}
+
+    def get_or_train(self, kind, key, describe, train):
+        from pxd.pipeline import StageOutcome
+
+        reused = key in self.results
+        if not reused:
+            self.results[key] = train()
+        return StageOutcome(result=self.results[key], key=key, reused=reused)
+
+
+def test_a_process_builds_its_teacher_and_assistant_once_and_trains_the_same_student(tiny_raw, monkeypatch):
+    from pxd import pipeline
+
+    monkeypatch.setattr(pipeline, "_KEPT_UPSTREAM", {})
+    monkeypatch.setattr(pipeline, "_STATIC_COSTS", {})
+    built = []
+    real_new_model = pipeline._new_model
+    monkeypatch.setattr(pipeline, "_new_model", lambda model, *a, **k: built.append(model.arch) or real_new_model(model, *a, **k))
+    config = PipelineConfig.from_dict(tiny_raw)
+    provider = _KeepingProvider()
+    run_tas(config, provider=provider, measure_latency=False)
+    assert len(built) == 3  # teacher, assistant, student
+    # ISRD weighs the student stage only: the same teacher and assistant, another student
+    other_student = dataclasses.replace(config, distill=dataclasses.replace(config.distill, isrd=1.5))
+    built.clear()
+    kept = run_tas(other_student, provider=provider, measure_latency=False)
+    assert built == [config.student.arch]  # only the new student: teacher and assistant were kept
+    assert set(kept.stages) == {"teacher", "assistant", "student"} and kept.stages["assistant"].reused
+
+    # the same trial in a process that kept nothing (its stages still come from the store)
+    monkeypatch.setattr(pipeline, "_KEPT_UPSTREAM", {})
+    monkeypatch.setattr(pipeline, "_STATIC_COSTS", {})
+    del provider.results[kept.stages["student"].key]
+    fresh = run_tas(other_student, provider=provider, measure_latency=False)
+    assert fresh.metrics["val_top1"] == kept.metrics["val_top1"]
+    assert fresh.metrics["gmacs"] == kept.metrics["gmacs"] and fresh.metrics["params_m"] == kept.metrics["params_m"]
+    for name, tensor in kept.student.state_dict().items():
+        assert torch.equal(tensor, fresh.student.state_dict()[name]), name
+
+
+def test_a_kept_upstream_is_not_used_for_a_stage_that_trains_again(tiny_raw, monkeypatch):
+    """A provider that trains the stage again (a store that lost it, force_retrain) gets a new module: the
+    kept one is only ever read."""
+    from pxd import pipeline
+
+    monkeypatch.setattr(pipeline, "_KEPT_UPSTREAM", {})
+    config = PipelineConfig.from_dict(tiny_raw)
+    run_tas(config, measure_latency=False)  # the default provider trains: new result objects every time
+    kept_teacher = next(m for (kind, _), (_, m) in pipeline._KEPT_UPSTREAM.items() if kind == "teacher")
+    before = {k: v.clone() for k, v in kept_teacher.state_dict().items()}
+    second = run_tas(config, measure_latency=False)
+    assert all(torch.equal(before[k], v) for k, v in kept_teacher.state_dict().items())
+    assert second.stages["teacher"].reused is False
