@@ -2,7 +2,8 @@
 
     python bench/training_step.py [--student resnet10t] [--resolution 32] [--teacher-resolution 64]
                                   [--batch-size 32] [--isrd 1.0] [--repeats 15] [--steps 5]
-                                  [--threads 1] [--device cpu] [--channels-last] [--out results.json]
+                                  [--threads 1] [--device cpu] [--channels-last] [--compile-upstream]
+                                  [--out results.json]
 
 The step is pxd's own (`pxd.train.train_step`, what `train_stage` runs per batch) for the student stage of
 the TAS chain: the assistant (the student's architecture at the teacher's resolution) forward at high
@@ -17,6 +18,11 @@ the same batch:
 and a plain timm loop: `timm.create_model` of the same student, `model(x)`, cross-entropy, backward, step,
 with the same optimiser settings. The two-view sampling of the batch is the same for every variant and
 timed separately (it is not in the step).
+
+`--compile-upstream` adds two variants beside the others, with the upstream compiled as
+`train.compile_upstream: true` does (`pxd.train.upstream_forward`): `tas_step_compiled_upstream` and
+`upstream_compiled`, and prints their ratios to the eager ones and the seconds the first compiled call
+took (the compilation, paid once per process and input shape).
 
 Variants are interleaved, in a shuffled order, in every repeat, so machine load affects them alike; each
 repeat times `--steps` steps per variant after one warm-up step, and the medians over repeats are
@@ -46,7 +52,8 @@ from pxd.data import TwoViewSampler
 from pxd.losses.isrd import ISRDTerm
 from pxd.losses.terms import TermContext
 from pxd.models import create_model, forward_taps, tap_info
-from pxd.train import _make_distiller, _optimizer, _to_memory_format, autocast_dtype, resolve_device, train_step
+from pxd.train import (_make_distiller, _optimizer, _to_memory_format, autocast_dtype, resolve_device, train_step,
+                       upstream_forward)
 
 
 def build(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[[], Any]]:
@@ -124,8 +131,24 @@ def build(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[
     def views() -> None:
         sampler(images, generator)
 
-    return {"tas_step": tas_step, "upstream": upstream, "student_ce_step": student_ce_step, "isrd": isrd_term,
-            "plain_timm_step": plain_step, "views": views}
+    variants = {"tas_step": tas_step, "upstream": upstream, "student_ce_step": student_ce_step, "isrd": isrd_term,
+                "plain_timm_step": plain_step, "views": views}
+    if args.compile_upstream:
+        compiled = upstream_forward(assistant, compiled=True)
+
+        def tas_step_compiled_upstream() -> None:
+            train_step(student, assistant, distiller, step_optimizer, teacher_view, student_view, labels, device=device,
+                       channels_last=channels_last, upstream=compiled)
+
+        def upstream_compiled() -> None:
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                compiled(_to_memory_format(teacher_view, device, channels_last))
+
+        started = time.perf_counter()
+        upstream_compiled()  # compiles
+        args.compile_seconds = time.perf_counter() - started
+        variants |= {"tas_step_compiled_upstream": tas_step_compiled_upstream, "upstream_compiled": upstream_compiled}
+    return variants
 
 
 def timed(run: Callable[[], Any], steps: int, device: torch.device) -> float:
@@ -153,6 +176,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (a sweep's trial: 1 per CPU)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--channels-last", action="store_true", help="channels_last on CUDA (train.channels_last)")
+    parser.add_argument("--compile-upstream", action="store_true",
+                        help="also time the step and the upstream with the upstream compiled (train.compile_upstream)")
     parser.add_argument("--out", type=Path, default=None, help="write every number as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -189,6 +214,13 @@ def main() -> int:
           f"GPU target ≤ 1.15{' (CPU: reported only)' if device.type == 'cpu' else ''}")
     print(f"step / plain timm step: {median['tas_step'] / median['plain_timm_step']:.3f} "
           f"(median of per-repeat ratios {step_over_plain:.3f})")
+    if args.compile_upstream:
+        compiled_over_eager = statistics.median(
+            c / t for c, t in zip(samples["tas_step_compiled_upstream"], samples["tas_step"], strict=True))
+        print(f"compiled upstream: first call (compilation) {args.compile_seconds:.1f} s; "
+              f"upstream compiled / eager {median['upstream_compiled'] / median['upstream']:.3f}; "
+              f"TAS step with it / TAS step {median['tas_step_compiled_upstream'] / median['tas_step']:.3f} "
+              f"(median of per-repeat ratios {compiled_over_eager:.3f})")
     if args.out:
         args.out.write_text(json.dumps({"settings": vars(args) | {"out": str(args.out)}, "samples_s": samples,
                                         "load_before": load_before, "load_after": load_after,

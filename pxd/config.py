@@ -167,6 +167,11 @@ class TrainConfig:
     # (mobilenetv3_small_050) cost 2–7 s before its first step, and small models ran no faster
     # (docs/benchmarks.md, "GPU fast path"). Speed only: it is not part of a stage's key.
     channels_last: bool = False
+    # The upstream model's forward (teacher or assistant, frozen) compiled with torch.compile for the stages
+    # that distil from it. Off by default: compiling costs seconds per process and input shape before the
+    # first step, and was not measured to pay at pxd's sizes (docs/benchmarks.md, "Compiled upstream").
+    # Speed only: it is not part of a stage's key.
+    compile_upstream: bool = False
 
 
 @dataclass(frozen=True)

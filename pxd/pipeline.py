@@ -172,7 +172,8 @@ def _model_identity(model: ModelConfig, resolution: int) -> dict[str, Any]:
 
 def _optimiser_identity(train: TrainConfig) -> dict[str, Any]:
     identity = dataclasses.asdict(train)
-    for not_a_result in ("epochs", "device", "max_device_data_bytes", "channels_last"):  # speed, or set per stage
+    # speed, or set per stage
+    for not_a_result in ("epochs", "device", "max_device_data_bytes", "channels_last", "compile_upstream"):
         identity.pop(not_a_result)
     return identity
 

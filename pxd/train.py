@@ -8,6 +8,7 @@ teacher-resolution view; the model being trained sees the same crop at its own r
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import sys
@@ -24,7 +25,7 @@ from pxd.config import DistillConfig, TrainConfig
 from pxd.data import TwoViewSampler, iterate_batches
 from pxd.errors import DivergedError
 from pxd.losses import Distiller
-from pxd.models import forward_taps, tap_info
+from pxd.models import ModelTaps, forward_taps, tap_info
 from pxd.types import DatasetSplits, ImageSet
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "TRAINING_STATE_VERSION",
     "train_stage",
     "train_step",
+    "upstream_forward",
     "evaluate",
     "resolve_device",
     "autocast_dtype",
@@ -177,12 +179,14 @@ def train_stage(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     distiller = _make_distiller(model, teacher, distill, resolution, image_resolution, device)
+    upstream = None
     if teacher is not None:
         teacher.to(device).eval()
         if channels_last:
             teacher.to(memory_format=torch.channels_last)
         for param in teacher.parameters():
             param.requires_grad_(False)
+        upstream = upstream_forward(teacher, compiled=train.compile_upstream)
 
     train_split = _place_data(data.train, device, train.max_device_data_bytes)
     val_split = _place_data(data.val, device, train.max_device_data_bytes)
@@ -220,7 +224,7 @@ def train_stage(
             teacher_view, student_view = sampler(images, generator)
             loss, losses = train_step(
                 model, teacher, distiller, optimizer, teacher_view, student_view, labels.to(device), device=device,
-                channels_last=channels_last,
+                channels_last=channels_last, upstream=upstream,
                 check=lambda terms: _check_finite(kind, epoch, steps, terms),  # noqa: B023 - called at once
             )
             scheduler.step()
@@ -282,11 +286,13 @@ def train_step(
     device: torch.device,
     check: Callable[[dict[str, torch.Tensor]], None] | None = None,
     channels_last: bool = False,
+    upstream: Callable[[torch.Tensor], ModelTaps] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One optimisation step of a stage (the body of `train_stage`'s loop; bench/training_step.py times it):
     the upstream model's taps on the teacher view, the model's on its own view, the distiller's weighted
     terms, backward and the optimiser's step. Returns the summed loss and the terms. `check(terms)` runs
-    before backward and may raise (a diverged loss).
+    before backward and may raise (a diverged loss). `upstream`: the teacher's forward to use
+    (`upstream_forward`, e.g. compiled); by default `forward_taps(teacher, ·)`.
 
     The upstream forward runs under no_grad, not inference_mode: loss terms (KD) save the teacher's
     outputs for the student's backward, which inference tensors cannot be.
@@ -296,7 +302,8 @@ def train_step(
         teacher_taps = None
         if teacher is not None:
             with torch.no_grad():
-                teacher_taps = forward_taps(teacher, _to_memory_format(teacher_view, device, channels_last))
+                teacher_taps = (upstream or functools.partial(forward_taps, teacher))(
+                    _to_memory_format(teacher_view, device, channels_last))
         taps = forward_taps(model, _to_memory_format(student_view, device, channels_last))
         losses = distiller(taps, teacher_taps, labels, teacher_view)
     loss = sum(losses.values())
@@ -306,6 +313,22 @@ def train_step(
     loss.backward()
     optimizer.step()
     return loss, losses
+
+
+_COMPILED_TAPS: Callable[[nn.Module, torch.Tensor], ModelTaps] | None = None
+
+
+def upstream_forward(teacher: nn.Module, *, compiled: bool = False) -> Callable[[torch.Tensor], ModelTaps]:
+    """The frozen upstream model's taps for distillation, `forward_taps(teacher, x)`; with `compiled`, through
+    `torch.compile` (static shapes: the upstream sees one batch shape per stage). One compiled function per
+    process, taking the module as an argument: it compiles at its first call and again only for what its
+    guards tell apart (another architecture or input shape), not for each stage or trial."""
+    global _COMPILED_TAPS
+    if not compiled:
+        return functools.partial(forward_taps, teacher)
+    if _COMPILED_TAPS is None:
+        _COMPILED_TAPS = torch.compile(forward_taps, dynamic=False)
+    return functools.partial(_COMPILED_TAPS, teacher)
 
 
 def _make_distiller(

@@ -77,6 +77,10 @@ def test_stage_keys_depend_on_what_determines_the_result(tiny_raw):
     # nor does the memory format: channels_last changes speed, never the weights a stage stands for
     nhwc = stage_keys(dataclasses.replace(base, train=dataclasses.replace(base.train, channels_last=True)), "data-A")
     assert nhwc == keys
+    # nor does compiling the upstream model
+    compiled = stage_keys(dataclasses.replace(base, train=dataclasses.replace(base.train, compile_upstream=True)),
+                          "data-A")
+    assert compiled == keys
 
 
 def test_student_starts_from_the_assistant_weights_across_resolutions():
