@@ -5,9 +5,10 @@
     PYTHONPATH=. python bench/suite.py --args "overhead=--trials 8"
 
 Parts (each a script in bench/, run with `PYTHONPATH=.` from the repository root so this checkout's
-code is measured): `search` (2a search quality, 2b early stopping), `stage_reuse` (2c; 12 trials of
+code is measured): `search` (2a search quality, 2b early stopping replayed), `stage_reuse` (2c; 12 trials of
 the quickstart's 3 student architectures), `training_step` (2d), `overhead` (2e; `--compare`: cuts off,
-fresh worker processes per trial, the shipped default), `gpu_packing` (4; only where CUDA is available, else
+fresh worker processes per trial, kept processes with the cuts off, the shipped default), `early_stopping`
+(2b in three live sweeps: none, keep_front, classic MO-ASHA), `gpu_packing` (4; only where CUDA is available, else
 skipped with a message). A part whose script is absent is skipped with a message. Each
 part prints its progress on stderr (shown live) and its summary on stdout (collected); a script that
 takes `--out` writes its JSON into `--out-dir`, with `suite.json` (every part's command, exit status,
@@ -49,6 +50,9 @@ PARTS = {
     "training_step": Part("bench/training_step.py", "2d"),
     # the shipped default (kept worker processes) beside the cuts off and fresh processes per trial
     "overhead": Part("bench/overhead.py", "2e", defaults=("--compare",)),
+    # 2b in live sweeps (the replays of `search` keep the sampled points fixed; here the sampler follows
+    # what each sweep's trials report): 12 trials, 4 student epochs so MO-ASHA has rungs at 1 and 3
+    "early_stopping": Part("bench/early_stopping.py", "2b (live)", defaults=("--trials", "12", "--set", "train.epochs=4")),
     # item 4: trials packed 1, 4 and 8 to a GPU, with channels_last and host-held data beside the default
     "gpu_packing": Part("bench/gpu_packing.py", "4", needs_gpu=True,
                         defaults=("--concurrency", "1", "4", "8", "--channels-last", "4", "--host-data", "4")),
