@@ -51,9 +51,9 @@ class RequestCounter:
         self.seconds: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def install(self) -> None:
-        import mlflow.store.artifact.http_artifact_repo as artifact_repo
-        import mlflow.store.tracking.rest_store as rest_store
-        import mlflow.utils.rest_utils as rest_utils
+        from mlflow.store.artifact import http_artifact_repo as artifact_repo
+        from mlflow.store.tracking import rest_store
+        from mlflow.utils import rest_utils
 
         real = rest_utils.http_request
 

@@ -257,7 +257,8 @@ def run_tas(
     with _timed(timings, "models"):
         # trained in stage 2 below: counting does not change it (eval mode, no grad), and training seeds itself
         student = _new_model(cfg.student, num_classes, "student", cfg.seed)
-        static = _static_cost(cfg.student, num_classes, student, keep_in_process)  # counted once: the budget check and the result
+        # counted once: the budget check and the result
+        static = _static_cost(cfg.student, num_classes, student, keep_in_process)
     if before_training is not None:
         before_training(metrics_before_training(static))
     high = cfg.teacher.resolution
