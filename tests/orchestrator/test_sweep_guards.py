@@ -191,6 +191,27 @@ def test_gpu_resources_the_cluster_lacks_are_refused_before_compute(ray_local, m
     assert not (tmp_path / "sweeps" / "gpu-less").exists()
 
 
+def test_a_refused_sweep_leaves_no_embedded_server_running(ray_local, tmp_path, monkeypatch):
+    """The embedded MLflow server starts while Ray does; a sweep refused after that (here: GPUs the cluster
+    lacks) raises at once, and the server it started is stopped when its start is over."""
+    import threading
+
+    from orchestrator.tracking import SERVER_FILE, EmbeddedServer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    root = tmp_path / "root"
+    with pytest.raises(ConfigError) as error:
+        run_sweep(_spec(resources={"cpu": 1, "gpu": 1}), _options(root, None, name="gpu-less-embedded"))
+    assert error.value.field == "search.resources.gpu"
+    for thread in threading.enumerate():
+        if thread.name == "pxd-resolve_tracking":
+            thread.join(timeout=SAFETY_TIMEOUT_S)
+    assert (root / "mlflow-server.log").exists(), "the server had started beside Ray"
+    assert EmbeddedServer(root).running() is None and not (root / SERVER_FILE).exists(), \
+        "the refused sweep's server must not keep running"
+    assert not (root / "sweeps" / "gpu-less-embedded").exists()
+
+
 def test_a_latency_device_that_is_not_there_is_refused_before_compute(ray_local, mlflow_server, tmp_path):
     with pytest.raises(ConfigError) as error:
         run_sweep(_spec(latency={"device": "cuda"}), _options(tmp_path, mlflow_server, name="no-cuda"))
