@@ -16,7 +16,8 @@ from the space (the same draws for both variants) through `orchestrator.trial.ru
 Per variant it prints the median overhead per trial (run wall time − the training of the stages it
 trained), the median of each section the trial records (`overhead.<section>_s`), and the MLflow requests
 per trial by endpoint with their time: every request goes to the server; a wrapper only counts it.
-Ray's part (scheduling, reports, a new process per trial) is not here: `bench/overhead.py` measures a
+`cuts_off` runs second, in a process already warmed up by `cuts_on` (imports, MLflow's first model log),
+so it understates what the cuts save in a fresh process. Ray's part (scheduling, reports, a new process per trial) is not here: `bench/overhead.py` measures a
 whole sweep. Not part of the test suite.
 """
 

@@ -188,12 +188,19 @@ class MlflowStageStore:
         return run.data.tags.get(Tag.STAGE_COMPLETE) == "true" and run.info.status == "FINISHED"
 
     def _runs(self, condition: str, key: str, max_results: int = 20) -> list[Run]:
-        """The stage's runs that meet `condition` (all: "") and are not marked corrupt, newest first."""
-        runs = self.client.search_runs(
+        """The stage's runs that meet `condition` and are not marked corrupt, newest first."""
+        return self._not_corrupt(self._search(condition, key, max_results))
+
+    def _search(self, condition: str, key: str, max_results: int) -> list[Run]:
+        """The stage's newest `max_results` runs that meet `condition` (all: ""), newest first."""
+        return list(self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.`{Tag.STAGE_KEY}` = '{key}'" + (f" and {condition}" if condition else ""),
             order_by=["attributes.start_time DESC"], max_results=max_results,
-        )
+        ))
+
+    @staticmethod
+    def _not_corrupt(runs: list[Run]) -> list[Run]:
         return [r for r in runs if r.data.tags.get(Tag.STAGE_CORRUPT) != "true"]
 
     def load(self, run: Run) -> StageResult | None:
@@ -260,14 +267,20 @@ class MlflowStageStore:
                     _FOUND[(self.tracking_uri, key)] = (run.info.run_id, run.data.tags.get(Tag.CHECKPOINT_SHA256) or "")
                 return result, run.info.run_id
 
-    def _find_under_lease(self, key: str) -> tuple[StageResult, str] | list[Run]:
+    def _find_under_lease(self, key: str) -> tuple[StageResult, str] | list[Run] | None:
         """Under the stage's lease: the stage when another trial completed it meanwhile (as `_find`), else
-        its incomplete runs, newest first, for `_find_incomplete`. One search for both."""
-        runs = self._runs("", key, max_results=50)
-        if any(self._usable(run) for run in runs):
+        its incomplete runs, newest first, for `_find_incomplete`: one search for both. None: the stage has
+        more runs than one search returns, so `_find_incomplete` searches for its incomplete runs itself."""
+        cap = 50
+        searched = self._search("", key, max_results=cap)
+        runs = self._not_corrupt(searched)
+        capped = len(searched) >= cap
+        if capped or any(self._usable(run) for run in runs):
             found = self._find(key)
             if found is not None:
                 return found
+        if capped:
+            return None
         return [run for run in runs if run.data.tags.get(Tag.STAGE_COMPLETE) == "false"]
 
     def _find_incomplete(self, key: str, runs: list[Run] | None = None) -> tuple[_IncompleteStage, dict[str, Any]] | None:
@@ -371,7 +384,7 @@ class MlflowStageStore:
             if self.leases.acquire(key, self.owner, ttl):
                 try:
                     found = self._find_under_lease(key)  # finished while we polled, else its incomplete runs
-                    if isinstance(found, tuple):
+                    if isinstance(found, tuple):  # (result, run id)
                         return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
                     with Heartbeat(self.leases, key, self.owner, ttl):
                         result, run_id = self._train(kind, key, describe, train, incomplete_runs=found)

@@ -19,13 +19,10 @@ import secrets
 import shutil
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -33,7 +30,7 @@ from orchestrator import credentials, schema
 from orchestrator.frontier import TrialRow, format_table, frontier_table, write_table
 from orchestrator.schema import Tag
 from orchestrator.spec import optuna_directions
-from orchestrator.tracking import TrackingTarget, resolve_tracking, results_root, ui_command
+from orchestrator.tracking import resolve_tracking, results_root, ui_command
 from orchestrator.trial import TrialContext, run_trial
 from pxd.errors import ConfigError
 from pxd.paths import flatten
@@ -44,8 +41,6 @@ if TYPE_CHECKING:
     from orchestrator.spec import SweepSpec
 
 __all__ = ["SweepOptions", "SweepOutcome", "run_sweep", "finish_sweep", "summary", "warm_up_cpus"]
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -166,30 +161,24 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is pxd's (`--json`)
-    if options.ray_address and not ray.is_initialized():
-        _check_reachable(options.ray_address)
-    root = results_root(options.root)
-    # the tracking server (the embedded one takes seconds to start) comes up while Ray starts
-    tracking = _in_background(resolve_tracking, options.tracking_uri, root, cluster=options.ray_address is not None)
-    try:
-        if not ray.is_initialized():
-            # without --ray-address: a Ray instance of pxd's own, never a running or stale `ray start` cluster
-            ray.init(address=options.ray_address or "local", include_dashboard=False, log_to_driver=False,
-                     configure_logging=True, logging_level="ERROR")
-        _check_cluster_can_run(spec, ray.cluster_resources())
-        import optuna
+    if not ray.is_initialized():
+        if options.ray_address:
+            _check_reachable(options.ray_address)
+        # without --ray-address: a Ray instance of pxd's own, never a running or stale `ray start` cluster
+        ray.init(address=options.ray_address or "local", include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level="ERROR")
+    _check_cluster_can_run(spec, ray.cluster_resources())
+    import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # pxd prints its own progress lines
-        name, sweep_dir = _claim_sweep(root, spec, options)
-    except BaseException:
-        _close_when_started(tracking)
-        raise
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # pxd prints its own progress lines
+    root = results_root(options.root)
+    name, sweep_dir = _claim_sweep(root, spec, options)
     from orchestrator.budget import BUDGET_FILE, LaunchBudget, RecordedTrials, SweepSearchGenerator, write_budget
 
     budget_path = sweep_dir / BUDGET_FILE
     storage_url = options.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
 
-    target = tracking.result()
+    target = resolve_tracking(options.tracking_uri, root, cluster=options.ray_address is not None)
     try:
         # a client bound to this URI, not mlflow.set_tracking_uri: that also sets MLFLOW_TRACKING_URI in
         # this process, and a later sweep here would then talk to this sweep's (stopped) server
@@ -255,32 +244,6 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
         return SweepOutcome(name, parent_run_id, experiment_id, target.uri, table, rows, ui_command(target))
     finally:
         target.close()
-
-
-def _in_background(function: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
-    """`function(*args, **kwargs)` started in a thread of its own; its result (or error) from `.result()`.
-    The thread is not a daemon: the process waits for it at exit, so what it starts is never left half-done."""
-    future: Future[T] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(function(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the result
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name=f"pxd-{function.__name__}").start()
-    return future
-
-
-def _close_when_started(tracking: Future[TrackingTarget]) -> None:
-    """The sweep stops before it used its tracking target: leave the server the target started or joined
-    once its start is over (in the starting thread), so the sweep's own error is reported at once."""
-
-    def close(done: Future[TrackingTarget]) -> None:
-        if done.exception() is None:
-            done.result().close()
-
-    tracking.add_done_callback(close)
 
 
 def _scheduler(spec: SweepSpec, sweep_dir: Path, tracking_uri: str) -> Any:

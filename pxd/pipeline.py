@@ -311,6 +311,9 @@ def run_tas(
         with _timed(timings, "test"):
             metrics["test_top1"] = _test_top1(cfg, data, student, device)
     warnings = _pipeline_warnings(outcomes)
+    if device.type != "cpu":  # modules kept for the next run (`_KEPT_UPSTREAM`) hold no device memory between runs
+        for module in (teacher, upstream):
+            module.cpu()
     return PipelineResult(config=cfg, metrics=metrics, stages=outcomes, student=student.cpu(), cost=cost.to_dict(),
                           warnings=warnings, timings=timings)
 
@@ -379,7 +382,9 @@ def _teacher_stage(
 # assistant once, not once per trial. A kept module is used only when the provider hands out that same
 # result object again (a store's verified in-memory copy, e.g. `orchestrator.stage_store`), so its weights
 # are exactly the stage's. Upstream modules are only read (eval mode, no gradients) by the stages that
-# distil from them; a stage that trains always builds a new module.
+# distil from them; a stage that trains always builds a new module. Between runs they sit on the CPU; the
+# least recently used goes first. A module a CUDA run put in channels_last stays so (`train.channels_last`
+# changes speed, not values, and is the same for every trial of a sweep).
 _KEPT_UPSTREAM: dict[tuple[str, str], tuple[StageResult, nn.Module]] = {}
 _KEPT_UPSTREAM_MAX = 4
 
@@ -403,6 +408,7 @@ def _upstream_stage(
 
     outcome = provider.get_or_train(kind, key, describe, ResumableTraining(train_stage_model))
     if kept is not None and kept[0] is outcome.result:
+        _KEPT_UPSTREAM[(kind, key)] = _KEPT_UPSTREAM.pop((kind, key))  # the most recently used goes last
         return kept[1], outcome
     with _timed(timings, "models"):
         if model is None:
@@ -411,7 +417,7 @@ def _upstream_stage(
     if not keep_in_process:
         return model, outcome
     _KEPT_UPSTREAM.pop((kind, key), None)
-    if len(_KEPT_UPSTREAM) >= _KEPT_UPSTREAM_MAX:
+    if len(_KEPT_UPSTREAM) >= _KEPT_UPSTREAM_MAX:  # the least recently used goes
         _KEPT_UPSTREAM.pop(next(iter(_KEPT_UPSTREAM)))
     _KEPT_UPSTREAM[(kind, key)] = (outcome.result, model)
     return model, outcome

@@ -320,14 +320,16 @@ _COMPILED_TAPS: Callable[[nn.Module, torch.Tensor], ModelTaps] | None = None
 
 def upstream_forward(teacher: nn.Module, *, compiled: bool = False) -> Callable[[torch.Tensor], ModelTaps]:
     """The frozen upstream model's taps for distillation, `forward_taps(teacher, x)`; with `compiled`, through
-    `torch.compile` (static shapes: the upstream sees one batch shape per stage). One compiled function per
-    process, taking the module as an argument: it compiles at its first call and again only for what its
-    guards tell apart (another architecture or input shape), not for each stage or trial."""
+    `torch.compile`. One compiled function per process, taking the module as an argument: it compiles at its
+    first call, again when a stage's last batch is smaller (after which the batch size is dynamic), and for
+    each other architecture, input size or device it meets. Past `torch._dynamo.config.recompile_limit`
+    compilations (8 by default: a process that meets about four upstream architectures) torch runs the
+    forward uncompiled, with a warning."""
     global _COMPILED_TAPS
     if not compiled:
         return functools.partial(forward_taps, teacher)
     if _COMPILED_TAPS is None:
-        _COMPILED_TAPS = torch.compile(forward_taps, dynamic=False)
+        _COMPILED_TAPS = torch.compile(forward_taps)
     return functools.partial(_COMPILED_TAPS, teacher)
 
 

@@ -37,11 +37,19 @@ def test_a_compiled_upstream_gives_the_taps_of_the_eager_one():
         assert torch.allclose(again.logits, forward_taps(teacher, images * 0.5).logits, atol=1e-5, rtol=1e-4)
 
 
-def test_a_pipeline_with_a_compiled_upstream_trains_every_stage(tiny_raw):
+def test_a_pipeline_with_a_compiled_upstream_trains_every_stage_through_it(tiny_raw):
+    from torch._dynamo.utils import counters
+
     tiny_raw["train"]["compile_upstream"] = True
+    tiny_raw["dataset"]["train_per_class"] = 18  # 72 images: batches of 16, then a last batch of 8
+    torch._dynamo.reset()
+    counters.clear()
     result = run_tas(PipelineConfig.from_dict(tiny_raw), measure_latency=False)
     assert set(result.stages) == {"teacher", "assistant", "student"}
     assert 0.0 <= result.metrics["val_top1"] <= 1.0
+    # the upstream forwards went through dynamo: the teacher's (for the assistant) and the assistant's (for
+    # the student) were compiled
+    assert counters["stats"]["unique_graphs"] >= 2
 
 
 def test_compile_upstream_takes_a_boolean(tiny_raw):
