@@ -38,9 +38,13 @@ from typing import Any
 
 import torch
 
+from orchestrator.trial import TRIAL_SECTIONS
+from pxd.pipeline import TIMED_SECTIONS
+
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # as a sweep sets it for its trials
 
-SECTIONS = ("data", "models", "stages", "latency", "test", "log_model")
+# the sections a trial records outside training, as bench/overhead.py reads them
+SECTIONS = [s for s in TIMED_SECTIONS if s != "training"] + list(TRIAL_SECTIONS)
 _ID = re.compile(r"m-[0-9a-f]{32}|[0-9a-f]{32}")
 
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from orchestrator.schema import EXPERIMENT_KIND, KIND_STAGE, STAGE_CHECKPOINT, STAGES_EXPERIMENT, Tag, epoch_metric
 from orchestrator.stage_leases import Heartbeat, Leases, LocalLeases, SqlLeases, lease_ttl_s
 from pxd.errors import PxdError
+from pxd.memo import remember
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -219,11 +220,8 @@ class MlflowStageStore:
             return None
         state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
         metrics = {k: v for k, v in run.data.metrics.items()}
-        result = StageResult(kind=run.data.tags[Tag.STAGE], state_dict=state, metrics=metrics)
-        if len(_LOADED) >= _LOADED_MAX:
-            _LOADED.pop(next(iter(_LOADED)))
-        _LOADED[kept_as] = result
-        return result
+        return remember(_LOADED, kept_as, StageResult(kind=run.data.tags[Tag.STAGE], state_dict=state, metrics=metrics),
+                        _LOADED_MAX)
 
     def _verified(self, run: Run, artifact: str, sha256: str | None) -> bytes | None:
         """The artifact's bytes when they match `sha256`; None after tagging the run corrupt when the

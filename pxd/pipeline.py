@@ -31,6 +31,7 @@ from pxd.config import DistillConfig, ModelConfig, PipelineConfig, TrainConfig
 from pxd.cost import Cost, LatencyCache, measure_cost, static_cost
 from pxd.data import load_dataset
 from pxd.losses import stage_loss_weights
+from pxd.memo import remember
 from pxd.metrics import metrics_before_training, metrics_from_cost
 from pxd.models import create_model
 from pxd.train import Checkpointing, EpochCallback, StageResult, autocast_dtype, evaluate, resolve_device, train_stage
@@ -408,18 +409,13 @@ def _upstream_stage(
 
     outcome = provider.get_or_train(kind, key, describe, ResumableTraining(train_stage_model))
     if kept is not None and kept[0] is outcome.result:
-        _KEPT_UPSTREAM[(kind, key)] = _KEPT_UPSTREAM.pop((kind, key))  # the most recently used goes last
-        return kept[1], outcome
+        return remember(_KEPT_UPSTREAM, (kind, key), kept, _KEPT_UPSTREAM_MAX)[1], outcome  # now the newest
     with _timed(timings, "models"):
         if model is None:
             model = build()
         model.load_state_dict(outcome.result.state_dict)
-    if not keep_in_process:
-        return model, outcome
-    _KEPT_UPSTREAM.pop((kind, key), None)
-    if len(_KEPT_UPSTREAM) >= _KEPT_UPSTREAM_MAX:  # the least recently used goes
-        _KEPT_UPSTREAM.pop(next(iter(_KEPT_UPSTREAM)))
-    _KEPT_UPSTREAM[(kind, key)] = (outcome.result, model)
+    if keep_in_process:  # the least recently used goes
+        remember(_KEPT_UPSTREAM, (kind, key), (outcome.result, model), _KEPT_UPSTREAM_MAX)
     return model, outcome
 
 
@@ -434,11 +430,9 @@ def _static_cost(model_cfg: ModelConfig, num_classes: int, model: nn.Module, kee
     if not keep:
         return static_cost(model, model_cfg.resolution)
     key = _digest(_architecture(model_cfg, num_classes))
-    if key not in _STATIC_COSTS:
-        if len(_STATIC_COSTS) >= _STATIC_COSTS_MAX:
-            _STATIC_COSTS.pop(next(iter(_STATIC_COSTS)))
-        _STATIC_COSTS[key] = static_cost(model, model_cfg.resolution)
-    return dataclasses.replace(_STATIC_COSTS[key], threads=torch.get_num_threads())
+    kept = _STATIC_COSTS.get(key) or remember(_STATIC_COSTS, key, static_cost(model, model_cfg.resolution),
+                                              _STATIC_COSTS_MAX)
+    return dataclasses.replace(kept, threads=torch.get_num_threads())
 
 
 def prepare_teacher(cfg: PipelineConfig, *, provider: StageProvider, progress: bool | None = None) -> StageOutcome:

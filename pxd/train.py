@@ -302,8 +302,8 @@ def train_step(
         teacher_taps = None
         if teacher is not None:
             with torch.no_grad():
-                teacher_taps = (upstream or functools.partial(forward_taps, teacher))(
-                    _to_memory_format(teacher_view, device, channels_last))
+                teacher_taps = (upstream or upstream_forward(teacher))(_to_memory_format(teacher_view, device,
+                                                                                          channels_last))
         taps = forward_taps(model, _to_memory_format(student_view, device, channels_last))
         losses = distiller(taps, teacher_taps, labels, teacher_view)
     loss = sum(losses.values())
