@@ -99,7 +99,9 @@ class LostAttempts(tune.Callback):
         return {**self.__dict__, "tracking_uri": credentials.without_password(self.tracking_uri)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update({**state, "tracking_uri": credentials.full_url(state["tracking_uri"])})
+        from orchestrator.tracking import restored_tracking_uri
+
+        self.__dict__.update({**state, "tracking_uri": restored_tracking_uri(state["tracking_uri"])})
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._close(trial, f"; Tune runs the trial again (attempt {trial.num_failures + 1} of at most "

@@ -115,9 +115,9 @@ class RecordedTrials:
         return {**self.__dict__, "tracking_uri": credentials.without_password(self.tracking_uri)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        from orchestrator import credentials
+        from orchestrator.tracking import restored_tracking_uri
 
-        self.__dict__.update({**state, "tracking_uri": credentials.full_url(state["tracking_uri"])})
+        self.__dict__.update({**state, "tracking_uri": restored_tracking_uri(state["tracking_uri"])})
 
     def complete(self) -> dict[str, str]:
         """Tune trial id → MLflow run id of its COMPLETE run."""

@@ -196,10 +196,10 @@ class MOASHA(FIFOScheduler):
         return {**self.__dict__, "_tracking_uri": uri, "_records": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        from orchestrator import credentials
+        from orchestrator.tracking import restored_tracking_uri
 
         uri = state["_tracking_uri"]
-        self.__dict__.update({"_keep_front": True, **state, "_tracking_uri": uri and credentials.full_url(uri)})
+        self.__dict__.update({"_keep_front": True, **state, "_tracking_uri": uri and restored_tracking_uri(uri)})
 
     def debug_string(self) -> str:
         front = " and the rung's Pareto front" if self._keep_front else ""

@@ -30,7 +30,7 @@ from orchestrator import credentials, schema
 from orchestrator.frontier import TrialRow, format_table, frontier_table, write_table
 from orchestrator.schema import Tag
 from orchestrator.spec import optuna_directions
-from orchestrator.tracking import resolve_tracking, results_root, ui_command
+from orchestrator.tracking import launch_tracking, resolve_tracking, results_root, ui_command
 from orchestrator.trial import TrialContext, run_trial
 from pxd.errors import ConfigError
 from pxd.paths import flatten
@@ -179,71 +179,98 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
     storage_url = options.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
 
     target = resolve_tracking(options.tracking_uri, root, cluster=options.ray_address is not None)
+    parent_run_id: str | None = None
     try:
-        # a client bound to this URI, not mlflow.set_tracking_uri: that also sets MLFLOW_TRACKING_URI in
-        # this process, and a later sweep here would then talk to this sweep's (stopped) server
-        client = MlflowClient(target.uri)
-        try:
-            _check_name_is_free(client, storage_url, name, spec, resume=options.resume)
-        except BaseException:
-            if not options.resume:
-                shutil.rmtree(sweep_dir, ignore_errors=True)  # the directory this launch claimed, still empty
-            raise
-        experiment_id = _experiment_id(client, spec.name)
-        parent_run_id = _parent_run(client, experiment_id, name, spec, storage_url, resume=options.resume)
-        # the `trials` param is the first launch's; this tag follows a resume that raised the budget
-        client.set_tag(parent_run_id, Tag.BUDGET, json.dumps({"trials": search.trials, "timeout_s": search.timeout_s}))
-        context = TrialContext(
-            spec=spec, sweep_name=name, tracking_uri=target.uri, experiment_id=experiment_id,
-            parent_run_id=parent_run_id, reuse_stages=options.reuse_stages, force_retrain=options.force_retrain,
-            stage_wait_timeout_s=float(search.stage_wait_timeout_s),
-            lease_url=_lease_url(options, root),
-        )
-        resources = {"cpu": search.resources.cpu, "gpu": search.resources.gpu}
-        trainable = tune.with_resources(tune.with_parameters(_trainable, context=context), resources)
-        progress = SweepProgress(spec, total=search.trials, quiet=options.quiet)
-        run_config = tune.RunConfig(
-            name="tune", storage_path=str(sweep_dir), verbose=0,
-            callbacks=[progress, LostAttempts(target.uri, parent_run_id, search.max_retries)],
-            # a lost process or node is retried; errors that would repeat end the trial without one
-            # (orchestrator.attempts)
-            failure_config=tune.FailureConfig(max_failures=search.max_retries),
-            stop=LaunchBudget(budget_path),  # search.timeout_s, read per launch (a resume may raise it)
-        )
-        if not context.force_retrain and context.reuse_stages:
-            _warm_teacher(context, resources, quiet=options.quiet)
-        tune_path = str(sweep_dir / "tune")
-        if options.resume and tune.Tuner.can_restore(tune_path):
-            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
-        else:
-            searcher = make_searcher(spec, name, storage_url)
-            if search.max_concurrent:
-                searcher = ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    # its sample target follows search.trials of the latest launch (a resume may raise it)
-                    search_alg=SweepSearchGenerator(searcher, budget_path, RecordedTrials(target.uri, parent_run_id)),
-                    num_samples=search.trials,
-                    scheduler=_scheduler(spec, sweep_dir, target.uri),
-                    reuse_actors=search.reuse_actors,
-                ),
-                run_config=run_config,
+        # what Tune restores of an earlier launch (searcher, scheduler, callbacks) talks to this launch's server
+        with launch_tracking(target.uri):
+            # a client bound to this URI, not mlflow.set_tracking_uri: that also sets MLFLOW_TRACKING_URI in
+            # this process, and a later sweep here would then talk to this sweep's (stopped) server
+            client = MlflowClient(target.uri)
+            try:
+                _check_name_is_free(client, storage_url, name, spec, resume=options.resume)
+            except BaseException:
+                if not options.resume:
+                    shutil.rmtree(sweep_dir, ignore_errors=True)  # the directory this launch claimed, still empty
+                raise
+            experiment_id = _experiment_id(client, spec.name)
+            parent_run_id = _parent_run(client, experiment_id, name, spec, storage_url, resume=options.resume)
+            # the `trials` param is the first launch's; this tag follows a resume that raised the budget
+            client.set_tag(parent_run_id, Tag.BUDGET, json.dumps({"trials": search.trials, "timeout_s": search.timeout_s}))
+            context = TrialContext(
+                spec=spec, sweep_name=name, tracking_uri=target.uri, experiment_id=experiment_id,
+                parent_run_id=parent_run_id, reuse_stages=options.reuse_stages, force_retrain=options.force_retrain,
+                stage_wait_timeout_s=float(search.stage_wait_timeout_s),
+                lease_url=_lease_url(options, root),
             )
-        # this launch's budget; the time budget counts from here, as Tune's own time_budget_s would
-        write_budget(sweep_dir, trials=search.trials, timeout_s=search.timeout_s)
-        started = time.monotonic()
-        tuner.fit()
-        progress.close()
-        budget_ran_out = search.timeout_s is not None and time.monotonic() - started >= search.timeout_s
-        stopped = _close_optuna_trials(name, storage_url, stopped=budget_ran_out, spec=spec, client=client,
-                                       parent_run_id=parent_run_id)
-        reason = (f"stopped when the time budget search.timeout_s = {search.timeout_s}s ran out" if budget_ran_out
-                  else "stopped before its final result")
-        table, rows = finish_sweep(client, parent_run_id, stopped={trial_id: reason for trial_id in stopped})
-        return SweepOutcome(name, parent_run_id, experiment_id, target.uri, table, rows, ui_command(target))
+            resources = {"cpu": search.resources.cpu, "gpu": search.resources.gpu}
+            trainable = tune.with_resources(tune.with_parameters(_trainable, context=context), resources)
+            progress = SweepProgress(spec, total=search.trials, quiet=options.quiet)
+            run_config = tune.RunConfig(
+                name="tune", storage_path=str(sweep_dir), verbose=0,
+                callbacks=[progress, LostAttempts(target.uri, parent_run_id, search.max_retries)],
+                # a lost process or node is retried; errors that would repeat end the trial without one
+                # (orchestrator.attempts)
+                failure_config=tune.FailureConfig(max_failures=search.max_retries),
+                stop=LaunchBudget(budget_path),  # search.timeout_s, read per launch (a resume may raise it)
+            )
+            if not context.force_retrain and context.reuse_stages:
+                _warm_teacher(context, resources, quiet=options.quiet)
+            tune_path = str(sweep_dir / "tune")
+            if options.resume and tune.Tuner.can_restore(tune_path):
+                tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+            else:
+                searcher = make_searcher(spec, name, storage_url)
+                if search.max_concurrent:
+                    searcher = ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
+                tuner = tune.Tuner(
+                    trainable,
+                    tune_config=tune.TuneConfig(
+                        # its sample target follows search.trials of the latest launch (a resume may raise it)
+                        search_alg=SweepSearchGenerator(searcher, budget_path, RecordedTrials(target.uri, parent_run_id)),
+                        num_samples=search.trials,
+                        scheduler=_scheduler(spec, sweep_dir, target.uri),
+                        reuse_actors=search.reuse_actors,
+                    ),
+                    run_config=run_config,
+                )
+            # this launch's budget; the time budget counts from here, as Tune's own time_budget_s would
+            write_budget(sweep_dir, trials=search.trials, timeout_s=search.timeout_s)
+            started = time.monotonic()
+            tuner.fit()
+            progress.close()
+            budget_ran_out = search.timeout_s is not None and time.monotonic() - started >= search.timeout_s
+            stopped = _close_optuna_trials(name, storage_url, stopped=budget_ran_out, spec=spec, client=client,
+                                           parent_run_id=parent_run_id)
+            reason = (f"stopped when the time budget search.timeout_s = {search.timeout_s}s ran out" if budget_ran_out
+                      else "stopped before its final result")
+            table, rows = finish_sweep(client, parent_run_id, stopped={trial_id: reason for trial_id in stopped})
+            return SweepOutcome(name, parent_run_id, experiment_id, target.uri, table, rows, ui_command(target))
+    except BaseException as exc:
+        if parent_run_id is not None:
+            _end_parent_run(target.uri, parent_run_id, exc)
+        raise
     finally:
         target.close()
+
+
+def _end_parent_run(tracking_uri: str, parent_run_id: str, exc: BaseException) -> None:
+    """A launch that ends in an error marks its sweep's parent run as MLflow's own `with start_run()` does:
+    KILLED for an interrupt, else FAILED (a resume sets it RUNNING again). Best effort, with no retries:
+    the tracking server may be what failed, and the error must reach the user now."""
+    from mlflow.tracking import MlflowClient
+
+    status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+    previous = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        MlflowClient(tracking_uri).set_terminated(parent_run_id, status=status)
+    except Exception:  # noqa: BLE001 - the launch's own error is the one to show
+        pass
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
 
 
 def _scheduler(spec: SweepSpec, sweep_dir: Path, tracking_uri: str) -> Any:

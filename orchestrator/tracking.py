@@ -41,6 +41,8 @@ __all__ = [
     "login_error",
     "ui_command",
     "fluent_tracking_uri",
+    "launch_tracking",
+    "restored_tracking_uri",
 ]
 
 DEFAULT_ROOT = "pxd-results"
@@ -54,6 +56,39 @@ def results_root(root: str | Path | None = None) -> Path:
     path = Path(root or os.environ.get("PXD_HOME") or DEFAULT_ROOT).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+_LAUNCH_URI: list[str] = []  # the tracking URI of the sweep launch this driver runs, while it runs
+
+
+@contextmanager
+def launch_tracking(uri: str) -> Iterator[None]:
+    """While a sweep launch runs in this driver: the tracking URI that what Tune restores from an earlier
+    launch's pickles (the searcher's recorded trials, the MO-ASHA scheduler, the lost-attempt callback)
+    talks to. An earlier launch's URI can be gone: the embedded server of a resumed sweep listens on a
+    new port, and a resume finds the sweep's parent run at this launch's URI, so that is where its records are.
+
+    MLflow also keeps one artifact repository per run id for the whole process, whatever tracking URI it
+    was resolved against (`mlflow-artifacts:` → the server it was first reached at): a second launch of a
+    sweep in one process would upload the parent run's frontier to the first launch's server. Forgotten here."""
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    cache = getattr(tracking_utils, "_artifact_repos_cache", None)
+    if cache is not None:
+        cache.clear()
+    _LAUNCH_URI.append(uri)
+    try:
+        yield
+    finally:
+        _LAUNCH_URI.pop()
+
+
+def restored_tracking_uri(pickled: str) -> str:
+    """The tracking URI for one that an object pickled (password-free): this launch's while a launch
+    runs (`launch_tracking`), else the pickled one with its password back (`credentials.full_url`)."""
+    from orchestrator import credentials
+
+    return _LAUNCH_URI[-1] if _LAUNCH_URI else credentials.full_url(pickled)
 
 
 def _free_port() -> int:

@@ -147,6 +147,54 @@ def test_resume_with_a_raised_trial_budget_runs_only_the_new_trials(ray_local, m
     assert stored["search"]["trials"] == 4  # a later resume compares with the raised space
 
 
+def test_resume_reaches_the_new_embedded_server_when_the_first_launchs_port_is_gone(ray_local, tmp_path, monkeypatch):
+    """Without --tracking-uri each launch starts its own embedded server; a resumed sweep's server listens
+    on another port (here the first one's is held by something else), and what Tune restores of the first
+    launch (recorded trials, the MO-ASHA scheduler, the lost-attempt callback) must talk to the new one."""
+    import socket
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a stale URI fails at once, not after minutes
+    root = tmp_path / "root"
+    early = {"kind": "moasha", "grace_period": 1, "reduction_factor": 2}
+    first = run_sweep(_spec(seed=33, trials=2, early_stopping=early), _options(root, None, name="moved"))
+    assert len([r for r in first.rows if r.state == "COMPLETE"]) == 2
+    old_port = int(first.tracking_uri.rsplit(":", 1)[1])
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the old server's closed connections linger
+        squatter.bind(("127.0.0.1", old_port))  # bound, not listening: a request to the old URI is refused at once
+        resumed = run_sweep(_spec(seed=33, trials=4, early_stopping=early),
+                            _options(root, None, name="moved", resume=True))
+    assert resumed.tracking_uri != first.tracking_uri and resumed.parent_run_id == first.parent_run_id
+    assert len({r.trial_id for r in resumed.rows if r.state in ("COMPLETE", "PRUNED")}) == 4
+    from orchestrator.tracking import resolve_tracking
+
+    target = resolve_tracking(None, root, read_only=True)
+    try:
+        assert MlflowClient(target.uri).get_run(first.parent_run_id).info.status == "FINISHED"
+    finally:
+        target.close()
+
+
+def test_a_launch_that_fails_marks_its_parent_run_failed(ray_local, mlflow_server, tmp_path, monkeypatch):
+    """A launch ended by an error leaves its sweep's parent run FAILED, as MLflow's own start_run does,
+    not RUNNING forever; a resume sets it RUNNING again and finishes it."""
+    import ray.tune
+
+    def broken_fit(self):
+        raise RuntimeError("the tuner broke")  # a fault injected after the parent run exists
+
+    monkeypatch.setattr(ray.tune.Tuner, "fit", broken_fit)
+    with pytest.raises(RuntimeError, match="the tuner broke"):
+        run_sweep(_spec(seed=35, trials=1), _options(tmp_path, mlflow_server, name="broke"))
+    client = MlflowClient(mlflow_server)
+    parent = schema.find_sweep_run(client, "broke")
+    assert parent is not None and parent.info.status == "FAILED"
+    monkeypatch.undo()
+    resumed = run_sweep(_spec(seed=35, trials=1), _options(tmp_path, mlflow_server, name="broke", resume=True))
+    assert client.get_run(resumed.parent_run_id).info.status == "FINISHED"
+
+
 def test_the_time_budget_is_the_latest_launchs(tmp_path):
     from orchestrator.budget import LaunchBudget, SweepSearchGenerator, write_budget
     from orchestrator.searcher import make_searcher
