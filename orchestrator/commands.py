@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +12,9 @@ from typing import TYPE_CHECKING
 import yaml
 
 if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.tracking import MlflowClient
+
     from orchestrator.tracking import TrackingTarget
     from pxd.config import PipelineConfig
     from pxd.pipeline import PipelineResult
@@ -52,7 +56,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     frontier.add_argument("--json", action="store_true", help="print as JSON")
     frontier.add_argument("--hardware", default=None, metavar="LABEL", help="the frontier on a hardware label measured by pxd remeasure")
     frontier.add_argument("--compare", nargs=2, default=None, metavar=("LABEL_A", "LABEL_B"), help="which models leave or join the frontier between two hardware labels")
-    frontier.add_argument("--plot", type=Path, default=None, help="with --compare: write the comparison plot here (PNG)")
+    frontier.add_argument("--plot", type=Path, default=None, help="write the frontier's plot here (PNG); with --compare, the comparison plot")
     _tracking_flags(frontier)
     frontier.set_defaults(handler=cmd_frontier)
 
@@ -60,14 +64,14 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     remeasure.add_argument("sweep", help="sweep name or parent run id")
     remeasure.add_argument("--hardware", required=True, metavar="LABEL", help="name of the target (letters, digits, _ and -), e.g. laptop-ort")
     remeasure.add_argument("--runtime", choices=("torch", "torch-compile", "onnxruntime"), default="torch", help="deployment runtime (default: eager torch)")
-    remeasure.add_argument("--device", default="cpu", help="cpu or cuda on the target (default: cpu)")
-    remeasure.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="compute dtype (bf16/fp16: torch runtimes on CUDA, under autocast)")
+    remeasure.add_argument("--device", default="cpu", help="cpu or cuda on the target (default: cpu); cuda needs CUDA where the timing runs")
+    remeasure.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="compute dtype (bf16/fp16: torch runtimes with --device cuda only, under autocast)")
     remeasure.add_argument("--threads", type=int, default=1, help="intra-op threads while timing (default: 1)")
     remeasure.add_argument("--batch", type=int, default=16, help="batch size of the throughput measurement (default: 16)")
     remeasure.add_argument("--repeats", type=int, default=30, help="timed batch-1 passes; the median is reported (default: 30)")
     remeasure.add_argument("--warmup", type=int, default=5, help="untimed passes first (default: 5)")
     remeasure.add_argument("--resource", default=None, metavar="NAME", help="time on the Ray nodes that offer this custom resource (ray start --resources '{\"NAME\": 1}') instead of this machine")
-    remeasure.add_argument("--ray-address", default=None, help="the Ray cluster of --resource (HOST:PORT of its head)")
+    remeasure.add_argument("--ray-address", default=None, help="with --resource: the Ray cluster (HOST:PORT of its head; default: the cluster of this node)")
     remeasure.add_argument("--json", action="store_true", help="print the hardware frontier as JSON")
     _tracking_flags(remeasure)
     remeasure.set_defaults(handler=cmd_remeasure)
@@ -75,10 +79,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     select = sub.add_parser("select", help="choose a model from a sweep's frontier and register it (MLflow Model Registry, alias)")
     select.add_argument("sweep", help="sweep name or parent run id")
     select.add_argument("--hardware", default=None, metavar="LABEL", help="choose on this hardware label's frontier and latency (after pxd remeasure)")
-    select.add_argument("--max-latency-ms", type=float, default=None, help="latency limit (on --hardware, else the sweep's latency_ms)")
-    select.add_argument("--max-gmacs", type=float, default=None)
-    select.add_argument("--max-pixels", type=float, default=None, help="input H × W limit")
-    select.add_argument("--min-top1", type=float, default=None, help="minimum val_top1 (a fraction)")
+    select.add_argument("--max-latency-ms", type=float, default=None, help="latency limit in ms, > 0 (on --hardware, else the sweep's latency_ms)")
+    select.add_argument("--max-gmacs", type=float, default=None, help="multiply-accumulates limit in billions, > 0")
+    select.add_argument("--max-pixels", type=float, default=None, help="input H × W limit, > 0")
+    select.add_argument("--min-top1", type=float, default=None, help="minimum val_top1, a fraction in [0, 1] (0.75, not 75)")
     select.add_argument("--name", default=None, help="registered model name (default: <experiment>-student)")
     select.add_argument("--alias", default="champion", help="registry alias to point at the chosen version (default: champion)")
     select.add_argument("--json", action="store_true", help="print the choice as JSON")
@@ -151,20 +155,50 @@ def _open_tracking(args: argparse.Namespace, *, read_only: bool = False) -> Trac
     return resolve_tracking(args.tracking_uri, results_root(args.root), read_only=read_only)
 
 
+def _open_existing(args: argparse.Namespace) -> TrackingTarget:
+    """A read-only open of results that must exist (pxd frontier, select, remeasure): a mistyped --root,
+    PXD_HOME or sqlite:/// tracking URI is refused, and nothing is created there (MLflow would create a
+    new, empty store; `results_root` the folder)."""
+    from orchestrator.tracking import EmbeddedServer, results_root
+    from pxd.errors import ConfigError
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None:
+        flag = "PXD_HOME" if not args.root and os.environ.get("PXD_HOME") else "--root"
+        root = results_root(args.root, create=False)
+        database = Path(EmbeddedServer(root).backend_uri.removeprefix("sqlite:///"))
+        if not database.is_file():
+            raise ConfigError(flag, f"no pxd results at {root} ({database.name} is not there); check --root (or "
+                                    "PXD_HOME), or pass the --tracking-uri the sweep used")
+    elif uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        flag = "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI"
+        raise ConfigError(flag, f"{uri}: no such database file; check the path")
+    return _open_tracking(args, read_only=True)
+
+
+def _find_sweep(client: MlflowClient, sweep: str, uri: str) -> Run:
+    """The sweep's parent run; `ConfigError` with what to check when there is none."""
+    from orchestrator.schema import find_sweep_run
+    from pxd.errors import ConfigError
+
+    parent = find_sweep_run(client, sweep)
+    if parent is None:
+        raise ConfigError("sweep", f"no sweep named or with run id {sweep!r} at {uri}; check the name and "
+                                   "--tracking-uri/--root")
+    return parent
+
+
 def cmd_frontier(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from orchestrator.frontier import format_table, frontier_table, table_to_json
     from orchestrator.hardware import compare_tables, hardware_table
-    from orchestrator.schema import Tag, collect_rows, find_sweep_run, sweep_objectives
-    from pxd.errors import ConfigError
+    from orchestrator.schema import Tag, collect_rows, sweep_objectives
 
-    target = _open_tracking(args, read_only=True)
+    target = _open_existing(args)
     try:
         client = MlflowClient(target.uri)
-        parent = find_sweep_run(client, args.sweep)
-        if parent is None:
-            raise ConfigError("sweep", f"no sweep named or with run id {args.sweep!r} at {target.uri}; check the name and --tracking-uri/--root")
+        parent = _find_sweep(client, args.sweep, target.uri)
         if args.compare:
             tables = [hardware_table(client, parent.info.run_id, label) for label in args.compare]
             return _print_comparison(compare_tables(*tables), tables, args)
@@ -176,13 +210,21 @@ def cmd_frontier(args: argparse.Namespace) -> int:
             table = frontier_table(collect_rows(client, parent), objectives, reference, ideal)
     finally:
         target.close()
+    if args.plot is not None:
+        from orchestrator.plots import plot_png
+        from orchestrator.sweep import cost_axes
+
+        # the axes of the PNG the sweep (or pxd remeasure) logged for this frontier
+        axes = tuple(o["name"] for o in table["objectives"] if o["name"] != "val_top1") or cost_axes(table)
+        plot_png(table, args.plot, x_metrics=axes)
     if args.json:
         print(table_to_json(table))
     else:
         print(format_table(table))
         on = f" on hardware {args.hardware}" if args.hardware else ""
         print(f"hypervolume{on} {table['hypervolume_normalised']:.4f} normalised ({table['hypervolume']:.6g} against reference "
-              f"{reference}, ideal {ideal}) · sweep {parent.data.tags.get(Tag.SWEEP)} · parent run {parent.info.run_id}")
+              f"{reference}, ideal {ideal}) · sweep {parent.data.tags.get(Tag.SWEEP)} · parent run {parent.info.run_id}"
+              + (f" · plot {args.plot}" if args.plot else ""))
     return 0
 
 
@@ -213,61 +255,83 @@ def cmd_remeasure(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from orchestrator.frontier import format_table, table_to_json
-    from orchestrator.hardware import TimingRequest, remeasure
+    from orchestrator.hardware import TimingRequest, check_request, remeasure
+    from orchestrator.schema import Tag, collect_rows
     from pxd.errors import ConfigError
-    from pxd.metrics import check_hardware_label
 
-    try:
-        check_hardware_label(args.hardware)
-    except ValueError as exc:
-        raise ConfigError("--hardware", str(exc)) from None
-    for flag, value, minimum in (("--threads", args.threads, 1), ("--batch", args.batch, 1), ("--repeats", args.repeats, 2),
-                                 ("--warmup", args.warmup, 0)):
-        if value < minimum:
-            raise ConfigError(flag, f"must be ≥ {minimum}, got {value}")
-    if args.device not in ("cpu", "cuda"):
-        raise ConfigError("--device", f"use cpu or cuda, got {args.device!r}")
+    request = TimingRequest(label=args.hardware, runtime=args.runtime, device=args.device, threads=args.threads,
+                            warmup=args.warmup, repeats=args.repeats, batch_size=args.batch, dtype=args.dtype)
+    check_request(request, local=args.resource is None)
     if args.runtime == "onnxruntime":
         import importlib.util
 
         if importlib.util.find_spec("onnxruntime") is None:
             raise ConfigError("--runtime", "onnxruntime is not installed; pip install 'pxd[onnx]'")
+    if args.ray_address and not args.resource:
+        raise ConfigError("--ray-address", "is for timing on Ray nodes: add --resource NAME (the custom resource "
+                                           "of the target nodes), or omit --ray-address to time on this machine")
+    if args.ray_address:
+        from orchestrator.sweep import check_reachable
+
+        check_reachable(args.ray_address)
+    # the sweep and its students must exist before a server starts or Ray joins (nothing is created)
+    lookup = _open_existing(args)
+    try:
+        client = MlflowClient(lookup.uri)
+        parent = _find_sweep(client, args.sweep, lookup.uri)
+        if not any(r.state == "COMPLETE" and r.model_uri for r in collect_rows(client, parent)):
+            raise ConfigError("sweep", f"{args.sweep} has no complete trial with a logged student to time")
+        sweep_run_id, sweep_name = parent.info.run_id, parent.data.tags.get(Tag.SWEEP, args.sweep)
+    finally:
+        lookup.close()
     if args.resource:
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=args.ray_address or "auto", log_to_driver=False, logging_level="ERROR")
-    request = TimingRequest(label=args.hardware, runtime=args.runtime, device=args.device, threads=args.threads,
-                            warmup=args.warmup, repeats=args.repeats, batch_size=args.batch, dtype=args.dtype)
+            try:
+                ray.init(address=args.ray_address or "auto", log_to_driver=False, logging_level="ERROR")
+            except ConnectionError as exc:
+                raise ConfigError("--ray-address", f"no Ray cluster to join ({exc}); pass --ray-address HOST:PORT of "
+                                                   "its head, or drop --resource to time on this machine") from None
     target = _open_tracking(args)
     try:
-        table = remeasure(MlflowClient(target.uri), target.uri, args.sweep, request, resource=args.resource)
+        table = remeasure(MlflowClient(target.uri), target.uri, sweep_run_id, request, resource=args.resource)
     finally:
         target.close()
     if args.json:
         print(table_to_json(table))
     else:
         print(format_table(table))
-        print(f"timed {len(table['timed'])} students on {args.hardware} ({args.runtime}, {args.device}, {args.threads} "
-              f"thread(s)); skipped {len(table['skipped'])}" + "".join(f"\n  skipped {k}: {v}" for k, v in table["skipped"].items()))
+        print(f"timed {len(table['timed'])} students of {sweep_name} on {args.hardware} ({args.runtime}, {args.device}, "
+              f"{args.threads} thread(s)); skipped {len(table['skipped'])}"
+              + "".join(f"\n  skipped {k}: {v}" for k, v in table["skipped"].items()))
     return 0
 
 
 def cmd_select(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.select import Limits, select_and_register
+    from orchestrator.select import Limits, check_limits, check_registry_names, choose_for_sweep, register
 
     limits = Limits(max_latency_ms=args.max_latency_ms, max_gmacs=args.max_gmacs, max_pixels=args.max_pixels,
                     min_top1=args.min_top1)
+    check_limits(limits)
+    check_registry_names(args.name, args.alias)
+    # choose on a read-only open (an unknown root, sweep or label, or no feasible point: nothing is created),
+    # then register through the tracking server
+    lookup = _open_existing(args)
+    try:
+        choice = choose_for_sweep(MlflowClient(lookup.uri), args.sweep, limits, hardware=args.hardware, name=args.name)
+    finally:
+        lookup.close()
     target = _open_tracking(args)
     try:
-        chosen = select_and_register(MlflowClient(target.uri), args.sweep, limits, hardware=args.hardware,
-                                     name=args.name, alias=args.alias)
+        chosen = register(MlflowClient(target.uri), choice, args.alias)
+        load = _load_instructions(target, chosen["uri"], chosen["input_size"])
     finally:
         target.close()
     if args.json:
-        print(json.dumps(chosen, indent=2, default=str))
+        print(json.dumps({**chosen, "load": load}, indent=2, default=str))
         return 0
     metrics = chosen["metrics"]
     print(f"selected run {chosen['run_id']}: {chosen['params']} at {chosen['input_size']}×{chosen['input_size']} px")
@@ -275,8 +339,24 @@ def cmd_select(args: argparse.Namespace) -> int:
                            or k.startswith("latency_ms")))
     print(f"  why: {chosen['why']}")
     print(f"registered {chosen['model_name']} version {chosen['version']} with alias @{chosen['alias']}")
-    print(f"load it:  mlflow.pytorch.load_model(\"{chosen['uri']}\")   (input: float tensor [N, 3, {chosen['input_size']}, {chosen['input_size']}])")
+    print("load it:" + "".join(f"\n  {line}" for line in load))
     return 0
+
+
+def _load_instructions(target: TrackingTarget, uri: str, input_size: int) -> list[str]:
+    """Shell lines that load the registered model as written. A `models:/` URI resolves through a tracking
+    server, and the embedded store's artifacts are proxied (mlflow-artifacts:/), so its server must run."""
+    from orchestrator import credentials
+    from orchestrator.tracking import EmbeddedServer
+
+    python = (f"python -c \"import mlflow, torch; m = mlflow.pytorch.load_model('{uri}'); "
+              f"print(m(torch.zeros(1, 3, {input_size}, {input_size})).shape)\"")
+    if target.store is not None:
+        server = EmbeddedServer(target.store)
+        return [f"mlflow server --backend-store-uri {server.backend_uri} --artifacts-destination {server.artifacts} "
+                "--port 5000 &   # serves the results; stop it with: kill %1",
+                f"MLFLOW_TRACKING_URI=http://127.0.0.1:5000 {python}"]
+    return [f"MLFLOW_TRACKING_URI={credentials.without_password(target.uri)} {python}"]
 
 
 def cmd_stages(args: argparse.Namespace) -> int:

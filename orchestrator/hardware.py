@@ -8,6 +8,11 @@ existing trial runs under the label's metric (`latency_ms.<label>`, from the reg
 (`latency_cv.<label>`) and what was measured where (tag `pxd.hardware.<label>`); the frontier with that
 latency as the compute axis goes to the sweep's run under `hardware/<label>/`. Re-running a label
 replaces its numbers: MLflow shows a metric's latest value, and the tag and the artifacts are overwritten.
+
+Students that time alike (the same architecture at the same input size: `pxd.cost.LatencyCache`'s key,
+which the sweep shares its latencies by) are timed once and share that timing, so timing noise cannot
+split copies of one model on the frontier. A request that cannot measure what it says (`check_request`)
+is refused before any model loads; a run that times no student records nothing for its label.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
-__all__ = ["TimingRequest", "time_student", "remeasure", "hardware_objectives", "hardware_table", "compare_tables"]
+__all__ = ["TimingRequest", "check_request", "time_student", "remeasure", "hardware_objectives", "hardware_table",
+           "compare_tables"]
 
 # the compute axes a hardware's latency replaces in the sweep's objectives
 _COMPUTE_AXES = ("latency_ms", "gmacs", "params_m")
@@ -48,16 +54,60 @@ class TimingRequest:
     dtype: str = "float32"  # float32 | bfloat16 | float16 (torch runtimes on CUDA)
 
 
-def time_student(model_uri: str, resolution: int, request: TimingRequest, tracking_uri: str) -> dict[str, Any]:
-    """Load a logged student and time it here; returns the timing and where it ran (host, node, threads)."""
-    import mlflow
+_DEVICES = ("cpu", "cuda")
+_DTYPES = ("float32", "bfloat16", "float16")
+_AUTOCAST_RUNTIMES = ("torch", "torch-compile")  # bf16/fp16 run under autocast, on CUDA (`measure_runtime`)
+_COUNTS = (("--threads", "threads", 1), ("--batch", "batch_size", 1), ("--repeats", "repeats", 2),
+           ("--warmup", "warmup", 0))
+
+
+def check_request(request: TimingRequest, *, local: bool) -> None:
+    """Refuse, before any model loads, a request that cannot measure what it says. `local`: the timing
+    runs in this process, so its device must exist here (on Ray nodes, `_check_resource` looks)."""
     import torch
 
+    try:
+        check_hardware_label(request.label)
+    except ValueError as exc:
+        raise ConfigError("--hardware", str(exc)) from None
+    for flag, name, minimum in _COUNTS:
+        if getattr(request, name) < minimum:
+            raise ConfigError(flag, f"must be ≥ {minimum}, got {getattr(request, name)}")
+    if request.device not in _DEVICES:
+        raise ConfigError("--device", f"use cpu or cuda, got {request.device!r}")
+    if request.dtype not in _DTYPES:
+        raise ConfigError("--dtype", f"use one of {', '.join(_DTYPES)}, got {request.dtype!r}")
+    if request.dtype != "float32" and request.runtime not in _AUTOCAST_RUNTIMES:
+        raise ConfigError("--dtype", f"{request.dtype} is for the torch runtimes (under CUDA autocast); "
+                                     f"{request.runtime} times float32: drop --dtype")
+    if request.dtype != "float32" and request.device != "cuda":
+        raise ConfigError("--dtype", f"{request.dtype} is timed under CUDA autocast only; add --device cuda (on a "
+                                     "machine or --resource node with an NVIDIA GPU), or drop --dtype to time float32")
+    if local and request.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device", "cuda, but CUDA is not available on this machine (torch.cuda.is_available() "
+                                      "is False), where the timing would run; use --device cpu, run pxd remeasure "
+                                      "on a machine with an NVIDIA GPU, or time on Ray nodes with one (--resource)")
+
+
+def _load_student(model_uri: str, tracking_uri: str) -> Any:
+    import mlflow
+
     from orchestrator.tracking import fluent_tracking_uri
-    from pxd.cost import measure_runtime
 
     with fluent_tracking_uri(tracking_uri):
-        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
+
+def time_student(model_uri: str, resolution: int, request: TimingRequest, tracking_uri: str) -> dict[str, Any]:
+    """Load a logged student and time it here; returns the timing and where it ran (host, node, threads)."""
+    return _time_model(_load_student(model_uri, tracking_uri), resolution, request)
+
+
+def _time_model(model: Any, resolution: int, request: TimingRequest) -> dict[str, Any]:
+    import torch
+
+    from pxd.cost import measure_runtime
+
     timing = measure_runtime(model, resolution, runtime=request.runtime, device=request.device,
                              dtype=getattr(torch, request.dtype), threads=request.threads, warmup=request.warmup,
                              repeats=request.repeats, batch_size=request.batch_size)
@@ -82,16 +132,27 @@ def remeasure(client: MlflowClient, tracking_uri: str, sweep: str, request: Timi
     """Time every COMPLETE trial of `sweep` for `request.label`; log it; recompute that frontier.
 
     Returns the hardware frontier table plus `timed` and `skipped` (run id → reason). A student that
-    fails to load or run is reported and skipped, never fatal.
+    fails to load or run is reported and skipped; when no student could be timed, `ConfigError` and
+    nothing is recorded for the label (no label, no reference latency, no frontier).
     """
     report = report or (lambda line: print(line, file=sys.stderr, flush=True))
-    check_hardware_label(request.label)
+    check_request(request, local=resource is None)
     parent = _sweep_run(client, sweep)
-    rows = [r for r in schema.collect_rows(client, parent) if r.state == "COMPLETE" and r.model_uri]
+    sweep = parent.data.tags.get(schema.Tag.SWEEP, sweep)  # its name, also when given by run id
+    every_row = schema.collect_rows(client, parent)
+    rows = [r for r in every_row if r.state == "COMPLETE" and r.model_uri]
     if not rows:
         raise ConfigError("sweep", f"{sweep} has no complete trial with a logged student to time")
+    if resource is not None:
+        _check_resource(resource, request)
     results, skipped = _time_all(rows, request, tracking_uri, resource, report)
+    if not results:
+        first = next(iter(skipped.values()), "")
+        raise ConfigError("--hardware", f"no student of {sweep} could be timed on {request.label} ({len(skipped)} "
+                                        f"skipped; the first: {first}); nothing was recorded for {request.label}. "
+                                        "Check --device, --runtime and --dtype against the target")
     metric, cv = hardware_metric(request.label).name, hardware_cv_metric(request.label)
+    measured_before = any(metric in row.metrics for row in every_row)
     for row in rows:
         if row.run_id not in results:
             continue
@@ -99,9 +160,15 @@ def remeasure(client: MlflowClient, tracking_uri: str, sweep: str, request: Timi
         client.log_metric(row.run_id, metric, timing["latency_ms"])
         client.log_metric(row.run_id, cv, timing["latency_cv"])
         client.set_tag(row.run_id, schema.hardware_tag(request.label), json.dumps(timing, default=str))
-        if timing["noisy"]:
+        if timing["noisy"] and timing["timed_run"] == row.run_id:
             report(f"[pxd] warning: {row.run_id} latency on {request.label} varies by {timing['latency_cv']:.0%} "
                    "between repeats (noisy): raise --repeats, fix --threads, or quieten the machine")
+    # a fixed reference per label: twice the slowest student of the first run that measured any (a reference
+    # kept by a run that measured none, as pxd < this version could record, is replaced)
+    reference_key = _reference_tag(request.label)
+    if reference_key not in parent.data.tags or not measured_before:
+        slowest = max(timing["latency_ms"] for timing in results.values())
+        client.set_tag(parent.info.run_id, reference_key, str(2.0 * slowest))
     client.set_tag(parent.info.run_id, schema.hardware_tag(request.label), json.dumps(asdict(request)))
     labels = set(hardware_labels(client.get_run(parent.info.run_id))) | {request.label}
     client.set_tag(parent.info.run_id, schema.Tag.HARDWARE_LABELS, json.dumps(sorted(labels)))
@@ -117,43 +184,106 @@ def remeasure(client: MlflowClient, tracking_uri: str, sweep: str, request: Timi
     return {**table, "timed": sorted(results), "skipped": skipped}
 
 
+def _reference_tag(label: str) -> str:
+    return schema.hardware_tag(label) + ".reference"
+
+
+def _timing_key(model: Any, resolution: int, request: TimingRequest) -> str:
+    """What decides a student's timing: the sweep's latency-sharing key (architecture, parameter shapes,
+    input size) with this request's settings."""
+    from pxd.cost import LatencyCache
+
+    settings = {k: v for k, v in asdict(request).items() if k != "label"}
+    return LatencyCache(scope=f"remeasure:{request.label}").key(model, resolution, {}, settings)
+
+
+def _shared(timing: dict[str, Any], timed_run: str) -> dict[str, Any]:
+    return {**timing, "timed_run": timed_run}
+
+
 def _time_all(rows: list[TrialRow], request: TimingRequest, tracking_uri: str, resource: str | None,
               report: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Each distinct student timed once (`_timing_key`); its copies share the timing (`timed_run` names the
+    trial whose student was timed)."""
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     total = len(rows)
-    if resource is None:
-        for index, row in enumerate(rows, 1):
-            try:
-                results[row.run_id] = time_student(row.model_uri, _resolution(row), request, tracking_uri)
+    first_of: dict[str, str] = {}  # timing key → run id of the trial timed for it
+    groups: dict[str, list[TrialRow]] = {}
+    for index, row in enumerate(rows, 1):
+        try:
+            model = _load_student(row.model_uri, tracking_uri)
+            key = _timing_key(model, _resolution(row), request)
+            if key in first_of:
+                groups[key].append(row)
+                if first_of[key] in results:
+                    results[row.run_id] = _shared(results[first_of[key]], first_of[key])
+                    report(f"[pxd] {index}/{total} {row.run_id} shares the timing of {first_of[key]} (same "
+                           f"architecture and input size): {results[row.run_id]['latency_ms']:.3f} ms")
+                continue
+            first_of[key], groups[key] = row.run_id, [row]
+            if resource is None:
+                results[row.run_id] = _shared(_time_model(model, _resolution(row), request), row.run_id)
                 report(f"[pxd] {index}/{total} timed {row.run_id} on {request.label}: "
                        f"{results[row.run_id]['latency_ms']:.3f} ms")
-            except Exception as exc:  # noqa: BLE001 - one bad model must not stop the others; it is reported
-                skipped[row.run_id] = f"{type(exc).__name__}: {exc}"
-                report(f"[pxd] {index}/{total} skipped {row.run_id}: {skipped[row.run_id]}")
+        except Exception as exc:  # noqa: BLE001 - one bad model must not stop the others; it is reported
+            skipped[row.run_id] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            report(f"[pxd] {index}/{total} skipped {row.run_id}: {skipped[row.run_id]}")
+    if resource is None:
+        for key, members in groups.items():  # the copies of a student that failed to run
+            for row in members:
+                if row.run_id not in results and row.run_id not in skipped:
+                    skipped[row.run_id] = f"shares the timing of {first_of[key]}, which failed"
         return results, skipped
+    _time_on_ray(groups, request, tracking_uri, resource, report, results, skipped)
+    return results, skipped
+
+
+def _check_resource(resource: str, request: TimingRequest) -> None:
+    """Refuse, before any model loads, a resource no Ray node offers, or CUDA timing on nodes without a GPU."""
     import ray
 
-    available = ray.cluster_resources()
-    if available.get(resource, 0) <= 0:
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    offering = [offered for offered in nodes if offered.get(resource, 0) > 0]
+    if not offering:
+        names = sorted({k for offered in nodes for k in offered if not k.startswith("node:")})
         raise ConfigError("--resource", f"no Ray node offers the custom resource {resource!r} (cluster resources: "
-                                        f"{sorted(k for k in available if not k.startswith('node:'))}); start the target "
-                                        f"node with `ray start --resources '{{\"{resource}\": 1}}'`")
-    task = ray.remote(num_cpus=request.threads, resources={resource: 1}, max_retries=0)(time_student)
-    pending = {task.remote(row.model_uri, _resolution(row), request, tracking_uri): row for row in rows}
-    done_count = 0
+                                        f"{names}); start the target node with "
+                                        f"`ray start --resources '{{\"{resource}\": 1}}'`")
+    if request.device == "cuda" and not any(offered.get("GPU", 0) > 0 for offered in offering):
+        raise ConfigError("--device", f"cuda, but no Ray node offering {resource!r} has a GPU; use --device cpu, "
+                                      "or give the target node its GPU (`ray start --num-gpus 1 ...`)")
+
+
+def _time_on_ray(groups: dict[str, list[TrialRow]], request: TimingRequest, tracking_uri: str, resource: str,
+                 report: Callable[[str], None], results: dict[str, dict[str, Any]], skipped: dict[str, str]) -> None:
+    import ray
+
+    # a task reserving no GPU sees none (Ray hides them from it)
+    gpus = 1 if request.device == "cuda" else 0
+    task = ray.remote(num_cpus=request.threads, num_gpus=gpus, resources={resource: 1}, max_retries=0)(time_student)
+    pending = {task.remote(members[0].model_uri, _resolution(members[0]), request, tracking_uri): members
+               for members in groups.values()}
+    total, done_count = sum(len(members) for members in groups.values()), 0
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        row = pending.pop(ready[0])
-        done_count += 1
+        members = pending.pop(ready[0])
+        timed_run = members[0].run_id
         try:
-            results[row.run_id] = ray.get(ready[0])
-            report(f"[pxd] {done_count}/{total} timed {row.run_id} on {request.label} "
-                   f"(node {results[row.run_id]['hostname']}): {results[row.run_id]['latency_ms']:.3f} ms")
+            timing = ray.get(ready[0])
         except Exception as exc:  # noqa: BLE001 - reported and skipped, as above
-            skipped[row.run_id] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            report(f"[pxd] {done_count}/{total} skipped {row.run_id}: {skipped[row.run_id]}")
-    return results, skipped
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            for row in members:
+                done_count += 1
+                skipped[row.run_id] = reason
+                report(f"[pxd] {done_count}/{total} skipped {row.run_id}: {reason}")
+            continue
+        for row in members:
+            done_count += 1
+            results[row.run_id] = _shared(timing, timed_run)
+            how = "timed" if row.run_id == timed_run else f"shares the timing of {timed_run}"
+            report(f"[pxd] {done_count}/{total} {row.run_id} {how} on {request.label} "
+                   f"(node {timing['hostname']}): {timing['latency_ms']:.3f} ms")
 
 
 def _sweep_run(client: MlflowClient, sweep: str) -> Run:
@@ -188,13 +318,9 @@ def hardware_table(client: MlflowClient, sweep: str, label: str) -> dict[str, An
     rows = schema.collect_rows(client, parent)
     metric = hardware_metric(label).name
     measured = [r.metrics[metric] for r in rows if metric in r.metrics]
-    # a fixed reference per label: twice the slowest student measured the first time, kept in a tag
-    key = schema.hardware_tag(label) + ".reference"
-    if key in parent.data.tags:
-        latency_reference = float(parent.data.tags[key])
-    else:
-        latency_reference = 2.0 * max(measured, default=1.0)
-        client.set_tag(parent.info.run_id, key, str(latency_reference))
+    # the label's fixed reference, which `remeasure` keeps in a tag (read only here: this may be a read-only open)
+    key = _reference_tag(label)
+    latency_reference = float(parent.data.tags[key]) if key in parent.data.tags else 2.0 * max(measured, default=1.0)
     axes = hardware_objectives(objectives, label)
     kept = {name for name, _ in axes}
     reference = {**{k: v for k, v in reference.items() if k in kept}, metric: latency_reference}

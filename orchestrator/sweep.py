@@ -163,7 +163,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is pxd's (`--json`)
     if not ray.is_initialized():
         if options.ray_address:
-            _check_reachable(options.ray_address)
+            check_reachable(options.ray_address)
         # without --ray-address: a Ray instance of pxd's own, never a running or stale `ray start` cluster
         ray.init(address=options.ray_address or "local", include_dashboard=False, log_to_driver=False,
                  configure_logging=True, logging_level="ERROR")
@@ -361,7 +361,7 @@ def _validate(spec: SweepSpec, options: SweepOptions) -> None:
     _check_lease_store(options)
 
 
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """An unreachable --ray-address fails in seconds (Ray itself retries a dead address for minutes)."""
     import socket
 

@@ -51,10 +51,11 @@ LOCK_FILE = "mlflow-server.lock"
 USERS_DIR = "mlflow-server.users"
 
 
-def results_root(root: str | Path | None = None) -> Path:
-    """The folder for embedded stores: `--root`, else `PXD_HOME`, else ./pxd-results."""
+def results_root(root: str | Path | None = None, *, create: bool = True) -> Path:
+    """The folder for embedded stores: `--root`, else `PXD_HOME`, else ./pxd-results (made unless `create` is false)."""
     path = Path(root or os.environ.get("PXD_HOME") or DEFAULT_ROOT).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
