@@ -50,6 +50,7 @@ from pxd.paths import set_path
 
 __all__ = [
     "SAMPLERS",
+    "check_sweep_name",
     "Objective",
     "SamplerConfig",
     "ResourcesConfig",
@@ -213,8 +214,19 @@ def parse_spec(raw: Any, source_path: str | None = None) -> SweepSpec:
     _check_one_teacher(raw, params, base)
     search = parse_search(raw["search"], raw, params) if "search" in raw else None
     name = raw.get("name") or (Path(source_path).stem if source_path else PipelineConfig.name)
+    check_sweep_name(str(name), "name")
     return SweepSpec(name=str(name), raw=raw, params=params, search=search, base=base, source_path=source_path,
                      notes=notes)
+
+
+def check_sweep_name(name: Any, field: str) -> None:
+    """A space's `name` (the MLflow experiment, and the prefix of its sweeps' folders) or a `--name` (the
+    sweep's folder under `<root>/sweeps/`, its Optuna study and parent run): one path segment, printable."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(field, f"expected a non-empty name, got {name!r}")
+    if "/" in name or "\\" in name or set(name) == {"."} or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ConfigError(field, f"{name!r} would not be one folder name: use letters, digits, spaces, '.', '_' "
+                                 "and '-', without '/' or '\\' (e.g. quickstart-laptop)")
 
 
 def _drop_unused_blockwise_lists(raw: dict[str, Any]) -> tuple[str, ...]:

@@ -29,7 +29,7 @@ import yaml
 from orchestrator import credentials, schema
 from orchestrator.frontier import TrialRow, format_table, frontier_table, write_table
 from orchestrator.schema import Tag
-from orchestrator.spec import optuna_directions
+from orchestrator.spec import check_sweep_name, optuna_directions
 from orchestrator.tracking import launch_tracking, resolve_tracking, results_root, ui_command
 from orchestrator.trial import TrialContext, run_trial
 from pxd.errors import ConfigError
@@ -357,6 +357,8 @@ def _validate(spec: SweepSpec, options: SweepOptions) -> None:
     from pxd.data import check_dataset
 
     check_dataset(spec.base.dataset)
+    if options.name is not None:
+        check_sweep_name(options.name, "--name")
     check_tracking(options.tracking_uri, cluster=options.ray_address is not None)
     _check_lease_store(options)
 

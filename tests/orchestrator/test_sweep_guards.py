@@ -55,6 +55,19 @@ def test_a_duplicated_yaml_key_is_refused(tmp_path):
         read_yaml(path)
 
 
+@pytest.mark.parametrize("name", ["quick start/../x", "a/b", "..", "tab\there", "back\\slash"])
+def test_a_name_that_is_not_one_folder_is_refused_before_anything_is_created(name, tmp_path):
+    raw = tiny_space()
+    raw["name"] = name
+    with pytest.raises(ConfigError) as error:
+        parse_spec(raw)
+    assert error.value.field == "name" and "would not be one folder name" in error.value.message
+    with pytest.raises(ConfigError) as error:  # the same for --name, before Ray or a server starts
+        run_sweep(_spec(), _options(tmp_path / "root", None, name=name))
+    assert error.value.field == "--name"
+    assert not (tmp_path / "root").exists()
+
+
 def test_a_mode_that_contradicts_the_metric_is_refused():
     raw = tiny_space(objectives=[{"metric": "val_top1"}, {"metric": "gmacs", "mode": "max"}],
                      reference_point={"gmacs": 0.0})
