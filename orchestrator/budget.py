@@ -100,6 +100,11 @@ class SweepSearchGenerator(SearchGenerator):
         if orphans:
             logger.info("resume: %d trial(s) finished after Tune's last snapshot count towards search.trials: %s",
                         len(orphans), ", ".join(orphans))
+            # the sampler's random state is the snapshot's: it would draw again what those trials drew
+            # (the same students, twice on the frontier); a fresh one draws anew
+            sampler = _study_sampler(self.searcher)
+            if sampler is not None:
+                sampler.reseed_rng()
         self._counter += len(orphans)
 
 
@@ -129,6 +134,14 @@ class RecordedTrials:
         parent = client.get_run(self.parent_run_id)
         return {run.data.tags[schema.Tag.TRIAL_ID]: run.info.run_id
                 for run in schema.trial_runs(client, parent, state="COMPLETE")}
+
+
+def _study_sampler(searcher: Searcher) -> Any:
+    """The Optuna sampler behind a (ConcurrencyLimiter-wrapped) OptunaSearch, or None."""
+    while hasattr(searcher, "searcher"):
+        searcher = searcher.searcher
+    study = getattr(searcher, "_ot_study", None)
+    return None if study is None else study.sampler
 
 
 def finished_after_snapshot(searcher: Searcher, recorded: RecordedTrials | None = None) -> list[str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
@@ -16,9 +18,16 @@ if TYPE_CHECKING:
 
 __all__ = ["SweepProgress"]
 
+_LAUNCH: list[SweepProgress] = []  # the progress of the sweep launch this driver runs, while it runs
+
 
 class SweepProgress(tune.Callback):
-    """A Tune callback that prints one status line per event (and at most every `every_s` otherwise)."""
+    """A Tune callback that prints one status line per event (and at most every `every_s` otherwise).
+
+    Tune pickles its callbacks with the first launch (tuner.pkl) and a resume restores them from there: a
+    pickled SweepProgress comes back as the progress of the launch that resumes (`reporting`), which
+    starts from the trials the sweep already finished (`resume_from`), so its counts and clock are this
+    launch's, and the line `close` prints is the one that heard the events."""
 
     def __init__(self, spec: SweepSpec, *, total: int, quiet: bool = False, every_s: float = 15.0, stream: Any = None) -> None:
         search = spec.require_search()
@@ -35,6 +44,37 @@ class SweepProgress(tune.Callback):
         self.failed: set[str] = set()
         self.stopped: set[str] = set()
 
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_launch_progress, ())
+
+    def __deepcopy__(self, memo: dict) -> SweepProgress:
+        return self  # one live printer per launch
+
+    @contextmanager
+    def reporting(self) -> Iterator[SweepProgress]:
+        """While the launch runs: what a restored (unpickled) SweepProgress resolves to."""
+        _LAUNCH.append(self)
+        try:
+            yield self
+        finally:
+            _LAUNCH.remove(self)
+
+    def resume_from(self, rows: Iterable[TrialRow]) -> None:
+        """Count the trials earlier launches finished (MLflow's rows), as if this launch had heard them."""
+        for row in rows:
+            if row.state == "COMPLETE" and "val_top1" in row.metrics:
+                self._record_done(row)
+            elif row.state == "FAILED":
+                self.failed.add(row.trial_id)
+            elif row.state == "PRUNED":
+                self.stopped.add(row.trial_id)
+
+    def _record_done(self, row: TrialRow) -> None:
+        first = row.trial_id not in self.done
+        self.done[row.trial_id] = row
+        if first and row.feasible:  # a resumed trial that reports its recorded result again is counted once
+            self.front.add(row.metrics)
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.add(trial.trial_id)
         self._print(f"trial {trial.trial_id} started")
@@ -43,13 +83,12 @@ class SweepProgress(tune.Callback):
         if report_error(result):
             self.failed.add(trial.trial_id)  # an error that would repeat: finished, not retried
         elif result.get(FINAL_REPORT) and "val_top1" in result:
-            self.done[trial.trial_id] = TrialRow(
+            self.failed.discard(trial.trial_id)
+            self._record_done(TrialRow(
                 trial_id=trial.trial_id, run_id=result.get("mlflow_run_id"),
                 metrics={k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
                 params={}, state="COMPLETE", feasible=bool(result.get("feasible", True)),
-            )
-            if self.done[trial.trial_id].feasible:
-                self.front.add(self.done[trial.trial_id].metrics)
+            ))
         elif time.monotonic() - self.last_print > self.every_s:
             stage = str(result.get("stage", ""))
             self._print(f"trial {trial.trial_id} {stage} epoch {result.get('epoch', '?')}: "
@@ -91,3 +130,8 @@ class SweepProgress(tune.Callback):
 
     def close(self) -> None:
         self._print("sweep finished")
+
+
+def _launch_progress() -> tune.Callback:
+    """What an unpickled SweepProgress becomes: the running launch's, else a callback that does nothing."""
+    return _LAUNCH[-1] if _LAUNCH else tune.Callback()

@@ -12,6 +12,7 @@ trial, separate runs for shared stages (experiment `pxd-stages`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -182,7 +183,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
     parent_run_id: str | None = None
     try:
         # what Tune restores of an earlier launch (searcher, scheduler, callbacks) talks to this launch's server
-        with launch_tracking(target.uri):
+        with launch_tracking(target.uri), contextlib.ExitStack() as launch:
             # a client bound to this URI, not mlflow.set_tracking_uri: that also sets MLFLOW_TRACKING_URI in
             # this process, and a later sweep here would then talk to this sweep's (stopped) server
             client = MlflowClient(target.uri)
@@ -216,6 +217,9 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
             if not context.force_retrain and context.reuse_stages:
                 _warm_teacher(context, resources, quiet=options.quiet)
             tune_path = str(sweep_dir / "tune")
+            if options.resume:  # the status lines go on from what earlier launches finished
+                progress.resume_from(schema.collect_rows(client, client.get_run(parent_run_id)))
+            launch.enter_context(progress.reporting())  # a restored tuner's progress callback is this one
             if options.resume and tune.Tuner.can_restore(tune_path):
                 tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
             else:

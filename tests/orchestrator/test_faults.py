@@ -324,6 +324,59 @@ def test_a_trial_finished_before_the_crash_is_not_told_twice_on_resume(tmp_path)
     assert trials[0].values == [0.5, result["pixels"]] and trials[0].user_attrs["mlflow_run_id"] == "run-1"
 
 
+def test_a_resume_does_not_draw_again_what_trials_after_tunes_snapshot_drew(tmp_path):
+    """Tune's last snapshot holds the searcher, sampler state included, from before trial t2 was drawn; t2
+    then ran and finished, and the driver died. The restored sampler must not replay t2's draw for the
+    next trial (the same student twice on the frontier)."""
+    from orchestrator.budget import SweepSearchGenerator
+
+    raw = tiny_space(sampler={"name": "random", "seed": 3}, trials=8)
+    raw["distill"]["isrd"] = {"uniform": [0.0, 2.0]}
+    spec = parse_spec(raw, source_path="tiny.yaml")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    budget = tmp_path / "budget.json"
+    generator = SweepSearchGenerator(make_searcher(spec, "replay", storage), budget)
+    generator.searcher.suggest("t1")
+    snapshot = tmp_path / "snapshot"
+    snapshot.mkdir()
+    generator.save_to_dir(str(snapshot), session_str="s")  # the last snapshot before the crash
+    drawn_after = generator.searcher.suggest("t2")
+    generator.searcher.on_trial_complete("t2", {"val_top1": 0.5, "pixels": 256.0, FINAL_REPORT: True,
+                                                "mlflow_run_id": "run-2", "constraints": []})
+
+    restored = SweepSearchGenerator(make_searcher(spec, "replay", storage), budget)
+    restored.restore_from_dir(str(snapshot))
+    assert restored.searcher.suggest("t3") != drawn_after
+
+
+def test_a_resumed_launch_reports_progress_from_what_earlier_launches_finished():
+    """Tune restores its callbacks from the first launch's pickle: the restored progress is the resuming
+    launch's own, counting the trials already finished, each once, and the closing line is the one that heard the events."""
+    import pickle
+
+    from orchestrator.frontier import TrialRow
+    from orchestrator.progress import SweepProgress
+
+    spec = parse_spec(tiny_space(), source_path="tiny.yaml")
+    first = SweepProgress(spec, total=6, quiet=True)
+    pickled = pickle.dumps(first)  # what tuner.pkl holds
+    resuming = SweepProgress(spec, total=6, quiet=True)
+    done = TrialRow(trial_id="a", run_id="r-a", metrics={"val_top1": 0.5, "pixels": 256.0}, params={}, state="COMPLETE")
+    resuming.resume_from([done, TrialRow(trial_id="b", run_id="r-b", metrics={}, params={}, state="FAILED")])
+    with resuming.reporting():
+        restored = pickle.loads(pickled)
+    assert restored is resuming
+    assert "1/6 done · 0 running · 1 failed" in resuming.status()
+
+    class Trial:
+        trial_id = "a"
+
+    # the resumed trial "a" reports its recorded result again: still one done, one frontier point
+    resuming.on_trial_result(0, [], Trial(), {**done.metrics, FINAL_REPORT: True, "mlflow_run_id": "r-a"})
+    assert len(resuming.done) == 1 and resuming.front.size == 1
+    assert not isinstance(pickle.loads(pickled), SweepProgress)  # outside a launch: a callback that does nothing
+
+
 def test_a_killed_sweep_driver_resumes_without_losing_finished_trials(mlflow_server, tmp_path, ray_tmp, capsys):
     trials = 4
     name = f"faults-resume-{uuid.uuid4().hex[:6]}"
