@@ -60,13 +60,19 @@ class SweepProgress(tune.Callback):
             _LAUNCH.remove(self)
 
     def resume_from(self, rows: Iterable[TrialRow]) -> None:
-        """Count the trials earlier launches finished (MLflow's rows), as if this launch had heard them."""
+        """Count the trials earlier launches finished (MLflow's rows), as if this launch had heard them; a
+        trial with a run per attempt counts by how it ended (`sweep.trial_outcomes`)."""
+        from orchestrator.sweep import trial_outcomes
+
+        rows = list(rows)
+        outcomes = trial_outcomes(rows)
         for row in rows:
-            if row.state == "COMPLETE" and "val_top1" in row.metrics:
+            outcome = outcomes[row.trial_id]
+            if outcome == "COMPLETE" and row.state == "COMPLETE" and "val_top1" in row.metrics:
                 self._record_done(row)
-            elif row.state == "FAILED":
+            elif outcome == "FAILED":
                 self.failed.add(row.trial_id)
-            elif row.state == "PRUNED":
+            elif outcome == "PRUNED":
                 self.stopped.add(row.trial_id)
 
     def _record_done(self, row: TrialRow) -> None:

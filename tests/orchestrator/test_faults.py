@@ -362,7 +362,8 @@ def test_a_resumed_launch_reports_progress_from_what_earlier_launches_finished()
     pickled = pickle.dumps(first)  # what tuner.pkl holds
     resuming = SweepProgress(spec, total=6, quiet=True)
     done = TrialRow(trial_id="a", run_id="r-a", metrics={"val_top1": 0.5, "pixels": 256.0}, params={}, state="COMPLETE")
-    resuming.resume_from([done, TrialRow(trial_id="b", run_id="r-b", metrics={}, params={}, state="FAILED")])
+    lost_attempt = TrialRow(trial_id="a", run_id="r-a0", metrics={}, params={}, state="FAILED")  # "a" was retried
+    resuming.resume_from([done, lost_attempt, TrialRow(trial_id="b", run_id="r-b", metrics={}, params={}, state="FAILED")])
     with resuming.reporting():
         restored = pickle.loads(pickled)
     assert restored is resuming
