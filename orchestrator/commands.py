@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,7 +66,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     remeasure.add_argument("--hardware", required=True, metavar="LABEL", help="name of the target (letters, digits, _ and -), e.g. laptop-ort")
     remeasure.add_argument("--runtime", choices=("torch", "torch-compile", "onnxruntime"), default="torch", help="deployment runtime (default: eager torch)")
     remeasure.add_argument("--device", default="cpu", help="cpu or cuda on the target (default: cpu); cuda needs CUDA where the timing runs")
-    remeasure.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="compute dtype (bf16/fp16: torch runtimes with --device cuda only, under autocast)")
+    remeasure.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="compute dtype (bf16/fp16: the torch runtimes, under autocast on the --device; onnxruntime times float32)")
     remeasure.add_argument("--threads", type=int, default=1, help="intra-op threads while timing (default: 1)")
     remeasure.add_argument("--batch", type=int, default=16, help="batch size of the throughput measurement (default: 16)")
     remeasure.add_argument("--repeats", type=int, default=30, help="timed batch-1 passes; the median is reported (default: 30)")
@@ -152,7 +153,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _open_tracking(args: argparse.Namespace, *, read_only: bool = False) -> TrackingTarget:
     from orchestrator.tracking import resolve_tracking, results_root
 
-    return resolve_tracking(args.tracking_uri, results_root(args.root), read_only=read_only)
+    given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    # a tracking URI of the user's: no results folder is made in the working directory
+    return resolve_tracking(args.tracking_uri, results_root(args.root, create=not given), read_only=read_only)
 
 
 def _open_existing(args: argparse.Namespace) -> TrackingTarget:
@@ -170,7 +173,7 @@ def _open_existing(args: argparse.Namespace) -> TrackingTarget:
         if not database.is_file():
             raise ConfigError(flag, f"no pxd results at {root} ({database.name} is not there); check --root (or "
                                     "PXD_HOME), or pass the --tracking-uri the sweep used")
-    elif uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    elif uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).is_file():
         flag = "--tracking-uri" if args.tracking_uri else "MLFLOW_TRACKING_URI"
         raise ConfigError(flag, f"{uri}: no such database file; check the path")
     return _open_tracking(args, read_only=True)
@@ -302,8 +305,11 @@ def cmd_remeasure(args: argparse.Namespace) -> int:
         print(table_to_json(table))
     else:
         print(format_table(table))
+        shared = len(table["timed"]) - len(set(table.get("timed_runs", table["timed"])))
         print(f"timed {len(table['timed'])} students of {sweep_name} on {args.hardware} ({args.runtime}, {args.device}, "
-              f"{args.threads} thread(s)); skipped {len(table['skipped'])}"
+              f"{args.threads} thread(s)"
+              + (f"; {shared} of them share another copy's timing" if shared else "")
+              + f"); skipped {len(table['skipped'])}"
               + "".join(f"\n  skipped {k}: {v}" for k, v in table["skipped"].items()))
     return 0
 
@@ -349,14 +355,15 @@ def _load_instructions(target: TrackingTarget, uri: str, input_size: int) -> lis
     from orchestrator import credentials
     from orchestrator.tracking import EmbeddedServer
 
-    python = (f"python -c \"import mlflow, torch; m = mlflow.pytorch.load_model('{uri}'); "
-              f"print(m(torch.zeros(1, 3, {input_size}, {input_size})).shape)\"")
+    code = (f"import mlflow, torch; m = mlflow.pytorch.load_model({json.dumps(uri)}); "
+            f"print(m(torch.zeros(1, 3, {input_size}, {input_size})).shape)")
+    python = f"python -c {shlex.quote(code)}"
     if target.store is not None:
         server = EmbeddedServer(target.store)
-        return [f"mlflow server --backend-store-uri {server.backend_uri} --artifacts-destination {server.artifacts} "
-                "--port 5000 &   # serves the results; stop it with: kill %1",
+        return [f"mlflow server --backend-store-uri {shlex.quote(server.backend_uri)} --artifacts-destination "
+                f"{shlex.quote(str(server.artifacts))} --port 5000 &   # serves the results; stop it with: kill %1",
                 f"MLFLOW_TRACKING_URI=http://127.0.0.1:5000 {python}"]
-    return [f"MLFLOW_TRACKING_URI={credentials.without_password(target.uri)} {python}"]
+    return [f"MLFLOW_TRACKING_URI={shlex.quote(credentials.without_password(target.uri))} {python}"]
 
 
 def cmd_stages(args: argparse.Namespace) -> int:

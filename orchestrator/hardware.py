@@ -51,12 +51,12 @@ class TimingRequest:
     warmup: int = 5
     repeats: int = 30
     batch_size: int = 16
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (torch runtimes on CUDA)
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (torch runtimes, under autocast on CPU or CUDA)
 
 
 _DEVICES = ("cpu", "cuda")
 _DTYPES = ("float32", "bfloat16", "float16")
-_AUTOCAST_RUNTIMES = ("torch", "torch-compile")  # bf16/fp16 run under autocast, on CUDA (`measure_runtime`)
+_AUTOCAST_RUNTIMES = ("torch", "torch-compile")  # bf16/fp16 run under autocast, on CPU or CUDA (`measure_runtime`)
 _COUNTS = (("--threads", "threads", 1), ("--batch", "batch_size", 1), ("--repeats", "repeats", 2),
            ("--warmup", "warmup", 0))
 
@@ -78,11 +78,8 @@ def check_request(request: TimingRequest, *, local: bool) -> None:
     if request.dtype not in _DTYPES:
         raise ConfigError("--dtype", f"use one of {', '.join(_DTYPES)}, got {request.dtype!r}")
     if request.dtype != "float32" and request.runtime not in _AUTOCAST_RUNTIMES:
-        raise ConfigError("--dtype", f"{request.dtype} is for the torch runtimes (under CUDA autocast); "
+        raise ConfigError("--dtype", f"{request.dtype} is for the torch runtimes (under autocast, on CPU or CUDA); "
                                      f"{request.runtime} times float32: drop --dtype")
-    if request.dtype != "float32" and request.device != "cuda":
-        raise ConfigError("--dtype", f"{request.dtype} is timed under CUDA autocast only; add --device cuda (on a "
-                                     "machine or --resource node with an NVIDIA GPU), or drop --dtype to time float32")
     if local and request.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device", "cuda, but CUDA is not available on this machine (torch.cuda.is_available() "
                                       "is False), where the timing would run; use --device cpu, run pxd remeasure "
@@ -181,7 +178,9 @@ def remeasure(client: MlflowClient, tracking_uri: str, sweep: str, request: Timi
     objectives, reference, ideal = schema.sweep_objectives(parent)
     own = frontier_table(schema.collect_rows(client, parent), objectives, reference, ideal)
     log_frontier(client, parent, own, "frontier", png_axes=tuple(m for m, _ in objectives if m != "val_top1"))
-    return {**table, "timed": sorted(results), "skipped": skipped}
+    # timed_runs: the trials whose students were timed (a copy shares one of them)
+    return {**table, "timed": sorted(results), "timed_runs": sorted({t["timed_run"] for t in results.values()}),
+            "skipped": skipped}
 
 
 def _reference_tag(label: str) -> str:

@@ -50,6 +50,9 @@ class SweepProgress(tune.Callback):
     def __deepcopy__(self, memo: dict) -> SweepProgress:
         return self  # one live printer per launch
 
+    def __copy__(self) -> SweepProgress:
+        return self
+
     @contextmanager
     def reporting(self) -> Iterator[SweepProgress]:
         """While the launch runs: what a restored (unpickled) SweepProgress resolves to."""

@@ -64,11 +64,16 @@ def check_registry_names(name: str | None, alias: str) -> None:
     """The registered model name (None: the default) and the alias, by MLflow's own rules, so that an
     invalid one is refused before a version is registered (MLflow checks the alias only when it is set)."""
     from mlflow.exceptions import MlflowException
-    from mlflow.utils.validation import (
-        _validate_model_alias_name,
-        _validate_model_alias_name_reserved,
-        _validate_model_name,
-    )
+    from mlflow.utils import validation
+
+    # MLflow's own (private) validators, where this MLflow has them; an older one checks reserved alias
+    # names inside _validate_model_alias_name
+    def unchecked(_: str) -> None:
+        return None
+
+    _validate_model_name = getattr(validation, "_validate_model_name", unchecked)
+    _validate_model_alias_name = getattr(validation, "_validate_model_alias_name", unchecked)
+    _validate_model_alias_name_reserved = getattr(validation, "_validate_model_alias_name_reserved", unchecked)
 
     if name is not None:
         if not name.strip():

@@ -259,7 +259,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
 
 def _end_parent_run(tracking_uri: str, parent_run_id: str, exc: BaseException) -> None:
     """A launch that ends in an error marks its sweep's parent run as MLflow's own `with start_run()` does:
-    KILLED for an interrupt, else FAILED (a resume sets it RUNNING again). Best effort, with no retries:
+    KILLED for an interrupt that reaches pxd (Tune itself takes a first Ctrl-C during `fit`, ends the
+    trials and returns, and the sweep then finishes as usual), else FAILED (a resume sets it RUNNING again). Best effort, with no retries:
     the tracking server may be what failed, and the error must reach the user now."""
     from mlflow.tracking import MlflowClient
 

@@ -72,16 +72,21 @@ def launch_tracking(uri: str) -> Iterator[None]:
     MLflow also keeps one artifact repository per run id for the whole process, whatever tracking URI it
     was resolved against (`mlflow-artifacts:` → the server it was first reached at): a second launch of a
     sweep in one process would upload the parent run's frontier to the first launch's server. Forgotten here."""
+    _LAUNCH_URI.append(uri)
+    _forget_artifact_repos()
+    try:
+        yield
+    finally:
+        _LAUNCH_URI.pop()
+        _forget_artifact_repos()  # the launch's embedded server stops now: later writes here resolve afresh
+
+
+def _forget_artifact_repos() -> None:
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     cache = getattr(tracking_utils, "_artifact_repos_cache", None)
     if cache is not None:
         cache.clear()
-    _LAUNCH_URI.append(uri)
-    try:
-        yield
-    finally:
-        _LAUNCH_URI.pop()
 
 
 def restored_tracking_uri(pickled: str) -> str:

@@ -209,7 +209,7 @@ def test_remeasure_on_cuda_without_cuda_is_refused_and_records_no_label(sweep, m
     assert _parent_tags(mlflow_server, sweep["parent"]) == before
 
 
-@pytest.mark.parametrize("flags", [["--dtype", "float16"], ["--dtype", "bfloat16"],
+@pytest.mark.parametrize("flags", [["--dtype", "float16", "--runtime", "onnxruntime"],
                                    ["--dtype", "bfloat16", "--runtime", "onnxruntime", "--device", "cuda"],
                                    ["--device", "tpu"], ["--repeats", "1"]])
 def test_remeasure_refuses_a_request_that_cannot_measure_what_it_says(sweep, mlflow_server, capsys, flags):
