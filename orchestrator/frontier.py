@@ -25,6 +25,7 @@ from pxd.metrics import MODES, summary_metrics
 
 __all__ = [
     "TrialRow",
+    "trial_outcomes",
     "normalise",
     "non_dominated_mask",
     "eligible",
@@ -381,3 +382,13 @@ class IncrementalFrontier:
         inside = self._front[np.all(self._front < self._reference, axis=1)]
         self.hypervolume = math.inf if np.isinf(inside).any() else _hypervolume_min(inside, self._reference)
         return True
+
+
+def trial_outcomes(rows: list[TrialRow]) -> dict[str, str]:
+    """Tune trial id → how the trial ended. A retried trial has a run per attempt (`orchestrator.attempts`):
+    it is COMPLETE if an attempt completed, else its latest attempt's state (rows come newest first)."""
+    outcomes: dict[str, str] = {}
+    for row in rows:
+        if outcomes.get(row.trial_id) != "COMPLETE" and (row.trial_id not in outcomes or row.state == "COMPLETE"):
+            outcomes[row.trial_id] = row.state
+    return outcomes

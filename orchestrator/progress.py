@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
-from orchestrator.frontier import IncrementalFrontier, TrialRow
+from orchestrator.frontier import IncrementalFrontier, TrialRow, trial_outcomes
 from orchestrator.schema import FINAL_REPORT, epoch_metric, report_error
 
 if TYPE_CHECKING:
@@ -64,9 +64,7 @@ class SweepProgress(tune.Callback):
 
     def resume_from(self, rows: Iterable[TrialRow]) -> None:
         """Count the trials earlier launches finished (MLflow's rows), as if this launch had heard them; a
-        trial with a run per attempt counts by how it ended (`sweep.trial_outcomes`)."""
-        from orchestrator.sweep import trial_outcomes
-
+        trial with a run per attempt counts by how it ended (`frontier.trial_outcomes`)."""
         rows = list(rows)
         outcomes = trial_outcomes(rows)
         for row in rows:

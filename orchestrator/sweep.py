@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from orchestrator import credentials, schema
-from orchestrator.frontier import TrialRow, format_table, frontier_table, write_table
+from orchestrator.frontier import TrialRow, format_table, frontier_table, trial_outcomes, write_table
 from orchestrator.schema import Tag
 from orchestrator.spec import check_sweep_name, optuna_directions
 from orchestrator.tracking import launch_tracking, resolve_tracking, results_root, ui_command
@@ -494,16 +494,6 @@ def finish_sweep(client: MlflowClient, parent_run_id: str, stopped: dict[str, st
     _log_stage_totals(client, parent_run_id, rows)
     client.set_terminated(parent_run_id, status="FINISHED")
     return table, rows
-
-
-def trial_outcomes(rows: list[TrialRow]) -> dict[str, str]:
-    """Tune trial id → how the trial ended. A retried trial has a run per attempt (`orchestrator.attempts`):
-    it is COMPLETE if an attempt completed, else its latest attempt's state (rows come newest first)."""
-    outcomes: dict[str, str] = {}
-    for row in rows:
-        if outcomes.get(row.trial_id) != "COMPLETE" and (row.trial_id not in outcomes or row.state == "COMPLETE"):
-            outcomes[row.trial_id] = row.state
-    return outcomes
 
 
 def cost_axes(table: dict[str, Any]) -> tuple[str, ...]:

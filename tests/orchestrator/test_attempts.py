@@ -24,7 +24,7 @@ from orchestrator import schema
 from orchestrator.attempts import lost_cause, will_repeat
 from orchestrator.frontier import TrialRow
 from orchestrator.spec import parse_spec
-from orchestrator.sweep import trial_outcomes
+from orchestrator.frontier import trial_outcomes
 from pxd.errors import ConfigError, DivergedError
 from tests.orchestrator.conftest import tiny_space
 from tests.orchestrator.test_faults import _env, _kill_group, _spawn, _sweep_command, _tails, _wait_for
