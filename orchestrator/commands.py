@@ -13,9 +13,6 @@ from typing import TYPE_CHECKING
 import yaml
 
 if TYPE_CHECKING:
-    from mlflow.entities import Run
-    from mlflow.tracking import MlflowClient
-
     from orchestrator.tracking import TrackingTarget
     from pxd.config import PipelineConfig
     from pxd.pipeline import PipelineResult
@@ -151,21 +148,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _open_tracking(args: argparse.Namespace, *, read_only: bool = False) -> TrackingTarget:
-    from orchestrator.tracking import resolve_tracking, results_root
+    from orchestrator.tracking import given_tracking_uri, resolve_tracking, results_root
 
-    given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     # a tracking URI of the user's: no results folder is made in the working directory
-    return resolve_tracking(args.tracking_uri, results_root(args.root, create=not given), read_only=read_only)
+    create = given_tracking_uri(args.tracking_uri) is None
+    return resolve_tracking(args.tracking_uri, results_root(args.root, create=create), read_only=read_only)
 
 
 def _open_existing(args: argparse.Namespace) -> TrackingTarget:
     """A read-only open of results that must exist (pxd frontier, select, remeasure): a mistyped --root,
     PXD_HOME or sqlite:/// tracking URI is refused, and nothing is created there (MLflow would create a
     new, empty store; `results_root` the folder)."""
-    from orchestrator.tracking import EmbeddedServer, results_root
+    from orchestrator.tracking import EmbeddedServer, given_tracking_uri, results_root
     from pxd.errors import ConfigError
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = given_tracking_uri(args.tracking_uri)
     if uri is None:
         flag = "PXD_HOME" if not args.root and os.environ.get("PXD_HOME") else "--root"
         root = results_root(args.root, create=False)
@@ -179,29 +176,17 @@ def _open_existing(args: argparse.Namespace) -> TrackingTarget:
     return _open_tracking(args, read_only=True)
 
 
-def _find_sweep(client: MlflowClient, sweep: str, uri: str) -> Run:
-    """The sweep's parent run; `ConfigError` with what to check when there is none."""
-    from orchestrator.schema import find_sweep_run
-    from pxd.errors import ConfigError
-
-    parent = find_sweep_run(client, sweep)
-    if parent is None:
-        raise ConfigError("sweep", f"no sweep named or with run id {sweep!r} at {uri}; check the name and "
-                                   "--tracking-uri/--root")
-    return parent
-
-
 def cmd_frontier(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from orchestrator.frontier import format_table, frontier_table, table_to_json
     from orchestrator.hardware import compare_tables, hardware_table
-    from orchestrator.schema import Tag, collect_rows, sweep_objectives
+    from orchestrator.schema import Tag, collect_rows, require_sweep_run, sweep_objectives
 
     target = _open_existing(args)
     try:
         client = MlflowClient(target.uri)
-        parent = _find_sweep(client, args.sweep, target.uri)
+        parent = require_sweep_run(client, args.sweep)
         if args.compare:
             tables = [hardware_table(client, parent.info.run_id, label) for label in args.compare]
             return _print_comparison(compare_tables(*tables), tables, args)
@@ -259,7 +244,7 @@ def cmd_remeasure(args: argparse.Namespace) -> int:
 
     from orchestrator.frontier import format_table, table_to_json
     from orchestrator.hardware import TimingRequest, check_request, remeasure
-    from orchestrator.schema import Tag, collect_rows
+    from orchestrator.schema import Tag, collect_rows, require_sweep_run
     from pxd.errors import ConfigError
 
     request = TimingRequest(label=args.hardware, runtime=args.runtime, device=args.device, threads=args.threads,
@@ -281,7 +266,7 @@ def cmd_remeasure(args: argparse.Namespace) -> int:
     lookup = _open_existing(args)
     try:
         client = MlflowClient(lookup.uri)
-        parent = _find_sweep(client, args.sweep, lookup.uri)
+        parent = require_sweep_run(client, args.sweep)
         if not any(r.state == "COMPLETE" and r.model_uri for r in collect_rows(client, parent)):
             raise ConfigError("sweep", f"{args.sweep} has no complete trial with a logged student to time")
         sweep_run_id, sweep_name = parent.info.run_id, parent.data.tags.get(Tag.SWEEP, args.sweep)

@@ -134,7 +134,7 @@ def remeasure(client: MlflowClient, tracking_uri: str, sweep: str, request: Timi
     """
     report = report or (lambda line: print(line, file=sys.stderr, flush=True))
     check_request(request, local=resource is None)
-    parent = _sweep_run(client, sweep)
+    parent = schema.require_sweep_run(client, sweep)
     sweep = parent.data.tags.get(schema.Tag.SWEEP, sweep)  # its name, also when given by run id
     every_row = schema.collect_rows(client, parent)
     rows = [r for r in every_row if r.state == "COMPLETE" and r.model_uri]
@@ -207,20 +207,20 @@ def _time_all(rows: list[TrialRow], request: TimingRequest, tracking_uri: str, r
     results: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
     total = len(rows)
-    first_of: dict[str, str] = {}  # timing key → run id of the trial timed for it
-    groups: dict[str, list[TrialRow]] = {}
+    groups: dict[str, list[TrialRow]] = {}  # timing key → its trials, the first one the trial timed
     for index, row in enumerate(rows, 1):
         try:
             model = _load_student(row.model_uri, tracking_uri)
             key = _timing_key(model, _resolution(row), request)
-            if key in first_of:
+            if key in groups:
+                timed = groups[key][0].run_id
                 groups[key].append(row)
-                if first_of[key] in results:
-                    results[row.run_id] = _shared(results[first_of[key]], first_of[key])
-                    report(f"[pxd] {index}/{total} {row.run_id} shares the timing of {first_of[key]} (same "
+                if timed in results:
+                    results[row.run_id] = _shared(results[timed], timed)
+                    report(f"[pxd] {index}/{total} {row.run_id} shares the timing of {timed} (same "
                            f"architecture and input size): {results[row.run_id]['latency_ms']:.3f} ms")
                 continue
-            first_of[key], groups[key] = row.run_id, [row]
+            groups[key] = [row]
             if resource is None:
                 results[row.run_id] = _shared(_time_model(model, _resolution(row), request), row.run_id)
                 report(f"[pxd] {index}/{total} timed {row.run_id} on {request.label}: "
@@ -229,10 +229,10 @@ def _time_all(rows: list[TrialRow], request: TimingRequest, tracking_uri: str, r
             skipped[row.run_id] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             report(f"[pxd] {index}/{total} skipped {row.run_id}: {skipped[row.run_id]}")
     if resource is None:
-        for key, members in groups.items():  # the copies of a student that failed to run
+        for members in groups.values():  # the copies of a student that failed to run
             for row in members:
                 if row.run_id not in results and row.run_id not in skipped:
-                    skipped[row.run_id] = f"shares the timing of {first_of[key]}, which failed"
+                    skipped[row.run_id] = f"shares the timing of {members[0].run_id}, which failed"
         return results, skipped
     _time_on_ray(groups, request, tracking_uri, resource, report, results, skipped)
     return results, skipped
@@ -285,14 +285,6 @@ def _time_on_ray(groups: dict[str, list[TrialRow]], request: TimingRequest, trac
                    f"(node {timing['hostname']}): {timing['latency_ms']:.3f} ms")
 
 
-def _sweep_run(client: MlflowClient, sweep: str) -> Run:
-    parent = schema.find_sweep_run(client, sweep)
-    if parent is None:
-        raise ConfigError("sweep", f"no sweep named or with run id {sweep!r} at {client.tracking_uri}; check the name "
-                                   "and --tracking-uri/--root")
-    return parent
-
-
 def hardware_labels(parent: Run) -> list[str]:
     return list(json.loads(parent.data.tags.get(schema.Tag.HARDWARE_LABELS, "[]")))
 
@@ -309,7 +301,7 @@ def hardware_objectives(objectives: list[tuple[str, str]], label: str) -> list[t
 
 def hardware_table(client: MlflowClient, sweep: str, label: str) -> dict[str, Any]:
     """The frontier of a sweep on hardware `label` (trials not timed there are not eligible)."""
-    parent = _sweep_run(client, sweep)
+    parent = schema.require_sweep_run(client, sweep)
     if label not in hardware_labels(parent):
         raise ConfigError("--hardware", f"sweep {parent.data.tags.get(schema.Tag.SWEEP)} was never timed on {label!r} "
                                         f"(measured: {hardware_labels(parent) or 'none'}); run pxd remeasure first")

@@ -51,6 +51,7 @@ __all__ = [
     "read_trial_row",
     "recorded_result",
     "find_sweep_run",
+    "require_sweep_run",
     "sweep_run_tags",
     "sweep_objectives",
     "trial_runs",
@@ -361,3 +362,14 @@ def find_sweep_run(client: MlflowClient, sweep: str) -> Run | None:
     runs = client.search_runs(experiments, filter_string=f"tags.`{Tag.SWEEP}` = '{sweep}' and tags.`{Tag.KIND}` = '{KIND_SWEEP}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
+
+
+def require_sweep_run(client: MlflowClient, sweep: str) -> Run:
+    """`find_sweep_run`, or `ConfigError` naming what to check."""
+    from pxd.errors import ConfigError
+
+    parent = find_sweep_run(client, sweep)
+    if parent is None:
+        raise ConfigError("sweep", f"no sweep named or with run id {sweep!r} at {client.tracking_uri}; check the name "
+                                   "and --tracking-uri/--root")
+    return parent

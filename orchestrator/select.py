@@ -150,10 +150,7 @@ def choose_for_sweep(client: MlflowClient, sweep: str, limits: Limits, *, hardwa
     from orchestrator.hardware import hardware_table
 
     check_limits(limits)
-    parent = schema.find_sweep_run(client, sweep)
-    if parent is None:
-        raise ConfigError("sweep", f"no sweep named or with run id {sweep!r} at {client.tracking_uri}; check the name "
-                                   "and --tracking-uri/--root")
+    parent = schema.require_sweep_run(client, sweep)
     sweep_name = parent.data.tags.get(schema.Tag.SWEEP, sweep)
     if hardware:
         table = hardware_table(client, parent.info.run_id, hardware)

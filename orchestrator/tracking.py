@@ -336,11 +336,17 @@ def login_error(exc: BaseException) -> ConfigError | None:
     )
 
 
+def given_tracking_uri(cli_uri: str | None) -> str | None:
+    """The user's tracking URI, by MLflow's precedence (`--tracking-uri`, then MLFLOW_TRACKING_URI); None:
+    the embedded store."""
+    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
 def resolve_tracking(cli_uri: str | None, root: Path, *, cluster: bool = False, read_only: bool = False) -> TrackingTarget:
     """The tracking URI to use. `read_only` (pxd frontier, pxd stages): never wait for a server to start;
     without a running one, read the embedded store's database directly (safe beside a writing server)."""
     check_tracking(cli_uri, cluster=cluster)
-    uri = cli_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    uri = given_tracking_uri(cli_uri)
     if uri:
         return TrackingTarget(uri=uri, server=None)
     server = EmbeddedServer(root)
