@@ -156,7 +156,7 @@ def _open_tracking(args: argparse.Namespace, *, read_only: bool = False) -> Trac
 
 
 def _open_existing(args: argparse.Namespace) -> TrackingTarget:
-    """A read-only open of results that must exist (pxd frontier, select, remeasure): a mistyped --root,
+    """A read-only open of results that must exist (pxd frontier, stages, select, remeasure): a mistyped --root,
     PXD_HOME or sqlite:/// tracking URI is refused, and nothing is created there (MLflow would create a
     new, empty store; `results_root` the folder)."""
     from orchestrator.tracking import EmbeddedServer, given_tracking_uri, results_root
@@ -354,7 +354,7 @@ def _load_instructions(target: TrackingTarget, uri: str, input_size: int) -> lis
 def cmd_stages(args: argparse.Namespace) -> int:
     from orchestrator.stage_store import list_stages
 
-    target = _open_tracking(args, read_only=True)
+    target = _open_existing(args)  # a mistyped --root is refused; no empty store is made there
     try:
         rows = list_stages(target.uri)
     finally:

@@ -177,7 +177,7 @@ def test_with_the_embedded_store_select_says_to_serve_it_and_that_loads(timed, m
 # -- an unknown root or sweep creates nothing ---------------------------------------------------------------
 
 @pytest.mark.parametrize("command", [["select", "nosuch"], ["remeasure", "nosuch", "--hardware", "x"],
-                                     ["frontier", "nosuch"]])
+                                     ["frontier", "nosuch"], ["stages"]])
 def test_an_unknown_root_is_refused_and_nothing_is_created(command, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("PXD_HOME", raising=False)
