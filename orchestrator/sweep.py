@@ -179,6 +179,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
     budget_path = sweep_dir / BUDGET_FILE
     storage_url = options.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
 
+    warm_up = not options.force_retrain and options.reuse_stages
+    worker = _ready_warm_up_worker(spec) if warm_up else None  # works while the tracking server starts
     target = resolve_tracking(options.tracking_uri, root, cluster=options.ray_address is not None)
     parent_run_id: str | None = None
     try:
@@ -214,7 +216,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
                 failure_config=tune.FailureConfig(max_failures=search.max_retries),
                 stop=LaunchBudget(budget_path),  # search.timeout_s, read per launch (a resume may raise it)
             )
-            if not context.force_retrain and context.reuse_stages:
+            if worker is not None:
+                ray.get(worker)  # a dataset that cannot load fails here, as the teacher's task would
                 _warm_teacher(context, resources, quiet=options.quiet)
             tune_path = str(sweep_dir / "tune")
             if options.resume:  # the status lines go on from what earlier launches finished
@@ -287,6 +290,26 @@ def _scheduler(spec: SweepSpec, sweep_dir: Path, tracking_uri: str) -> Any:
 
     return MOASHA.from_config(spec.require_search().objective_pairs, early, max_t=spec.base.student_epochs,
                               state_path=sweep_dir / STATE_FILE, tracking_uri=tracking_uri)
+
+
+def _ready_worker_task(spec: SweepSpec) -> int:
+    import mlflow.tracking  # noqa: F401 - what the teacher's task imports: MLflow's client (the stage store),
+    import sqlalchemy  # noqa: F401 - the stage leases,
+    import pxd.pipeline  # noqa: F401 - torch, timm and pxd
+    from pxd.data import load_dataset
+
+    load_dataset(spec.base.dataset, spec.base.seed, progress=False)  # a real dataset's on-disk cache
+    return os.getpid()
+
+
+def _ready_warm_up_worker(spec: SweepSpec) -> Any:
+    """Start, in Ray's worker pool, the work the teacher warm-up's worker would otherwise begin with:
+    importing torch, timm, MLflow and pxd (seconds of single-core CPU in every new process) and preparing
+    the dataset's on-disk cache. It runs while the driver starts the tracking server (one core), and
+    Ray hands the warm-up task to an idle worker that has run a task before, so it finds them done."""
+    import ray
+
+    return ray.remote(num_cpus=spec.require_search().resources.cpu, max_retries=0)(_ready_worker_task).remote(spec)
 
 
 def _prepare_teacher_task(context: TrialContext, threads: int) -> dict[str, Any]:

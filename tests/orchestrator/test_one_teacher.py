@@ -115,3 +115,33 @@ def test_the_teacher_warm_up_takes_the_cpus_of_the_idle_trial_slots(max_concurre
 
     raw = _space(search__max_concurrent=max_concurrent, search__resources={"cpu": 1, "gpu": 0})
     assert warm_up_cpus(parse_spec(raw).require_search(), available, largest) == expected
+
+
+def test_the_teacher_warm_up_lands_on_a_worker_that_has_imported_and_cached_its_dataset(ray_local, tmp_path):
+    """While the driver starts the tracking server, a Ray worker imports torch, timm and MLflow and decodes
+    the dataset into its cache; the warm-up task that follows (same call as `_warm_teacher`) runs there."""
+    from PIL import Image
+
+    from orchestrator.sweep import _ready_warm_up_worker
+
+    for split in ("train", "val"):
+        for label, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for index in range(2):
+                Image.new("RGB", (20, 20), colour).save(tmp_path / "data" / split / label / f"{index}.jpg")
+    raw = _space()
+    raw["dataset"] = {"kind": "imagefolder", "path": str(tmp_path / "data"), "image_size": 16,
+                      "cache_dir": str(tmp_path / "cache")}
+    spec = parse_spec(raw)
+
+    ready_pid = ray_local.get(_ready_warm_up_worker(spec))
+    assert any(path.is_file() for path in (tmp_path / "cache").rglob("*")), "the dataset was not cached"
+
+    def warm_up_probe() -> tuple[int, bool]:
+        import os
+        import sys
+
+        return os.getpid(), all(name in sys.modules for name in ("torch", "timm", "mlflow.tracking", "sqlalchemy", "pxd.pipeline"))
+
+    task = ray_local.remote(num_cpus=1, max_retries=0)(warm_up_probe)
+    assert ray_local.get(task.remote()) == (ready_pid, True)
