@@ -116,6 +116,10 @@ class SearchConfig:
     # start per trial (docs/benchmarks.md); false (Tune's own default) gives every trial a fresh process,
     # worth it when a trial leaks memory (e.g. a user's model). pxd's default: true (docs/sweeps.md)
     reuse_actors: bool = True
+    # once the last trial has started, the CPUs of idle trial slots go to the trials still running (more
+    # torch threads, on pxd's own local Ray only: `orchestrator.cpu_lending`); false: each trial keeps
+    # search.resources.cpu threads throughout
+    lend_idle_cpus: bool = True
 
     @property
     def objective_metrics(self) -> tuple[str, ...]:

@@ -150,6 +150,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
     from ray.tune.search import ConcurrencyLimiter
 
     from orchestrator.attempts import LostAttempts
+    from orchestrator.cpu_lending import SHARES_FILE
     from orchestrator.progress import SweepProgress
     from orchestrator.searcher import make_searcher
 
@@ -199,18 +200,22 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
             parent_run_id = _parent_run(client, experiment_id, name, spec, storage_url, resume=options.resume)
             # the `trials` param is the first launch's; this tag follows a resume that raised the budget
             client.set_tag(parent_run_id, Tag.BUDGET, json.dumps({"trials": search.trials, "timeout_s": search.timeout_s}))
+            # idle slots lend their CPUs in the tail: on pxd's own local Ray, where every trial reads this folder
+            lending = search.lend_idle_cpus and options.ray_address is None
             context = TrialContext(
                 spec=spec, sweep_name=name, tracking_uri=target.uri, experiment_id=experiment_id,
                 parent_run_id=parent_run_id, reuse_stages=options.reuse_stages, force_retrain=options.force_retrain,
                 stage_wait_timeout_s=float(search.stage_wait_timeout_s),
                 lease_url=_lease_url(options, root),
+                cpu_shares_path=str(sweep_dir / SHARES_FILE) if lending else None,
             )
             resources = {"cpu": search.resources.cpu, "gpu": search.resources.gpu}
             trainable = tune.with_resources(tune.with_parameters(_trainable, context=context), resources)
             progress = SweepProgress(spec, total=search.trials, quiet=options.quiet)
             run_config = tune.RunConfig(
                 name="tune", storage_path=str(sweep_dir), verbose=0,
-                callbacks=[progress, LostAttempts(target.uri, parent_run_id, search.max_retries)],
+                callbacks=[progress, LostAttempts(target.uri, parent_run_id, search.max_retries),
+                           *([_lending(search, sweep_dir, budget_path)] if lending else [])],
                 # a lost process or node is retried; errors that would repeat end the trial without one
                 # (orchestrator.attempts)
                 failure_config=tune.FailureConfig(max_failures=search.max_retries),
@@ -281,6 +286,18 @@ def _end_parent_run(tracking_uri: str, parent_run_id: str, exc: BaseException) -
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = previous
 
 
+def _lending(search: Any, sweep_dir: Path, budget_path: Path) -> Any:
+    """The callback that lends idle slots' CPUs: the slots hold what the trials may hold together, within
+    the local Ray's CPUs."""
+    import ray
+
+    from orchestrator.cpu_lending import IdleCpuLending
+
+    cpu = float(search.resources.cpu)
+    slots = min(cpu * search.max_concurrent, float(ray.cluster_resources().get("CPU", 0.0)))
+    return IdleCpuLending(sweep_dir, budget_path, slot_cpus=slots, cpu_per_trial=cpu)
+
+
 def _scheduler(spec: SweepSpec, sweep_dir: Path, tracking_uri: str) -> Any:
     """Tune's scheduler: MO-ASHA when `search.early_stopping.kind: moasha`, else None (every trial runs out)."""
     early = spec.require_search().early_stopping
@@ -293,9 +310,12 @@ def _scheduler(spec: SweepSpec, sweep_dir: Path, tracking_uri: str) -> Any:
 
 
 def _ready_worker_task(spec: SweepSpec) -> int:
-    import mlflow.tracking  # noqa: F401 - what the teacher's task imports: MLflow's client (the stage store),
-    import sqlalchemy  # noqa: F401 - the stage leases,
-    import pxd.pipeline  # noqa: F401 - torch, timm and pxd
+    # what the teacher's task imports: MLflow's client (the stage store), SQLAlchemy (the stage leases),
+    # torch, timm and pxd
+    import mlflow.tracking  # noqa: F401
+    import sqlalchemy  # noqa: F401
+
+    import pxd.pipeline  # noqa: F401
     from pxd.data import load_dataset
 
     load_dataset(spec.base.dataset, spec.base.seed, progress=False)  # a real dataset's on-disk cache
@@ -309,7 +329,9 @@ def _ready_warm_up_worker(spec: SweepSpec) -> Any:
     Ray hands the warm-up task to an idle worker that has run a task before, so it finds them done."""
     import ray
 
-    return ray.remote(num_cpus=spec.require_search().resources.cpu, max_retries=0)(_ready_worker_task).remote(spec)
+    # it holds no CPU: the warm-up sizes itself by the CPUs free just after (Ray's view of a finished
+    # task's CPUs lags), and Ray hands out idle workers whatever the resources a task asks for
+    return ray.remote(num_cpus=0, max_retries=0)(_ready_worker_task).remote(spec)
 
 
 def _prepare_teacher_task(context: TrialContext, threads: int) -> dict[str, Any]:

@@ -66,6 +66,7 @@ class TrialContext:
     force_retrain: bool = False
     stage_wait_timeout_s: float = 3600.0
     lease_url: str | None = field(default=None, repr=False)  # SQL database for single-flight stage leases
+    cpu_shares_path: str | None = None  # where the driver lends idle CPUs (`orchestrator.cpu_lending`); None: never
 
 
 def _trial_id() -> str | None:
@@ -147,7 +148,7 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
             loading = time.perf_counter() - loading
             outcome = run_tas(config, provider=make_provider(context, parent_run_id=run_id), on_epoch=on_epoch,
                               progress=False, latency=latency, before_training=_budget_check(context.spec, known),
-                              data=data, keep_in_process=overhead_cuts_on())
+                              data=data, keep_in_process=overhead_cuts_on(), cpu_threads=_cpu_threads(context, trial_id))
         except OverBudget as over:
             # infeasible by architecture and input alone: recorded PRUNED with the reason, nothing trained;
             # the searcher tells Optuna PRUNED with the constraint values, so the sampler learns the region
@@ -204,6 +205,17 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
     if in_tune:
         tune.report(result.report())
     return result
+
+
+def _cpu_threads(context: TrialContext, trial_id: str) -> Callable[[], int] | None:
+    """The trial's threads plus what the driver lends it in the sweep's tail; None when nothing is lent."""
+    if context.cpu_shares_path is None:
+        return None
+    import torch
+
+    from orchestrator.cpu_lending import SharedThreads
+
+    return SharedThreads(context.cpu_shares_path, trial_id, base=torch.get_num_threads())
 
 
 def _budget_check(spec: SweepSpec, known: dict[str, float]) -> Callable[[dict[str, float]], None]:

@@ -34,7 +34,9 @@ from pxd.losses import stage_loss_weights
 from pxd.memo import remember
 from pxd.metrics import metrics_before_training, metrics_from_cost
 from pxd.models import create_model
-from pxd.train import Checkpointing, EpochCallback, StageResult, autocast_dtype, evaluate, resolve_device, train_stage
+from pxd.train import (
+    Checkpointing, CpuThreads, EpochCallback, StageResult, autocast_dtype, evaluate, resolve_device, train_stage,
+)
 from pxd.types import DatasetSplits
 
 logger = logging.getLogger(__name__)
@@ -237,6 +239,7 @@ def run_tas(
     latency: LatencySettings | None = None,
     before_training: Callable[[dict[str, float]], None] | None = None,
     keep_in_process: bool = True,
+    cpu_threads: CpuThreads | None = None,
 ) -> PipelineResult:
     """Run the whole chain and measure the student's cost. Raises `DivergedError` on a NaN loss.
 
@@ -246,7 +249,7 @@ def run_tas(
     (a sweep refuses a trial that breaks a hard budget this way). `keep_in_process` keeps, for the next
     run in this process, the teacher and assistant modules (`_KEPT_UPSTREAM`) and the student's cost known
     before training (`_STATIC_COSTS`); False builds and counts everything again (to measure what keeping
-    saves, bench/overhead.py).
+    saves, bench/overhead.py). `cpu_threads` reaches every stage this run trains (`pxd.train.train_stage`).
     """
     timings = {section: 0.0 for section in TIMED_SECTIONS}
     provider = _TimedProvider(provider or TrainingProvider(), timings)
@@ -264,7 +267,7 @@ def run_tas(
         before_training(metrics_before_training(static))
     high = cfg.teacher.resolution
     common = dict(data=data, image_resolution=high, train=cfg.train, seed=cfg.seed, device=device,
-                  on_epoch=on_epoch, progress=progress)
+                  on_epoch=on_epoch, progress=progress, cpu_threads=cpu_threads)
     outcomes: dict[str, StageOutcome] = {}
 
     # Stage 0: teacher

@@ -31,6 +31,7 @@ from pxd.types import DatasetSplits, ImageSet
 __all__ = [
     "StageResult",
     "EpochCallback",
+    "CpuThreads",
     "Checkpointing",
     "DEFAULT_CHECKPOINT_INTERVAL_S",
     "TRAINING_STATE_VERSION",
@@ -44,6 +45,9 @@ __all__ = [
 
 # on_epoch(stage kind, epoch number from 1, metrics of that epoch)
 EpochCallback = Callable[[str, int, dict[str, float]], None]
+# cpu_threads() → the CPU threads the stage may use from now on; asked before every step (a sweep lends the
+# CPUs of its idle trial slots to the trials still running: `orchestrator.cpu_lending`). Keep it cheap.
+CpuThreads = Callable[[], int]
 
 DEFAULT_CHECKPOINT_INTERVAL_S = 300.0
 # Bump when the layout of a training state (`Checkpointing.save`'s argument) changes: older ones are not resumed.
@@ -162,6 +166,7 @@ def train_stage(
     on_epoch: EpochCallback | None = None,
     progress: bool | None = None,
     checkpointing: Checkpointing | None = None,
+    cpu_threads: CpuThreads | None = None,
 ) -> StageResult:
     """Train `model` at `resolution` for `epochs`, distilling from `teacher` when given.
 
@@ -170,8 +175,72 @@ def train_stage(
     the epoch with the best `val_top1` on the validation split (never a test split).
 
     With `checkpointing`, the stage saves its whole training state at epoch boundaries and/or resumes
-    from one (see `Checkpointing`); on_epoch is called for the epochs trained here only.
+    from one (see `Checkpointing`); on_epoch is called for the epochs trained here only. With
+    `cpu_threads`, torch's intra-op threads follow its answer step by step; the stage gives the caller's
+    thread count back when it ends, and records the time-weighted mean as `train_threads`.
     """
+    threads = _ThreadUse(cpu_threads)
+    try:
+        return _train_stage(kind, model, data, resolution=resolution, image_resolution=image_resolution,
+                            teacher=teacher, distill=distill, train=train, epochs=epochs, seed=seed, device=device,
+                            on_epoch=on_epoch, progress=progress, checkpointing=checkpointing, threads=threads)
+    finally:
+        threads.close()
+
+
+class _ThreadUse:
+    """torch's intra-op threads through one stage: follows `cpu_threads` (when given), counts
+    thread-seconds, and restores the count it found when closed, so that what runs after the stage (latency
+    timing) never sees lent threads. A thread count changes float summation order, so a stage that ran on
+    lent threads can differ from a run on one thread in the last digits."""
+
+    def __init__(self, cpu_threads: CpuThreads | None) -> None:
+        self.source = cpu_threads
+        self.found = self.threads = torch.get_num_threads()
+        self.started = self.since = time.perf_counter()
+        self.thread_seconds = 0.0
+
+    def update(self) -> None:
+        if self.source is None:
+            return
+        wanted = max(1, int(self.source()))
+        if wanted != self.threads:
+            now = time.perf_counter()
+            self.thread_seconds += (now - self.since) * self.threads
+            self.since = now
+            torch.set_num_threads(wanted)
+            self.threads = wanted
+
+    def mean(self) -> float:
+        """Time-weighted mean of the threads used so far."""
+        now = time.perf_counter()
+        elapsed = now - self.started
+        return (self.thread_seconds + (now - self.since) * self.threads) / elapsed if elapsed > 0 else float(self.threads)
+
+    def close(self) -> None:
+        if self.threads != self.found:
+            torch.set_num_threads(self.found)
+            self.threads = self.found
+
+
+def _train_stage(
+    kind: str,
+    model: nn.Module,
+    data: DatasetSplits,
+    *,
+    resolution: int,
+    image_resolution: int,
+    teacher: nn.Module | None,
+    distill: DistillConfig | None,
+    train: TrainConfig,
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    on_epoch: EpochCallback | None,
+    progress: bool | None,
+    checkpointing: Checkpointing | None,
+    threads: _ThreadUse,
+) -> StageResult:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model.to(device)
@@ -221,6 +290,7 @@ def train_stage(
         sums: dict[str, float] = {}
         steps = 0
         for images, labels in iterate_batches(train_split, train.batch_size, shuffle=True, generator=generator, device=device):
+            threads.update()
             teacher_view, student_view = sampler(images, generator)
             loss, losses = train_step(
                 model, teacher, distiller, optimizer, teacher_view, student_view, labels.to(device), device=device,
@@ -268,7 +338,7 @@ def train_stage(
         "best_epoch": float(best_epoch),
         "epochs": float(epochs),
         "train_seconds": seconds_before + time.perf_counter() - started,
-        "train_threads": float(torch.get_num_threads()),  # CPU threads it trained with (for cost accounting)
+        "train_threads": threads.mean(),  # CPU threads it trained with, time-weighted (for cost accounting)
     }
     return StageResult(kind=kind, state_dict=best_state, metrics=metrics, history=history,
                        warnings=list(distiller.warnings))

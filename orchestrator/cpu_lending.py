@@ -1,0 +1,126 @@
+"""Idle trial slots lend their CPUs to the trials still running, in a sweep's tail.
+
+Once a sweep has started its last trial, every trial that ends leaves its slot idle: on the quickstart
+the last trial often trains alone for tens of seconds while the other CPU waits. Ray Tune has no way to
+give a running trial more CPUs, but a trial's intra-op threads can change between two training steps
+(`pxd.train.train_stage(cpu_threads=...)`). So:
+
+- `IdleCpuLending`, a Tune callback in the driver, works out at every trial start and end how many CPUs of
+  the sweep's slots (`search.max_concurrent` × `search.resources.cpu`) no trial holds or is about to hold,
+  once no trial is left to start, and writes each running trial's extra threads to `cpu-shares.json` in the
+  sweep's folder (`cpu_shares`);
+- `SharedThreads`, in the trial, reads that file (at most once a second) and answers base + extra.
+
+Only for a sweep on pxd's own local Ray (no `--ray-address`): every trial then runs on this machine and
+reads the driver's file, and the sweep owns every CPU of that Ray instance. Off with
+`search.lend_idle_cpus: false`. A stage gives its lent threads back when it ends (latency is timed on the
+trial's own threads), and records the time-weighted mean as `train_threads`. A different thread count
+changes float summation order, so a tail trial's numbers can differ in the last digits from a run on one
+thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from orchestrator.budget import read_budget
+
+__all__ = ["SHARES_FILE", "IdleCpuLending", "SharedThreads", "cpu_shares"]
+
+SHARES_FILE = "cpu-shares.json"
+_RUNNING, _PENDING = "RUNNING", "PENDING"
+
+
+def cpu_shares(statuses: Iterable[tuple[str, str]], *, budget: int, slot_cpus: float, cpu_per_trial: float
+               ) -> dict[str, int]:
+    """Extra threads for each running trial: `statuses` is (trial id, Tune status) for every trial of the
+    sweep; nothing is lent while trials are still to be created (fewer than `budget`), since a new trial
+    would then find its CPU taken. The CPUs of the slots (`slot_cpus`) that no running or pending trial
+    holds are shared out evenly among the running trials, the first ones getting the remainder."""
+    statuses = list(statuses)
+    if len(statuses) < budget:
+        return {}
+    running = [trial_id for trial_id, status in statuses if status == _RUNNING]
+    holding = len(running) + sum(status == _PENDING for _, status in statuses)
+    free = int(slot_cpus - holding * cpu_per_trial + 1e-9)
+    if not running or free <= 0:
+        return {}
+    each, remainder = divmod(free, len(running))
+    shares = {trial_id: each + (index < remainder) for index, trial_id in enumerate(running)}
+    return {trial_id: extra for trial_id, extra in shares.items() if extra > 0}
+
+
+def _write(path: Path, shares: dict[str, int]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(shares, sort_keys=True))
+    os.replace(tmp, path)  # a trial reading it sees the old or the new file, never half of one
+
+
+class IdleCpuLending(tune.Callback):
+    """Writes `cpu_shares` for the sweep's trials to `sweep_dir/cpu-shares.json` whenever a trial starts or
+    ends (the budget is read from the launch's budget file: a resume may raise it)."""
+
+    def __init__(self, sweep_dir: Path, budget_path: Path, *, slot_cpus: float, cpu_per_trial: float) -> None:
+        self.path = Path(sweep_dir) / SHARES_FILE
+        self.budget_path = Path(budget_path)
+        self.slot_cpus = slot_cpus
+        self.cpu_per_trial = cpu_per_trial
+        self._written: dict[str, int] | None = None
+
+    def setup(self, **info: Any) -> None:
+        self._update([], ended=None)  # nothing lent from an earlier launch
+
+    def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._update(trials, ended=None)
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._update(trials, ended=trial)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._update(trials, ended=trial)
+
+    def _update(self, trials: list[Any], *, ended: Any) -> None:
+        # Tune calls back before it sets an ending trial's status: that one no longer holds its slot
+        statuses = [(t.trial_id, "TERMINATED" if t is ended else t.status) for t in trials]
+        budget = int(read_budget(self.budget_path).get("trials", len(statuses) + 1))
+        shares = cpu_shares(statuses, budget=budget, slot_cpus=self.slot_cpus, cpu_per_trial=self.cpu_per_trial)
+        if shares != self._written:
+            _write(self.path, shares)
+            self._written = shares
+
+
+class SharedThreads:
+    """A trial's `cpu_threads` (`pxd.train.CpuThreads`): its own threads plus what the driver lends it,
+    read from the shares file at most once every `interval_s`."""
+
+    def __init__(self, path: str | Path, trial_id: str, base: int, interval_s: float = 1.0) -> None:
+        self.path = Path(path)
+        self.trial_id = trial_id
+        self.base = max(1, int(base))
+        self.interval_s = interval_s
+        self._checked = -float("inf")
+        self._stamp: int | None = None
+        self._extra = 0
+
+    def __call__(self) -> int:
+        now = time.monotonic()
+        if now - self._checked >= self.interval_s:
+            self._checked = now
+            self._read()
+        return self.base + self._extra
+
+    def _read(self) -> None:
+        try:
+            stamp = self.path.stat().st_mtime_ns
+            if stamp != self._stamp:
+                self._extra = int(json.loads(self.path.read_text()).get(self.trial_id, 0))
+                self._stamp = stamp
+        except (OSError, ValueError):
+            self._extra = 0  # no file yet (or being replaced): the trial's own threads

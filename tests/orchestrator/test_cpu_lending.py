@@ -1,0 +1,83 @@
+"""Idle trial slots lend their CPUs to the trials still running, once no trial is left to start."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from orchestrator.budget import write_budget
+from orchestrator.cpu_lending import SHARES_FILE, IdleCpuLending, SharedThreads, cpu_shares
+
+
+def _statuses(*pairs: str) -> list[tuple[str, str]]:
+    return [(f"t{index}", status) for index, status in enumerate(pairs)]
+
+
+@pytest.mark.parametrize(("statuses", "budget", "slots", "cpu", "expected"), [
+    # trials still to be created: a new one would find its CPU taken
+    (_statuses("RUNNING", "TERMINATED"), 3, 2.0, 1.0, {}),
+    # the tail of the quickstart: the last trial alone gets the other slot's CPU
+    (_statuses("TERMINATED", "RUNNING", "TERMINATED"), 3, 2.0, 1.0, {"t1": 1}),
+    # every slot busy: nothing to lend
+    (_statuses("RUNNING", "RUNNING"), 2, 2.0, 1.0, {}),
+    # a pending trial is about to take a slot
+    (_statuses("RUNNING", "PENDING", "TERMINATED"), 3, 2.0, 1.0, {}),
+    # 8 slots, 3 running: 5 idle CPUs, shared out evenly, the first ones getting the remainder
+    (_statuses("RUNNING", "RUNNING", "RUNNING", "TERMINATED", "ERROR"), 5, 8.0, 1.0, {"t0": 2, "t1": 2, "t2": 1}),
+    # 2-CPU trials: one running of four slots leaves 6 CPUs
+    (_statuses("RUNNING", "TERMINATED"), 2, 8.0, 2.0, {"t0": 6}),
+    # fractional trials (4 × 0.5 CPU on 2 CPUs): 1.5 idle CPUs lend one whole thread
+    (_statuses("RUNNING", "TERMINATED", "TERMINATED", "TERMINATED"), 4, 2.0, 0.5, {"t0": 1}),
+    # nothing running
+    (_statuses("TERMINATED", "TERMINATED"), 2, 2.0, 1.0, {}),
+    # a resume that raised the budget: its new trials are still to come
+    (_statuses("TERMINATED", "RUNNING"), 4, 2.0, 1.0, {}),
+])
+def test_cpu_shares(statuses, budget, slots, cpu, expected):
+    assert cpu_shares(statuses, budget=budget, slot_cpus=slots, cpu_per_trial=cpu) == expected
+
+
+def _trial(trial_id: str, status: str) -> SimpleNamespace:
+    """What the callback reads of a Tune trial: its id and status."""
+    return SimpleNamespace(trial_id=trial_id, status=status)
+
+
+def test_the_driver_lends_as_trials_end_and_the_trial_reads_it(tmp_path):
+    write_budget(tmp_path, trials=3, timeout_s=None)
+    (tmp_path / SHARES_FILE).write_text(json.dumps({"a": 5}))  # left by an earlier launch
+    lending = IdleCpuLending(tmp_path, tmp_path / "budget.json", slot_cpus=2.0, cpu_per_trial=1.0)
+    reads = SharedThreads(tmp_path / SHARES_FILE, "c", base=1, interval_s=0.0)
+
+    lending.setup()
+    assert json.loads((tmp_path / SHARES_FILE).read_text()) == {}, "an earlier launch's shares are dropped"
+    a, b = _trial("a", "RUNNING"), _trial("b", "RUNNING")
+    lending.on_trial_start(iteration=1, trials=[a, b], trial=b)
+    c = _trial("c", "PENDING")
+    lending.on_trial_complete(iteration=2, trials=[a, b, c], trial=a)  # Tune still says RUNNING here
+    assert reads() == 1, "c is pending: b keeps its own thread, c too"
+    a.status, c.status = "TERMINATED", "RUNNING"
+    lending.on_trial_start(iteration=3, trials=[a, b, c], trial=c)
+    b.status = "TERMINATED"
+    lending.on_trial_error(iteration=4, trials=[a, b, c], trial=b)
+    assert json.loads((tmp_path / SHARES_FILE).read_text()) == {"c": 1}
+    assert reads() == 2, "the last trial running gets the idle slot's CPU"
+
+    write_budget(tmp_path, trials=4, timeout_s=None)  # a resume raised the budget: one more trial to come
+    lending.on_trial_start(iteration=5, trials=[a, b, c], trial=c)
+    assert reads() == 1
+
+
+def test_a_trial_reads_the_shares_at_most_once_per_interval(tmp_path):
+    path = tmp_path / SHARES_FILE
+    reads = SharedThreads(path, "t0", base=2, interval_s=3600.0)
+    assert reads() == 2, "no file yet: the trial's own threads"
+    path.write_text(json.dumps({"t0": 2}))
+    assert reads() == 2, "not read again within the interval"
+    fresh = SharedThreads(path, "t0", base=2, interval_s=0.0)
+    assert fresh() == 4
+    path.write_text("{not json")
+    os.utime(path, ns=(1, 1))
+    assert fresh() == 2, "a file it cannot read lends nothing"
