@@ -66,6 +66,7 @@ class SweepOutcome:
     table: dict[str, Any]
     rows: list[TrialRow]
     ui: str
+    trials_budget: int = 0  # search.trials of this launch
 
 
 def _default_name(spec: SweepSpec) -> str:
@@ -256,7 +257,8 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
             reason = (f"stopped when the time budget search.timeout_s = {search.timeout_s}s ran out" if budget_ran_out
                       else "stopped before its final result")
             table, rows = finish_sweep(client, parent_run_id, stopped={trial_id: reason for trial_id in stopped})
-            return SweepOutcome(name, parent_run_id, experiment_id, target.uri, table, rows, ui_command(target))
+            return SweepOutcome(name, parent_run_id, experiment_id, target.uri, table, rows, ui_command(target),
+                                trials_budget=search.trials)
     except BaseException as exc:
         if parent_run_id is not None:
             _end_parent_run(target.uri, parent_run_id, exc)
@@ -657,6 +659,11 @@ def summary(outcome: SweepOutcome) -> str:
                  f"({outcome.table['hypervolume']:.6g} in the objectives' units) · frontier "
                  f"{sum(r['on_frontier'] for r in outcome.table['rows'])} of {outcome.table['n_eligible']} eligible"
                  f" · {failed} failed · {stopped} stopped")
+    if failed or stopped:  # raising search.trials by one after a lost trial would otherwise seem to run none
+        raised = max(outcome.trials_budget, len(outcomes)) + failed + stopped
+        lines.append(f"failed and stopped trials count toward search.trials, as in the Optuna study: to run "
+                     f"{failed + stopped} more, resume with it raised (--resume --name {outcome.sweep_name} "
+                     f"--set search.trials={raised})")
     lines.append(f"sweep {outcome.sweep_name}: parent run {outcome.parent_run_id} (experiment {outcome.experiment_id}) at {outcome.tracking_uri}")
     lines.append(f"MLflow UI: {outcome.ui}")
     lines.append(f"frontier runs in the UI: filter  tags.`{Tag.ON_FRONTIER}` = 'true'")

@@ -360,3 +360,18 @@ def test_normalised_hypervolume_is_the_fraction_of_the_reference_to_ideal_box():
     assert table["hypervolume_normalised"] == pytest.approx(0.58)  # the box is 1 × 1
     table = frontier_table(rows, OBJECTIVES, {"val_top1": 0.0, "gmacs": 2.0}, {"val_top1": 1.0, "gmacs": 0.0})
     assert table["hypervolume_normalised"] == pytest.approx(table["hypervolume"] / 2.0)
+
+
+def test_the_sweep_summary_says_failed_and_stopped_trials_count_toward_the_budget():
+    from orchestrator.sweep import SweepOutcome, summary
+
+    objectives = [("val_top1", "max"), ("gmacs", "min")]
+    rows = [row("a", 0.8, 0.2), row("b", 0.0, 0.0, state="FAILED"), row("c", 0.5, 0.1, state="PRUNED"),
+            row("d", 0.6, 0.1)]
+    table = frontier_table(rows, objectives, {"val_top1": 0.0, "gmacs": 1.0}, {"val_top1": 1.0, "gmacs": 0.0})
+    text = summary(SweepOutcome("qs-1", "p", "1", "http://127.0.0.1:5000", table, rows, "mlflow ui", trials_budget=4))
+    assert "1 failed · 1 stopped" in text
+    assert "to run 2 more, resume with it raised (--resume --name qs-1 --set search.trials=6)" in text
+    clean = summary(SweepOutcome("qs-2", "p", "1", "http://127.0.0.1:5000", table, [rows[0], rows[3]], "mlflow ui",
+                                 trials_budget=2))
+    assert "resume with it raised" not in clean
