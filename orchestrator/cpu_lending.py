@@ -11,6 +11,11 @@ give a running trial more CPUs, but a trial's intra-op threads can change betwee
   sweep's folder (`cpu_shares`);
 - `SharedThreads`, in the trial, reads that file (at most once a second) and answers base + extra.
 
+A trial that waits for a shared stage another trial is training (`orchestrator.stage_store`: the first
+trials of a new student architecture share its assistant) holds an idle CPU too: it says so in
+`cpu-waits/<trial id>.json` (the stage key and its threads), and the trial training that stage adds those
+threads while it does.
+
 Only for a sweep on pxd's own local Ray (no `--ray-address`): every trial then runs on this machine and
 reads the driver's file, and the sweep owns every CPU of that Ray instance. Off with
 `search.lend_idle_cpus: false`. A stage gives its lent threads back when it ends (latency is timed on the
@@ -24,7 +29,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +38,10 @@ from ray import tune
 
 from orchestrator.budget import read_budget
 
-__all__ = ["SHARES_FILE", "IdleCpuLending", "SharedThreads", "cpu_shares"]
+__all__ = ["SHARES_FILE", "WAITS_DIR", "IdleCpuLending", "SharedThreads", "cpu_shares"]
 
 SHARES_FILE = "cpu-shares.json"
+WAITS_DIR = "cpu-waits"
 _RUNNING, _PENDING = "RUNNING", "PENDING"
 
 
@@ -57,7 +64,7 @@ def cpu_shares(statuses: Iterable[tuple[str, str]], *, budget: int, slot_cpus: f
     return {trial_id: extra for trial_id, extra in shares.items() if extra > 0}
 
 
-def _write(path: Path, shares: dict[str, int]) -> None:
+def _write(path: Path, shares: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(shares, sort_keys=True))
     os.replace(tmp, path)  # a trial reading it sees the old or the new file, never half of one
@@ -76,6 +83,8 @@ class IdleCpuLending(tune.Callback):
 
     def setup(self, **info: Any) -> None:
         self._update([], ended=None)  # nothing lent from an earlier launch
+        for wait in (self.path.parent / WAITS_DIR).glob("*.json"):
+            wait.unlink(missing_ok=True)
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._update(trials, ended=None)
@@ -84,6 +93,8 @@ class IdleCpuLending(tune.Callback):
         self._update(trials, ended=trial)
 
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        # a trial process killed while it waited for a stage cannot withdraw its wait
+        _wait_path(self.path.parent, str(trial.trial_id)).unlink(missing_ok=True)
         self._update(trials, ended=trial)
 
     def _update(self, trials: list[Any], *, ended: Any) -> None:
@@ -96,9 +107,15 @@ class IdleCpuLending(tune.Callback):
             self._written = shares
 
 
+def _wait_path(sweep_dir: Path, trial_id: str) -> Path:
+    return sweep_dir / WAITS_DIR / f"{''.join(c if c.isalnum() or c in '-_' else '_' for c in trial_id)}.json"
+
+
 class SharedThreads:
-    """A trial's `cpu_threads` (`pxd.train.CpuThreads`): its own threads plus what the driver lends it,
-    read from the shares file at most once every `interval_s`."""
+    """A trial's `cpu_threads` (`pxd.train.CpuThreads`): its own threads, plus what the driver lends it,
+    plus the threads of the trials waiting for a stage it is training; read at most once every
+    `interval_s`. The stage store tells it which stage the trial trains (`holding`) or waits for
+    (`start_waiting` / `stop_waiting`)."""
 
     def __init__(self, path: str | Path, trial_id: str, base: int, interval_s: float = 1.0) -> None:
         self.path = Path(path)
@@ -108,13 +125,35 @@ class SharedThreads:
         self._checked = -float("inf")
         self._stamp: int | None = None
         self._extra = 0
+        self._from_waiters = 0
+        self._held: set[str] = set()
+        self._wait = _wait_path(self.path.parent, trial_id)
 
     def __call__(self) -> int:
         now = time.monotonic()
         if now - self._checked >= self.interval_s:
             self._checked = now
             self._read()
-        return self.base + self._extra
+        return self.base + self._extra + self._from_waiters
+
+    @contextmanager
+    def holding(self, key: str) -> Iterator[None]:
+        """This trial trains stage `key`: trials waiting for it lend it their threads meanwhile."""
+        self._held.add(key)
+        self._checked = -float("inf")
+        try:
+            yield
+        finally:
+            self._held.discard(key)
+            self._from_waiters = 0
+
+    def start_waiting(self, key: str) -> None:
+        """This trial waits for stage `key`, which another trial trains: its threads go there."""
+        self._wait.parent.mkdir(parents=True, exist_ok=True)
+        _write(self._wait, {"key": key, "threads": self.base})
+
+    def stop_waiting(self) -> None:
+        self._wait.unlink(missing_ok=True)
 
     def _read(self) -> None:
         try:
@@ -124,3 +163,15 @@ class SharedThreads:
                 self._stamp = stamp
         except (OSError, ValueError):
             self._extra = 0  # no file yet (or being replaced): the trial's own threads
+        self._from_waiters = sum(wait.get("threads", 0) for wait in self._waits() if wait.get("key") in self._held)
+
+    def _waits(self) -> Iterator[dict[str, Any]]:
+        if not self._held:
+            return
+        for path in self._wait.parent.glob("*.json"):
+            try:
+                wait = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # withdrawn (or being written) as we read
+            if isinstance(wait, dict):
+                yield wait

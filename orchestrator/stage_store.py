@@ -25,6 +25,7 @@ the sweep's teacher (the one stage every trial needs) before it launches trials;
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -45,6 +46,7 @@ from pxd.memo import remember
 if TYPE_CHECKING:
     from mlflow.entities import Run
 
+    from orchestrator.cpu_lending import SharedThreads
     from orchestrator.trial import TrialContext
     from pxd.pipeline import StageOutcome
     from pxd.train import StageResult
@@ -147,6 +149,7 @@ class MlflowStageStore:
         poll_s: float = 1.0,
         trial_run_id: str | None = None,
         sweep_name: str | None = None,
+        lending: SharedThreads | None = None,
     ) -> None:
         from mlflow.tracking import MlflowClient
 
@@ -158,6 +161,8 @@ class MlflowStageStore:
         self.poll_s = poll_s
         self.trial_run_id = trial_run_id
         self.sweep_name = sweep_name
+        # a waiting trial lends its threads to the one training the stage (`orchestrator.cpu_lending`)
+        self.lending = lending
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._experiment_id: str | None = None
 
@@ -376,15 +381,30 @@ class MlflowStageStore:
         found = self._find(key)
         if found is not None:
             return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
+        try:
+            return self._get_or_train_under_lease(kind, key, describe, train)
+        finally:
+            if self.lending is not None:
+                self.lending.stop_waiting()
+
+    def _get_or_train_under_lease(
+        self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], StageResult]
+    ) -> StageOutcome:
+        """Single flight: take the stage's lease and train it, or wait (lending this trial's threads to the
+        one training it) until it is stored."""
+        from pxd.pipeline import StageOutcome
+
         deadline = time.monotonic() + self.wait_timeout_s
         ttl = lease_ttl_s()
         while True:
             if self.leases.acquire(key, self.owner, ttl):
                 try:
+                    if self.lending is not None:
+                        self.lending.stop_waiting()
                     found = self._find_under_lease(key)  # finished while we polled, else its incomplete runs
                     if isinstance(found, tuple):  # (result, run id)
                         return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
-                    with Heartbeat(self.leases, key, self.owner, ttl):
+                    with Heartbeat(self.leases, key, self.owner, ttl), self._holding(key):
                         result, run_id = self._train(kind, key, describe, train, incomplete_runs=found)
                     return StageOutcome(result=result, key=key, reused=False, ref=run_id)
                 finally:
@@ -395,10 +415,15 @@ class MlflowStageStore:
                     f"{self.leases.holder(key) or 'another trial'} is training; raise search.stage_wait_timeout_s "
                     "or check that trial's MLflow run"
                 )
+            if self.lending is not None:
+                self.lending.start_waiting(key)
             time.sleep(self.poll_s)
             found = self._find(key)
             if found is not None:
                 return StageOutcome(result=found[0], key=key, reused=True, ref=found[1])
+
+    def _holding(self, key: str) -> contextlib.AbstractContextManager[None]:
+        return self.lending.holding(key) if self.lending is not None else contextlib.nullcontext()
 
     def _train(
         self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], StageResult],
@@ -463,7 +488,8 @@ class _IncompleteStage:
         self.artifact = artifact
 
 
-def make_provider(context: TrialContext, parent_run_id: str | None = None) -> MlflowStageStore:
+def make_provider(context: TrialContext, parent_run_id: str | None = None, lending: SharedThreads | None = None
+                  ) -> MlflowStageStore:
     """The stage provider a trial uses: the MLflow store with leases in the sweep's lease database."""
     leases = SqlLeases(context.lease_url) if context.lease_url else LocalLeases()
     return MlflowStageStore(
@@ -473,6 +499,7 @@ def make_provider(context: TrialContext, parent_run_id: str | None = None) -> Ml
         wait_timeout_s=context.stage_wait_timeout_s,
         trial_run_id=parent_run_id,
         sweep_name=context.sweep_name,
+        lending=lending,
     )
 
 

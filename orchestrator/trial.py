@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
     from torch import nn
 
+    from orchestrator.cpu_lending import SharedThreads
     from orchestrator.spec import SweepSpec
     from pxd.config import PipelineConfig
     from pxd.cost import LatencyCache
@@ -146,9 +147,11 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
             loading = time.perf_counter()
             data = _process_dataset(config)
             loading = time.perf_counter() - loading
-            outcome = run_tas(config, provider=make_provider(context, parent_run_id=run_id), on_epoch=on_epoch,
-                              progress=False, latency=latency, before_training=_budget_check(context.spec, known),
-                              data=data, keep_in_process=overhead_cuts_on(), cpu_threads=_cpu_threads(context, trial_id))
+            threads = _cpu_threads(context, trial_id)
+            outcome = run_tas(config, provider=make_provider(context, parent_run_id=run_id, lending=threads),
+                              on_epoch=on_epoch, progress=False, latency=latency,
+                              before_training=_budget_check(context.spec, known), data=data,
+                              keep_in_process=overhead_cuts_on(), cpu_threads=threads)
         except OverBudget as over:
             # infeasible by architecture and input alone: recorded PRUNED with the reason, nothing trained;
             # the searcher tells Optuna PRUNED with the constraint values, so the sampler learns the region
@@ -207,8 +210,8 @@ def _run(params: dict[str, Any], context: TrialContext, config: PipelineConfig, 
     return result
 
 
-def _cpu_threads(context: TrialContext, trial_id: str) -> Callable[[], int] | None:
-    """The trial's threads plus what the driver lends it in the sweep's tail; None when nothing is lent."""
+def _cpu_threads(context: TrialContext, trial_id: str) -> SharedThreads | None:
+    """The trial's threads plus what idle slots and waiting trials lend it; None when nothing is lent."""
     if context.cpu_shares_path is None:
         return None
     import torch

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from orchestrator.budget import write_budget
-from orchestrator.cpu_lending import SHARES_FILE, IdleCpuLending, SharedThreads, cpu_shares
+from orchestrator.cpu_lending import SHARES_FILE, WAITS_DIR, IdleCpuLending, SharedThreads, cpu_shares
 
 
 def _statuses(*pairs: str) -> list[tuple[str, str]]:
@@ -48,11 +48,14 @@ def _trial(trial_id: str, status: str) -> SimpleNamespace:
 def test_the_driver_lends_as_trials_end_and_the_trial_reads_it(tmp_path):
     write_budget(tmp_path, trials=3, timeout_s=None)
     (tmp_path / SHARES_FILE).write_text(json.dumps({"a": 5}))  # left by an earlier launch
+    (tmp_path / WAITS_DIR).mkdir()
+    (tmp_path / WAITS_DIR / "z.json").write_text(json.dumps({"key": "k", "threads": 1}))  # a killed waiter's
     lending = IdleCpuLending(tmp_path, tmp_path / "budget.json", slot_cpus=2.0, cpu_per_trial=1.0)
     reads = SharedThreads(tmp_path / SHARES_FILE, "c", base=1, interval_s=0.0)
 
     lending.setup()
     assert json.loads((tmp_path / SHARES_FILE).read_text()) == {}, "an earlier launch's shares are dropped"
+    assert not list((tmp_path / WAITS_DIR).glob("*.json")), "and its waits"
     a, b = _trial("a", "RUNNING"), _trial("b", "RUNNING")
     lending.on_trial_start(iteration=1, trials=[a, b], trial=b)
     c = _trial("c", "PENDING")
@@ -61,7 +64,9 @@ def test_the_driver_lends_as_trials_end_and_the_trial_reads_it(tmp_path):
     a.status, c.status = "TERMINATED", "RUNNING"
     lending.on_trial_start(iteration=3, trials=[a, b, c], trial=c)
     b.status = "TERMINATED"
+    SharedThreads(tmp_path / SHARES_FILE, "b", base=1).start_waiting("k")  # b's process dies while it waits
     lending.on_trial_error(iteration=4, trials=[a, b, c], trial=b)
+    assert not list((tmp_path / WAITS_DIR).glob("*.json")), "a failed trial's wait is withdrawn for it"
     assert json.loads((tmp_path / SHARES_FILE).read_text()) == {"c": 1}
     assert reads() == 2, "the last trial running gets the idle slot's CPU"
 
@@ -81,3 +86,48 @@ def test_a_trial_reads_the_shares_at_most_once_per_interval(tmp_path):
     path.write_text("{not json")
     os.utime(path, ns=(1, 1))
     assert fresh() == 2, "a file it cannot read lends nothing"
+
+
+def test_a_trial_waiting_for_a_stage_lends_its_threads_to_the_trial_training_it(mlflow_server, tmp_path):
+    """Two trials need one new assistant: the one that trains it gets the waiting trial's thread until it is
+    stored, and the waiter withdraws once it has the stage (real MLflow server, one lease table)."""
+    import threading
+    import uuid
+
+    import torch
+
+    from orchestrator.stage_leases import LocalLeases
+    from orchestrator.stage_store import MlflowStageStore
+    from pxd.train import StageResult
+
+    shares = tmp_path / SHARES_FILE
+    leases = LocalLeases()
+    trainer_threads = SharedThreads(shares, "trainer_00000", base=1, interval_s=0.0)
+    waiter_threads = SharedThreads(shares, "waiter_00001", base=1, interval_s=0.0)
+    trainer = MlflowStageStore(mlflow_server, leases=leases, poll_s=0.05, wait_timeout_s=60, lending=trainer_threads)
+    waiter = MlflowStageStore(mlflow_server, leases=leases, poll_s=0.05, wait_timeout_s=60, lending=waiter_threads)
+    key = f"lend-{uuid.uuid4().hex}"
+    training, seen, outcomes = threading.Event(), [], {}
+
+    def train() -> StageResult:
+        training.set()
+        for _ in range(400):  # until the waiter's thread arrives (or 20 s)
+            seen.append(trainer_threads())
+            if seen[-1] == 2:
+                break
+            threading.Event().wait(0.05)
+        return StageResult("assistant", {"w": torch.ones(2)}, {"val_top1": 0.5, "train_seconds": 0.1})
+
+    first = threading.Thread(target=lambda: outcomes.setdefault("trainer", trainer.get_or_train(
+        "assistant", key, {"arch": "lend-test"}, train)))
+    first.start()
+    assert training.wait(30)
+    second = threading.Thread(target=lambda: outcomes.setdefault("waiter", waiter.get_or_train(
+        "assistant", key, {"arch": "lend-test"}, train)))
+    second.start()
+    first.join(60)
+    second.join(60)
+    assert seen[0] == 1 and seen[-1] == 2, "the trainer got the waiting trial's thread"
+    assert not outcomes["trainer"].reused and outcomes["waiter"].reused
+    assert list((tmp_path / WAITS_DIR).glob("*.json")) == [], "the waiter withdrew"
+    assert trainer_threads() == 1, "the lent thread goes back once the stage is stored"
