@@ -146,9 +146,10 @@ def test_shared_stages_are_trained_once(first_sweep, mlflow_server):
     # the sweep trains the teacher before launching trials; every trial then reuses it
     assert all(r.data.tags["pxd.stage.teacher.reused"] == "true" for r in children)
     # it trains alone, so on the CPUs of both trial slots (max_concurrent 2 × 1 CPU) where the machine has them;
-    # the assistants train inside one-CPU trials
+    # the assistants train inside one-CPU trials: on that thread, plus the thread of a trial waiting for the
+    # same assistant while it does (orchestrator.cpu_lending), never more
     assert teachers[0].data.metrics["train_threads"] == min(2, os.cpu_count())
-    assert {r.data.metrics["train_threads"] for r in assistants} == {1.0}
+    assert all(1.0 <= r.data.metrics["train_threads"] <= 2.0 for r in assistants)
     assert sum(r.data.tags["pxd.stage.assistant.reused"] == "false" for r in children) == 2
     parent = client.get_run(outcome.parent_run_id)
     assert parent.data.metrics["stages_reused"] == 6 + 4  # teacher reused by 6 trials, each assistant by 2
