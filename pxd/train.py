@@ -179,13 +179,108 @@ def train_stage(
     `cpu_threads`, torch's intra-op threads follow its answer step by step; the stage gives the caller's
     thread count back when it ends, and records the time-weighted mean as `train_threads`.
     """
-    threads = _ThreadUse(cpu_threads)
-    try:
-        return _train_stage(kind, model, data, resolution=resolution, image_resolution=image_resolution,
-                            teacher=teacher, distill=distill, train=train, epochs=epochs, seed=seed, device=device,
-                            on_epoch=on_epoch, progress=progress, checkpointing=checkpointing, threads=threads)
-    finally:
-        threads.close()
+    with _ThreadUse(cpu_threads) as threads:
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        model.to(device)
+        channels_last = train.channels_last and device.type == "cuda"
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        distiller = _make_distiller(model, teacher, distill, resolution, image_resolution, device)
+        upstream = None
+        if teacher is not None:
+            teacher.to(device).eval()
+            if channels_last:
+                teacher.to(memory_format=torch.channels_last)
+            for param in teacher.parameters():
+                param.requires_grad_(False)
+            upstream = upstream_forward(teacher, compiled=train.compile_upstream)
+
+        train_split = _place_data(data.train, device, train.max_device_data_bytes)
+        val_split = _place_data(data.val, device, train.max_device_data_bytes)
+        sampler = TwoViewSampler(image_resolution, resolution, train=True)
+        steps_per_epoch = max(1, len(train_split) // train.batch_size)
+        params = [p for p in model.parameters() if p.requires_grad] + distiller.student_side_parameters()
+        optimizer = _optimizer(params, train)
+        scheduler = _cosine_with_warmup(optimizer, steps_per_epoch * epochs)
+
+        checkpointing = checkpointing or Checkpointing()
+        best_top1, best_epoch, best_state = -1.0, 0, None
+        history: list[dict[str, float]] = []
+        first_epoch, seconds_before = 1, 0.0
+        if checkpointing.resume_from is not None:
+            state = checkpointing.resume_from
+            _check_resumable(kind, state, epochs)
+            model.load_state_dict(state["model"])
+            distiller.load_state_dict(state["distiller"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            _set_rng_states(state["rng"], generator, device)
+            best_top1, best_epoch, best_state = state["best_top1"], state["best_epoch"], state["best_state"]
+            history = [dict(record) for record in state["history"]]
+            first_epoch, seconds_before = state["epoch"] + 1, state["train_seconds"]
+
+        bar = _progress_bar(kind, steps_per_epoch * epochs, progress, done=steps_per_epoch * (first_epoch - 1))
+        started = last_saved = time.perf_counter()
+        for epoch in range(first_epoch, epochs + 1):
+            model.train()
+            distiller.train()
+            epoch_start = time.perf_counter()
+            sums: dict[str, float] = {}
+            steps = 0
+            for images, labels in iterate_batches(train_split, train.batch_size, shuffle=True, generator=generator, device=device):
+                threads.update()
+                teacher_view, student_view = sampler(images, generator)
+                loss, losses = train_step(
+                    model, teacher, distiller, optimizer, teacher_view, student_view, labels.to(device), device=device,
+                    channels_last=channels_last, upstream=upstream,
+                    check=lambda terms: _check_finite(kind, epoch, steps, terms),  # noqa: B023 - called at once
+                )
+                scheduler.step()
+                for name, value in distiller.critic_step().items():  # terms with their own optimiser
+                    sums[name] = sums.get(name, 0.0) + value
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach())
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                steps += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}", best=f"{max(best_top1, 0):.3f}")
+            val_top1 = evaluate(
+                model, val_split, resolution=resolution, image_resolution=image_resolution,
+                eval_crop=data.eval_crop, batch_size=train.batch_size * 2, device=device, channels_last=channels_last,
+            )
+            record = {f"train_{name}": total / max(steps, 1) for name, total in sums.items()}
+            record.update(val_top1=val_top1, epoch=float(epoch), epoch_seconds=time.perf_counter() - epoch_start)
+            history.append(record)
+            if val_top1 > best_top1:
+                best_top1, best_epoch = val_top1, epoch
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            due = time.perf_counter() - last_saved >= checkpointing.interval_s
+            if checkpointing.save is not None and epoch < epochs and due:
+                checkpointing.save({
+                    "version": TRAINING_STATE_VERSION, "kind": kind, "epoch": epoch, "epochs": epochs,
+                    "model": model.state_dict(), "distiller": distiller.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": _rng_states(generator, device),
+                    "best_top1": best_top1, "best_epoch": best_epoch, "best_state": best_state,
+                    "history": history, "train_seconds": seconds_before + time.perf_counter() - started,
+                })
+                last_saved = time.perf_counter()
+            if on_epoch is not None:
+                on_epoch(kind, epoch, dict(record))
+        if bar is not None:
+            bar.close()
+        model.load_state_dict(best_state)
+        metrics = {
+            "val_top1": best_top1,
+            "best_epoch": float(best_epoch),
+            "epochs": float(epochs),
+            "train_seconds": seconds_before + time.perf_counter() - started,
+            "train_threads": threads.mean(),  # CPU threads it trained with, time-weighted (for cost accounting)
+        }
+        return StageResult(kind=kind, state_dict=best_state, metrics=metrics, history=history,
+                           warnings=list(distiller.warnings))
 
 
 class _ThreadUse:
@@ -217,131 +312,13 @@ class _ThreadUse:
         elapsed = now - self.started
         return (self.thread_seconds + (now - self.since) * self.threads) / elapsed if elapsed > 0 else float(self.threads)
 
-    def close(self) -> None:
+    def __enter__(self) -> _ThreadUse:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         if self.threads != self.found:
             torch.set_num_threads(self.found)
             self.threads = self.found
-
-
-def _train_stage(
-    kind: str,
-    model: nn.Module,
-    data: DatasetSplits,
-    *,
-    resolution: int,
-    image_resolution: int,
-    teacher: nn.Module | None,
-    distill: DistillConfig | None,
-    train: TrainConfig,
-    epochs: int,
-    seed: int,
-    device: torch.device,
-    on_epoch: EpochCallback | None,
-    progress: bool | None,
-    checkpointing: Checkpointing | None,
-    threads: _ThreadUse,
-) -> StageResult:
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    model.to(device)
-    channels_last = train.channels_last and device.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    distiller = _make_distiller(model, teacher, distill, resolution, image_resolution, device)
-    upstream = None
-    if teacher is not None:
-        teacher.to(device).eval()
-        if channels_last:
-            teacher.to(memory_format=torch.channels_last)
-        for param in teacher.parameters():
-            param.requires_grad_(False)
-        upstream = upstream_forward(teacher, compiled=train.compile_upstream)
-
-    train_split = _place_data(data.train, device, train.max_device_data_bytes)
-    val_split = _place_data(data.val, device, train.max_device_data_bytes)
-    sampler = TwoViewSampler(image_resolution, resolution, train=True)
-    steps_per_epoch = max(1, len(train_split) // train.batch_size)
-    params = [p for p in model.parameters() if p.requires_grad] + distiller.student_side_parameters()
-    optimizer = _optimizer(params, train)
-    scheduler = _cosine_with_warmup(optimizer, steps_per_epoch * epochs)
-
-    checkpointing = checkpointing or Checkpointing()
-    best_top1, best_epoch, best_state = -1.0, 0, None
-    history: list[dict[str, float]] = []
-    first_epoch, seconds_before = 1, 0.0
-    if checkpointing.resume_from is not None:
-        state = checkpointing.resume_from
-        _check_resumable(kind, state, epochs)
-        model.load_state_dict(state["model"])
-        distiller.load_state_dict(state["distiller"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_states(state["rng"], generator, device)
-        best_top1, best_epoch, best_state = state["best_top1"], state["best_epoch"], state["best_state"]
-        history = [dict(record) for record in state["history"]]
-        first_epoch, seconds_before = state["epoch"] + 1, state["train_seconds"]
-
-    bar = _progress_bar(kind, steps_per_epoch * epochs, progress, done=steps_per_epoch * (first_epoch - 1))
-    started = last_saved = time.perf_counter()
-    for epoch in range(first_epoch, epochs + 1):
-        model.train()
-        distiller.train()
-        epoch_start = time.perf_counter()
-        sums: dict[str, float] = {}
-        steps = 0
-        for images, labels in iterate_batches(train_split, train.batch_size, shuffle=True, generator=generator, device=device):
-            threads.update()
-            teacher_view, student_view = sampler(images, generator)
-            loss, losses = train_step(
-                model, teacher, distiller, optimizer, teacher_view, student_view, labels.to(device), device=device,
-                channels_last=channels_last, upstream=upstream,
-                check=lambda terms: _check_finite(kind, epoch, steps, terms),  # noqa: B023 - called at once
-            )
-            scheduler.step()
-            for name, value in distiller.critic_step().items():  # terms with their own optimiser
-                sums[name] = sums.get(name, 0.0) + value
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + float(value.detach())
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            steps += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.3f}", best=f"{max(best_top1, 0):.3f}")
-        val_top1 = evaluate(
-            model, val_split, resolution=resolution, image_resolution=image_resolution,
-            eval_crop=data.eval_crop, batch_size=train.batch_size * 2, device=device, channels_last=channels_last,
-        )
-        record = {f"train_{name}": total / max(steps, 1) for name, total in sums.items()}
-        record.update(val_top1=val_top1, epoch=float(epoch), epoch_seconds=time.perf_counter() - epoch_start)
-        history.append(record)
-        if val_top1 > best_top1:
-            best_top1, best_epoch = val_top1, epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        due = time.perf_counter() - last_saved >= checkpointing.interval_s
-        if checkpointing.save is not None and epoch < epochs and due:
-            checkpointing.save({
-                "version": TRAINING_STATE_VERSION, "kind": kind, "epoch": epoch, "epochs": epochs,
-                "model": model.state_dict(), "distiller": distiller.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_states(generator, device),
-                "best_top1": best_top1, "best_epoch": best_epoch, "best_state": best_state,
-                "history": history, "train_seconds": seconds_before + time.perf_counter() - started,
-            })
-            last_saved = time.perf_counter()
-        if on_epoch is not None:
-            on_epoch(kind, epoch, dict(record))
-    if bar is not None:
-        bar.close()
-    model.load_state_dict(best_state)
-    metrics = {
-        "val_top1": best_top1,
-        "best_epoch": float(best_epoch),
-        "epochs": float(epochs),
-        "train_seconds": seconds_before + time.perf_counter() - started,
-        "train_threads": threads.mean(),  # CPU threads it trained with, time-weighted (for cost accounting)
-    }
-    return StageResult(kind=kind, state_dict=best_state, metrics=metrics, history=history,
-                       warnings=list(distiller.warnings))
 
 
 def train_step(
