@@ -27,6 +27,7 @@ thread.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -40,6 +41,8 @@ from orchestrator.budget import read_budget
 
 __all__ = ["SHARES_FILE", "WAITS_DIR", "IdleCpuLending", "SharedThreads", "cpu_shares"]
 
+logger = logging.getLogger(__name__)
+
 SHARES_FILE = "cpu-shares.json"
 WAITS_DIR = "cpu-waits"
 _RUNNING, _PENDING = "RUNNING", "PENDING"
@@ -50,13 +53,14 @@ def cpu_shares(statuses: Iterable[tuple[str, str]], *, budget: int, slot_cpus: f
     """Extra threads for each running trial: `statuses` is (trial id, Tune status) for every trial of the
     sweep; nothing is lent while trials are still to be created (fewer than `budget`), since a new trial
     would then find its CPU taken. The CPUs of the slots (`slot_cpus`) that no running or pending trial
-    holds are shared out evenly among the running trials, the first ones getting the remainder."""
+    holds are shared out evenly among the running trials, the first ones getting the remainder. Counted in
+    threads: a trial runs at least one whatever its share of a CPU (Ray sets OMP_NUM_THREADS ≥ 1)."""
     statuses = list(statuses)
     if len(statuses) < budget:
         return {}
     running = [trial_id for trial_id, status in statuses if status == _RUNNING]
     holding = len(running) + sum(status == _PENDING for _, status in statuses)
-    free = int(slot_cpus - holding * cpu_per_trial + 1e-9)
+    free = int(slot_cpus + 1e-9) - holding * max(1, int(cpu_per_trial + 1e-9))
     if not running or free <= 0:
         return {}
     each, remainder = divmod(free, len(running))
@@ -72,39 +76,62 @@ def _write(path: Path, shares: dict[str, Any]) -> None:
 
 class IdleCpuLending(tune.Callback):
     """Writes `cpu_shares` for the sweep's trials to `sweep_dir/cpu-shares.json` whenever a trial starts or
-    ends (the budget is read from the launch's budget file: a resume may raise it)."""
+    ends (the budget is read from the launch's budget file: a resume may raise it). The slots hold
+    `max_concurrent × cpu_per_trial` CPUs within the local Ray's, counted when a launch starts (a resume
+    restores this callback from the first launch's pickles, maybe on another machine). A file it cannot
+    write lends nothing more and is logged; it never fails the trial Tune is calling back about."""
 
-    def __init__(self, sweep_dir: Path, budget_path: Path, *, slot_cpus: float, cpu_per_trial: float) -> None:
+    def __init__(self, sweep_dir: Path, budget_path: Path, *, max_concurrent: int, cpu_per_trial: float) -> None:
         self.path = Path(sweep_dir) / SHARES_FILE
         self.budget_path = Path(budget_path)
-        self.slot_cpus = slot_cpus
+        self.max_concurrent = max_concurrent
         self.cpu_per_trial = cpu_per_trial
+        self.slot_cpus = 0.0
         self._written: dict[str, int] | None = None
 
     def setup(self, **info: Any) -> None:
+        import ray
+
+        self.slot_cpus = min(self.cpu_per_trial * self.max_concurrent, float(ray.cluster_resources().get("CPU", 0.0)))
+        self._written = None
         self._update([], ended=None)  # nothing lent from an earlier launch
         for wait in (self.path.parent / WAITS_DIR).glob("*.json"):
-            wait.unlink(missing_ok=True)
+            self._withdraw(wait)
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self._update(trials, ended=None)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self._withdraw(_wait_path(self.path.parent, str(trial.trial_id)))
         self._update(trials, ended=trial)
 
+    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        # its process died (it is run again): a wait it had written cannot be withdrawn by it
+        self._withdraw(_wait_path(self.path.parent, str(trial.trial_id)))
+        self._update(trials, ended=None)
+
     def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        # a trial process killed while it waited for a stage cannot withdraw its wait
-        _wait_path(self.path.parent, str(trial.trial_id)).unlink(missing_ok=True)
+        self._withdraw(_wait_path(self.path.parent, str(trial.trial_id)))
         self._update(trials, ended=trial)
 
     def _update(self, trials: list[Any], *, ended: Any) -> None:
-        # Tune calls back before it sets an ending trial's status: that one no longer holds its slot
+        # Tune calls back before it sets a completing trial's status: that one no longer holds its slot
         statuses = [(t.trial_id, "TERMINATED" if t is ended else t.status) for t in trials]
         budget = int(read_budget(self.budget_path).get("trials", len(statuses) + 1))
         shares = cpu_shares(statuses, budget=budget, slot_cpus=self.slot_cpus, cpu_per_trial=self.cpu_per_trial)
         if shares != self._written:
-            _write(self.path, shares)
-            self._written = shares
+            try:
+                _write(self.path, shares)
+                self._written = shares
+            except OSError as error:
+                logger.warning("idle CPUs not lent: cannot write %s: %s", self.path, error)
+
+    @staticmethod
+    def _withdraw(wait: Path) -> None:
+        try:
+            wait.unlink(missing_ok=True)
+        except OSError as error:
+            logger.warning("cannot withdraw a dead trial's wait %s: %s", wait, error)
 
 
 def _wait_path(sweep_dir: Path, trial_id: str) -> Path:

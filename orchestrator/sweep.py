@@ -181,8 +181,10 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
     budget_path = sweep_dir / BUDGET_FILE
     storage_url = options.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
 
+    local = _one_local_node(options)
     warm_up = not options.force_retrain and options.reuse_stages
-    worker = _ready_warm_up_worker(spec) if warm_up else None  # works while the tracking server starts
+    # works while the tracking server starts; on this machine only, where the warm-up task will run
+    worker = _ready_warm_up_worker(spec) if warm_up and local else None
     target = resolve_tracking(options.tracking_uri, root, cluster=options.ray_address is not None)
     parent_run_id: str | None = None
     try:
@@ -202,7 +204,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
             # the `trials` param is the first launch's; this tag follows a resume that raised the budget
             client.set_tag(parent_run_id, Tag.BUDGET, json.dumps({"trials": search.trials, "timeout_s": search.timeout_s}))
             # idle slots lend their CPUs in the tail: on pxd's own local Ray, where every trial reads this folder
-            lending = search.lend_idle_cpus and options.ray_address is None
+            lending = search.lend_idle_cpus and local
             context = TrialContext(
                 spec=spec, sweep_name=name, tracking_uri=target.uri, experiment_id=experiment_id,
                 parent_run_id=parent_run_id, reuse_stages=options.reuse_stages, force_retrain=options.force_retrain,
@@ -222,8 +224,9 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
                 failure_config=tune.FailureConfig(max_failures=search.max_retries),
                 stop=LaunchBudget(budget_path),  # search.timeout_s, read per launch (a resume may raise it)
             )
-            if worker is not None:
-                ray.get(worker)  # a dataset that cannot load fails here, as the teacher's task would
+            if warm_up:
+                if worker is not None:
+                    ray.get(worker)  # a dataset that cannot load fails here, as the teacher's task would
                 _warm_teacher(context, resources, quiet=options.quiet)
             tune_path = str(sweep_dir / "tune")
             if options.resume:  # the status lines go on from what earlier launches finished
@@ -289,15 +292,19 @@ def _end_parent_run(tracking_uri: str, parent_run_id: str, exc: BaseException) -
 
 
 def _lending(search: Any, sweep_dir: Path, budget_path: Path) -> Any:
-    """The callback that lends idle slots' CPUs: the slots hold what the trials may hold together, within
-    the local Ray's CPUs."""
-    import ray
-
+    """The callback that lends idle slots' CPUs (the slots: what the trials may hold together)."""
     from orchestrator.cpu_lending import IdleCpuLending
 
-    cpu = float(search.resources.cpu)
-    slots = min(cpu * search.max_concurrent, float(ray.cluster_resources().get("CPU", 0.0)))
-    return IdleCpuLending(sweep_dir, budget_path, slot_cpus=slots, cpu_per_trial=cpu)
+    return IdleCpuLending(sweep_dir, budget_path, max_concurrent=search.max_concurrent,
+                          cpu_per_trial=float(search.resources.cpu))
+
+
+def _one_local_node(options: SweepOptions) -> bool:
+    """The sweep runs on pxd's own Ray on this machine: no --ray-address, and one node (a caller may have
+    connected to a cluster before calling run_sweep)."""
+    import ray
+
+    return options.ray_address is None and sum(bool(node.get("Alive")) for node in ray.nodes()) == 1
 
 
 def _scheduler(spec: SweepSpec, sweep_dir: Path, tracking_uri: str) -> Any:
@@ -332,8 +339,10 @@ def _ready_warm_up_worker(spec: SweepSpec) -> Any:
     import ray
 
     # it holds no CPU: the warm-up sizes itself by the CPUs free just after (Ray's view of a finished
-    # task's CPUs lags), and Ray hands out idle workers whatever the resources a task asks for
-    return ray.remote(num_cpus=0, max_retries=0)(_ready_worker_task).remote(spec)
+    # task's CPUs lags); it asks for the warm-up's GPU share, as Ray gives a GPU task only a worker that
+    # ran GPU tasks
+    gpus = spec.require_search().resources.gpu
+    return ray.remote(num_cpus=0, num_gpus=gpus, max_retries=0)(_ready_worker_task).remote(spec)
 
 
 def _prepare_teacher_task(context: TrialContext, threads: int) -> dict[str, Any]:
@@ -661,9 +670,9 @@ def summary(outcome: SweepOutcome) -> str:
                  f" · {failed} failed · {stopped} stopped")
     if failed or stopped:  # raising search.trials by one after a lost trial would otherwise seem to run none
         raised = max(outcome.trials_budget, len(outcomes)) + failed + stopped
-        lines.append(f"failed and stopped trials count toward search.trials, as in the Optuna study: to run "
-                     f"{failed + stopped} more, resume with it raised (--resume --name {outcome.sweep_name} "
-                     f"--set search.trials={raised})")
+        lines.append(f"failed, stopped and infeasible trials count toward search.trials, as in the Optuna study: "
+                     f"to run {failed + stopped} more, resume with it raised by as many (--resume --name "
+                     f"{outcome.sweep_name} --set search.trials={raised})")
     lines.append(f"sweep {outcome.sweep_name}: parent run {outcome.parent_run_id} (experiment {outcome.experiment_id}) at {outcome.tracking_uri}")
     lines.append(f"MLflow UI: {outcome.ui}")
     lines.append(f"frontier runs in the UI: filter  tags.`{Tag.ON_FRONTIER}` = 'true'")

@@ -29,8 +29,10 @@ def _statuses(*pairs: str) -> list[tuple[str, str]]:
     (_statuses("RUNNING", "RUNNING", "RUNNING", "TERMINATED", "ERROR"), 5, 8.0, 1.0, {"t0": 2, "t1": 2, "t2": 1}),
     # 2-CPU trials: one running of four slots leaves 6 CPUs
     (_statuses("RUNNING", "TERMINATED"), 2, 8.0, 2.0, {"t0": 6}),
-    # fractional trials (4 × 0.5 CPU on 2 CPUs): 1.5 idle CPUs lend one whole thread
+    # fractional trials (4 × 0.5 CPU on 2 CPUs) still run a whole thread each: one running lends it one more,
     (_statuses("RUNNING", "TERMINATED", "TERMINATED", "TERMINATED"), 4, 2.0, 0.5, {"t0": 1}),
+    # two running hold both CPUs already
+    (_statuses("RUNNING", "RUNNING", "TERMINATED", "TERMINATED"), 4, 2.0, 0.5, {}),
     # nothing running
     (_statuses("TERMINATED", "TERMINATED"), 2, 2.0, 1.0, {}),
     # a resume that raised the budget: its new trials are still to come
@@ -45,33 +47,37 @@ def _trial(trial_id: str, status: str) -> SimpleNamespace:
     return SimpleNamespace(trial_id=trial_id, status=status)
 
 
-def test_the_driver_lends_as_trials_end_and_the_trial_reads_it(tmp_path):
+def test_the_driver_lends_as_trials_end_and_the_trial_reads_it(ray_local, tmp_path):
+    """Statuses as Tune has them when it calls back: a starting trial is still PENDING, a completing one
+    still RUNNING (its stop is scheduled after the callback)."""
     write_budget(tmp_path, trials=3, timeout_s=None)
     (tmp_path / SHARES_FILE).write_text(json.dumps({"a": 5}))  # left by an earlier launch
     (tmp_path / WAITS_DIR).mkdir()
     (tmp_path / WAITS_DIR / "z.json").write_text(json.dumps({"key": "k", "threads": 1}))  # a killed waiter's
-    lending = IdleCpuLending(tmp_path, tmp_path / "budget.json", slot_cpus=2.0, cpu_per_trial=1.0)
-    reads = SharedThreads(tmp_path / SHARES_FILE, "c", base=1, interval_s=0.0)
+    lending = IdleCpuLending(tmp_path, tmp_path / "budget.json", max_concurrent=2, cpu_per_trial=1.0)
+    reads = SharedThreads(tmp_path / SHARES_FILE, "b", base=1, interval_s=0.0)
 
-    lending.setup()
+    lending.setup()  # the local Ray has 2 CPUs: two slots of one
     assert json.loads((tmp_path / SHARES_FILE).read_text()) == {}, "an earlier launch's shares are dropped"
     assert not list((tmp_path / WAITS_DIR).glob("*.json")), "and its waits"
-    a, b = _trial("a", "RUNNING"), _trial("b", "RUNNING")
+    a, b = _trial("a", "RUNNING"), _trial("b", "PENDING")
     lending.on_trial_start(iteration=1, trials=[a, b], trial=b)
+    b.status = "RUNNING"
     c = _trial("c", "PENDING")
-    lending.on_trial_complete(iteration=2, trials=[a, b, c], trial=a)  # Tune still says RUNNING here
-    assert reads() == 1, "c is pending: b keeps its own thread, c too"
+    lending.on_trial_start(iteration=2, trials=[a, b, c], trial=c)
+    lending.on_trial_complete(iteration=3, trials=[a, b, c], trial=a)
+    assert reads() == 1, "c is about to take a's slot: b keeps its own thread"
     a.status, c.status = "TERMINATED", "RUNNING"
-    lending.on_trial_start(iteration=3, trials=[a, b, c], trial=c)
-    b.status = "TERMINATED"
-    SharedThreads(tmp_path / SHARES_FILE, "b", base=1).start_waiting("k")  # b's process dies while it waits
-    lending.on_trial_error(iteration=4, trials=[a, b, c], trial=b)
-    assert not list((tmp_path / WAITS_DIR).glob("*.json")), "a failed trial's wait is withdrawn for it"
-    assert json.loads((tmp_path / SHARES_FILE).read_text()) == {"c": 1}
+    lending.on_trial_complete(iteration=4, trials=[a, b, c], trial=c)  # the tail: c ends, still RUNNING to Tune
+    assert json.loads((tmp_path / SHARES_FILE).read_text()) == {"b": 1}
     assert reads() == 2, "the last trial running gets the idle slot's CPU"
 
+    SharedThreads(tmp_path / SHARES_FILE, "b", base=1).start_waiting("k")  # b's process dies while it waits
+    lending.on_trial_recover(iteration=5, trials=[a, b, c], trial=b)
+    assert not list((tmp_path / WAITS_DIR).glob("*.json")), "a dead attempt's wait is withdrawn for it"
+
     write_budget(tmp_path, trials=4, timeout_s=None)  # a resume raised the budget: one more trial to come
-    lending.on_trial_start(iteration=5, trials=[a, b, c], trial=c)
+    lending.on_trial_start(iteration=6, trials=[a, b, c], trial=b)
     assert reads() == 1
 
 

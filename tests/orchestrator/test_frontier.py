@@ -371,7 +371,7 @@ def test_the_sweep_summary_says_failed_and_stopped_trials_count_toward_the_budge
     table = frontier_table(rows, objectives, {"val_top1": 0.0, "gmacs": 1.0}, {"val_top1": 1.0, "gmacs": 0.0})
     text = summary(SweepOutcome("qs-1", "p", "1", "http://127.0.0.1:5000", table, rows, "mlflow ui", trials_budget=4))
     assert "1 failed · 1 stopped" in text
-    assert "to run 2 more, resume with it raised (--resume --name qs-1 --set search.trials=6)" in text
+    assert "to run 2 more, resume with it raised by as many (--resume --name qs-1 --set search.trials=6)" in text
     clean = summary(SweepOutcome("qs-2", "p", "1", "http://127.0.0.1:5000", table, [rows[0], rows[3]], "mlflow ui",
                                  trials_budget=2))
     assert "resume with it raised" not in clean
