@@ -110,7 +110,8 @@ def one_sweep(spec: Any, *, cuts: bool, name: str, gpu_index: int | None = None)
         target = resolve_tracking(None, Path(root), read_only=True)
         client = MlflowClient(target.uri)
         parent = client.get_run(outcome.parent_run_id)
-        trials = [run for run in schema.trial_runs(client, parent) if run.data.tags.get(schema.Tag.STATE) == "COMPLETE"]
+        runs = schema.trial_runs(client, parent)
+        trials = [run for run in runs if run.data.tags.get(schema.Tag.STATE) == "COMPLETE"]
         stages = [row for row in list_stages(target.uri) if row["train_seconds"] == row["train_seconds"]]  # NaN: no result
         stage_seconds = sum(row["train_seconds"] for row in stages)
         # CPU-seconds: a stage trained on k threads (the teacher warm-up holds every trial slot's CPUs) counts k times
@@ -152,6 +153,7 @@ def one_sweep(spec: Any, *, cuts: bool, name: str, gpu_index: int | None = None)
         "latency_reused": sum(r["latency_reused"] for r in rows),
         "phases_s": phases,
         "slot_seconds": _slot_seconds(rows, phases, stage_seconds, concurrency),
+        "runs_not_complete": len(runs) - len(trials),
         "gap_between_runs_median_s": _gap_between_runs(rows, concurrency),
         "trials": rows,
     }
@@ -213,7 +215,8 @@ def _slot_seconds(rows: list[dict[str, Any]], phases: dict[str, float], stage_se
     (the efficiency's numerator) and every kind of slot time that is not. The teacher trained outside the
     trials (its warm-up) is the stage time the trial runs did not train themselves. A wait for a stage
     another trial trains is inside its run's `stages` section; a slot with no run (the last trials running
-    alone, a new worker process starting) is idle."""
+    alone, a new worker process starting) is idle. It reads the COMPLETE runs only: where some trial did not
+    complete, the stages it trained count in the warm-up and its run as idle slots (the table says so)."""
     if not rows or not phases:
         return {}
     run_wall = sum(r["wall_s"] for r in rows)
@@ -270,6 +273,10 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
     print("share of slot time (wall × concurrency)")
     for use, title in SLOT_USES.items():
         line(f"  {title}", [_share(results[k], use) for k in labels], "{:>16.3f}")
+    if any(results[k].get("runs_not_complete") for k in labels):
+        # the split reads the COMPLETE runs: stages the others trained count as warm-up, their runs as idle slots
+        line("  (trial runs not COMPLETE: split approximate)", [results[k].get("runs_not_complete", 0) for k in labels],
+             "{:>16.0f}")
     line("trials reusing a latency", [results[k]["latency_reused"] for k in labels], "{:>16.0f}")
     line("sweep efficiency", [results[k]["efficiency"] for k in labels], "{:>16.3f}")
     line("trial-phase efficiency", [results[k]["trial_phase_efficiency"] for k in labels], "{:>16.3f}")
