@@ -515,7 +515,7 @@ def test_a_sweep_survives_a_tracking_server_restart(tmp_path, ray_tmp):
         parent = find_sweep_run(client, name)
         assert parent.info.status == "FINISHED"
         children = _children(client, parent)
-        assert len(children) == trials, [r.data.tags.get("pxd.state") for r in children]
+        assert len(children) == trials, [(r.data.tags.get("pxd.state"), r.data.tags.get("pxd.error"), r.data.tags.get("pxd.traceback", "")[-1500:]) for r in children]
         for run in children:
             assert run.info.status == "FINISHED" and run.data.tags["pxd.state"] == "COMPLETE"
             assert {"val_top1", "pixels", "gmacs"} <= set(run.data.metrics)
