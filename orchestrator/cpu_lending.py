@@ -155,6 +155,7 @@ class SharedThreads:
         self._from_waiters = 0
         self._held: set[str] = set()
         self._wait = _wait_path(self.path.parent, trial_id)
+        self._waiting_for: str | None = None
 
     def __call__(self) -> int:
         now = time.monotonic()
@@ -175,12 +176,18 @@ class SharedThreads:
             self._from_waiters = 0
 
     def start_waiting(self, key: str) -> None:
-        """This trial waits for stage `key`, which another trial trains: its threads go there."""
+        """This trial waits for stage `key`, which another trial trains: its threads go there. Written once
+        per wait, not at every poll of the wait loop."""
+        if self._waiting_for == key:
+            return
         self._wait.parent.mkdir(parents=True, exist_ok=True)
         _write(self._wait, {"key": key, "threads": self.base})
+        self._waiting_for = key
 
     def stop_waiting(self) -> None:
-        self._wait.unlink(missing_ok=True)
+        if self._waiting_for is not None:
+            self._wait.unlink(missing_ok=True)
+            self._waiting_for = None
 
     def _read(self) -> None:
         try:
