@@ -16,7 +16,7 @@ trials of a new student architecture share its assistant) holds an idle CPU too:
 `cpu-waits/<trial id>.json` (the stage key and its threads), and the trial training that stage adds those
 threads while it does.
 
-Only for a sweep on pxd's own local Ray (no `--ray-address`): every trial then runs on this machine and
+Only for a sweep on pxd's own local Ray (no `--ray-address`, one node): every trial then runs on this machine and
 reads the driver's file, and the sweep owns every CPU of that Ray instance. Off with
 `search.lend_idle_cpus: false`. A stage gives its lent threads back when it ends (latency is timed on the
 trial's own threads), and records the time-weighted mean as `train_threads`. A different thread count
