@@ -31,15 +31,15 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from orchestrator import schema
-from orchestrator.spec import load_spec
-from orchestrator.sweep import SweepOptions, run_sweep
+from orchestrator.driver.launch import SweepOptions, run_sweep
+from orchestrator.results import schema
+from orchestrator.space.spec import load_spec
 
 STUDENT_EPOCHS = schema.epoch_metric("student", "val_top1")
 
 
 def one_sweep(spec: Any, *, name: str) -> dict[str, Any]:
-    from orchestrator.tracking import resolve_tracking
+    from orchestrator.tracking.server import resolve_tracking
 
     with tempfile.TemporaryDirectory(prefix="pxd-bench-early-") as root:
         started = time.perf_counter()

@@ -3,7 +3,7 @@
 Side by side in one run, 3 objectives (val_top1 max, gmacs min, pixels min), realistic values:
 - `from scratch`: what pxd did before (issue 8): on every completion, recompute the frontier table over
   all trials with an O(n² k) dominance loop and HSO hypervolume slicing (copied below as `_legacy_*`);
-- `incremental`: `orchestrator.frontier.IncrementalFrontier.add` (one dominance check against the
+- `incremental`: `orchestrator.results.frontier.IncrementalFrontier.add` (one dominance check against the
   current front, Optuna's exact hypervolume of the front when it changes);
 - `table (Optuna)`: today's `frontier_table` recomputed from scratch, for reference (run once at the end
   of a sweep).
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from orchestrator.frontier import IncrementalFrontier, TrialRow, frontier_table
+from orchestrator.results.frontier import IncrementalFrontier, TrialRow, frontier_table
 
 OBJECTIVES = [("val_top1", "max"), ("gmacs", "min"), ("pixels", "min")]
 REFERENCE = {"val_top1": 0.0, "gmacs": 2.0, "pixels": 50176.0}

@@ -43,7 +43,7 @@ the cuts on, `search.reuse_actors=true`), and prints them side by side with the 
 
 `--lending` runs `lending_off` (`search.lend_idle_cpus=false`: each trial keeps its own threads) and
 `default` (idle trial slots lend their CPUs to the trials still running once the last trial has started,
-`orchestrator.cpu_lending`), alternating; lending shortens the wall time and the stages' training time
+`orchestrator.driver.lending`), alternating; lending shortens the wall time and the stages' training time
 alike, so it shows in the sweep wall and the CPU-weighted efficiency, not in the issue's efficiency.
 
 `--gpu-busy` (an NVIDIA GPU, `pip install nvidia-ml-py`) samples the GPU's utilisation with NVML every
@@ -72,11 +72,11 @@ import ray
 import torch
 
 from bench.gpu_busy import GpuBusySampler, NvmlUnavailable
-from orchestrator import schema
-from orchestrator.spec import load_spec
-from orchestrator.stage_store import list_stages
-from orchestrator.sweep import SweepOptions, run_sweep
-from orchestrator.trial import OVERHEAD_CUTS_ENV, TRIAL_SECTIONS
+from orchestrator.driver.launch import SweepOptions, run_sweep
+from orchestrator.results import schema
+from orchestrator.space.spec import load_spec
+from orchestrator.stages.listing import list_stages
+from orchestrator.worker.trial import OVERHEAD_CUTS_ENV, TRIAL_SECTIONS
 from pxd.pipeline import TIMED_SECTIONS
 
 SECTIONS = [s for s in TIMED_SECTIONS if s != "training"] + list(TRIAL_SECTIONS)
@@ -96,7 +96,7 @@ def percentile(values: list[float], fraction: float) -> float:
 def one_sweep(spec: Any, *, cuts: bool, name: str, gpu_index: int | None = None) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking import resolve_tracking
+    from orchestrator.tracking.server import resolve_tracking
 
     os.environ[OVERHEAD_CUTS_ENV] = "1" if cuts else "0"
     with tempfile.TemporaryDirectory(prefix="pxd-bench-overhead-") as root:
@@ -169,7 +169,7 @@ def _stage_run_starts(client: Any) -> list[float]:
 
     A stage run is created at its first checkpoint or when the stage is saved, so its start time can
     be after training began: the estimate is the earlier of that and (run end − training time)."""
-    from orchestrator.stage_store import STAGES_EXPERIMENT
+    from orchestrator.stages.store import STAGES_EXPERIMENT
 
     experiment = client.get_experiment_by_name(STAGES_EXPERIMENT)
     if experiment is None:

@@ -36,12 +36,12 @@ import numpy as np
 import optuna
 
 from bench.search_table import SearchTable, TablePoint, check_complete, load_or_build_table, objective_values, point_key
-from orchestrator.distributions import suggest_all
-from orchestrator.early_stopping import MOASHA
-from orchestrator.frontier import IncrementalFrontier
-from orchestrator.schema import epoch_metric
-from orchestrator.search import optuna_directions, sampler_for
-from orchestrator.spec import SweepSpec, load_spec
+from orchestrator.driver.early_stopping import MOASHA
+from orchestrator.results.frontier import IncrementalFrontier
+from orchestrator.results.schema import epoch_metric
+from orchestrator.space.distributions import suggest_all
+from orchestrator.space.search import optuna_directions, sampler_for
+from orchestrator.space.spec import SweepSpec, load_spec
 
 __all__ = ["BUDGET_FRACTIONS", "hypervolume_curve", "sampler_curve", "summarise_curves", "quality_targets",
            "replay_early_stopping", "main"]
@@ -128,7 +128,7 @@ def replay_early_stopping(points: Sequence[TablePoint], spec: SweepSpec, concurr
                           stopping: bool, keep_front: bool | None = None) -> dict[str, Any]:
     """Run `points` as trials, `concurrency` at a time in the given order, every student epoch one
     time unit (ties: the trial started first reports first). Each epoch's result goes through
-    `MOASHA.on_trial_result` as a trial reports it (`orchestrator.trial`); a STOP ends the trial there.
+    `MOASHA.on_trial_result` as a trial reports it (`orchestrator.worker.trial`); a STOP ends the trial there.
     `keep_front`: the scheduler's (default: the space's `search.early_stopping.keep_front`).
     Returns which trials completed, the student epochs trained and the hypervolume of the complete ones."""
     search = spec.require_search()

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.distributions import is_active
-from orchestrator.spec import SweepSpec, materialize
+from orchestrator.space.distributions import is_active
+from orchestrator.space.spec import SweepSpec, materialize
 from pxd.errors import ConfigError
 
 __all__ = ["TablePoint", "SearchTable", "grid_points", "point_key", "build_table", "load_or_build_table"]

@@ -21,8 +21,8 @@ from pathlib import Path
 import ray
 import torch
 
-from orchestrator.spec import load_spec
-from orchestrator.sweep import SweepOptions, run_sweep
+from orchestrator.driver.launch import SweepOptions, run_sweep
+from orchestrator.space.spec import load_spec
 
 
 def one_sweep(spec, *, force_retrain: bool, name: str) -> dict:

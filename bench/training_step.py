@@ -52,8 +52,15 @@ from pxd.data import TwoViewSampler
 from pxd.losses.isrd import ISRDTerm
 from pxd.losses.terms import TermContext
 from pxd.models import create_model, forward_taps, tap_info
-from pxd.train import (_make_distiller, _optimizer, _to_memory_format, autocast_dtype, resolve_device, train_step,
-                       upstream_forward)
+from pxd.train import (
+    _make_distiller,
+    _optimizer,
+    _to_memory_format,
+    autocast_dtype,
+    resolve_device,
+    train_step,
+    upstream_forward,
+)
 
 
 def build(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[[], Any]]:

@@ -6,7 +6,7 @@ worker process runs them, against a real embedded `mlflow server`, with the over
 
 Each variant gets its own stages (another `seed`, so neither reuses the other's), trains its teacher and
 one assistant per student architecture first (not counted), then runs `--trials` trials drawn at random
-from the space (the same draws for both variants) through `orchestrator.trial.run_trial`:
+from the space (the same draws for both variants) through `orchestrator.worker.trial.run_trial`:
 
 - `cuts_on`: as a sweep's kept worker process runs them (`PXD_OVERHEAD_CUTS` unset): the dataset, the
   stages found, the teacher and assistant modules, static costs and latencies are kept between trials;
@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.trial import TRIAL_SECTIONS
+from orchestrator.worker.trial import TRIAL_SECTIONS
 from pxd.pipeline import TIMED_SECTIONS
 
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # as a sweep sets it for its trials
@@ -86,7 +86,7 @@ def draws(spec: Any, n: int, seed: int) -> list[dict[str, Any]]:
     """`n` parameter sets drawn at random from the space, as the sweep's searcher would suggest them."""
     import optuna
 
-    from orchestrator.spec import sample_params
+    from orchestrator.space.spec import sample_params
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
@@ -102,17 +102,18 @@ def run_variant(label: str, spec: Any, drawn: list[dict[str, Any]], warm: list[d
                 counter: RequestCounter) -> dict[str, Any]:
     from mlflow.tracking import MlflowClient
 
-    from orchestrator import schema
-    from orchestrator.sweep import _experiment_id, _parent_run
-    from orchestrator.trial import OVERHEAD_CUTS_ENV, TrialContext, run_trial
+    from orchestrator.driver.parent_run import ensure_experiment, open_parent_run
+    from orchestrator.results import schema
+    from orchestrator.worker.context import TrialContext
+    from orchestrator.worker.trial import OVERHEAD_CUTS_ENV, run_trial
 
     if label == "cuts_off":
         os.environ[OVERHEAD_CUTS_ENV] = "0"
     else:
         os.environ.pop(OVERHEAD_CUTS_ENV, None)
     client = MlflowClient(uri)
-    experiment_id = _experiment_id(client, f"bench-trial-overhead-{label}")
-    parent = _parent_run(client, experiment_id, f"bench-{label}", spec, "sqlite:///unused.db", resume=False)
+    experiment_id = ensure_experiment(client, f"bench-trial-overhead-{label}")
+    parent = open_parent_run(client, experiment_id, f"bench-{label}", spec, "sqlite:///unused.db", resume=False)
     context = TrialContext(spec=spec, sweep_name=f"bench-{label}", tracking_uri=uri, experiment_id=experiment_id,
                            parent_run_id=parent)
     # the shared stages first (a sweep's warm-up and its first trial per architecture), not counted: one
@@ -165,8 +166,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None, help="write every number as JSON")
     args = parser.parse_args()
 
-    from orchestrator.spec import load_spec
-    from orchestrator.tracking import EmbeddedServer
+    from orchestrator.space.spec import load_spec
+    from orchestrator.tracking.server import EmbeddedServer
 
     torch.set_num_threads(1)  # a trial's (search.resources.cpu: 1)
     counter = RequestCounter()

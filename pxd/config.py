@@ -1,7 +1,7 @@
 """The single-point pipeline config: one teacher → assistant → student run.
 
 A `pxd train` file and a search-space file share this format; in a search space any leaf may be a
-distribution instead of a value (see `orchestrator.spec`). Everything that can be checked before
+distribution instead of a value (see `orchestrator.space.spec`). Everything that can be checked before
 compute is checked here, and every error names its field (`student.resolution: ...`).
 """
 

@@ -5,14 +5,18 @@ student's training, or a `pxd.cost.Cost` field, or a function of the `Cost`), wh
 it as an objective or a hard limit, and how to suggest a hypervolume reference value. Everything else
 is derived from this table: the search-space objectives and constraint keys (`max_gmacs`,
 `min_val_top1`), the default modes, the final metrics a trial logs and reports, the terminal summary
-columns. Adding a metric is one `Cost` field (if it is measured) plus one `register(...)` row.
+columns, and the one **primary** metric (`primary_metric()`: `val_top1`), which selects a stage's best
+epoch, ranks trials for early stopping and is the accuracy axis of every frontier picture. Adding a
+metric is one `Cost` field (if it is measured) plus one `register(...)` row.
 
-`mode` is the one word for direction, as search spaces and Ray Tune say it: "max" or "min".
+`Mode` is the one word for direction, as search spaces and Ray Tune say it: "max" or "min". It is a
+`str` enum, so a mode written to YAML, JSON, MLflow or Tune is the same plain word.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import enum
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,12 +24,14 @@ if TYPE_CHECKING:
     from pxd.cost import Cost
 
 __all__ = [
+    "Mode",
     "MODES",
     "Metric",
     "METRICS",
     "register",
     "unregister",
     "get_metric",
+    "primary_metric",
     "objective_metrics",
     "final_metrics",
     "summary_metrics",
@@ -38,14 +44,42 @@ __all__ = [
     "check_hardware_label",
 ]
 
-MODES = ("max", "min")
+
+
+class Mode(str, enum.Enum):
+    """Which way a metric is better: "max" (higher) or "min" (lower)."""
+
+    MAX = "max"
+    MIN = "min"
+
+    def __str__(self) -> str:  # the plain word in f-strings and str(), as before the enum (Python ≥ 3.11 differs)
+        return self.value
+
+    @property
+    def sign(self) -> float:
+        """The factor that turns a value into one to minimise (Optuna's normalisation): -1 for max, 1 for min."""
+        return -1.0 if self is Mode.MAX else 1.0
+
+    @property
+    def opposite(self) -> Mode:
+        return Mode.MIN if self is Mode.MAX else Mode.MAX
+
+    def better(self, value: float, than: float) -> bool:
+        """Whether `value` is strictly better than `than` in this mode."""
+        return value > than if self is Mode.MAX else value < than
+
+    def best(self, values: Iterable[float]) -> float:
+        return max(values) if self is Mode.MAX else min(values)
+
+
+MODES = tuple(Mode)
 SOURCES = ("training", "cost", "remeasure")
 
 
 @dataclass(frozen=True)
 class Metric:
     name: str
-    mode: str  # "max" (higher is better) or "min"
+    mode: Mode  # Mode.MAX (higher is better) or Mode.MIN; "max" / "min" are accepted and converted
     unit: str
     description: str
     # "training": set from the student's stage result; "cost": read from the `Cost` (the field of the
@@ -58,19 +92,25 @@ class Metric:
     known_before_training: bool = False  # fixed by architecture and input size alone (gmacs, params, pixels)
     bounds: tuple[float, float] | None = None  # the values the metric can take, when bounded (val_top1: [0, 1])
     ideal: float = 0.0  # the best value it could have: the normalised hypervolume's ideal point
+    # the hypervolume reference a space may leave out, when one value is worse than any trial (val_top1: 0.0)
+    default_reference: float | None = None
     # how to suggest a reference point value; `{teacher_pixels}` is filled in from the space
     reference_hint: str = "the teacher's {name} (students should cost less)"
+    # the metric that selects a stage's best epoch, ranks trials for early stopping and is every frontier
+    # picture's accuracy axis; exactly one registered metric is primary (val_top1)
+    primary: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"metric {self.name}: mode must be one of {MODES}, got {self.mode!r}")
+            raise ValueError(f"metric {self.name}: mode must be one of {[m.value for m in Mode]}, got {self.mode!r}")
+        object.__setattr__(self, "mode", Mode(self.mode))
         if self.source not in SOURCES:
             raise ValueError(f"metric {self.name}: source must be one of {SOURCES}, got {self.source!r}")
 
     @property
     def constraint_key(self) -> str:
-        """`max_gmacs` for a cost, `min_val_top1` for an accuracy."""
-        return f"{'min' if self.mode == 'max' else 'max'}_{self.name}"
+        """`max_gmacs` for a cost, `min_val_top1` for an accuracy: the limit bounds the metric's worse side."""
+        return f"{self.mode.opposite.value}_{self.name}"
 
     def hint(self, teacher_resolution: int) -> str:
         return f"{self.name}: " + self.reference_hint.format(
@@ -87,9 +127,11 @@ METRICS: dict[str, Metric] = {}
 
 
 def register(metric: Metric) -> Metric:
-    """Add a row; a name may be registered once."""
+    """Add a row; a name may be registered once, and one metric only may be primary."""
     if metric.name in METRICS:
         raise ValueError(f"metric {metric.name!r} is already registered")
+    if metric.primary and any(m.primary for m in METRICS.values()):
+        raise ValueError(f"metric {metric.name!r}: {primary_metric()} is already the primary metric")
     METRICS[metric.name] = metric
     return metric
 
@@ -103,6 +145,15 @@ def get_metric(name: str) -> Metric:
         return METRICS[name]
     except KeyError:
         raise KeyError(f"unknown metric {name!r}; registered: {', '.join(METRICS)}") from None
+
+
+def primary_metric() -> str:
+    """The name of the primary metric (`val_top1`): what selects epochs, ranks trials at early-stopping rungs,
+    and is the accuracy axis of frontier pictures."""
+    primary = [m.name for m in METRICS.values() if m.primary]
+    if len(primary) != 1:
+        raise LookupError(f"the metric registry needs exactly one primary metric, has {primary or 'none'}")
+    return primary[0]
 
 
 def objective_metrics() -> tuple[str, ...]:
@@ -149,22 +200,23 @@ def _builtin(**fields: Any) -> None:
     register(Metric(**fields))
 
 
-_builtin(name="val_top1", mode="max", unit="fraction", source="training", bounds=(0.0, 1.0), ideal=1.0,
+_builtin(name="val_top1", mode=Mode.MAX, unit="fraction", source="training", bounds=(0.0, 1.0), ideal=1.0,
+         primary=True, default_reference=0.0,
          description="top-1 accuracy on the validation split at the selected epoch",
          reference_hint="0.0 (any trial is better)")
-_builtin(name="test_top1", mode="max", unit="fraction", source="training", bounds=(0.0, 1.0), ideal=1.0,
+_builtin(name="test_top1", mode=Mode.MAX, unit="fraction", source="training", bounds=(0.0, 1.0), ideal=1.0,
          objective=False, constrainable=False,
          description="top-1 accuracy on the held-out test split, evaluated once at the selected epoch; never used to choose")
-_builtin(name="gmacs", mode="min", unit="GMACs", known_before_training=True,
+_builtin(name="gmacs", mode=Mode.MIN, unit="GMACs", known_before_training=True,
          description="multiply-accumulates per image, billions")
-_builtin(name="params_m", mode="min", unit="M", known_before_training=True,
+_builtin(name="params_m", mode=Mode.MIN, unit="M", known_before_training=True,
          description="parameters, millions")
-_builtin(name="pixels", mode="min", unit="px", known_before_training=True, bounds=(1.0, float("inf")),
+_builtin(name="pixels", mode=Mode.MIN, unit="px", known_before_training=True, bounds=(1.0, float("inf")),
          description="H × W of the student's input per image",
          reference_hint="{teacher_pixels} (teacher.resolution²)")
-_builtin(name="latency_ms", mode="min", unit="ms",
+_builtin(name="latency_ms", mode=Mode.MIN, unit="ms",
          description="median batch-1 latency on the trial's device")
-_builtin(name="throughput_ips", mode="max", unit="images/s", objective=False, constrainable=False, summary=False,
+_builtin(name="throughput_ips", mode=Mode.MAX, unit="images/s", objective=False, constrainable=False, summary=False,
          ideal=float("inf"), description="images per second at the throughput batch size")
 
 
@@ -186,7 +238,7 @@ def hardware_metric(label: str) -> Metric:
     the first time it is asked for; a frontier's compute axis for that hardware."""
     name = f"latency_ms.{check_hardware_label(label)}"
     if name not in METRICS:
-        register(Metric(name=name, mode="min", unit="ms", source="remeasure", objective=False, constrainable=False,
+        register(Metric(name=name, mode=Mode.MIN, unit="ms", source="remeasure", objective=False, constrainable=False,
                         summary=True,
                         description=f"median batch-1 latency on hardware label {label} (pxd remeasure)"))
     return METRICS[name]

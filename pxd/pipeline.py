@@ -7,7 +7,7 @@ from the assistant. With `assistant.enabled: false` the student is distilled fro
 (one-stage pixel distillation), for comparison.
 
 Each stage is identified by a content-addressed `stage key` (`stage_keys`), and obtained through a
-`StageProvider`, so a sweep can share stages between trials (`orchestrator.stage_store`); the default
+`StageProvider`, so a sweep can share stages between trials (`orchestrator.stages.store`); the default
 provider simply trains.
 """
 
@@ -384,7 +384,7 @@ def _teacher_stage(
 # (stage kind, stage key) → (the StageResult a module was loaded from, that module), kept by this process:
 # a worker process that runs trial after trial (a sweep's `search.reuse_actors`) builds its teacher and
 # assistant once, not once per trial. A kept module is used only when the provider hands out that same
-# result object again (a store's verified in-memory copy, e.g. `orchestrator.stage_store`), so its weights
+# result object again (a store's verified in-memory copy, e.g. `orchestrator.stages.store`), so its weights
 # are exactly the stage's. Upstream modules are only read (eval mode, no gradients) by the stages that
 # distil from them; a stage that trains always builds a new module. Between runs they sit on the CPU; the
 # least recently used goes first. A module a CUDA run put in channels_last stays so (`train.channels_last`

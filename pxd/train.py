@@ -46,7 +46,7 @@ __all__ = [
 # on_epoch(stage kind, epoch number from 1, metrics of that epoch)
 EpochCallback = Callable[[str, int, dict[str, float]], None]
 # cpu_threads() → the CPU threads the stage may use from now on; asked before every step (a sweep lends the
-# CPUs of its idle trial slots to the trials still running: `orchestrator.cpu_lending`). Keep it cheap.
+# CPUs of its idle trial slots to the trials still running: `orchestrator.driver.lending`). Keep it cheap.
 CpuThreads = Callable[[], int]
 
 DEFAULT_CHECKPOINT_INTERVAL_S = 300.0

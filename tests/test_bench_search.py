@@ -15,7 +15,7 @@ from bench.search_quality import (
     summarise_curves,
 )
 from bench.search_table import SearchTable, TablePoint, check_complete, grid_points, point_key, training_space
-from orchestrator.spec import load_spec
+from orchestrator.space.spec import load_spec
 from pxd.errors import ConfigError
 
 SPACE = Path(__file__).resolve().parents[1] / "bench" / "search_quality.yaml"

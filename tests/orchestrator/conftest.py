@@ -30,7 +30,7 @@ def results_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlflow_server(results_root):
     """A real MLflow tracking server (SQLite backend, proxied artifacts) on 127.0.0.1."""
-    from orchestrator.tracking import EmbeddedServer
+    from orchestrator.tracking.server import EmbeddedServer
 
     server = EmbeddedServer(results_root)
     uri = server.start()
@@ -58,13 +58,3 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@pytest.fixture(autouse=True)
-def fresh_process_memory(monkeypatch):
-    """Each test starts as a new trial process would: no stage or found-stage kept in memory by an
-    earlier test (a kept worker process, `search.reuse_actors`, keeps them between its own trials)."""
-    from orchestrator import stage_store
-
-    monkeypatch.setattr(stage_store, "_LOADED", {})
-    monkeypatch.setattr(stage_store, "_FOUND", {})

@@ -20,15 +20,21 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator import schema
-from orchestrator.attempts import lost_cause, will_repeat
-from orchestrator.frontier import TrialRow
-from orchestrator.spec import parse_spec
-from orchestrator.frontier import trial_outcomes
+from orchestrator.driver.attempts import lost_cause, will_repeat
+from orchestrator.results import schema
+from orchestrator.results.frontier import TrialRow, trial_outcomes
+from orchestrator.space.spec import parse_spec
 from pxd.errors import ConfigError, DivergedError
 from tests.orchestrator.conftest import tiny_space
-from tests.orchestrator.test_faults import _env, _kill_group, _spawn, _sweep_command, _tails, _wait_for
-from tests.orchestrator.test_faults import ray_tmp  # noqa: F401 - a fixture
+from tests.orchestrator.test_faults import (
+    _env,
+    _kill_group,
+    _spawn,
+    _sweep_command,
+    _tails,
+    _wait_for,
+    ray_tmp,  # noqa: F401 - a fixture
+)
 
 OPTUNA_FAIL, OPTUNA_COMPLETE = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE
 
@@ -46,7 +52,7 @@ def test_max_retries_defaults_to_retrying_and_refuses_nonsense():
 def test_errors_pxd_raises_on_purpose_would_repeat_and_others_may_not():
     assert will_repeat(DivergedError("loss is nan")) and will_repeat(ConfigError("student.arch", "unknown"))
     assert not will_repeat(OSError("No space left on device")) and not will_repeat(ConnectionError("reset"))
-    from orchestrator.stage_store import StageUnavailable
+    from orchestrator.stages.io import StageUnavailable
 
     assert not will_repeat(StageUnavailable("stage store unreachable after 5 attempts"))  # transient: retried
 
@@ -149,7 +155,7 @@ ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_
 class Trial:
     def watch(self, path):
         import os, threading
-        from orchestrator.trial import RayletWatch
+        from orchestrator.worker.trial import RayletWatch
 
         watch = RayletWatch()
         def loop():
@@ -202,7 +208,7 @@ def test_a_trial_process_outliving_its_killed_driver_knows_its_ray_node_is_gone(
 def test_the_raylet_watch_sees_its_parent_process_die(tmp_path):
     """Deterministic half of the above: a process whose parent dies is re-parented; the watch says so."""
     status = tmp_path / "watch.txt"
-    child = (f"import os, time\nfrom pathlib import Path\nfrom orchestrator.trial import RayletWatch\nw = RayletWatch()\n"
+    child = (f"import os, time\nfrom pathlib import Path\nfrom orchestrator.worker.trial import RayletWatch\nw = RayletWatch()\n"
              f"p = Path({str(status)!r})\np.write_text(f'{{os.getpid()}} {{w.gone()}}')\n"
              "deadline = time.time() + 120\n"
              "while not w.gone() and time.time() < deadline:\n    time.sleep(0.05)\n"
@@ -219,6 +225,6 @@ def test_the_raylet_watch_sees_its_parent_process_die(tmp_path):
 
 
 def _alive(pid):
-    from orchestrator.tracking import _pid_alive
+    from orchestrator.tracking.server import _pid_alive
 
     return _pid_alive(pid)

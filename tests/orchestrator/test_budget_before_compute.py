@@ -10,9 +10,9 @@ from __future__ import annotations
 import optuna
 from mlflow.tracking import MlflowClient
 
-from orchestrator import schema
-from orchestrator.spec import broken_before_training, parse_spec
-from orchestrator.sweep import SweepOptions, run_sweep
+from orchestrator.driver.launch import SweepOptions, run_sweep
+from orchestrator.results import schema
+from orchestrator.space.spec import broken_before_training, parse_spec
 from pxd.cost import static_cost
 from pxd.metrics import metrics_before_training
 from pxd.models import create_model
@@ -28,7 +28,7 @@ def test_broken_limits_are_named_and_unknown_ones_are_not_guessed():
 
 
 def test_static_cost_is_what_the_trained_student_costs():
-    from orchestrator.spec import materialize
+    from orchestrator.space.spec import materialize
 
     spec = parse_spec(tiny_space())
     config = materialize(spec, {"student.arch": "resnet10t", "student.resolution": 24})

@@ -41,7 +41,7 @@ def test_pxd_train_prints_the_final_metrics_as_json(tiny_file, tmp_path):
 
 
 def test_shipped_train_config_is_valid():
-    from orchestrator.spec import load_spec
+    from orchestrator.space.spec import load_spec
 
     config = load_spec("configs/train.yaml").fixed_config()
     assert config.student.resolution < config.teacher.resolution

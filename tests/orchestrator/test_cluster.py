@@ -333,7 +333,7 @@ def _trial_runs(cluster: Cluster) -> list:
 
 
 def _stage_runs(cluster: Cluster, stage: str) -> list:
-    from orchestrator.schema import STAGES_EXPERIMENT
+    from orchestrator.results.schema import STAGES_EXPERIMENT
 
     client = _client(cluster)
     experiment = client.get_experiment_by_name(STAGES_EXPERIMENT)

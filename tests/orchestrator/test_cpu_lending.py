@@ -8,8 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.budget import write_budget
-from orchestrator.cpu_lending import SHARES_FILE, WAITS_DIR, IdleCpuLending, SharedThreads, cpu_shares
+from orchestrator.driver.budget import write_budget
+from orchestrator.driver.lending import IdleCpuLending, cpu_shares
+from orchestrator.stages.threads import SHARES_FILE, WAITS_DIR, SharedThreads
 
 
 def _statuses(*pairs: str) -> list[tuple[str, str]]:
@@ -102,8 +103,8 @@ def test_a_trial_waiting_for_a_stage_lends_its_threads_to_the_trial_training_it(
 
     import torch
 
-    from orchestrator.stage_leases import LocalLeases
-    from orchestrator.stage_store import MlflowStageStore
+    from orchestrator.stages.leases import LocalLeases
+    from orchestrator.stages.store import MlflowStageStore
     from pxd.train import StageResult
 
     shares = tmp_path / SHARES_FILE

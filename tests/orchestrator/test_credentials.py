@@ -19,12 +19,16 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator import credentials, schema
-from orchestrator.credentials import PrivateRDBStorage
+from orchestrator.results import schema
+from orchestrator.tracking import credentials
+from orchestrator.tracking.credentials import PrivateRDBStorage
 from tests.orchestrator.conftest import tiny_space
 from tests.orchestrator.test_cluster import PG_HOST, PG_PORT, _admin_engine, _pg_dialect, _postgres_unavailable
-from tests.orchestrator.test_faults import _env, _sweep_command
-from tests.orchestrator.test_faults import ray_tmp  # noqa: F401 - a fixture
+from tests.orchestrator.test_faults import (
+    _env,
+    _sweep_command,
+    ray_tmp,  # noqa: F401 - a fixture
+)
 
 SAFETY_TIMEOUT_S = 600  # a guard against hanging forever; nothing asserts on durations
 

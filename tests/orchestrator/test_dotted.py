@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.spec import apply_overrides, load_spec, parse_spec
+from orchestrator.space.spec import apply_overrides, load_spec, parse_spec
 from pxd.errors import ConfigError
 from pxd.paths import flatten, get_path, set_path
 from tests.conftest import TINY_CONFIG

@@ -11,10 +11,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune.schedulers import TrialScheduler
 
-from orchestrator import schema
-from orchestrator.early_stopping import MOASHA, goes_on, keep_best, nondominated_ranks, rungs
-from orchestrator.spec import parse_spec
-from orchestrator.sweep import SweepOptions, run_sweep
+from orchestrator.driver.early_stopping import MOASHA, goes_on, keep_best, nondominated_ranks, rungs
+from orchestrator.driver.launch import SweepOptions, run_sweep
+from orchestrator.results import schema
+from orchestrator.space.spec import parse_spec
 from pxd.errors import ConfigError
 from tests.orchestrator.conftest import tiny_space
 

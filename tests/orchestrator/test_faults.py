@@ -31,12 +31,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.schema import STAGE_CHECKPOINT as CHECKPOINT
-from orchestrator.schema import FINAL_REPORT, STAGES_EXPERIMENT, find_sweep_run
-from orchestrator.searcher import make_searcher
-from orchestrator.spec import parse_spec
-from orchestrator.stage_store import MlflowStageStore, SqlLeases
-from orchestrator.tracking import EmbeddedServer
+from orchestrator.driver.searcher import make_searcher
+from orchestrator.results.schema import FINAL_REPORT, STAGES_EXPERIMENT, find_sweep_run
+from orchestrator.results.schema import STAGE_CHECKPOINT as CHECKPOINT
+from orchestrator.space.spec import parse_spec
+from orchestrator.stages.store import MlflowStageStore, SqlLeases
+from orchestrator.tracking.server import EmbeddedServer
 from pxd.train import StageResult
 from tests.orchestrator.conftest import free_port, tiny_space
 
@@ -129,7 +129,7 @@ _STAGE_PROCESS = r"""
 import json, sys, time
 from pathlib import Path
 import torch
-from orchestrator.stage_store import MlflowStageStore, SqlLeases
+from orchestrator.stages.store import MlflowStageStore, SqlLeases
 from pxd.train import StageResult
 
 uri, lease_url, key, marks, name, mode, after = sys.argv[1:8]
@@ -328,7 +328,7 @@ def test_a_resume_does_not_draw_again_what_trials_after_tunes_snapshot_drew(tmp_
     """Tune's last snapshot holds the searcher, sampler state included, from before trial t2 was drawn; t2
     then ran and finished, and the driver died. The restored sampler must not replay t2's draw for the
     next trial (the same student twice on the frontier)."""
-    from orchestrator.budget import SweepSearchGenerator
+    from orchestrator.driver.budget import SweepSearchGenerator
 
     raw = tiny_space(sampler={"name": "random", "seed": 3}, trials=8)
     raw["distill"]["isrd"] = {"uniform": [0.0, 2.0]}
@@ -354,8 +354,8 @@ def test_a_resumed_launch_reports_progress_from_what_earlier_launches_finished()
     launch's own, counting the trials already finished, each once, and the closing line is the one that heard the events."""
     import pickle
 
-    from orchestrator.frontier import TrialRow
-    from orchestrator.progress import SweepProgress
+    from orchestrator.driver.progress import SweepProgress
+    from orchestrator.results.frontier import TrialRow
 
     spec = parse_spec(tiny_space(), source_path="tiny.yaml")
     first = SweepProgress(spec, total=6, quiet=True)
@@ -446,8 +446,8 @@ def test_a_trial_recorded_complete_after_tunes_snapshot_is_told_to_optuna_when_t
     """The driver died after a trial recorded its result in MLflow and before it told Optuna (after Tune's
     last snapshot, so the resume does not rerun it): at the end the study gets the recorded values, as
     the searcher would have told them; a trial with no recorded result is told FAIL."""
-    from orchestrator import schema
-    from orchestrator.sweep import _close_optuna_trials
+    from orchestrator.driver.reconcile import close_optuna_trials
+    from orchestrator.results import schema
 
     spec = parse_spec(tiny_space(constraints={"max_pixels": 300}))
     name = f"faults-told-{uuid.uuid4().hex[:6]}"
@@ -465,7 +465,7 @@ def test_a_trial_recorded_complete_after_tunes_snapshot_is_told_to_optuna_when_t
     client.log_metric(run.info.run_id, "pixels", 256.0)
     client.set_terminated(run.info.run_id)
 
-    _close_optuna_trials(name, storage, stopped=False, spec=spec, client=client, parent_run_id=parent.info.run_id)
+    close_optuna_trials(name, storage, stopped=False, spec=spec, client=client, parent_run_id=parent.info.run_id)
 
     trials = {t.number: t for t in optuna.load_study(study_name=name, storage=storage).trials}
     told = trials[recorded.number]

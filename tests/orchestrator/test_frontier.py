@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from orchestrator.frontier import (
+from orchestrator.results.frontier import (
     TrialRow,
     eligible,
     format_table,
@@ -334,7 +334,7 @@ def test_optuna_routines_agree_with_the_previous_exact_implementation(k):
 
 
 def test_incremental_frontier_equals_the_table_after_every_trial():
-    from orchestrator.frontier import IncrementalFrontier
+    from orchestrator.results.frontier import IncrementalFrontier
 
     objectives = [("val_top1", "max"), ("gmacs", "min"), ("pixels", "min")]
     reference = {"val_top1": 0.0, "gmacs": 1.0, "pixels": 4096.0}
@@ -363,7 +363,8 @@ def test_normalised_hypervolume_is_the_fraction_of_the_reference_to_ideal_box():
 
 
 def test_the_sweep_summary_says_failed_and_stopped_trials_count_toward_the_budget():
-    from orchestrator.sweep import SweepOutcome, summary
+    from orchestrator.driver.finish import summary
+    from orchestrator.driver.launch import SweepOutcome
 
     objectives = [("val_top1", "max"), ("gmacs", "min")]
     rows = [row("a", 0.8, 0.2), row("b", 0.0, 0.0, state="FAILED"), row("c", 0.5, 0.1, state="PRUNED"),

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator import schema
+from orchestrator.results import schema
 from tests.orchestrator.conftest import tiny_space
 from tests.orchestrator.test_cluster import (
     REPO,

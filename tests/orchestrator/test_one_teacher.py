@@ -8,7 +8,7 @@ import copy
 import optuna
 import pytest
 
-from orchestrator.spec import load_spec, materialize, optuna_directions, parse_spec, sample_params
+from orchestrator.space.spec import load_spec, materialize, optuna_directions, parse_spec, sample_params
 from pxd.errors import ConfigError
 from pxd.pipeline import stage_keys
 from tests.conftest import TINY_CONFIG
@@ -83,7 +83,7 @@ def test_a_single_run_keeps_one_distill_section_for_both_stages():
 def test_shipped_spaces_train_one_teacher_and_one_assistant_per_architecture(space, tmp_path):
     raw = load_spec(f"search_spaces/{space}.yaml").raw if space == "quickstart" else None
     if raw is None:
-        from orchestrator.spec import read_yaml
+        from orchestrator.space.spec import read_yaml
 
         raw = read_yaml(f"search_spaces/{space}.yaml")
         raw["dataset"]["path"] = str(tmp_path)
@@ -111,7 +111,7 @@ def test_shipped_spaces_train_one_teacher_and_one_assistant_per_architecture(spa
     (2, 0.0, 2.0, 1.0),  # nothing free: still one trial's CPUs, as before
 ])
 def test_the_teacher_warm_up_takes_the_cpus_of_the_idle_trial_slots(max_concurrent, available, largest, expected):
-    from orchestrator.sweep import warm_up_cpus
+    from orchestrator.driver.warmup import warm_up_cpus
 
     raw = _space(search__max_concurrent=max_concurrent, search__resources={"cpu": 1, "gpu": 0})
     assert warm_up_cpus(parse_spec(raw).require_search(), available, largest) == expected
@@ -119,10 +119,10 @@ def test_the_teacher_warm_up_takes_the_cpus_of_the_idle_trial_slots(max_concurre
 
 def test_the_teacher_warm_up_lands_on_a_worker_that_has_imported_and_cached_its_dataset(ray_local, tmp_path):
     """While the driver starts the tracking server, a Ray worker imports torch, timm and MLflow and decodes
-    the dataset into its cache; the warm-up task that follows (same call as `_warm_teacher`) runs there."""
+    the dataset into its cache; the warm-up task that follows (same call as `warm_teacher`) runs there."""
     from PIL import Image
 
-    from orchestrator.sweep import _ready_warm_up_worker
+    from orchestrator.driver.warmup import ready_warm_up_worker
 
     for split in ("train", "val"):
         for label, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
@@ -134,7 +134,7 @@ def test_the_teacher_warm_up_lands_on_a_worker_that_has_imported_and_cached_its_
                       "cache_dir": str(tmp_path / "cache")}
     spec = parse_spec(raw)
 
-    ready_pid = ray_local.get(_ready_warm_up_worker(spec))
+    ready_pid = ray_local.get(ready_warm_up_worker(spec))
     assert any(path.is_file() for path in (tmp_path / "cache").rglob("*")), "the dataset was not cached"
 
     def warm_up_probe() -> tuple[int, bool]:

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from orchestrator.frontier import TrialRow, frontier_table
-from orchestrator.plots import plot_html, plot_png
+from orchestrator.results.frontier import TrialRow, frontier_table
+from orchestrator.results.plots import plot_html, plot_png
 
 OBJECTIVES = [("val_top1", "max"), ("gmacs", "min"), ("pixels", "min")]
 REFERENCE = {"val_top1": 0.0, "gmacs": 1.0, "pixels": 4096.0}

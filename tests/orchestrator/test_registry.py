@@ -12,10 +12,12 @@ import os
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator import schema
-from orchestrator.spec import constraint_names, parse_spec
-from orchestrator.sweep import _experiment_id, _parent_run, finish_sweep
-from orchestrator.trial import TrialContext, run_trial
+from orchestrator.driver.finish import finish_sweep
+from orchestrator.driver.parent_run import ensure_experiment, open_parent_run
+from orchestrator.results import schema
+from orchestrator.space.spec import constraint_names, parse_spec
+from orchestrator.worker.context import TrialContext
+from orchestrator.worker.trial import run_trial
 from pxd import metrics as registry
 from pxd.errors import ConfigError
 from tests.orchestrator.conftest import tiny_space
@@ -57,8 +59,8 @@ def test_a_registered_metric_is_accepted_recorded_constrained_and_on_the_frontie
     assert "energy_mj" in registry.final_metrics() and "energy_mj" in registry.summary_metrics()
 
     client = MlflowClient(mlflow_server)
-    experiment_id = _experiment_id(client, "registry-test")
-    parent = _parent_run(client, experiment_id, "registry-test-sweep", spec, "sqlite:///unused.db", resume=False)
+    experiment_id = ensure_experiment(client, "registry-test")
+    parent = open_parent_run(client, experiment_id, "registry-test-sweep", spec, "sqlite:///unused.db", resume=False)
     context = TrialContext(spec=spec, sweep_name="registry-test-sweep", tracking_uri=mlflow_server,
                            experiment_id=experiment_id, parent_run_id=parent)
     before = os.environ.get("MLFLOW_TRACKING_URI")
@@ -82,8 +84,8 @@ def test_a_constraint_on_the_registered_metric_makes_trials_infeasible(energy_me
                  reference_point={"energy_mj": 10.0}, constraints={"max_energy_mj": 1e-9})
     spec = parse_spec(raw, source_path="energy.yaml")
     client = MlflowClient(mlflow_server)
-    experiment_id = _experiment_id(client, "registry-test")
-    parent = _parent_run(client, experiment_id, "registry-test-infeasible", spec, "sqlite:///unused.db", resume=False)
+    experiment_id = ensure_experiment(client, "registry-test")
+    parent = open_parent_run(client, experiment_id, "registry-test-infeasible", spec, "sqlite:///unused.db", resume=False)
     context = TrialContext(spec=spec, sweep_name="registry-test-infeasible", tracking_uri=mlflow_server,
                            experiment_id=experiment_id, parent_run_id=parent)
     result = run_trial({"student.resolution": 8}, context)

@@ -18,12 +18,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from orchestrator import schema
 from orchestrator.cli import main
-from orchestrator.hardware import TimingRequest, remeasure
-from orchestrator.spec import parse_spec
-from orchestrator.sweep import _experiment_id, _parent_run, finish_sweep
-from orchestrator.trial import TrialContext, run_trial
+from orchestrator.driver.finish import finish_sweep
+from orchestrator.driver.parent_run import ensure_experiment, open_parent_run
+from orchestrator.results import schema
+from orchestrator.results.hardware import TimingRequest, remeasure
+from orchestrator.space.spec import parse_spec
+from orchestrator.worker.context import TrialContext
+from orchestrator.worker.trial import run_trial
 from pxd.errors import ConfigError
 from tests.orchestrator.conftest import free_port, tiny_space
 
@@ -46,8 +48,8 @@ def sweep(mlflow_server):
     """A finished sweep of three trials: (16 px, kd 1.0), (16 px, kd 0.5), (8 px, kd 1.0)."""
     spec = _spec()
     client = MlflowClient(mlflow_server)
-    experiment_id = _experiment_id(client, EXPERIMENT)
-    parent = _parent_run(client, experiment_id, SWEEP, spec, "sqlite:///unused.db", resume=False)
+    experiment_id = ensure_experiment(client, EXPERIMENT)
+    parent = open_parent_run(client, experiment_id, SWEEP, spec, "sqlite:///unused.db", resume=False)
     context = TrialContext(spec=spec, sweep_name=SWEEP, tracking_uri=mlflow_server, experiment_id=experiment_id,
                            parent_run_id=parent)
     trials = {key: run_trial({"student.resolution": key[0], "distill.kd": key[1]}, context)
@@ -74,7 +76,7 @@ def _parent_tags(uri: str, run_id: str) -> dict[str, str]:
 
 def _hand_made_sweep(client: MlflowClient, sweep: dict, name: str, model_uri: str, metrics: dict[str, float]) -> str:
     """A sweep run with one COMPLETE trial run holding `model_uri`, written as a sweep writes them."""
-    parent = _parent_run(client, sweep["experiment_id"], name, sweep["spec"], "sqlite:///unused.db", resume=False)
+    parent = open_parent_run(client, sweep["experiment_id"], name, sweep["spec"], "sqlite:///unused.db", resume=False)
     tags = schema.trial_start_tags(sweep=name, parent_run_id=parent, trial_id=f"{name}-0", params={},
                                    hostname="here", node_id="local", pid=os.getpid())
     run = client.create_run(sweep["experiment_id"], tags={**tags, schema.Tag.STATE: "COMPLETE",

@@ -13,7 +13,7 @@ import optuna
 import pytest
 import yaml
 
-from orchestrator.spec import (
+from orchestrator.space.spec import (
     constraint_names,
     constraint_values,
     define_by_run,

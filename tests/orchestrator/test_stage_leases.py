@@ -10,7 +10,7 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from orchestrator.stage_leases import LEASE_MAX_OVERFLOW, LEASE_POOL_SIZE, SqlLeases
+from orchestrator.stages.leases import LEASE_MAX_OVERFLOW, LEASE_POOL_SIZE, SqlLeases
 
 BOUND = LEASE_POOL_SIZE + LEASE_MAX_OVERFLOW
 # the installed driver named explicitly: a bare postgresql:// means psycopg 3 under SQLAlchemy 2.1, psycopg2 under 2.0

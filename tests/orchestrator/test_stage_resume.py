@@ -12,9 +12,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from orchestrator.schema import STAGE_CHECKPOINT, Tag
-from orchestrator.stage_leases import LocalLeases
-from orchestrator.stage_store import MlflowStageStore, StageUnavailable, list_stages
+from orchestrator.results.schema import STAGE_CHECKPOINT, Tag
+from orchestrator.stages.io import StageUnavailable
+from orchestrator.stages.leases import LocalLeases
+from orchestrator.stages.listing import list_stages
+from orchestrator.stages.memory import StageMemory
+from orchestrator.stages.store import MlflowStageStore
+from orchestrator.worker.kept import WorkerState
 from pxd.config import PipelineConfig
 from pxd.pipeline import ResumableTraining, run_tas, stage_keys
 from pxd.train import StageResult
@@ -32,9 +36,10 @@ def fast_retries(monkeypatch):
     monkeypatch.setenv("PXD_STAGE_CHECKPOINT_INTERVAL_S", "0")  # every epoch
 
 
-def _store(uri: str) -> MlflowStageStore:
-    """A fresh store, as a new trial process builds one (its own owner id)."""
-    return MlflowStageStore(uri, leases=LocalLeases(), poll_s=0.1, wait_timeout_s=30)
+def _store(uri: str, memory: StageMemory | None = None) -> MlflowStageStore:
+    """A fresh store, as a new trial process builds one (its own owner id); `memory`: what its worker
+    process keeps between trials (None: a new process's)."""
+    return MlflowStageStore(uri, leases=LocalLeases(), poll_s=0.1, wait_timeout_s=30, memory=memory)
 
 
 def _unused_seed() -> int:
@@ -212,18 +217,19 @@ def test_a_kept_worker_process_searches_mlflow_for_a_stage_once(mlflow_server, m
     monkeypatch.delenv("PXD_OVERHEAD_CUTS", raising=False)
     key, run_id = _stored(mlflow_server)
     searches: list[str] = []
+    kept = WorkerState.from_environment().stages  # one worker process
     for _ in range(3):  # three trials of one process, each with its own store, as run_trial builds
-        store = _counting_searches(_store(mlflow_server), searches, monkeypatch)
+        store = _counting_searches(_store(mlflow_server, kept), searches, monkeypatch)
         outcome = store.get_or_train("teacher", key, {"arch": "io-test"}, _must_not_train)
         assert outcome.reused and outcome.ref == run_id
         assert torch.equal(outcome.result.state_dict["w"], torch.ones(2))
     assert len(searches) == 1
 
     monkeypatch.setenv("PXD_OVERHEAD_CUTS", "0")
-    monkeypatch.setattr("orchestrator.stage_store._FOUND", {})
     searches.clear()
+    kept = WorkerState.from_environment().stages  # a worker process with the cuts off
     for _ in range(2):
-        store = _counting_searches(_store(mlflow_server), searches, monkeypatch)
+        store = _counting_searches(_store(mlflow_server, kept), searches, monkeypatch)
         assert store.get_or_train("teacher", key, {"arch": "io-test"}, _must_not_train).ref == run_id
     assert len(searches) == 2
 

@@ -18,9 +18,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.schema import STAGES_EXPERIMENT
-from orchestrator.spec import parse_spec
-from orchestrator.sweep import SweepOptions, run_sweep
+from orchestrator.driver.launch import SweepOptions, run_sweep
+from orchestrator.results.schema import STAGES_EXPERIMENT
+from orchestrator.space.spec import parse_spec
 from tests.orchestrator.conftest import tiny_space
 
 pytestmark = pytest.mark.slow
@@ -147,7 +147,7 @@ def test_shared_stages_are_trained_once(first_sweep, mlflow_server):
     assert all(r.data.tags["pxd.stage.teacher.reused"] == "true" for r in children)
     # it trains alone, so on the CPUs of both trial slots (max_concurrent 2 × 1 CPU) where the machine has them;
     # the assistants train inside one-CPU trials: on that thread, plus the thread of a trial waiting for the
-    # same assistant while it does (orchestrator.cpu_lending), never more
+    # same assistant while it does (orchestrator.driver.lending), never more
     assert teachers[0].data.metrics["train_threads"] == min(2, os.cpu_count())
     assert all(1.0 <= r.data.metrics["train_threads"] <= 2.0 for r in assistants)
     assert sum(r.data.tags["pxd.stage.assistant.reused"] == "false" for r in children) == 2
@@ -251,7 +251,7 @@ def test_a_frontier_point_is_reproduced_by_pxd_train_with_its_parameters_as_set_
     """`pxd train SPACE --set <the row's parameters>` trains exactly the trial's stages (same keys)."""
     import yaml
 
-    from orchestrator.schema import collect_rows, find_sweep_run
+    from orchestrator.results.schema import collect_rows, find_sweep_run
 
     spec, outcome = first_sweep
     client = MlflowClient(mlflow_server)
@@ -302,7 +302,7 @@ def test_searching_student_weights_trains_one_teacher_and_one_assistant_per_arch
 @pytest.fixture(scope="module")
 def remeasured(first_sweep, mlflow_server):
     """The first sweep re-timed on two labels of this machine: eager torch (1 thread), ONNX Runtime."""
-    from orchestrator.hardware import TimingRequest, remeasure
+    from orchestrator.results.hardware import TimingRequest, remeasure
 
     _, outcome = first_sweep
     client = MlflowClient(mlflow_server)
@@ -332,7 +332,7 @@ def test_remeasure_logs_each_label_to_the_trial_runs_and_a_frontier_to_the_sweep
 
 
 def test_remeasuring_a_label_again_replaces_its_numbers(remeasured, mlflow_server):
-    from orchestrator.hardware import TimingRequest, remeasure
+    from orchestrator.results.hardware import TimingRequest, remeasure
 
     outcome, _, _ = remeasured
     client = MlflowClient(mlflow_server)

@@ -20,9 +20,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from orchestrator import schema
-from orchestrator.spec import parse_spec, read_yaml
-from orchestrator.sweep import SweepOptions, run_sweep
+from orchestrator.driver.launch import SweepOptions, run_sweep
+from orchestrator.results import schema
+from orchestrator.space.spec import parse_spec, read_yaml
 from pxd.errors import ConfigError
 from tests.orchestrator.conftest import free_port, tiny_space
 from tests.orchestrator.test_faults import REPO, _env
@@ -91,10 +91,10 @@ def test_a_reference_point_valid_trials_cannot_beat_is_refused(reference, field)
 
 
 def test_default_sweep_names_never_collide():
-    from orchestrator.sweep import _default_name
+    from orchestrator.driver.folder import default_name
 
     spec = _spec()
-    assert len({_default_name(spec) for _ in range(50)}) == 50  # same second, different names
+    assert len({default_name(spec) for _ in range(50)}) == 50  # same second, different names
 
 
 def test_an_existing_sweep_name_is_refused_without_resume(ray_local, mlflow_server, tmp_path):
@@ -180,7 +180,7 @@ def test_resume_reaches_the_new_embedded_server_when_the_first_launchs_port_is_g
                             _options(root, None, name="moved", resume=True))
     assert resumed.tracking_uri != first.tracking_uri and resumed.parent_run_id == first.parent_run_id
     assert len({r.trial_id for r in resumed.rows if r.state in ("COMPLETE", "PRUNED")}) == 4
-    from orchestrator.tracking import resolve_tracking
+    from orchestrator.tracking.server import resolve_tracking
 
     target = resolve_tracking(None, root, read_only=True)
     try:
@@ -209,8 +209,8 @@ def test_a_launch_that_fails_marks_its_parent_run_failed(ray_local, mlflow_serve
 
 
 def test_the_time_budget_is_the_latest_launchs(tmp_path):
-    from orchestrator.budget import LaunchBudget, SweepSearchGenerator, write_budget
-    from orchestrator.searcher import make_searcher
+    from orchestrator.driver.budget import LaunchBudget, SweepSearchGenerator, write_budget
+    from orchestrator.driver.searcher import make_searcher
 
     budget = tmp_path / "budget.json"
     write_budget(tmp_path, trials=3, timeout_s=0)
@@ -255,7 +255,7 @@ def test_gpu_resources_the_cluster_lacks_are_refused_before_compute(ray_local, m
 def test_a_sweep_refused_for_resources_starts_no_tracking_server(ray_local, tmp_path, monkeypatch):
     """With the embedded store, a sweep refused after Ray is up (here: GPUs the cluster lacks) has started
     no MLflow server and created no store: the resources are checked before the tracking server starts."""
-    from orchestrator.tracking import SERVER_FILE, EmbeddedServer
+    from orchestrator.tracking.server import SERVER_FILE, EmbeddedServer
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root = tmp_path / "root"

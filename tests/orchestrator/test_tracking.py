@@ -13,7 +13,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import EmbeddedServer, _healthy, _pid_alive, resolve_tracking, ui_command
+from orchestrator.tracking.server import EmbeddedServer, _healthy, _pid_alive, resolve_tracking, ui_command
 from tests.orchestrator.test_faults import REPO, _env
 
 SAFETY_TIMEOUT_S = 300
@@ -88,7 +88,7 @@ def test_a_user_that_died_does_not_keep_the_server_alive(tmp_path):
     script = textwrap.dedent(f"""
         import os
         from pathlib import Path
-        from orchestrator.tracking import EmbeddedServer
+        from orchestrator.tracking.server import EmbeddedServer
         print(EmbeddedServer(Path({str(tmp_path)!r})).start(), flush=True)
         os._exit(0)  # dies without leaving, like a killed sweep
     """)
@@ -106,7 +106,7 @@ def test_two_processes_starting_at_once_share_one_server(tmp_path):
     script = textwrap.dedent(f"""
         import json, time
         from pathlib import Path
-        from orchestrator.tracking import EmbeddedServer
+        from orchestrator.tracking.server import EmbeddedServer
         server = EmbeddedServer(Path({str(tmp_path)!r}))
         uri = server.start()
         time.sleep(3)
@@ -133,7 +133,7 @@ def test_read_only_commands_read_the_store_without_starting_a_server(tmp_path):
 
 
 def test_the_ui_hint_works_for_every_tracking_uri_kind(tmp_path):
-    from orchestrator.tracking import TrackingTarget
+    from orchestrator.tracking.server import TrackingTarget
 
     assert ui_command(TrackingTarget("http://10.0.0.5:5000", None)) == "open http://10.0.0.5:5000 in a browser"
     hint = ui_command(TrackingTarget(f"sqlite:///{tmp_path}/m.db", None))
@@ -151,7 +151,7 @@ def test_two_sweeps_launched_at_once_on_one_root_both_finish_with_all_their_runs
 
     import yaml
 
-    from orchestrator import schema
+    from orchestrator.results import schema
     from tests.orchestrator.conftest import tiny_space
 
     root = tmp_path / "root"

@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator import schema
-from orchestrator.spec import parse_spec
-from orchestrator.sweep import _experiment_id, _parent_run
-from orchestrator import trial as trial_module
-from orchestrator.trial import OVERHEAD_CUTS_ENV, TRIAL_SECTIONS, TrialContext, run_trial
-from pxd import cost as cost_module
+from orchestrator.driver.parent_run import ensure_experiment, open_parent_run
+from orchestrator.results import schema
+from orchestrator.space.spec import parse_spec
+from orchestrator.worker.context import TrialContext
+from orchestrator.worker.kept import WorkerState
+from orchestrator.worker.trial import OVERHEAD_CUTS_ENV, TRIAL_SECTIONS, run_trial
 from pxd.pipeline import TIMED_SECTIONS
 from tests.orchestrator.conftest import tiny_space
 
@@ -24,31 +24,26 @@ def _context(mlflow_server: str, name: str) -> tuple[TrialContext, MlflowClient]
     del raw["student"]["depths"], raw["student"]["widths"]
     spec = parse_spec(raw, source_path="overhead.yaml")
     client = MlflowClient(mlflow_server)
-    experiment_id = _experiment_id(client, "overhead-test")
-    parent = _parent_run(client, experiment_id, name, spec, "sqlite:///unused.db", resume=False)
+    experiment_id = ensure_experiment(client, "overhead-test")
+    parent = open_parent_run(client, experiment_id, name, spec, "sqlite:///unused.db", resume=False)
     return TrialContext(spec=spec, sweep_name=name, tracking_uri=mlflow_server, experiment_id=experiment_id,
                         parent_run_id=parent), client
 
 
 @pytest.fixture
 def fresh_trial_processes(monkeypatch, tmp_path):
-    """Each trial as in a new process (no measurement held in memory), the cache on disk under tmp_path."""
+    """Each trial as in a new process (a fresh `WorkerState`: no measurement held in memory), the cache on
+    disk under tmp_path."""
     monkeypatch.setenv("PXD_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv(OVERHEAD_CUTS_ENV, raising=False)
-
-    def fresh() -> None:
-        monkeypatch.setattr(cost_module, "_IN_PROCESS", {})
-        monkeypatch.setattr(trial_module, "_DATASETS", {})
-
-    return fresh
+    return WorkerState.from_environment
 
 
 def test_a_second_trial_of_the_same_student_reuses_the_latency_and_says_so(mlflow_server, fresh_trial_processes):
     context, client = _context(mlflow_server, "overhead-test-reuse")
     runs = []
     for resolution in (8, 8, 16):
-        fresh_trial_processes()
-        runs.append(client.get_run(run_trial({"student.resolution": resolution}, context).run_id))
+        runs.append(client.get_run(run_trial({"student.resolution": resolution}, context, fresh_trial_processes()).run_id))
     metrics = [run.data.metrics for run in runs]
     reused = [m[schema.SweepMetric.LATENCY_REUSED] for m in metrics]
     assert reused == [0.0, 1.0, 0.0]  # the same architecture and input reuse it; another resolution re-measures
@@ -68,8 +63,7 @@ def test_latency_reuse_can_be_turned_off(mlflow_server, fresh_trial_processes, m
     context, client = _context(mlflow_server, "overhead-test-no-reuse")
     reused = []
     for _ in range(2):
-        fresh_trial_processes()
-        result = run_trial({"student.resolution": 8}, context)
+        result = run_trial({"student.resolution": 8}, context, fresh_trial_processes())
         reused.append(client.get_run(result.run_id).data.metrics[schema.SweepMetric.LATENCY_REUSED])
     assert reused == [0.0, 0.0]
 
@@ -77,14 +71,14 @@ def test_latency_reuse_can_be_turned_off(mlflow_server, fresh_trial_processes, m
 def test_a_kept_worker_process_loads_the_dataset_once(monkeypatch):
     """With search.reuse_actors a worker process runs trial after trial: the second trial of the same
     dataset gets the splits already in memory; another dataset replaces them; cuts off loads every time."""
-    monkeypatch.setattr(trial_module, "_DATASETS", {})
     monkeypatch.delenv(OVERHEAD_CUTS_ENV, raising=False)
     spec = parse_spec(tiny_space(), source_path="overhead.yaml")
     config = spec.base
-    first = trial_module._process_dataset(config)
-    assert trial_module._process_dataset(config) is first
+    state = WorkerState.from_environment()
+    first = state.dataset(config)
+    assert state.dataset(config) is first
     other = dataclasses.replace(config, dataset=dataclasses.replace(config.dataset, train_per_class=4))
-    assert trial_module._process_dataset(other) is not first and len(trial_module._DATASETS) == 1
-    assert len(trial_module._process_dataset(other).train) == 4 * first.num_classes
+    assert state.dataset(other) is not first and len(state.datasets) == 1
+    assert len(state.dataset(other).train) == 4 * first.num_classes
     monkeypatch.setenv(OVERHEAD_CUTS_ENV, "0")
-    assert trial_module._process_dataset(config) is None  # the pipeline loads it itself
+    assert WorkerState.from_environment().dataset(config) is None  # the pipeline loads it itself

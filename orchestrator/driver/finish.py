@@ -1,0 +1,83 @@
+"""A sweep's end: its frontier and totals on the parent run, frontier tags on trial runs, the terminal summary."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.driver.options import SweepOutcome
+from orchestrator.driver.reconcile import close_lost_trials
+from orchestrator.results import schema
+from orchestrator.results.artifacts import log_frontier
+from orchestrator.results.frontier import TrialRow, format_table, frontier_table, trial_outcomes
+from orchestrator.results.schema import Tag
+from orchestrator.tracking import credentials
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+__all__ = ["finish_sweep", "summary"]
+
+
+def finish_sweep(client: MlflowClient, parent_run_id: str, stopped: dict[str, str] | None = None
+                 ) -> tuple[dict[str, Any], list[TrialRow]]:
+    """Frontier of the sweep → the parent run (table, plots, hypervolume) and tags on frontier runs.
+    `stopped`: Tune trial id → why, for trials stopped before their final result (Optuna: PRUNED)."""
+    parent = client.get_run(parent_run_id)
+    objectives, reference, ideal = schema.sweep_objectives(parent)
+    rows = schema.collect_rows(client, parent)
+    close_lost_trials(client, rows, stopped or {})
+    table = frontier_table(rows, objectives, reference, ideal)
+    on_front = {row["run_id"] for row in table["rows"] if row["on_frontier"]}
+    for row in rows:
+        if row.state == "COMPLETE":
+            client.set_tag(row.run_id, Tag.ON_FRONTIER, str(row.run_id in on_front).lower())
+    x_metrics = tuple(m for m, _ in objectives if m != "val_top1") or ("gmacs",)
+    log_frontier(client, parent, table, "frontier", png_axes=x_metrics)
+    outcomes = trial_outcomes(rows)
+    counts = {state: sum(s == state for s in outcomes.values()) for state in ("COMPLETE", "FAILED", "PRUNED")}
+    client.log_metric(parent_run_id, schema.SweepMetric.HYPERVOLUME, float(table["hypervolume"]))
+    client.log_metric(parent_run_id, schema.SweepMetric.HYPERVOLUME_NORMALISED, float(table["hypervolume_normalised"]))
+    client.log_metric(parent_run_id, schema.SweepMetric.FRONTIER_SIZE, float(len(on_front)))
+    client.log_metric(parent_run_id, schema.SweepMetric.TRIALS_COMPLETE, float(counts["COMPLETE"]))
+    client.log_metric(parent_run_id, schema.SweepMetric.TRIALS_FAILED, float(counts["FAILED"]))
+    client.log_metric(parent_run_id, schema.SweepMetric.TRIALS_STOPPED, float(counts["PRUNED"]))
+    _log_stage_totals(client, parent_run_id, rows)
+    client.set_terminated(parent_run_id, status="FINISHED")
+    return table, rows
+
+
+def _log_stage_totals(client: MlflowClient, parent_run_id: str, rows: list[TrialRow]) -> None:
+    """Stages this sweep trained (teacher warm-up included) and reused, and the training time reuse saved."""
+    sweep = client.get_run(parent_run_id).data.tags[Tag.SWEEP]
+    experiment = client.get_experiment_by_name(schema.STAGES_EXPERIMENT)
+    trained = client.search_runs(
+        [experiment.experiment_id], f"tags.`{Tag.SWEEP}` = '{sweep}' and tags.`{Tag.STAGE_COMPLETE}` = 'true'",
+        max_results=5000,
+    ) if experiment is not None else []
+    metric = schema.SweepMetric
+    for kind in ("teacher", "assistant", "student"):
+        count = sum(run.data.tags.get(Tag.STAGE) == kind for run in trained)
+        client.log_metric(parent_run_id, metric.trained(kind), float(count))
+    client.log_metric(parent_run_id, metric.STAGES_TRAINED, float(len(trained)))
+    client.log_metric(parent_run_id, metric.STAGES_REUSED, float(sum(row.metrics.get(metric.STAGES_REUSED, 0.0) for row in rows)))
+    client.log_metric(parent_run_id, metric.STAGE_SECONDS_SAVED,
+                      float(sum(row.metrics.get(metric.STAGE_SECONDS_SAVED, 0.0) for row in rows)))
+
+
+def summary(outcome: SweepOutcome) -> str:
+    lines = [format_table(outcome.table)]
+    outcomes = list(trial_outcomes(outcome.rows).values())
+    failed, stopped = outcomes.count("FAILED"), outcomes.count("PRUNED")
+    lines.append(f"hypervolume {outcome.table['hypervolume_normalised']:.4f} of the reference-to-ideal box "
+                 f"({outcome.table['hypervolume']:.6g} in the objectives' units) · frontier "
+                 f"{sum(r['on_frontier'] for r in outcome.table['rows'])} of {outcome.table['n_eligible']} eligible"
+                 f" · {failed} failed · {stopped} stopped")
+    if failed or stopped:  # raising search.trials by one after a lost trial would otherwise seem to run none
+        raised = max(outcome.trials_budget, len(outcomes)) + failed + stopped
+        lines.append(f"failed, stopped and infeasible trials count toward search.trials, as in the Optuna study: "
+                     f"to run {failed + stopped} more, resume with it raised by as many (--resume --name "
+                     f"{outcome.sweep_name} --set search.trials={raised})")
+    lines.append(f"sweep {outcome.sweep_name}: parent run {outcome.parent_run_id} (experiment {outcome.experiment_id}) at {outcome.tracking_uri}")
+    lines.append(f"MLflow UI: {outcome.ui}")
+    lines.append(f"frontier runs in the UI: filter  tags.`{Tag.ON_FRONTIER}` = 'true'")
+    return credentials.scrub("\n".join(lines))

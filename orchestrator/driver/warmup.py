@@ -1,0 +1,85 @@
+"""The teacher warm-up: the shared teacher trains (or is found) once, as one Ray task, before any trial is
+launched; a worker is readied for it while the driver starts the tracking server."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+from orchestrator.worker.context import TrialContext
+from orchestrator.worker.provider import make_provider
+from pxd.data import load_dataset
+from pxd.pipeline import prepare_teacher
+
+if TYPE_CHECKING:
+    from orchestrator.space.spec import SweepSpec
+
+__all__ = ["ready_warm_up_worker", "warm_up_cpus", "warm_teacher"]
+
+
+def _ready_worker_task(spec: SweepSpec) -> int:
+    # what the teacher's task imports: MLflow's client (the stage store), SQLAlchemy (the stage leases),
+    # torch, timm and pxd
+    import mlflow.tracking  # noqa: F401
+    import sqlalchemy  # noqa: F401
+
+    import pxd.pipeline  # noqa: F401
+
+    load_dataset(spec.base.dataset, spec.base.seed, progress=False)  # a real dataset's on-disk cache
+    return os.getpid()
+
+
+def ready_warm_up_worker(spec: SweepSpec) -> Any:
+    """Start, in Ray's worker pool, the work the teacher warm-up's worker would otherwise begin with:
+    importing torch, timm, MLflow and pxd (seconds of single-core CPU in every new process) and preparing
+    the dataset's on-disk cache. It runs while the driver starts the tracking server (one core), and
+    Ray hands the warm-up task to an idle worker that has run a task before, so it finds them done."""
+    import ray
+
+    # it holds no CPU: the warm-up sizes itself by the CPUs free just after (Ray's view of a finished
+    # task's CPUs lags); it asks for the warm-up's GPU share, as Ray gives a GPU task only a worker that
+    # ran GPU tasks
+    gpus = spec.require_search().resources.gpu
+    return ray.remote(num_cpus=0, num_gpus=gpus, max_retries=0)(_ready_worker_task).remote(spec)
+
+
+def _prepare_teacher_task(context: TrialContext, threads: int) -> dict[str, Any]:
+    import torch
+
+    # Ray sets OMP_NUM_THREADS for the task, but a pooled worker that imported torch before keeps its count
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # the space's base config holds the sweep's one teacher and dataset
+        outcome = prepare_teacher(context.spec.base, provider=make_provider(context), progress=False)
+    finally:
+        torch.set_num_threads(previous)  # the worker may next run a one-CPU task or trial
+    return {"key": outcome.key, "reused": outcome.reused, "val_top1": outcome.result.metrics.get("val_top1")}
+
+
+def warm_up_cpus(search: Any, available_cpus: float, largest_node_cpus: float) -> float:
+    """CPUs for the teacher warm-up: it trains alone, before any trial, so it takes what the trial slots
+    would hold together (search.resources.cpu × search.max_concurrent), within one node (a task runs on one) and what is free now (another sweep may share the cluster),
+    and never fewer than one trial's CPUs."""
+    per_trial = float(search.resources.cpu)
+    return max(per_trial, float(int(min(per_trial * search.max_concurrent, largest_node_cpus, available_cpus))))
+
+
+def warm_teacher(context: TrialContext, resources: dict[str, float], *, quiet: bool) -> None:
+    """Train (or find) the teacher every trial needs before launching trials, so concurrent trials do
+    not sit on their resource reservations waiting for it. Runs as one Ray task on the CPUs the trial
+    slots would hold (`warm_up_cpus`), with a trial's GPU share."""
+    import ray
+
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    largest = max((float(node["Resources"].get("CPU", 0.0)) for node in nodes), default=resources["cpu"])
+    cpus = warm_up_cpus(context.spec.require_search(), float(ray.available_resources().get("CPU", 0.0)), largest)
+    if not quiet:
+        print(f"[pxd] preparing the shared teacher stage on {cpus:g} CPU(s) before launching trials ...",
+              file=sys.stderr, flush=True)
+    task = ray.remote(num_cpus=cpus, num_gpus=resources["gpu"], max_retries=0)(_prepare_teacher_task)
+    info = ray.get(task.remote(context, max(1, int(cpus))))
+    if not quiet:
+        state = "reused from the stage store" if info["reused"] else "trained"
+        print(f"[pxd] teacher {info['key'][:12]} {state} (val_top1 {info['val_top1']:.3f})", file=sys.stderr, flush=True)

@@ -1,0 +1,262 @@
+"""The Ray Tune trainable: one sampled config → one TAS pipeline → one MLflow child run.
+
+Every trial reports to Tune each epoch (`stage`, `epoch`, the stage's per-epoch `val_top1` under
+`schema.epoch_metric`) and once at the end with its `schema.TrialResult` (the registry's metrics,
+feasibility, constraint values) that the Optuna searcher tells the study. A trial that raises or
+diverges ends its MLflow run as FAILED with the error recorded on the run (tag `pxd.error`, artifact
+`error.txt`) and never enters the frontier. An error that would repeat (`orchestrator.worker.failures`) ends the
+trial with a final report carrying it, so Tune does not retry it and the searcher tells FAIL; any other
+error is re-raised, and Tune runs the trial again up to `search.max_retries` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from orchestrator.results import schema
+from orchestrator.space.spec import broken_before_training, constraint_values, is_feasible, materialize
+from orchestrator.stages.threads import SharedThreads
+from orchestrator.tracking import credentials
+from orchestrator.tracking.server import fluent_tracking_uri
+from orchestrator.worker.context import TrialContext
+from orchestrator.worker.failures import will_repeat
+from orchestrator.worker.kept import OVERHEAD_CUTS_ENV, WorkerState
+from orchestrator.worker.model_log import ModelLoggingWarmUp, log_student
+from orchestrator.worker.provider import make_provider
+from pxd.paths import flatten
+from pxd.pipeline import LatencySettings, PipelineResult, run_tas
+
+if TYPE_CHECKING:
+    from orchestrator.space.spec import SweepSpec
+    from pxd.config import PipelineConfig
+
+__all__ = ["TrialContext", "run_trial", "OverBudget", "TRIAL_SECTIONS", "OVERHEAD_CUTS_ENV", "RayletWatch"]
+# what a trial times outside training beyond the pipeline's sections (`pxd.pipeline.TIMED_SECTIONS`);
+# each is logged as `schema.SweepMetric.overhead(section)`
+TRIAL_SECTIONS = ("log_model",)
+
+logger = logging.getLogger(__name__)
+
+
+class OverBudget(Exception):
+    """The student breaks a hard limit on a metric known before training: nothing is trained."""
+
+    def __init__(self, broken: list[str], constraints: list[float], metrics: dict[str, float]) -> None:
+        super().__init__("; ".join(broken))
+        self.broken, self.constraints, self.metrics = broken, constraints, metrics
+
+
+def _trial_id() -> str | None:
+    """Tune's id of the running trial, or None outside Tune (tests call run_trial directly)."""
+
+    try:
+        with warnings.catch_warnings():  # outside Tune, Ray warns and returns None
+            warnings.simplefilter("ignore")
+            trial_id = tune.get_context().get_trial_id()
+    except Exception:  # noqa: BLE001 - Tune raises different errors outside a session across versions
+        return None
+    return None if trial_id is None else str(trial_id)
+
+
+def run_trial(params: dict[str, Any], context: TrialContext, state: WorkerState | None = None
+              ) -> schema.TrialResult | None:
+    """Run one trial; returns (and, inside Tune, reports) its final result. None: inside Tune, the trial
+    failed with an error that would repeat, recorded on its run and reported (`schema.failed_report`).
+    `state`: what this worker process keeps between trials (None: a fresh one, kept for this trial only)."""
+    state = state if state is not None else WorkerState.from_environment()
+    for url in (context.tracking_uri, context.lease_url):
+        credentials.remember(url)  # error texts recorded on the run mask their passwords
+    config = materialize(context.spec, params)
+    client = MlflowClient(context.tracking_uri)
+    # model logging uses MLflow's fluent API, whose URI is process-wide (it also sets MLFLOW_TRACKING_URI):
+    # set it for the trial and give the caller's back after (a trial run in-process must not leak it)
+    with fluent_tracking_uri(context.tracking_uri):
+        return _run(_Trial(params, context, config, client, state))
+
+
+@dataclass
+class _Trial:
+    """One trial as it runs: what it was given, and its Tune trial id (None outside Tune)."""
+
+    params: dict[str, Any]
+    context: TrialContext
+    config: PipelineConfig
+    client: MlflowClient
+    state: WorkerState
+    trial_id: str | None = field(default_factory=lambda: _trial_id())
+    known: dict[str, float] = field(default_factory=dict)  # gmacs, params_m, pixels: known before any stage trains
+
+    @property
+    def in_tune(self) -> bool:
+        return self.trial_id is not None
+
+
+def _run(trial: _Trial) -> schema.TrialResult | None:
+    # started once a stage trains (not beside the data set-up it would slow down); waited for before latency
+    # timing and the model log
+    warm_up = ModelLoggingWarmUp(enabled=trial.state.overhead_cuts)
+    raylet = RayletWatch()
+    trial_id = trial.trial_id or "local"
+    config, context = trial.config, trial.context
+    tags = schema.trial_start_tags(sweep=context.sweep_name, parent_run_id=context.parent_run_id, trial_id=trial_id,
+                                   params=trial.params, hostname=socket.gethostname(), node_id=_node_id(),
+                                   pid=os.getpid())
+    run_name = f"{config.student.arch}@{config.student.resolution}-{trial_id}"
+    with mlflow.start_run(experiment_id=context.experiment_id, run_name=run_name, tags=tags) as run:
+        run_id = run.info.run_id
+        mlflow.log_params({k: ("" if v is None else v) for k, v in flatten(config.to_dict()).items()})
+        try:
+            outcome, loading = _train(trial, run_id, warm_up)
+        except OverBudget as over:
+            return _over_budget(trial, run_id, over)
+        except (SystemExit, KeyboardInterrupt):
+            # stopped from outside (Tune ends a trial cut by the time budget with SystemExit): not the trial's
+            # failure; the driver records it when the sweep ends, as the Optuna study holds it (PRUNED)
+            raise
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            schema.log_trial_failure(trial.client, run_id, error, traceback.format_exc())
+            mlflow.end_run(status="FAILED")
+            if not (trial.in_tune and will_repeat(exc)):
+                raise
+            tune.report(schema.failed_report(run_id, error))  # finished, not errored: Tune does not retry it
+            return None
+        result = _result(trial, run_id, outcome, loading, warm_up)
+        if trial.in_tune and raylet.gone():
+            # orphaned: the driver died with its Ray. Recording nothing leaves the run RUNNING, which the
+            # resumed sweep closes as lost (`orchestrator.driver.reconcile`) like any trial killed with its driver
+            logger.warning("trial %s: its Ray node is gone; the result is not recorded", trial_id)
+            raise SystemExit(1)
+        schema.log_trial_result(trial.client, result, stages=outcome.stages, device=outcome.cost.get("device", ""),
+                                cost=outcome.cost, warnings=outcome.warnings)
+    if trial.in_tune:
+        tune.report(result.report())
+    return result
+
+
+def _train(trial: _Trial, run_id: str, warm_up: ModelLoggingWarmUp) -> tuple[PipelineResult, float]:
+    """The trial's pipeline, its epochs logged to its run and reported to Tune; and the seconds its data took."""
+    config, context, state = trial.config, trial.context, trial.state
+
+    def on_epoch(kind: str, epoch: int, record: dict[str, float]) -> None:
+        warm_up.start()
+        mlflow.log_metrics({schema.epoch_metric(kind, k): v for k, v in record.items()
+                            if k != "epoch" and math.isfinite(v)}, step=epoch)
+        if trial.in_tune:
+            name = schema.epoch_metric(kind)
+            # with the cost metrics known before training: what early stopping ranks trials on
+            tune.report({"stage": kind, "epoch": epoch, name: record["val_top1"], "mlflow_run_id": run_id,
+                         **trial.known})
+
+    search = context.spec.require_search()
+    latency = LatencySettings(search.latency.device, search.latency.repeats, search.latency.warmup,
+                              cache=state.latency_cache(context.parent_run_id, config), before_timing=warm_up.wait)
+    loading = time.perf_counter()
+    data = state.dataset(config)
+    loading = time.perf_counter() - loading
+    threads = _cpu_threads(context, trial.trial_id or "local")
+    provider = make_provider(context, state.stages, parent_run_id=run_id, lending=threads)
+    outcome = run_tas(config, provider=provider, on_epoch=on_epoch, progress=False, latency=latency,
+                      before_training=_budget_check(context.spec, trial.known), data=data,
+                      memory=state.pipeline_memory(), cpu_threads=threads)
+    return outcome, loading
+
+
+def _over_budget(trial: _Trial, run_id: str, over: OverBudget) -> schema.TrialResult:
+    """Infeasible by architecture and input alone: recorded PRUNED with the reason, nothing trained; the
+    searcher tells Optuna PRUNED with the constraint values, so the sampler learns the region."""
+    reason = f"infeasible before training: {over}; nothing was trained"
+    schema.log_trial_over_budget(trial.client, run_id, over.metrics, reason)
+    mlflow.end_run(status="KILLED")
+    if trial.in_tune:
+        tune.report(schema.over_budget_report(run_id, reason, over.metrics, over.constraints))
+    return schema.TrialResult(run_id=run_id, metrics=over.metrics, feasible=False, model_uri=None,
+                              constraints=over.constraints)
+
+
+def _result(trial: _Trial, run_id: str, outcome: PipelineResult, loading: float,
+            warm_up: ModelLoggingWarmUp) -> schema.TrialResult:
+    """The trial's final result: the pipeline's metrics, what reuse saved, and where its time went."""
+    reused = [o for o in outcome.stages.values() if o.reused]
+    started = time.perf_counter()
+    warm_up.wait()
+    model_uri = log_student(outcome.student, trial.config.student.resolution)
+    sections = {**outcome.timings, "log_model": time.perf_counter() - started}
+    sections["data"] = sections.get("data", 0.0) + loading
+    trained_seconds = sections.pop("training", 0.0)
+    metrics = {
+        **outcome.metrics,
+        schema.SweepMetric.STAGES_REUSED: float(len(reused)),
+        schema.SweepMetric.STAGES_TRAINED: float(len(outcome.stages) - len(reused)),
+        # training time the reused stages took when they were trained, i.e. what reuse saved
+        schema.SweepMetric.STAGE_SECONDS_SAVED: sum(o.result.metrics.get("train_seconds", 0.0) for o in reused),
+        schema.SweepMetric.STAGE_SECONDS_TRAINED: trained_seconds,
+        schema.SweepMetric.LATENCY_REUSED: float(bool(outcome.cost.get("latency_reused"))),
+        **{schema.SweepMetric.overhead(section): seconds for section, seconds in sections.items()},
+    }
+    spec = trial.context.spec
+    return schema.TrialResult(
+        run_id=run_id, metrics={k: float(v) for k, v in metrics.items()},
+        feasible=is_feasible(spec, outcome.metrics),
+        model_uri=model_uri,
+        constraints=constraint_values(spec, outcome.metrics),
+    )
+
+
+def _cpu_threads(context: TrialContext, trial_id: str) -> SharedThreads | None:
+    """The trial's threads plus what idle slots and waiting trials lend it; None when nothing is lent."""
+    if context.cpu_shares_path is None:
+        return None
+
+    return SharedThreads(context.cpu_shares_path, trial_id, base=torch.get_num_threads())
+
+
+def _budget_check(spec: SweepSpec, known: dict[str, float]) -> Callable[[dict[str, float]], None]:
+    """Keeps the student's metrics known before training in `known`; raises `OverBudget` when they break
+    a hard limit."""
+
+    def check(metrics: dict[str, float]) -> None:
+        known.update(metrics)
+        broken, constraints = broken_before_training(spec, metrics)
+        if broken:
+            raise OverBudget(broken, constraints, metrics)
+
+    return check
+
+
+class RayletWatch:
+    """Whether the Ray node (raylet) that started this worker process is gone.
+
+    A Tune trial runs in a worker process the raylet started, in a process group of its own (Ray 2.60),
+    so killing a sweep driver and its local Ray does not kill it: it runs on until it next needs Ray.
+    Its result can no longer reach the driver (Tune's snapshot does not hold it, Optuna is never told),
+    so it must not be recorded COMPLETE: a resumed sweep would count it beside the trial it runs again
+    in its place. When the raylet dies its children are re-parented, so the parent pid changes."""
+
+    def __init__(self) -> None:
+        self.parent = os.getppid()
+
+    def gone(self) -> bool:
+        return os.getppid() != self.parent
+
+
+def _node_id() -> str:
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+
+
