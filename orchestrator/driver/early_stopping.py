@@ -2,11 +2,11 @@
 `moasha.py`), as a Ray Tune scheduler.
 
 Rungs are student epochs `grace_period × η^k` (below the student's epochs). When a trial's student
-reaches a rung, its point is recorded there: its current `val_top1` (the student stage's per-epoch
-validation accuracy) and its cost objectives known before training (`gmacs`, `params_m`, `pixels`, which
+reaches a rung, its point is recorded there: its current primary metric, `val_top1` (the student
+stage's per-epoch validation accuracy, `pxd.metrics.primary_metric`) and its cost objectives known before training (`gmacs`, `params_m`, `pixels`, which
 trials report from their first epoch). Among the points recorded at that rung so far, the trial goes on
 if it is within the best `ceil(n / η)` by non-dominated sorting (Pareto rank, ties broken by crowding
-distance, as NSGA-II does), or — with `keep_front` (the default) — if no other point at the rung
+distance, as NSGA-II does; both from `orchestrator.results.pareto`), or — with `keep_front` (the default) — if no other point at the rung
 dominates it; otherwise it is stopped. So only the dominated fraction is stopped: a trial on the rung's
 current Pareto front is, on the evidence so far, a frontier point, and stopping it can only lose
 hypervolume (classic MO-ASHA, `keep_front=False`, stops front points too once the front holds more than
@@ -31,13 +31,18 @@ from typing import TYPE_CHECKING, Any
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from orchestrator.results import schema
+from orchestrator.results.pareto import crowding_distance, dominates, nondominated_ranks
+from orchestrator.results.schema import ReportKey
+from orchestrator.tracking import credentials
+from orchestrator.tracking.server import restored_tracking_uri
+from pxd.metrics import Mode, primary_metric
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
     from orchestrator.space.search import EarlyStoppingConfig
 
-__all__ = ["MOASHA", "STATE_FILE", "rungs", "nondominated_ranks", "keep_best", "goes_on"]
+__all__ = ["MOASHA", "STATE_FILE", "rungs", "keep_best", "goes_on"]
 
 STATE_FILE = "early_stopping.json"
 
@@ -51,39 +56,6 @@ def rungs(grace_period: int, reduction_factor: int, max_t: int) -> list[int]:
     return levels
 
 
-def nondominated_ranks(points: Sequence[Sequence[float]]) -> list[int]:
-    """Pareto rank of each point (0 = non-dominated), every coordinate to be minimised."""
-    remaining = set(range(len(points)))
-    ranks = [0] * len(points)
-    rank = 0
-    while remaining:
-        front = {i for i in remaining if not any(_dominates(points[j], points[i]) for j in remaining if j != i)}
-        for i in front:
-            ranks[i] = rank
-        remaining -= front
-        rank += 1
-    return ranks
-
-
-def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
-
-
-def _crowding(points: Sequence[Sequence[float]], members: Sequence[int]) -> dict[int, float]:
-    distance = {i: 0.0 for i in members}
-    if len(members) <= 2:
-        return {i: math.inf for i in members}
-    for axis in range(len(points[members[0]])):
-        ordered = sorted(members, key=lambda i: points[i][axis])
-        low, high = points[ordered[0]][axis], points[ordered[-1]][axis]
-        distance[ordered[0]] = distance[ordered[-1]] = math.inf
-        if high == low:
-            continue
-        for before, current, after in zip(ordered, ordered[1:], ordered[2:]):
-            distance[current] += (points[after][axis] - points[before][axis]) / (high - low)
-    return distance
-
-
 def keep_best(points: Sequence[Sequence[float]], fraction: float) -> set[int]:
     """Indices of the best `ceil(n × fraction)` points: by Pareto rank, then larger crowding distance,
     then order of arrival (earlier first)."""
@@ -93,7 +65,8 @@ def keep_best(points: Sequence[Sequence[float]], fraction: float) -> set[int]:
     ranks = nondominated_ranks(points)
     crowding: dict[int, float] = {}
     for rank in set(ranks):
-        crowding.update(_crowding(points, [i for i in range(n) if ranks[i] == rank]))
+        members = [i for i in range(n) if ranks[i] == rank]
+        crowding.update(zip(members, crowding_distance([points[i] for i in members])))
     order = sorted(range(n), key=lambda i: (ranks[i], -crowding[i], i))
     return set(order[:max(1, math.ceil(n * fraction))])
 
@@ -103,13 +76,13 @@ def goes_on(points: Sequence[Sequence[float]], index: int, fraction: float, keep
     (`keep_best`), or, with `keep_front`, not dominated by any other point there."""
     if index in keep_best(points, fraction):
         return True
-    return keep_front and not any(_dominates(other, points[index]) for j, other in enumerate(points) if j != index)
+    return keep_front and not any(dominates(other, points[index]) for j, other in enumerate(points) if j != index)
 
 
 class MOASHA(FIFOScheduler):
     """Asynchronous successive halving on Pareto ranks. `objectives`: [(metric, mode), ...] of the
-    space; `val_top1` is read from the student's per-epoch report, the other (known-before-training)
-    ones from the trial's reports."""
+    space; the primary metric (`val_top1`) is read from the student's per-epoch report, the other
+    (known-before-training) ones from the trial's reports."""
 
     def __init__(self, objectives: Sequence[tuple[str, str]], *, grace_period: int, reduction_factor: int,
                  max_t: int, state_path: str | Path, tracking_uri: str | None = None,
@@ -148,16 +121,16 @@ class MOASHA(FIFOScheduler):
         """The trial's point to minimise, or None when a coordinate is missing."""
         point = []
         for metric, mode in self._objectives:
-            value = result.get(schema.epoch_metric("student") if metric == "val_top1" else metric)
+            value = result.get(schema.epoch_metric("student") if metric == primary_metric() else metric)
             if not isinstance(value, (int, float)) or math.isnan(value):
                 return None
-            point.append(-float(value) if mode == "max" else float(value))
+            point.append(Mode(mode).sign * float(value))
         return point
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict[str, Any]) -> str:
-        if result.get("stage") != "student" or result.get(schema.FINAL_REPORT):
+        if result.get(ReportKey.STAGE) != "student" or result.get(ReportKey.FINAL):
             return TrialScheduler.CONTINUE
-        epoch = result.get("epoch")
+        epoch = result.get(ReportKey.EPOCH)
         if not isinstance(epoch, int) or epoch not in self._rungs:
             return TrialScheduler.CONTINUE
         point = self._point(result)
@@ -174,10 +147,10 @@ class MOASHA(FIFOScheduler):
 
     def _tag_stopped(self, result: dict[str, Any], epoch: int, n: int) -> None:
         """Say why on the trial's run now; the sweep records it PRUNED (status KILLED) when it ends."""
-        run_id = result.get("mlflow_run_id")
+        run_id = result.get(ReportKey.MLFLOW_RUN_ID)
         if not self._tracking_uri or not run_id:
             return
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # mlflow: imported on first use (start-up cost)
 
         keep = max(1, math.ceil(n / self._eta))
         reason = (f"stopped early by MO-ASHA at student epoch {epoch}: not among the best {keep} of {n} trials "
@@ -190,14 +163,10 @@ class MOASHA(FIFOScheduler):
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles the scheduler into the sweep's folder (tuner.pkl): no password from the tracking URL
-        from orchestrator.tracking import credentials
-
         uri = self._tracking_uri and credentials.without_password(self._tracking_uri)
         return {**self.__dict__, "_tracking_uri": uri, "_records": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        from orchestrator.tracking.server import restored_tracking_uri
-
         uri = state["_tracking_uri"]
         self.__dict__.update({"_keep_front": True, **state, "_tracking_uri": uri and restored_tracking_uri(uri)})
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import optuna
 import yaml
 
 from orchestrator.driver.budget import raised_only
@@ -73,7 +74,6 @@ def _space_changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, t
 def check_name_is_free(client: MlflowClient, storage_url: str, name: str, spec: SweepSpec, *, resume: bool) -> None:
     """A new sweep's name is new to MLflow and to the Optuna storage; a resumed one's study still has
     the space's objectives."""
-    import optuna
 
     if not resume and schema.find_sweep_run(client, name) is not None:
         raise ConfigError("--name", f"the tracking server already holds a sweep named {name!r}; choose another --name "

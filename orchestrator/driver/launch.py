@@ -20,6 +20,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import optuna
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune.search import ConcurrencyLimiter
+
 from orchestrator.driver.attempts import LostAttempts
 from orchestrator.driver.budget import BUDGET_FILE, LaunchBudget, RecordedTrials, SweepSearchGenerator, write_budget
 from orchestrator.driver.checks import check_cluster_can_run, check_reachable, lease_url, validate_launch
@@ -34,6 +40,7 @@ from orchestrator.driver.reconcile import close_optuna_trials
 from orchestrator.driver.searcher import make_searcher
 from orchestrator.driver.warmup import ready_warm_up_worker, warm_teacher
 from orchestrator.results import schema
+from orchestrator.results.frontier import TrialRow
 from orchestrator.results.schema import Tag
 from orchestrator.stages.threads import SHARES_FILE
 from orchestrator.tracking import credentials
@@ -49,36 +56,14 @@ __all__ = ["SweepOptions", "SweepOutcome", "run_sweep"]
 
 def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
     """Launch (or resume) a sweep and return its frontier."""
-    import ray
-    from mlflow.tracking import MlflowClient
-    from ray import tune
-    from ray.tune.search import ConcurrencyLimiter
-
     search = spec.require_search()
     validate_launch(spec, options)  # bad input: one clear error, nothing created or launched
     for url in (options.optuna_storage, options.tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")):
         credentials.remember(url)  # kept out of what the sweep records and prints
-    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-    # per-epoch reports carry progress only; the objectives come with the final report
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is pxd's (`--json`)
-    if not ray.is_initialized():
-        if options.ray_address:
-            check_reachable(options.ray_address)
-        # without --ray-address: a Ray instance of pxd's own, never a running or stale `ray start` cluster
-        ray.init(address=options.ray_address or "local", include_dashboard=False, log_to_driver=False,
-                 configure_logging=True, logging_level="ERROR")
-    check_cluster_can_run(spec, ray.cluster_resources())
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # pxd prints its own progress lines
+    _start_ray(spec, options)
     root = results_root(options.root)
     name, sweep_dir = claim_sweep(root, spec, options)
-
-    budget_path = sweep_dir / BUDGET_FILE
     storage_url = options.optuna_storage or f"sqlite:///{sweep_dir / 'optuna.db'}"
-
     local = _one_local_node(options)
     warm_up = not options.force_retrain and options.reuse_stages
     # works while the tracking server starts; on this machine only, where the warm-up task will run
@@ -91,12 +76,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
             # a client bound to this URI, not mlflow.set_tracking_uri: that also sets MLFLOW_TRACKING_URI in
             # this process, and a later sweep here would then talk to this sweep's (stopped) server
             client = MlflowClient(target.uri)
-            try:
-                check_name_is_free(client, storage_url, name, spec, resume=options.resume)
-            except BaseException:
-                if not options.resume:
-                    shutil.rmtree(sweep_dir, ignore_errors=True)  # the directory this launch claimed, still empty
-                raise
+            _check_name(client, storage_url, name, spec, options, sweep_dir)
             experiment_id = ensure_experiment(client, spec.name)
             parent_run_id = open_parent_run(client, experiment_id, name, spec, storage_url, resume=options.resume)
             # the `trials` param is the first launch's; this tag follows a resume that raised the budget
@@ -110,54 +90,16 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
                 lease_url=lease_url(options, root),
                 cpu_shares_path=str(sweep_dir / SHARES_FILE) if lending else None,
             )
-            resources = {"cpu": search.resources.cpu, "gpu": search.resources.gpu}
-            trainable = tune.with_resources(tune.with_parameters(TuneTrial(), context=context), resources)
-            progress = SweepProgress(spec, total=search.trials, quiet=options.quiet)
-            run_config = tune.RunConfig(
-                name="tune", storage_path=str(sweep_dir), verbose=0,
-                callbacks=[progress, LostAttempts(target.uri, parent_run_id, search.max_retries),
-                           *([_lending(search, sweep_dir, budget_path)] if lending else [])],
-                # a lost process or node is retried; errors that would repeat end the trial without one
-                # (orchestrator.driver.attempts)
-                failure_config=tune.FailureConfig(max_failures=search.max_retries),
-                stop=LaunchBudget(budget_path),  # search.timeout_s, read per launch (a resume may raise it)
-            )
+            progress = SweepProgress(spec, total=search.trials, quiet=options.quiet)  # its clock counts the warm-up
             if warm_up:
                 if worker is not None:
                     ray.get(worker)  # a dataset that cannot load fails here, as the teacher's task would
-                warm_teacher(context, resources, quiet=options.quiet)
-            tune_path = str(sweep_dir / "tune")
+                warm_teacher(context, _resources(search), quiet=options.quiet)
             if options.resume:  # the status lines go on from what earlier launches finished
                 progress.resume_from(schema.collect_rows(client, client.get_run(parent_run_id)))
             launch.enter_context(progress.reporting())  # a restored tuner's progress callback is this one
-            if options.resume and tune.Tuner.can_restore(tune_path):
-                tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
-            else:
-                searcher = make_searcher(spec, name, storage_url)
-                if search.max_concurrent:
-                    searcher = ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
-                tuner = tune.Tuner(
-                    trainable,
-                    tune_config=tune.TuneConfig(
-                        # its sample target follows search.trials of the latest launch (a resume may raise it)
-                        search_alg=SweepSearchGenerator(searcher, budget_path, RecordedTrials(target.uri, parent_run_id)),
-                        num_samples=search.trials,
-                        scheduler=_scheduler(spec, sweep_dir, target.uri),
-                        reuse_actors=search.reuse_actors,
-                    ),
-                    run_config=run_config,
-                )
-            # this launch's budget; the time budget counts from here, as Tune's own time_budget_s would
-            write_budget(sweep_dir, trials=search.trials, timeout_s=search.timeout_s)
-            started = time.monotonic()
-            tuner.fit()
-            progress.close()
-            budget_ran_out = search.timeout_s is not None and time.monotonic() - started >= search.timeout_s
-            stopped = close_optuna_trials(name, storage_url, stopped=budget_ran_out, spec=spec, client=client,
-                                           parent_run_id=parent_run_id)
-            reason = (f"stopped when the time budget search.timeout_s = {search.timeout_s}s ran out" if budget_ran_out
-                      else "stopped before its final result")
-            table, rows = finish_sweep(client, parent_run_id, stopped={trial_id: reason for trial_id in stopped})
+            tuner = _tuner(context, sweep_dir, storage_url, progress, lending=lending, resume=options.resume)
+            table, rows = _fit_and_finish(tuner, progress, context, client, storage_url, sweep_dir)
             return SweepOutcome(name, parent_run_id, experiment_id, target.uri, table, rows, ui_command(target),
                                 trials_budget=search.trials)
     except BaseException as exc:
@@ -166,6 +108,91 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
         raise
     finally:
         target.close()
+
+
+def _start_ray(spec: SweepSpec, options: SweepOptions) -> None:
+    """Ray for the sweep: the cluster at --ray-address, else a local instance of pxd's own; refused before
+    any compute when the cluster could never run a trial."""
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    # per-epoch reports carry progress only; the objectives come with the final report
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # stdout is pxd's (`--json`)
+    if not ray.is_initialized():
+        if options.ray_address:
+            check_reachable(options.ray_address)
+        # without --ray-address: a Ray instance of pxd's own, never a running or stale `ray start` cluster
+        ray.init(address=options.ray_address or "local", include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level="ERROR")
+    check_cluster_can_run(spec, ray.cluster_resources())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # pxd prints its own progress lines
+
+
+def _check_name(client: MlflowClient, storage_url: str, name: str, spec: SweepSpec, options: SweepOptions,
+                sweep_dir: Path) -> None:
+    """A new sweep's name is new to MLflow and Optuna; a refused new launch leaves no folder behind."""
+    try:
+        check_name_is_free(client, storage_url, name, spec, resume=options.resume)
+    except BaseException:
+        if not options.resume:
+            shutil.rmtree(sweep_dir, ignore_errors=True)  # the directory this launch claimed, still empty
+        raise
+
+
+def _resources(search: Any) -> dict[str, float]:
+    return {"cpu": search.resources.cpu, "gpu": search.resources.gpu}
+
+
+def _tuner(context: TrialContext, sweep_dir: Path, storage_url: str, progress: SweepProgress, *, lending: bool,
+           resume: bool) -> tune.Tuner:
+    """Tune's tuner for this launch: restored from the sweep's folder on resume, else new."""
+    spec, search = context.spec, context.spec.require_search()
+    budget_path = sweep_dir / BUDGET_FILE
+    trainable = tune.with_resources(tune.with_parameters(TuneTrial(), context=context), _resources(search))
+    run_config = tune.RunConfig(
+        name="tune", storage_path=str(sweep_dir), verbose=0,
+        callbacks=[progress, LostAttempts(context.tracking_uri, context.parent_run_id, search.max_retries),
+                   *([_lending(search, sweep_dir, budget_path)] if lending else [])],
+        # a lost process or node is retried; errors that would repeat end the trial without one
+        # (orchestrator.driver.attempts)
+        failure_config=tune.FailureConfig(max_failures=search.max_retries),
+        stop=LaunchBudget(budget_path),  # search.timeout_s, read per launch (a resume may raise it)
+    )
+    tune_path = str(sweep_dir / "tune")
+    if resume and tune.Tuner.can_restore(tune_path):
+        return tune.Tuner.restore(tune_path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    searcher = make_searcher(spec, context.sweep_name, storage_url)
+    if search.max_concurrent:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
+    recorded = RecordedTrials(context.tracking_uri, context.parent_run_id)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            # its sample target follows search.trials of the latest launch (a resume may raise it)
+            search_alg=SweepSearchGenerator(searcher, budget_path, recorded),
+            num_samples=search.trials,
+            scheduler=_scheduler(spec, sweep_dir, context.tracking_uri),
+            reuse_actors=search.reuse_actors,
+        ),
+        run_config=run_config,
+    )
+
+
+def _fit_and_finish(tuner: tune.Tuner, progress: SweepProgress, context: TrialContext, client: MlflowClient,
+                    storage_url: str, sweep_dir: Path) -> tuple[dict[str, Any], list[TrialRow]]:
+    """Run the trials, then reconcile Optuna with MLflow and record the frontier."""
+    search = context.spec.require_search()
+    # this launch's budget; the time budget counts from here, as Tune's own time_budget_s would
+    write_budget(sweep_dir, trials=search.trials, timeout_s=search.timeout_s)
+    started = time.monotonic()
+    tuner.fit()
+    progress.close()
+    budget_ran_out = search.timeout_s is not None and time.monotonic() - started >= search.timeout_s
+    stopped = close_optuna_trials(context.sweep_name, storage_url, stopped=budget_ran_out, spec=context.spec,
+                                  client=client, parent_run_id=context.parent_run_id)
+    reason = (f"stopped when the time budget search.timeout_s = {search.timeout_s}s ran out" if budget_ran_out
+              else "stopped before its final result")
+    return finish_sweep(client, context.parent_run_id, stopped={trial_id: reason for trial_id in stopped})
 
 
 def _lending(search: Any, sweep_dir: Path, budget_path: Path) -> Any:
@@ -178,7 +205,6 @@ def _lending(search: Any, sweep_dir: Path, budget_path: Path) -> Any:
 def _one_local_node(options: SweepOptions) -> bool:
     """The sweep runs on pxd's own Ray on this machine: no --ray-address, and one node (a caller may have
     connected to a cluster before calling run_sweep)."""
-    import ray
 
     return options.ray_address is None and sum(bool(node.get("Alive")) for node in ray.nodes()) == 1
 

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 
 from orchestrator.driver.budget import read_budget
@@ -79,7 +80,6 @@ class IdleCpuLending(tune.Callback):
         self._written: dict[str, int] | None = None
 
     def setup(self, **info: Any) -> None:
-        import ray
 
         self.slot_cpus = min(self.cpu_per_trial * self.max_concurrent, float(ray.cluster_resources().get("CPU", 0.0)))
         self._written = None

@@ -7,6 +7,7 @@ import os
 from typing import TYPE_CHECKING
 
 import yaml
+from mlflow.tracking import MlflowClient
 
 from orchestrator.results import schema
 from orchestrator.tracking import credentials
@@ -24,7 +25,6 @@ def end_parent_run(tracking_uri: str, parent_run_id: str, exc: BaseException) ->
     KILLED for an interrupt that reaches pxd (Tune itself takes a first Ctrl-C during `fit`, ends the
     trials and returns, and the sweep then finishes as usual), else FAILED (a resume sets it RUNNING again). Best effort, with no retries:
     the tracking server may be what failed, and the error must reach the user now."""
-    from mlflow.tracking import MlflowClient
 
     status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
     previous = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import optuna
+
 from orchestrator.results import schema
 from orchestrator.results.frontier import TrialRow
 from orchestrator.results.schema import Tag
@@ -26,7 +28,6 @@ def close_optuna_trials(study_name: str, storage_url: str, *, stopped: bool, spe
     ran when the time budget ran out is told PRUNED (stopped, like the searcher tells a trial that ended
     without its final result); any other (its driver was killed before Tune saved its state, and resume
     did not rerun it) is told FAIL. Returns the Tune trial ids of the study's PRUNED trials."""
-    import optuna
 
     study = optuna.load_study(study_name=study_name, storage=storage_url)
     state = optuna.trial.TrialState.PRUNED if stopped else optuna.trial.TrialState.FAIL
@@ -46,7 +47,6 @@ def close_optuna_trials(study_name: str, storage_url: str, *, stopped: bool, spe
 
 def _tell_recorded(study: Any, trial: Any, run: Any, spec: SweepSpec) -> bool:
     """Tell the study a trial's recorded MLflow result (as the searcher would have); False if incomplete."""
-    import optuna
 
     metrics = dict(run.data.metrics)
     values = [metrics.get(metric) for metric in spec.objective_metrics]

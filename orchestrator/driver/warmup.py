@@ -7,6 +7,12 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+import mlflow.tracking  # noqa: F401
+import ray
+import sqlalchemy  # noqa: F401
+import torch
+
+import pxd.pipeline  # noqa: F401
 from orchestrator.worker.context import TrialContext
 from orchestrator.worker.provider import make_provider
 from pxd.data import load_dataset
@@ -21,10 +27,6 @@ __all__ = ["ready_warm_up_worker", "warm_up_cpus", "warm_teacher"]
 def _ready_worker_task(spec: SweepSpec) -> int:
     # what the teacher's task imports: MLflow's client (the stage store), SQLAlchemy (the stage leases),
     # torch, timm and pxd
-    import mlflow.tracking  # noqa: F401
-    import sqlalchemy  # noqa: F401
-
-    import pxd.pipeline  # noqa: F401
 
     load_dataset(spec.base.dataset, spec.base.seed, progress=False)  # a real dataset's on-disk cache
     return os.getpid()
@@ -35,7 +37,6 @@ def ready_warm_up_worker(spec: SweepSpec) -> Any:
     importing torch, timm, MLflow and pxd (seconds of single-core CPU in every new process) and preparing
     the dataset's on-disk cache. It runs while the driver starts the tracking server (one core), and
     Ray hands the warm-up task to an idle worker that has run a task before, so it finds them done."""
-    import ray
 
     # it holds no CPU: the warm-up sizes itself by the CPUs free just after (Ray's view of a finished
     # task's CPUs lags); it asks for the warm-up's GPU share, as Ray gives a GPU task only a worker that
@@ -45,7 +46,6 @@ def ready_warm_up_worker(spec: SweepSpec) -> Any:
 
 
 def _prepare_teacher_task(context: TrialContext, threads: int) -> dict[str, Any]:
-    import torch
 
     # Ray sets OMP_NUM_THREADS for the task, but a pooled worker that imported torch before keeps its count
     previous = torch.get_num_threads()
@@ -70,7 +70,6 @@ def warm_teacher(context: TrialContext, resources: dict[str, float], *, quiet: b
     """Train (or find) the teacher every trial needs before launching trials, so concurrent trials do
     not sit on their resource reservations waiting for it. Runs as one Ray task on the CPUs the trial
     slots would hold (`warm_up_cpus`), with a trial's GPU share."""
-    import ray
 
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     largest = max((float(node["Resources"].get("CPU", 0.0)) for node in nodes), default=resources["cpu"])

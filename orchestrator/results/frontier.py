@@ -2,9 +2,9 @@
 
 A trial is **on the frontier** when no other completed, full-budget, feasible trial of the sweep
 is at least as good on every objective and better on one (a trial stopped early is PRUNED, not
-COMPLETE, so COMPLETE means full budget). As in Optuna
-(``optuna/study/_multi_objective.py``) every mode is first normalised to minimisation
-("max" objectives are negated), ineligible trials are dropped, and only then is dominance computed.
+COMPLETE, so COMPLETE means full budget). As in Optuna (``optuna/study/_multi_objective.py``)
+ineligible trials are dropped, every mode is normalised to minimisation and only then is dominance
+computed: the dominance and hypervolume routines are `orchestrator.results.pareto`'s.
 
 This module takes plain rows (no Ray, no MLflow) so it can be used and tested alone.
 """
@@ -21,15 +21,20 @@ from typing import Any
 
 import numpy as np
 
-from pxd.metrics import MODES, summary_metrics
+from orchestrator.results.pareto import (
+    as_modes,
+    dominates,
+    hypervolume,
+    hypervolume_min,
+    non_dominated_mask,
+    normalise,
+)
+from pxd.metrics import Mode, summary_metrics
 
 __all__ = [
     "TrialRow",
     "trial_outcomes",
-    "normalise",
-    "non_dominated_mask",
     "eligible",
-    "hypervolume",
     "hypervolume_of_rows",
     "hypervolume_box",
     "IncrementalFrontier",
@@ -39,7 +44,7 @@ __all__ = [
     "format_table",
 ]
 
-Objectives = Sequence[tuple[str, str]]
+Objectives = Sequence[tuple[str, str]]  # [(metric, mode), ...]; a mode is a `Mode` or its word
 
 
 @dataclass
@@ -56,51 +61,13 @@ class TrialRow:
     arch: str | None = None  # the student's architecture, for people reading the table
 
 
-def _check_modes(modes: Sequence[str]) -> None:
-    for index, mode in enumerate(modes):
-        if mode not in MODES:
-            raise ValueError(f"objectives[{index}].mode: got {mode!r}; use 'min' or 'max'")
-
-
-def _split(objectives: Objectives) -> tuple[list[str], list[str]]:
+def _split(objectives: Objectives) -> tuple[list[str], list[Mode]]:
     names = [name for name, _ in objectives]
-    modes = [mode for _, mode in objectives]
     if not names:
         raise ValueError("objectives: give at least one, e.g. [('val_top1', 'max')]")
     if len(set(names)) != len(names):
         raise ValueError(f"objectives: each metric may appear once, got {names}")
-    _check_modes(modes)
-    return names, modes
-
-
-def normalise(points: np.ndarray, modes: Sequence[str]) -> np.ndarray:
-    """Return a float copy of ``points`` [n, k] with every objective turned into minimisation."""
-    _check_modes(modes)
-    array = np.array(points, dtype=float, ndmin=2)
-    if array.shape[1] != len(modes):
-        raise ValueError(f"points have {array.shape[1]} columns but {len(modes)} modes")
-    signs = np.array([-1.0 if d == "max" else 1.0 for d in modes])
-    return array * signs
-
-
-def non_dominated_mask(points_min: np.ndarray) -> np.ndarray:
-    """Boolean mask of the rows of ``points_min`` [n, k] (minimisation) that no other row dominates.
-
-    Optuna's own routine (``optuna.study._multi_objective._is_pareto_front``, O(n log n) in 2-D).
-    Identical rows do not dominate each other, so all copies of a non-dominated point stay on the
-    front. ±inf compare as ordinary extreme values. A row holding any NaN is never on the front and
-    never dominates another row: NaN is not a value.
-    """
-    from optuna.study._multi_objective import _is_pareto_front
-
-    points = np.array(points_min, dtype=float, ndmin=2)
-    if points.ndim != 2:
-        raise ValueError(f"points must be a 2-D array [n, k], got shape {points.shape}")
-    valid = ~np.isnan(points).any(axis=1)
-    mask = np.zeros(len(points), dtype=bool)
-    if valid.any():
-        mask[valid] = _is_pareto_front(points[valid], assume_unique_lexsorted=False)
-    return mask
+    return names, as_modes([mode for _, mode in objectives])
 
 
 def _is_eligible(row: TrialRow, names: Sequence[str]) -> bool:
@@ -124,40 +91,6 @@ def _points_min(rows: Sequence[TrialRow], objectives: Objectives) -> np.ndarray:
 def _best_first(rows: Sequence[TrialRow], points_min: np.ndarray) -> list[int]:
     # First objective decides; the others and the trial id only break ties, for a stable order.
     return sorted(range(len(rows)), key=lambda i: (*points_min[i].tolist(), rows[i].trial_id))
-
-
-def _hypervolume_min(points: np.ndarray, reference: np.ndarray) -> float:
-    """Exact hypervolume for minimisation; every point is finite and strictly below ``reference``.
-    Optuna's routine (``optuna._hypervolume.compute_hypervolume``: 2-D sweep, 3-D and WFG above)."""
-    from optuna._hypervolume import compute_hypervolume
-
-    if len(points) == 0:
-        return 0.0
-    if points.shape[1] == 1:
-        return float(reference[0] - points[:, 0].min())
-    return float(compute_hypervolume(points, reference))
-
-
-def hypervolume(points: np.ndarray, modes: Sequence[str], reference: Sequence[float]) -> float:
-    """Hypervolume dominated by ``points`` [n, k] and bounded by ``reference``.
-
-    ``points`` and ``reference`` are in the ORIGINAL metric units (e.g. val_top1 in [0, 1], gmacs,
-    pixels); both are normalised to minimisation with ``modes`` before computing, so the value
-    is the volume, in those units, of the region every point of which some point is at least as
-    good as and the reference is at most as good as. A point that is not strictly better than the
-    reference on every objective contributes nothing (also NaN points). A point with an infinitely
-    good value that is otherwise better than the reference gives ``inf``. Exact for any k;
-    intended for n up to a few hundred.
-    """
-    reference_min = normalise(np.asarray(reference, dtype=float).reshape(1, -1), modes)[0]
-    if not np.all(np.isfinite(reference_min)):
-        raise ValueError(f"reference_point: every value must be finite, got {list(reference)}")
-    array = np.array(points, dtype=float).reshape(-1, len(modes))
-    points_min = normalise(array, modes)
-    inside = points_min[np.all(points_min < reference_min, axis=1)]
-    if np.any(np.isinf(inside)):
-        return math.inf
-    return _hypervolume_min(inside, reference_min)
 
 
 def _reference_vector(objectives: Objectives, reference: Mapping[str, float]) -> list[float]:
@@ -184,7 +117,7 @@ def hypervolume_box(objectives: Objectives, reference: Mapping[str, float], idea
     names, modes = _split(objectives)
     volume = 1.0
     for name, mode in zip(names, modes):
-        span = (ideal[name] - reference[name]) if mode == "max" else (reference[name] - ideal[name])
+        span = mode.sign * (reference[name] - ideal[name])
         if not math.isfinite(span) or span <= 0:
             raise ValueError(f"ideal_point.{name}: {ideal[name]} must be better than the reference {reference[name]}")
         volume *= span
@@ -225,7 +158,7 @@ def frontier_table(
     if volume is not None and ideal is not None:
         normalised = volume / hypervolume_box(objectives, reference, ideal)
     return {
-        "objectives": [{"name": n, "mode": d} for n, d in zip(names, modes)],
+        "objectives": [{"name": n, "mode": d.value} for n, d in zip(names, modes)],
         "reference_point": None if reference is None else dict(reference),
         "ideal_point": None if ideal is None else dict(ideal),
         "hypervolume": volume,
@@ -373,14 +306,11 @@ class IncrementalFrontier:
             return False
         front = self._front
         if len(front):
-            dominated = np.all(front <= point, axis=1) & np.any(front < point, axis=1)
-            if dominated.any():
+            if dominates(front, point).any():
                 return False
-            keep = ~(np.all(point <= front, axis=1) & np.any(point < front, axis=1))
-            front = front[keep]
+            front = front[~dominates(point, front)]
         self._front = np.vstack([front, point])
-        inside = self._front[np.all(self._front < self._reference, axis=1)]
-        self.hypervolume = math.inf if np.isinf(inside).any() else _hypervolume_min(inside, self._reference)
+        self.hypervolume = hypervolume_min(self._front, self._reference)
         return True
 
 

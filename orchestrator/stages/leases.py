@@ -17,6 +17,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
+
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
@@ -50,7 +52,6 @@ def lease_engine(url: str) -> Engine:
 
 
 def _create_engine(url: str) -> Engine:
-    import sqlalchemy as sa
 
     connect_args: dict[str, Any] = {}
     if url.startswith("sqlite"):
@@ -118,7 +119,6 @@ class SqlLeases:
         self.__init__(state["url"])
 
     def acquire(self, key: str, owner: str, ttl_s: float) -> bool:
-        import sqlalchemy as sa
 
         now = time.time()
         with self._engine.begin() as conn:
@@ -134,14 +134,12 @@ class SqlLeases:
         return self.acquire(key, owner, ttl_s)
 
     def release(self, key: str, owner: str) -> None:
-        import sqlalchemy as sa
 
         with self._engine.begin() as conn:
             conn.execute(sa.text(f"DELETE FROM {TABLE} WHERE key = :key AND owner = :owner"),
                          {"key": key, "owner": owner})
 
     def holder(self, key: str) -> str | None:
-        import sqlalchemy as sa
 
         with self._engine.begin() as conn:
             row = conn.execute(sa.text(f"SELECT owner, expires_at FROM {TABLE} WHERE key = :key"), {"key": key}).first()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from mlflow.tracking import MlflowClient
+
 from orchestrator.results.schema import STAGES_EXPERIMENT, Tag
 
 __all__ = ["list_stages"]
@@ -12,7 +14,6 @@ __all__ = ["list_stages"]
 
 def list_stages(tracking_uri: str) -> list[dict[str, Any]]:
     """Every stored stage: key, kind, metrics, checkpoint size, state."""
-    from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(STAGES_EXPERIMENT)
