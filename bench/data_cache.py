@@ -1,4 +1,4 @@
-"""Data cache benchmark: decoding per trial (before issue 10) against the shared on-disk cache.
+"""Data cache benchmark: decoding per trial (pxd before its on-disk cache) against the shared on-disk cache.
 
     python bench/data_cache.py [--images 20000] [--size 64] [--datasets ../shared/datasets/flowers128 ...]
 
@@ -53,7 +53,7 @@ def memory() -> dict[str, float]:
 
 
 def legacy_load(root: Path, size: int) -> tuple:
-    """pxd's ImageFolder loading before issue 10 (pxd/data/folder.py at 3f4e749), for comparison:
+    """pxd's ImageFolder loading before the shared cache (pxd/data/folder.py at 3f4e749), for comparison:
     every trial decodes every image into a list of arrays, stacks them, then makes the NCHW copy."""
     import torch
 

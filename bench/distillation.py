@@ -1,4 +1,4 @@
-"""Distillation benchmark (issue 11): does pixel distillation beat cross-entropy where it can win?
+"""Distillation benchmark: does pixel distillation beat cross-entropy where it can win?
 
 For every seed and each of two student resolutions (R/2 and R/4 of the teacher's R), with the same
 student budget (epochs, data, crops, initial weights):

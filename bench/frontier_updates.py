@@ -1,7 +1,7 @@
 """Cost of one live frontier + hypervolume update per completed trial, at 100, 1,000 and 5,000 trials.
 
 Side by side in one run, 3 objectives (val_top1 max, gmacs min, pixels min), realistic values:
-- `from scratch`: what pxd did before (issue 8): on every completion, recompute the frontier table over
+- `from scratch`: what pxd did before incremental updates: on every completion, recompute the frontier table over
   all trials with an O(n² k) dominance loop and HSO hypervolume slicing (copied below as `_legacy_*`);
 - `incremental`: `orchestrator.results.frontier.IncrementalFrontier.add` (one dominance check against the
   current front, Optuna's exact hypervolume of the front when it changes);

@@ -1,4 +1,4 @@
-"""GPU busy fraction over a sweep, sampled with NVML (issue 12, item 4).
+"""GPU busy fraction over a sweep, sampled with NVML.
 
     with GpuBusySampler(index=0, interval_s=0.1) as sampler:
         ... run the sweep ...

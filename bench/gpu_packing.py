@@ -4,7 +4,7 @@
                                 [--device cuda]
                                 [--threads 2] [--train-per-class 64] [--out results.json]
 
-Issue 12, item 4: "several fractional-GPU trials packed on one GPU; GPU busy fraction over a sweep of
+What it measures: "several fractional-GPU trials packed on one GPU; GPU busy fraction over a sweep of
 small trials (sampled with NVML)". This runs the trial body a sweep runs (`pxd.pipeline.run_tas`: an
 assistant per student architecture shared through a stage store, the trial's own student, its latency
 timing) in N worker processes that share one GPU, as Ray places N trials that each ask for 1/N of a GPU

@@ -1,4 +1,4 @@
-"""Search quality and early stopping (issue 12, items 2a and 2b), on a tabular benchmark.
+"""Search quality and early stopping, on a tabular benchmark.
 
 Every point of a small fixed space (bench/search_quality.yaml: 3 student architectures × 5 input
 sizes × 2 KD temperatures) is trained once through pxd's pipeline (bench/search_table.py); then
@@ -49,9 +49,9 @@ __all__ = ["BUDGET_FRACTIONS", "hypervolume_curve", "sampler_curve", "summarise_
 DEFAULT_SPACE = Path(__file__).with_name("search_quality.yaml")
 COMPARED_SAMPLERS = ("tpe", "nsga2", "gp", "random")
 BUDGET_FRACTIONS = (1 / 6, 1 / 3, 1 / 2)  # of the grid size
-TARGET_FRACTION_OF_GRID = 0.90  # issue 12: default sampler, ≤ 1/3 of the grid's trials, median of seeds
+TARGET_FRACTION_OF_GRID = 0.90  # target: default sampler, ≤ 1/3 of the grid's trials, median of seeds
 TARGET_BUDGET_FRACTION = 1 / 3
-TARGET_EARLY_HYPERVOLUME = 0.95  # issue 12: early stopping keeps ≥ 95 % of the hypervolume ...
+TARGET_EARLY_HYPERVOLUME = 0.95  # target: early stopping keeps ≥ 95 % of the hypervolume ...
 TARGET_EARLY_EPOCHS = 0.60  # ... at ≤ 60 % of the trained epochs
 
 
@@ -111,7 +111,7 @@ def summarise_curves(curves: dict[str, list[list[float]]], at: Sequence[int]) ->
 
 
 def quality_targets(summary: dict[str, dict[int, dict[str, float]]], default: str, grid_size: int) -> dict[str, Any]:
-    """Issue 12's 2a targets, with the margin (positive: met by that much; negative: missed by that much)."""
+    """The search-quality targets, with the margin (positive: met by that much; negative: missed by that much)."""
     budget = max(1, int(grid_size * TARGET_BUDGET_FRACTION))  # "≤ 1/3 of the grid's trials"
     reached = summary[default][budget]["median"]
     margins = {n: summary[default][n]["median"] - summary["random"][n]["median"] for n in summary[default]}

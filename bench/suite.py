@@ -1,4 +1,4 @@
-"""Issue 12's benchmark suite, one command: every part as its own process, their summaries side by side.
+"""The benchmark suite, one command: every part as its own process, their summaries side by side.
 
     PYTHONPATH=. python bench/suite.py                          # every part
     PYTHONPATH=. python bench/suite.py --parts search stage_reuse
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @dataclass(frozen=True)
 class Part:
     script: str  # relative to the repository root
-    items: str  # issue 12's item numbers
+    items: str  # which targets the part measures
     needs_gpu: bool = False  # skipped with a message where CUDA is not available
     # outputs besides --out, relative to the output folder
     outputs: dict[str, str] = field(default_factory=dict)

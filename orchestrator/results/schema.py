@@ -6,55 +6,39 @@ lists them). Names are defined here once; nothing else in pxd spells a `pxd.*` t
 Runs pxd creates:
 - a **sweep** run (parent) per sweep, in the experiment named after the space;
 - a **trial** run per trial, a child of its sweep run;
-- a **stage** run per stored teacher / assistant / student stage, in experiment `pxd-stages`.
+- a **stage** run per stored teacher / assistant / student stage, in experiment `pxd-stages`;
+- a **model version** per `pxd select`, in the MLflow Model Registry (`model_version_tags`).
 
 `log_trial_result` writes a trial's final result and `read_trial_row` / `recorded_result` read it back:
-what a trial logs is exactly what the frontier reads.
+what a trial logs is exactly what the frontier reads. The keys of a trial's Tune reports (`ReportKey`)
+and the user attributes pxd sets on Optuna trials (`OptunaAttr`) are named here too, with the reports'
+writers (`TrialResult.report`, `failed_report`, `over_budget_report`) beside their readers.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.results.frontier import TrialRow
+from pxd.errors import ConfigError
+from pxd.metrics import Mode, get_metric, primary_metric
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
 __all__ = [
-    "Tag",
-    "Param",
-    "SweepMetric",
-    "STAGES_EXPERIMENT",
-    "STAGE_CHECKPOINT",
-    "KIND_SWEEP",
-    "KIND_TRIAL",
-    "KIND_STAGE",
-    "STATES",
-    "epoch_metric",
-    "stage_tag",
-    "hardware_tag",
-    "EXPERIMENT_KIND",
-    "TrialResult",
-    "failed_report",
-    "report_error",
-    "over_budget_report",
-    "report_over_budget",
-    "trial_start_tags",
-    "log_trial_result",
-    "log_trial_failure",
-    "read_trial_row",
-    "recorded_result",
-    "find_sweep_run",
-    "require_sweep_run",
-    "sweep_run_tags",
-    "sweep_objectives",
-    "trial_runs",
+    "Tag", "Param", "SweepMetric", "ReportKey", "OptunaAttr",
+    "STAGES_EXPERIMENT", "STAGE_CHECKPOINT", "KIND_SWEEP", "KIND_TRIAL", "KIND_STAGE", "STATES", "EXPERIMENT_KIND",
+    "FINAL_REPORT", "epoch_metric", "stage_tag", "hardware_tag", "model_version_tags",
+    "TrialResult", "failed_report", "report_error", "over_budget_report", "report_over_budget",
+    "trial_start_tags", "log_trial_result", "log_trial_failure", "log_trial_over_budget", "read_trial_row",
+    "recorded_result", "find_sweep_run", "require_sweep_run", "sweep_run_tags", "sweep_objectives", "trial_runs",
     "collect_rows",
 ]
 
@@ -99,6 +83,36 @@ class Tag:
     STAGE_RESUMED_FROM = "pxd.stage_resumed_from"  # the epoch the last lease holder resumed after
     TRAINED_BY = "pxd.trained_by"  # host:pid:nonce of the process that trained it
     TRAINED_FOR_RUN = "pxd.trained_for_run"  # the trial run that trained it
+    # model versions (`pxd select`): also SWEEP, and OBJECTIVES as JSON {metric: the model's value}
+    TRIAL_RUN = "pxd.trial_run"  # the trial run whose student this version is
+    INPUT_SIZE = "pxd.input_size"  # "<H>x<W>" the student takes
+    HARDWARE = "pxd.hardware"  # the hardware label it was chosen on; `hardware_tag` names per-label tags below it
+    SELECTION_RULE = "pxd.selection_rule"  # why it was chosen, in words
+
+
+class ReportKey:
+    """Keys of the results a trial reports to Ray Tune (besides the registry's metric names and the
+    per-epoch `epoch_metric`): per-epoch reports carry STAGE, EPOCH and MLFLOW_RUN_ID; the final report
+    is `TrialResult.report`, `failed_report` or `over_budget_report`."""
+
+    MLFLOW_RUN_ID = "mlflow_run_id"  # the trial attempt's MLflow run
+    STAGE = "stage"  # teacher | assistant | student: the stage a per-epoch report is of
+    EPOCH = "epoch"  # that stage's epoch
+    FINAL = "pxd_final"  # marks the final report (its objectives); absent from per-epoch reports
+    MODEL_URI = "model_uri"
+    FEASIBLE = "feasible"  # meets every search.constraints limit
+    CONSTRAINTS = "constraints"  # Optuna's constraint values, one per set constraint: ≤ 0 satisfied
+    ERROR = "pxd_error"  # the error that ended the trial, which would repeat (`failed_report`)
+    PRUNED_BEFORE_TRAINING = "pruned_before_training"  # why a hard limit refused it before training
+    DONE = "done"  # Tune's own key (`ray.tune.result.DONE`): the trial is finished
+
+
+class OptunaAttr:
+    """User attributes pxd sets on the Optuna trials of a sweep's study."""
+
+    MLFLOW_RUN_ID = "mlflow_run_id"  # the trial's MLflow run (the last attempt's)
+    TUNE_TRIAL_ID = "tune_trial_id"  # Ray Tune's trial id (tag pxd.trial_id on its runs)
+    PRUNED = "pxd_pruned"  # why it was refused before training
 
 
 class Param:
@@ -147,16 +161,16 @@ ERROR_ARTIFACT = "error.txt"
 COST_ARTIFACT = "cost.json"
 
 
-def epoch_metric(stage: str, name: str = "val_top1") -> str:
-    """The one per-epoch metric name of a stage (`student.val_top1`, step = epoch): on trial runs, on
-    stage runs and in Tune's per-epoch reports alike."""
-    return f"{stage}.{name}"
+def epoch_metric(stage: str, name: str | None = None) -> str:
+    """The one per-epoch metric name of a stage (`student.val_top1`, step = epoch; `name` defaults to the
+    primary metric): on trial runs, on stage runs and in Tune's per-epoch reports alike."""
+    return f"{stage}.{name or primary_metric()}"
 
 
 def hardware_tag(label: str) -> str:
     """`pxd.hardware.<label>`: on a trial run, the JSON timing record (runtime, device, threads, node, host,
     repeats, spread); on the sweep run, the timing request."""
-    return f"pxd.hardware.{label}"
+    return f"{Tag.HARDWARE}.{label}"
 
 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3: the model-training UI view
@@ -164,14 +178,22 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflo
 
 def stage_tag(kind: str, what: str) -> str:
     """`pxd.stage.<kind>.key | reused | run_id` on a trial run: which stored stage it used."""
-    return f"pxd.stage.{kind}.{what}"
+    return f"{Tag.STAGE}.{kind}.{what}"
+
+
+def model_version_tags(*, sweep: str, trial_run: str, resolution: int, objectives: Mapping[str, float | None],
+                       hardware: str | None, why: str) -> dict[str, str]:
+    """The tags of a model version `pxd select` registers: where the student came from and why."""
+    return {Tag.SWEEP: sweep, Tag.TRIAL_RUN: trial_run, Tag.INPUT_SIZE: f"{resolution}x{resolution}",
+            Tag.OBJECTIVES: json.dumps(dict(objectives)), Tag.HARDWARE: hardware or "(the sweep's own device)",
+            Tag.SELECTION_RULE: why}
 
 
 def _true(value: bool) -> str:
     return str(bool(value)).lower()
 
 
-FINAL_REPORT = "pxd_final"  # key of a trial's final report (its objectives), absent from per-epoch reports
+FINAL_REPORT = ReportKey.FINAL  # the same key, under the name its importers use
 
 
 @dataclass
@@ -187,37 +209,32 @@ class TrialResult:
     def report(self) -> dict[str, Any]:
         """The final Tune report. `FINAL_REPORT` marks it: the searcher tells Optuna COMPLETE only for such a
         report (Tune marks `done` the last partial report of a trial a scheduler stopped, too)."""
-        return {**self.metrics, "mlflow_run_id": self.run_id, "model_uri": self.model_uri,
-                "feasible": self.feasible, "constraints": list(self.constraints), FINAL_REPORT: True}
-
-
-_REPORT_ERROR = "pxd_error"
+        return {**self.metrics, ReportKey.MLFLOW_RUN_ID: self.run_id, ReportKey.MODEL_URI: self.model_uri,
+                ReportKey.FEASIBLE: self.feasible, ReportKey.CONSTRAINTS: list(self.constraints), ReportKey.FINAL: True}
 
 
 def failed_report(run_id: str, error: str) -> dict[str, Any]:
     """The final Tune report of a trial that failed with an error that would repeat (not retried): `done`
     without objectives, so the searcher tells FAIL."""
-    return {"mlflow_run_id": run_id, _REPORT_ERROR: error, "done": True}
-
-
-_REPORT_OVER_BUDGET = "pruned_before_training"
+    return {ReportKey.MLFLOW_RUN_ID: run_id, ReportKey.ERROR: error, ReportKey.DONE: True}
 
 
 def over_budget_report(run_id: str, reason: str, metrics: Mapping[str, float], constraints: Sequence[float]
                        ) -> dict[str, Any]:
     """The final Tune report of a trial refused before training (a hard limit on a metric known before
     training): its known metrics and constraint values, and why; the searcher tells PRUNED."""
-    return {**metrics, _REPORT_OVER_BUDGET: reason, "constraints": list(constraints), "mlflow_run_id": run_id}
+    return {**metrics, ReportKey.PRUNED_BEFORE_TRAINING: reason, ReportKey.CONSTRAINTS: list(constraints),
+            ReportKey.MLFLOW_RUN_ID: run_id}
 
 
 def report_over_budget(result: Mapping[str, Any]) -> str | None:
     """Why a final report's trial was refused before training (`over_budget_report`), else None."""
-    return result.get(_REPORT_OVER_BUDGET)
+    return result.get(ReportKey.PRUNED_BEFORE_TRAINING)
 
 
 def report_error(result: Mapping[str, Any]) -> str | None:
     """The error a final report carries (`failed_report`), else None."""
-    return result.get(_REPORT_ERROR)
+    return result.get(ReportKey.ERROR)
 
 
 def trial_start_tags(*, sweep: str, parent_run_id: str, trial_id: str, params: Mapping[str, Any],
@@ -257,7 +274,7 @@ def log_trial_failure(client: MlflowClient, run_id: str, error: str, traceback_t
                       state: str = "FAILED") -> None:
     """Record why a trial ended without a result; the run ends FAILED (KILLED for PRUNED). Passwords the
     process knows of are masked (an error may quote a database or tracking URL)."""
-    from orchestrator.tracking.credentials import scrub
+    from orchestrator.tracking.credentials import scrub  # imports optuna: imported on first use (start-up cost)
 
     _set_tags(client, run_id, {Tag.STATE: state, Tag.ERROR: scrub(error)[:4900]})
     client.log_text(run_id, scrub(traceback_text), ERROR_ARTIFACT)
@@ -272,9 +289,7 @@ def log_trial_over_budget(client: MlflowClient, run_id: str, metrics: Mapping[st
 
 
 def _metric(key: str, value: float) -> Any:
-    import time
-
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric  # mlflow: imported on first use (start-up cost), as below
 
     return Metric(key, float(value), int(time.time() * 1000), 0)
 
@@ -337,11 +352,9 @@ def sweep_run_tags(*, sweep: str, objectives: Sequence[tuple[str, str]], referen
     }
 
 
-def sweep_objectives(parent: Run) -> tuple[list[tuple[str, str]], dict[str, float], dict[str, float]]:
+def sweep_objectives(parent: Run) -> tuple[list[tuple[str, Mode]], dict[str, float], dict[str, float]]:
     """[(metric, mode), ...], the reference point and the ideal point, as the sweep run recorded them."""
-    from pxd.metrics import get_metric
-
-    objectives = [(str(m), str(mode)) for m, mode in json.loads(parent.data.tags[Tag.OBJECTIVES])]
+    objectives = [(str(m), Mode(mode)) for m, mode in json.loads(parent.data.tags[Tag.OBJECTIVES])]
     reference = json.loads(parent.data.tags[Tag.REFERENCE_POINT])
     default_ideal = {m: get_metric(m).ideal for m, _ in objectives}  # sweeps recorded before the tag existed
     ideal = json.loads(parent.data.tags.get(Tag.IDEAL_POINT, json.dumps(default_ideal)))
@@ -366,8 +379,6 @@ def find_sweep_run(client: MlflowClient, sweep: str) -> Run | None:
 
 def require_sweep_run(client: MlflowClient, sweep: str) -> Run:
     """`find_sweep_run`, or `ConfigError` naming what to check."""
-    from pxd.errors import ConfigError
-
     parent = find_sweep_run(client, sweep)
     if parent is None:
         raise ConfigError("sweep", f"no sweep named or with run id {sweep!r} at {client.tracking_uri}; check the name "

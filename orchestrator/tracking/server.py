@@ -187,7 +187,7 @@ class EmbeddedServer:
             "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         ]
         # MLflow's job execution (GenAI evaluation and prompt jobs; pxd runs none) starts a job runner and
-        # seven huey consumers, each importing MLflow: ~20 CPU-seconds at start and pollers for the whole
+        # seven huey consumers, each importing MLflow: CPU-seconds at start and pollers for the whole
         # sweep, which on a laptop compete with training. The user's own setting wins.
         env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)

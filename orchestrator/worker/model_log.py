@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 class ModelLoggingWarmUp:
-    """MLflow's first model log in a process spends seconds (4 s of 5 s measured, docs/benchmarks.md) building
+    """MLflow's first model log in a process spends seconds building
     its map of every installed package's modules, to check the model's requirements against the
     environment, and importing its model machinery. A trial is a process of its own and logs one model,
     so every trial paid that on its critical path. Saving a one-parameter model to a temporary directory
