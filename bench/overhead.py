@@ -34,7 +34,7 @@ idle slots).
 
 `--compare` runs four variants, alternating: `cuts_off` (`PXD_OVERHEAD_CUTS=0` and
 `search.reuse_actors=false`: every trial in a fresh worker process, loading its dataset, timing its own
-latency and logging its model cold), `fresh_processes` (the cuts on, `search.reuse_actors=false`: the
+latency and logging its model cold), `fresh_processes` (the cuts on, `search.reuse_actors=false`:
 Tune's own default), `kept_cuts_off` (worker processes kept, `PXD_OVERHEAD_CUTS=0`: what
 a kept process keeps is off, i.e. its dataset, the stages it found, its teacher and assistant modules,
 the static costs and latencies it measured, and the model-logging warm-up) and `default` (as shipped:

@@ -12,16 +12,11 @@ input reuse one measurement instead of timing it again (`measure_cost(..., cache
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
 import os
-import platform
 import statistics
-import time
-from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,14 +26,21 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from pxd.memo import ProcessMemory
 from pxd.models import eval_mode
+from pxd.runtimes import AUTOCAST_DTYPES, device_name, get_runtime, time_calls
 
 __all__ = [
-    "Cost", "count_params", "count_gmacs", "measure_latency", "measure_cost", "static_cost",
-    "RUNTIMES", "RuntimeTiming", "measure_runtime", "LatencyCache",
+    "Cost",
+    "count_params",
+    "count_gmacs",
+    "measure_latency",
+    "measure_cost",
+    "static_cost",
+    "RuntimeTiming",
+    "measure_runtime",
+    "LatencyCache",
 ]
-
-_AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -95,29 +97,14 @@ def measure_latency(
     """
     if repeats < 1 or warmup < 0 or batch_size < 1:
         raise ValueError(f"need repeats ≥ 1, warmup ≥ 0, batch_size ≥ 1 (got {repeats}, {warmup}, {batch_size})")
+    if dtype not in AUTOCAST_DTYPES and dtype != torch.float32:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16 (got {dtype})")
     target = torch.device(device)
-    is_cuda = target.type == "cuda"
     # float32 weights: autocast, not the weights' dtype, decides the compute dtype.
-    runner = copy.deepcopy(model).to(device=target, dtype=torch.float32).eval()
+    runner = get_runtime("torch").runner(model, resolution, target, torch.get_num_threads())
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, resolution, resolution, generator=generator).to(target)
-    if dtype in _AUTOCAST_DTYPES:
-        autocast: Any = torch.autocast(device_type=target.type, dtype=dtype)
-    elif dtype == torch.float32:
-        autocast = nullcontext()
-    else:
-        raise ValueError(f"dtype must be float32, bfloat16 or float16 (got {dtype})")
-    sync: Callable[[], None] = (lambda: torch.cuda.synchronize(target)) if is_cuda else (lambda: None)
-
-    times_s = []
-    with torch.inference_mode(), autocast:
-        for step in range(warmup + repeats):
-            sync()
-            start = time.perf_counter()
-            runner(images)
-            sync()
-            if step >= warmup:
-                times_s.append(time.perf_counter() - start)
+    times_s = time_calls(runner, images, warmup=warmup, repeats=repeats, device=target, dtype=dtype)
     median_s = statistics.median(times_s)
     return {
         "latency_ms": median_s * 1e3,
@@ -128,26 +115,28 @@ def measure_latency(
         "threads": torch.get_num_threads(),
         "warmup": warmup,
         "repeats": repeats,
-        "device_name": _device_name(target),
+        "device_name": device_name(target),
     }
 
 
 _TIMED = ("latency_ms", "throughput_ips", "batch_size", "device", "dtype", "threads", "warmup", "repeats",
           "device_name")  # the `Cost` fields a `LatencyCache` holds
-_IN_PROCESS: dict[str, dict[str, Any]] = {}  # every LatencyCache's measurements in this process, by key
 
 
 class LatencyCache:
     """Latency measurements keyed by everything that decides them: the architecture (the caller's
     description plus the module structure and parameter shapes), input resolution, device and its name,
     dtype, threads, warm-up, repeats, throughput batch, torch version, and `scope` (e.g. the sweep: a
-    measurement is reused within it, never across sweeps). Held per process and, with `directory`, in one
-    JSON file per key, so other processes on the same machine (the sweep's other trials) reuse it too.
+    measurement is reused within it, never across sweeps). Held in the process's `memory` (its `latency`
+    table, shared by every cache given the same memory) and, with `directory`, in one JSON file per key, so
+    other processes on the same machine (the sweep's other trials) reuse it too. With neither, nothing is
+    reused.
     """
 
-    def __init__(self, scope: str, directory: str | Path | None = None) -> None:
+    def __init__(self, scope: str, directory: str | Path | None = None, memory: ProcessMemory | None = None) -> None:
         self.scope = scope
         self.directory = Path(directory) if directory is not None else None
+        self.memory = memory
 
     def key(self, model: nn.Module, resolution: int, architecture: dict[str, Any], settings: dict[str, Any]) -> str:
         structure = hashlib.sha256(repr(model).encode())
@@ -159,19 +148,21 @@ class LatencyCache:
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
     def get(self, key: str) -> dict[str, Any] | None:
-        if key in _IN_PROCESS:
-            return dict(_IN_PROCESS[key])
+        kept = self.memory.latency if self.memory is not None else {}
+        if key in kept:
+            return dict(kept[key])
         if self.directory is None:
             return None
         try:
             timing = json.loads((self.directory / f"{key}.json").read_text())
         except (OSError, ValueError):  # absent, or being replaced: time it again
             return None
-        _IN_PROCESS[key] = timing
+        kept[key] = timing
         return dict(timing)
 
     def put(self, key: str, timing: dict[str, Any]) -> None:
-        _IN_PROCESS[key] = dict(timing)
+        if self.memory is not None:
+            self.memory.latency[key] = dict(timing)
         if self.directory is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -201,7 +192,7 @@ def measure_cost(
     model's `static_cost` at `resolution` when the caller has it (not counted again).
     """
     target = torch.device(device)
-    settings = {"device": str(target), "device_name": _device_name(target), "dtype": str(dtype),
+    settings = {"device": str(target), "device_name": device_name(target), "dtype": str(dtype),
                 "threads": torch.get_num_threads(), "warmup": warmup, "repeats": repeats, "batch": throughput_batch}
     key = cache.key(model, resolution, architecture or {}, settings) if cache is not None else None
     timed = cache.get(key) if cache is not None and key is not None else None
@@ -236,21 +227,9 @@ def static_cost(model: nn.Module, resolution: int) -> Cost:
                 warmup=0, repeats=0)
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")  # Linux names the CPU model here; platform.processor() does not
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "cpu"
-
-
 # ---------------------------------------------------------------------------------------------------
-# Deployment runtimes: latency as users will deploy (`pxd remeasure`)
+# Deployment runtimes: latency as users will deploy (`pxd remeasure`; the runtimes: `pxd.runtimes`)
 
-RUNTIMES = ("torch", "torch-compile", "onnxruntime")
 NOISY_CV = 0.10  # a coefficient of variation above this is reported as a noisy measurement
 
 
@@ -275,33 +254,6 @@ class RuntimeTiming:
         return dataclasses.asdict(self)
 
 
-def _runner(model: nn.Module, runtime: str, resolution: int, device: torch.device, threads: int) -> Callable[[Any], Any]:
-    """A callable taking a batch (a torch tensor), running `model` the way `runtime` deploys it."""
-    model = copy.deepcopy(model).to(device=device, dtype=torch.float32).eval()
-    if runtime == "torch":
-        return model
-    if runtime == "torch-compile":
-        return torch.compile(model)
-    if runtime == "onnxruntime":
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise RuntimeError("the onnxruntime runtime needs the optional extra: pip install 'pxd[onnx]'") from exc
-        import io
-
-        buffer = io.BytesIO()
-        example = torch.zeros(1, 3, resolution, resolution, device=device)
-        torch.onnx.export(model, (example,), buffer, input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-        session = ort.InferenceSession(buffer.getvalue(), options, providers=providers)
-        return lambda batch: session.run(None, {"image": batch.cpu().numpy()})
-    raise ValueError(f"unknown runtime {runtime!r}; use one of {RUNTIMES}")
-
-
 def measure_runtime(
     model: nn.Module,
     resolution: int,
@@ -323,39 +275,25 @@ def measure_runtime(
     if repeats < 2 or warmup < 0 or batch_size < 1:
         raise ValueError(f"need repeats ≥ 2, warmup ≥ 0, batch_size ≥ 1 (got {repeats}, {warmup}, {batch_size})")
     target = torch.device(device)
+    chosen = get_runtime(runtime)
     previous_threads = torch.get_num_threads()
     threads = threads or previous_threads
     torch.set_num_threads(threads)
     try:
-        run = _runner(model, runtime, resolution, target, threads)
-        cuda = target.type == "cuda"
-        autocast: Any = (torch.autocast(device_type=target.type, dtype=dtype)
-                         if dtype in _AUTOCAST_DTYPES and runtime != "onnxruntime" else nullcontext())
-        sync: Callable[[], None] = (lambda: torch.cuda.synchronize(target)) if cuda else (lambda: None)
+        run = chosen.runner(model, resolution, target, threads)
         generator = torch.Generator().manual_seed(0)
-
-        def timed(batch: int, count: int) -> list[float]:
+        timings = []
+        for batch, count in ((1, repeats), (batch_size, max(3, repeats // 4))):
             images = torch.randn(batch, 3, resolution, resolution, generator=generator).to(target)
-            times = []
-            with torch.inference_mode(), autocast:
-                for step in range(warmup + count):
-                    sync()
-                    start = time.perf_counter()
-                    run(images)
-                    sync()
-                    if step >= warmup:
-                        times.append(time.perf_counter() - start)
-            return times
-
-        single = timed(1, repeats)
-        batched = timed(batch_size, max(3, repeats // 4))
+            timings.append(time_calls(run, images, warmup=warmup, repeats=count, device=target, dtype=dtype,
+                                      autocast=chosen.autocast))
+        single, batched = timings
     finally:
         torch.set_num_threads(previous_threads)
     median = statistics.median(single)
     cv = statistics.stdev(single) / statistics.fmean(single)
     return RuntimeTiming(
-        runtime=runtime, device=str(target), device_name=_device_name(target),
-        dtype="float32" if runtime == "onnxruntime" else str(dtype).removeprefix("torch."), threads=threads,
-        batch_size=batch_size, warmup=warmup, repeats=repeats, latency_ms=median * 1e3, latency_cv=cv,
-        throughput_ips=batch_size / statistics.median(batched), noisy=cv > NOISY_CV,
+        runtime=runtime, device=str(target), device_name=device_name(target), dtype=chosen.reported_dtype(dtype),
+        threads=threads, batch_size=batch_size, warmup=warmup, repeats=repeats, latency_ms=median * 1e3,
+        latency_cv=cv, throughput_ips=batch_size / statistics.median(batched), noisy=cv > NOISY_CV,
     )

@@ -7,7 +7,7 @@ says what to do, and is raised before any compute is spent. A programming error 
 
 from __future__ import annotations
 
-__all__ = ["PxdError", "ConfigError", "DatasetError", "DivergedError"]
+__all__ = ["PxdError", "ConfigError", "DatasetError", "DivergedError", "first_line"]
 
 
 class PxdError(Exception):
@@ -29,3 +29,9 @@ class DatasetError(ConfigError):
 
 class DivergedError(PxdError, RuntimeError):
     """A loss became NaN or infinite; the stage stops instead of producing a model."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception as one line (its type and the first line of its message), for a one-line `ConfigError`."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"

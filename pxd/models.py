@@ -1,4 +1,4 @@
-"""Models: any timm classifier at any input size, two block-wise families, and feature taps.
+"""Models: any timm classifier at any input size, the block-wise families (`pxd.blockwise`), and feature taps.
 
 Taps come from timm's own API (`forward_intermediates` + `forward_head`), never from hooks on module
 paths, so they follow timm's definition of a feature level (`feature_info`) for every architecture.
@@ -6,28 +6,27 @@ paths, so they follow timm's definition of a feature level (`feature_info`) for 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
 from timm.layers import PatchEmbed
-from timm.models._efficientnet_builder import decode_arch_def
-from timm.models.efficientnet import EfficientNet
-from timm.models.resnet import BasicBlock, ResNet
 from torch import nn
 
-from pxd.errors import ConfigError
+from pxd.blockwise import BLOCKWISE_FAMILIES, check_blockwise, create_blockwise
+from pxd.errors import ConfigError, first_line
 from pxd.types import TapInfo, Taps
+from pxd.weights import load_checkpoint
 
 if TYPE_CHECKING:
-    from pxd.config import ModelConfig
+    from pxd.sections import ModelConfig
 
 __all__ = [
     "BLOCKWISE_FAMILIES",
@@ -38,23 +37,15 @@ __all__ = [
     "check_model_supported",
     "patch_size_for",
     "token_count",
-    "load_checkpoint",
     "forward_taps",
     "tap_info",
     "meta_tap_info",
     "eval_mode",
 ]
 
-# Block-wise families: pxd builds these itself from per-stage depths and widths (see `_blockwise_*`).
-BLOCKWISE_FAMILIES = ("blockwise_resnet", "blockwise_mobilenet")
-
 # Feature KD and attention transfer use at most this many feature levels, the deepest ones (a ResNet's
 # layer1..layer4, as the official Pixel Distillation AT; a ViT's blocks evenly spaced up to the last).
 MAX_DISTILL_STAGES = 4
-
-# MobileNetV2 (Sandler et al. 2018) widens the last stage 4× in a 1×1 head conv (320 → 1280).
-_MOBILENET_HEAD_RATIO = 4
-_MOBILENET_EXPANSION = 6
 
 
 @dataclass
@@ -112,7 +103,7 @@ def check_model_supported(cfg: ModelConfig, field: str = "model") -> None:
     Cheap: timm models are built once per name on the meta device (no memory, no weights).
     """
     if cfg.arch in BLOCKWISE_FAMILIES:
-        _check_blockwise(cfg, field)
+        check_blockwise(cfg, field)
         return
     if not timm.is_model(cfg.arch):
         raise ConfigError(f"{field}.arch", f"unknown timm model {cfg.arch!r}; see timm.list_models()")
@@ -132,45 +123,19 @@ def create_model(cfg: ModelConfig, num_classes: int, field: str = "model") -> nn
     `cfg.pretrained` downloads timm's weights (only then); `cfg.checkpoint` loads a local file after.
     """
     check_model_supported(cfg, field)
-    if cfg.arch == "blockwise_resnet":
-        model = _blockwise_resnet(cfg.depths, cfg.widths, num_classes)
-    elif cfg.arch == "blockwise_mobilenet":
-        model = _blockwise_mobilenet(cfg.depths, cfg.widths, num_classes)
+    if cfg.arch in BLOCKWISE_FAMILIES:
+        model = create_blockwise(cfg, num_classes)
     else:
         kwargs = _size_kwargs(cfg, field)
         try:
             model = timm.create_model(cfg.arch, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
         except (AssertionError, TypeError, ValueError, RuntimeError) as err:
             raise ConfigError(
-                f"{field}.arch", f"timm could not build {cfg.arch} with {kwargs}: {_first_line(err)}"
+                f"{field}.arch", f"timm could not build {cfg.arch} with {kwargs}: {first_line(err)}"
             ) from err
     if cfg.checkpoint is not None:
         load_checkpoint(model, cfg.checkpoint, field=field)
     return model
-
-
-def load_checkpoint(model: nn.Module, path: str | Path, field: str = "model") -> None:
-    """Load a local weights file into `model`: a state_dict, or a dict holding one under
-    "state_dict" or "model". Anything that does not fit exactly is one `ConfigError`."""
-    name = f"{field}.checkpoint"
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(name, f"{path} is not a file")
-    try:
-        loaded = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - on arbitrary bytes torch.load raises many types, even IndexError
-        raise ConfigError(name, f"{path} is not a readable PyTorch weights file ({_first_line(err)})") from err
-    state = _unwrap_state_dict(loaded)
-    if state is None:
-        raise ConfigError(name, f"{path} holds no state_dict (expected one, or a dict with 'state_dict' or 'model')")
-    problem = _mismatch(model.state_dict(), state)
-    if problem:
-        raise ConfigError(
-            name,
-            f"{path} does not fit this model ({problem}); it must come from the same arch, "
-            "resolution/patch size, depths/widths and number of classes",
-        )
-    model.load_state_dict(state)
 
 
 def forward_taps(model: nn.Module, x: torch.Tensor) -> ModelTaps:
@@ -219,8 +184,6 @@ def tap_info(model: nn.Module, resolution: int) -> ModelTapInfo:
 
 def meta_tap_info(cfg: ModelConfig, resolution: int, field: str = "model") -> ModelTapInfo:
     """`tap_info` of `cfg` at `resolution` without memory or weights (built and run on the meta device)."""
-    import dataclasses
-
     plain = dataclasses.replace(cfg, resolution=resolution, checkpoint=None, pretrained=False)
     with torch.device("meta"):
         model = create_model(plain, num_classes=2, field=field)
@@ -333,109 +296,3 @@ def _size_kwargs(cfg: ModelConfig, field: str) -> dict[str, Any]:
     if takes_patch_size:
         kwargs["patch_size"] = patch_size_for(cfg, field)
     return kwargs
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
-
-
-# ---------------------------------------------------------------------------------------------
-# checkpoints
-
-# Prefixes added by DataParallel/DDP ("module.") and torch.compile ("_orig_mod.").
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _unwrap_state_dict(loaded: Any) -> dict[str, torch.Tensor] | None:
-    if isinstance(loaded, Mapping):
-        for key in ("state_dict", "model"):
-            if isinstance(loaded.get(key), Mapping):
-                loaded = loaded[key]
-                break
-    if not isinstance(loaded, Mapping) or not loaded:
-        return None
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
-        return None
-    state = dict(loaded)
-    for prefix in _WRAPPER_PREFIXES:
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
-def _mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str:
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    reshaped = [
-        f"{k} {tuple(given[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(given))
-        if given[k].shape != expected[k].shape
-    ]
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", reshaped)):
-        if keys:
-            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-            parts.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{more}")
-    return "; ".join(parts)
-
-
-# ---------------------------------------------------------------------------------------------
-# block-wise families: stage depths and widths are searchable under a budget
-
-
-def _check_blockwise(cfg: ModelConfig, field: str) -> None:
-    if not cfg.depths or not cfg.widths or len(cfg.depths) != len(cfg.widths):
-        raise ConfigError(f"{field}.depths", f"{cfg.arch} needs depths and widths, one entry per stage each")
-    if any(d < 1 for d in cfg.depths) or any(w < 1 for w in cfg.widths):
-        raise ConfigError(f"{field}.depths", "depths and widths must be ≥ 1")
-    if cfg.arch == "blockwise_resnet" and len(cfg.depths) != 4:
-        raise ConfigError(
-            f"{field}.depths",
-            f"blockwise_resnet has exactly 4 stages (timm's ResNet runs layer1..layer4); got {len(cfg.depths)}",
-        )
-    if cfg.pretrained:
-        raise ConfigError(f"{field}.pretrained", f"{cfg.arch} has no pretrained weights; use {field}.checkpoint")
-    if cfg.patch_size is not None:
-        raise ConfigError(f"{field}.patch_size", f"{cfg.arch} has no patch embedding; leave patch_size unset")
-
-
-def _blockwise_resnet(depths: tuple[int, ...], widths: tuple[int, ...], num_classes: int) -> nn.Module:
-    """timm ResNet of BasicBlocks, `depths[i]` blocks of `widths[i]` channels in stage i.
-
-    ResNet-D stem and shortcuts (He et al. 2019, "Bag of Tricks"), as in timm's resnet10t. Only the
-    deep stem's width can follow the stages (the plain 7×7 stem is fixed at 64 channels): it has
-    2·ceil(widths[0]/2) channels, i.e. widths[0] when even.
-    """
-    return ResNet(
-        block=BasicBlock,
-        layers=tuple(depths),
-        channels=tuple(widths),
-        num_classes=num_classes,
-        stem_type="deep",
-        stem_width=(widths[0] + 1) // 2,
-        avg_down=True,
-    )
-
-
-def _blockwise_mobilenet(depths: tuple[int, ...], widths: tuple[int, ...], num_classes: int) -> nn.Module:
-    """MobileNetV2-style net from timm's EfficientNet builder; each stage is one feature level.
-
-    Stage 1: `depths[0]` depthwise-separable blocks at stride 1 (MobileNetV2's first stage); stage
-    i > 1: `depths[i]` inverted residuals (expansion 6) of `widths[i]` channels, the first at
-    stride 2. Stem = widths[0] channels, head conv = 4·widths[-1]. Widths are used exactly
-    (`round_chs_fn=int`; timm would otherwise round them to multiples of 8).
-    """
-    arch_def = [[f"ds_r{depths[0]}_k3_s1_c{widths[0]}"]]
-    arch_def += [
-        [f"ir_r{depth}_k3_s2_e{_MOBILENET_EXPANSION}_c{width}"] for depth, width in zip(depths[1:], widths[1:])
-    ]
-    return EfficientNet(
-        block_args=decode_arch_def(arch_def),
-        num_classes=num_classes,
-        num_features=_MOBILENET_HEAD_RATIO * widths[-1],
-        stem_size=widths[0],
-        fix_stem=True,
-        round_chs_fn=int,
-        act_layer=nn.ReLU6,
-    )

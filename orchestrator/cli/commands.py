@@ -1,8 +1,13 @@
-"""The `pxd` sub-commands: train, sweep, frontier, stages (parser entries and handlers)."""
+"""The `pxd` sub-commands: train, sweep, frontier, stages (parser entries and handlers).
+
+What torch, Ray, MLflow, Optuna or matplotlib bring is imported inside the handler that needs it, so that
+`pxd --help`, and each command, pays only for its own libraries.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -12,8 +17,21 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from orchestrator.results.frontier import format_table, frontier_table, table_to_json
+from orchestrator.results.hardware import TimingRequest, check_request, compare_tables, hardware_table, remeasure
+from orchestrator.results.schema import Tag, collect_rows, require_sweep_run, sweep_objectives
+from orchestrator.results.select import Limits, check_limits, check_registry_names, choose_for_sweep, register
+from orchestrator.tracking.server import (
+    EmbeddedServer,
+    TrackingTarget,
+    given_tracking_uri,
+    resolve_tracking,
+    results_root,
+)
+from pxd.errors import ConfigError
+from pxd.metrics import final_metrics, hardware_metric, primary_metric
+
 if TYPE_CHECKING:
-    from orchestrator.tracking.server import TrackingTarget
     from pxd.config import PipelineConfig
     from pxd.pipeline import PipelineResult
 
@@ -80,7 +98,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     select.add_argument("--max-latency-ms", type=float, default=None, help="latency limit in ms, > 0 (on --hardware, else the sweep's latency_ms)")
     select.add_argument("--max-gmacs", type=float, default=None, help="multiply-accumulates limit in billions, > 0")
     select.add_argument("--max-pixels", type=float, default=None, help="input H × W limit, > 0")
-    select.add_argument("--min-top1", type=float, default=None, help="minimum val_top1, a fraction in [0, 1] (0.75, not 75)")
+    select.add_argument("--min-top1", type=float, default=None, help=f"minimum {primary_metric()}, a fraction in [0, 1] (0.75, not 75)")
     select.add_argument("--name", default=None, help="registered model name (default: <experiment>-student)")
     select.add_argument("--alias", default="champion", help="registry alias to point at the chosen version (default: champion)")
     select.add_argument("--json", action="store_true", help="print the choice as JSON")
@@ -94,8 +112,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    # the space and the pipeline bring torch, timm and optuna (start-up cost)
     from orchestrator.space.spec import load_spec
-    from pxd.metrics import final_metrics
     from pxd.pipeline import run_tas
 
     spec = load_spec(args.config, args.overrides)
@@ -117,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _save_train_output(directory: Path, result: PipelineResult, config: PipelineConfig) -> None:
-    import torch
+    import torch  # start-up cost
 
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(result.student.state_dict(), directory / "student.pt")
@@ -128,6 +146,7 @@ def _save_train_output(directory: Path, result: PipelineResult, config: Pipeline
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    # the driver and the space bring Ray, MLflow, Optuna and torch (start-up cost)
     from orchestrator.driver.finish import summary
     from orchestrator.driver.launch import SweepOptions, run_sweep
     from orchestrator.space.spec import load_spec
@@ -140,8 +159,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         optuna_storage=args.optuna_storage, root=args.root, force_retrain=args.force_retrain, quiet=args.quiet,
     ))
     if args.json:
-        from orchestrator.results.frontier import table_to_json
-
         print(table_to_json(outcome.table))
     else:
         print(summary(outcome))
@@ -149,8 +166,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _open_tracking(args: argparse.Namespace, *, read_only: bool = False) -> TrackingTarget:
-    from orchestrator.tracking.server import given_tracking_uri, resolve_tracking, results_root
-
     # a tracking URI of the user's: no results folder is made in the working directory
     create = given_tracking_uri(args.tracking_uri) is None
     return resolve_tracking(args.tracking_uri, results_root(args.root, create=create), read_only=read_only)
@@ -160,9 +175,6 @@ def _open_existing(args: argparse.Namespace) -> TrackingTarget:
     """A read-only open of results that must exist (pxd frontier, stages, select, remeasure): a mistyped --root,
     PXD_HOME or sqlite:/// tracking URI is refused, and nothing is created there (MLflow would create a
     new, empty store; `results_root` the folder)."""
-    from orchestrator.tracking.server import EmbeddedServer, given_tracking_uri, results_root
-    from pxd.errors import ConfigError
-
     uri = given_tracking_uri(args.tracking_uri)
     if uri is None:
         flag = "PXD_HOME" if not args.root and os.environ.get("PXD_HOME") else "--root"
@@ -178,11 +190,7 @@ def _open_existing(args: argparse.Namespace) -> TrackingTarget:
 
 
 def cmd_frontier(args: argparse.Namespace) -> int:
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator.results.frontier import format_table, frontier_table, table_to_json
-    from orchestrator.results.hardware import compare_tables, hardware_table
-    from orchestrator.results.schema import Tag, collect_rows, require_sweep_run, sweep_objectives
+    from mlflow.tracking import MlflowClient  # start-up cost
 
     target = _open_existing(args)
     try:
@@ -200,11 +208,12 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     finally:
         target.close()
     if args.plot is not None:
+        # matplotlib (start-up cost)
         from orchestrator.results.artifacts import cost_axes
         from orchestrator.results.plots import plot_png
 
         # the axes of the PNG the sweep (or pxd remeasure) logged for this frontier
-        axes = tuple(o["name"] for o in table["objectives"] if o["name"] != "val_top1") or cost_axes(table)
+        axes = tuple(o["name"] for o in table["objectives"] if o["name"] != primary_metric()) or cost_axes(table)
         plot_png(table, args.plot, x_metrics=axes)
     if args.json:
         print(table_to_json(table))
@@ -218,22 +227,20 @@ def cmd_frontier(args: argparse.Namespace) -> int:
 
 
 def _print_comparison(comparison: dict, tables: list[dict], args: argparse.Namespace) -> int:
-    from orchestrator.results.frontier import table_to_json
-    from orchestrator.results.plots import plot_comparison_png
-    from pxd.metrics import hardware_metric
-
     first, second = comparison["first"], comparison["second"]
     if args.plot is not None:
+        from orchestrator.results.plots import plot_comparison_png  # matplotlib (start-up cost)
+
         plot_comparison_png(tables[0], tables[1], args.plot)
     if args.json:
         print(table_to_json(comparison))
         return 0
-    a, b = hardware_metric(first).name, hardware_metric(second).name
-    print(f"{'':<6} {'run_id':<34} {'val_top1':>8} {a:>24} {b:>24}")
+    a, b, primary = hardware_metric(first).name, hardware_metric(second).name, primary_metric()
+    print(f"{'':<6} {'run_id':<34} {primary:>8} {a:>24} {b:>24}")
     for status, runs in (("stay", comparison["stay"]), ("leave", comparison["leave"]), ("join", comparison["join"])):
         for run in runs:
             metrics = comparison["rows"][run]["metrics"]
-            print(f"{status:<6} {run:<34} {metrics.get('val_top1', float('nan')):>8.4f} "
+            print(f"{status:<6} {run:<34} {metrics.get(primary, float('nan')):>8.4f} "
                   f"{metrics.get(a, float('nan')):>24.4f} {metrics.get(b, float('nan')):>24.4f}")
     print(f"from {first} to {second}: {len(comparison['leave'])} leave the frontier, {len(comparison['join'])} join, "
           f"{len(comparison['stay'])} stay" + (f" · plot {args.plot}" if args.plot else ""))
@@ -241,26 +248,19 @@ def _print_comparison(comparison: dict, tables: list[dict], args: argparse.Names
 
 
 def cmd_remeasure(args: argparse.Namespace) -> int:
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator.results.frontier import format_table, table_to_json
-    from orchestrator.results.hardware import TimingRequest, check_request, remeasure
-    from orchestrator.results.schema import Tag, collect_rows, require_sweep_run
-    from pxd.errors import ConfigError
+    from mlflow.tracking import MlflowClient  # start-up cost
 
     request = TimingRequest(label=args.hardware, runtime=args.runtime, device=args.device, threads=args.threads,
                             warmup=args.warmup, repeats=args.repeats, batch_size=args.batch, dtype=args.dtype)
     check_request(request, local=args.resource is None)
     if args.runtime == "onnxruntime":
-        import importlib.util
-
         if importlib.util.find_spec("onnxruntime") is None:
             raise ConfigError("--runtime", "onnxruntime is not installed; pip install 'pxd[onnx]'")
     if args.ray_address and not args.resource:
         raise ConfigError("--ray-address", "is for timing on Ray nodes: add --resource NAME (the custom resource "
                                            "of the target nodes), or omit --ray-address to time on this machine")
     if args.ray_address:
-        from orchestrator.driver.checks import check_reachable
+        from orchestrator.driver.checks import check_reachable  # brings the space: torch, optuna (start-up cost)
 
         check_reachable(args.ray_address)
     # the sweep and its students must exist before a server starts or Ray joins (nothing is created)
@@ -274,7 +274,7 @@ def cmd_remeasure(args: argparse.Namespace) -> int:
     finally:
         lookup.close()
     if args.resource:
-        import ray
+        import ray  # start-up cost
 
         if not ray.is_initialized():
             try:
@@ -301,9 +301,7 @@ def cmd_remeasure(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator.results.select import Limits, check_limits, check_registry_names, choose_for_sweep, register
+    from mlflow.tracking import MlflowClient  # start-up cost
 
     limits = Limits(max_latency_ms=args.max_latency_ms, max_gmacs=args.max_gmacs, max_pixels=args.max_pixels,
                     min_top1=args.min_top1)
@@ -327,8 +325,8 @@ def cmd_select(args: argparse.Namespace) -> int:
         return 0
     metrics = chosen["metrics"]
     print(f"selected run {chosen['run_id']}: {chosen['params']} at {chosen['input_size']}×{chosen['input_size']} px")
-    print("  " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in ("val_top1", "test_top1", "gmacs", "pixels")
-                           or k.startswith("latency_ms")))
+    shown = (primary_metric(), "test_top1", "gmacs", "pixels")
+    print("  " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k in shown or k.startswith("latency_ms")))
     print(f"  why: {chosen['why']}")
     print(f"registered {chosen['model_name']} version {chosen['version']} with alias @{chosen['alias']}")
     print("load it:" + "".join(f"\n  {line}" for line in load))
@@ -338,8 +336,7 @@ def cmd_select(args: argparse.Namespace) -> int:
 def _load_instructions(target: TrackingTarget, uri: str, input_size: int) -> list[str]:
     """Shell lines that load the registered model as written. A `models:/` URI resolves through a tracking
     server, and the embedded store's artifacts are proxied (mlflow-artifacts:/), so its server must run."""
-    from orchestrator.tracking import credentials
-    from orchestrator.tracking.server import EmbeddedServer
+    from orchestrator.tracking import credentials  # optuna (start-up cost)
 
     code = (f"import mlflow, torch; m = mlflow.pytorch.load_model({json.dumps(uri)}); "
             f"print(m(torch.zeros(1, 3, {input_size}, {input_size})).shape)")
@@ -353,7 +350,7 @@ def _load_instructions(target: TrackingTarget, uri: str, input_size: int) -> lis
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
-    from orchestrator.stages.listing import list_stages
+    from orchestrator.stages.listing import list_stages  # mlflow (start-up cost)
 
     target = _open_existing(args)  # a mistyped --root is refused; no empty store is made there
     try:
@@ -366,9 +363,9 @@ def cmd_stages(args: argparse.Namespace) -> int:
     if not rows:
         print("no stored stages", file=sys.stderr)
         return 0
-    header = f"{'stage':<10} {'key':<14} {'arch':<24} {'res':>4} {'val_top1':>8} {'train_s':>8} {'MB':>7} {'state':<8} run_id"
-    print(header)
+    primary = primary_metric()
+    print(f"{'stage':<10} {'key':<14} {'arch':<24} {'res':>4} {primary:>8} {'train_s':>8} {'MB':>7} {'state':<8} run_id")
     for r in rows:
-        print(f"{r['stage']:<10} {r['key'][:12]:<14} {str(r['arch'])[:24]:<24} {str(r['resolution']):>4} {r['val_top1']:>8.4f} "
+        print(f"{r['stage']:<10} {r['key'][:12]:<14} {str(r['arch'])[:24]:<24} {str(r['resolution']):>4} {r[primary]:>8.4f} "
               f"{r['train_seconds']:>8.1f} {r['size_mb']:>7.2f} {r['state']:<8} {r['run_id']}")
     return 0

@@ -20,13 +20,18 @@ as soon as Tune reports the failure.
 from __future__ import annotations
 
 import pickle
+import socket
 import sys
 from typing import Any
 
+import cloudpickle
+import ray
 from ray import tune
+from ray.exceptions import RayActorError
 
 from orchestrator.results import schema
 from orchestrator.tracking import credentials
+from orchestrator.tracking.server import restored_tracking_uri
 from orchestrator.worker.failures import WILL_REPEAT, will_repeat
 
 __all__ = ["WILL_REPEAT", "will_repeat", "lost_cause", "LostAttempts"]
@@ -35,8 +40,6 @@ __all__ = ["WILL_REPEAT", "will_repeat", "lost_cause", "LostAttempts"]
 
 def lost_cause(error: BaseException | None, *, node_id: str, hostname: str, node_alive: bool | None) -> str:
     """Why an attempt ended without closing its run, in the user's words."""
-    from ray.exceptions import RayActorError
-
     where = f"node {node_id} (host {hostname})"
     if node_alive is False:
         return f"its node died (shut down, preempted or lost): {where}"
@@ -49,8 +52,6 @@ def lost_cause(error: BaseException | None, *, node_id: str, hostname: str, node
 def _trial_error(trial: Any) -> BaseException | None:
     """The error Tune recorded for the trial's last failure (callbacks are not handed it): the pickled
     exception Tune writes in the trial's local folder, before it is synced to the storage path."""
-    import cloudpickle
-
     try:
         with open(trial.pickled_error_file, "rb") as handle:
             return cloudpickle.load(handle)
@@ -66,10 +67,6 @@ def _node_alive(node_id: str) -> bool | None:
     """Whether the Ray node still runs; None if Ray does not know it. Ray marks a node dead only after
     its health checks fail (~30 s), often after Tune reported the attempt's failure, so a node it still
     lists as alive must also answer on its raylet's port."""
-    import socket
-
-    import ray
-
     node = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
     if node is None or not node["Alive"]:
         return None if node is None else False
@@ -93,8 +90,6 @@ class LostAttempts(tune.Callback):
         return {**self.__dict__, "tracking_uri": credentials.without_password(self.tracking_uri)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        from orchestrator.tracking.server import restored_tracking_uri
-
         self.__dict__.update({**state, "tracking_uri": restored_tracking_uri(state["tracking_uri"])})
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -112,7 +107,7 @@ class LostAttempts(tune.Callback):
                   f"({credentials.scrub(str(exc))}); it is recorded FAILED when the sweep ends", file=sys.stderr, flush=True)
 
     def _close_runs(self, trial: Any, outcome: str) -> None:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # start-up cost
 
         client = MlflowClient(self.tracking_uri)
         lost = schema.trial_runs(client, client.get_run(self.parent_run_id), trial_id=str(trial.trial_id), state="RUNNING")

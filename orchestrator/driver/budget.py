@@ -26,6 +26,11 @@ from typing import Any
 from ray.tune import Stopper
 from ray.tune.search import Searcher, SearchGenerator
 
+from orchestrator.results import schema
+from orchestrator.results.schema import OptunaAttr
+from orchestrator.tracking import credentials
+from orchestrator.tracking.server import restored_tracking_uri
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["BUDGET_FILE", "LaunchBudget", "RecordedTrials", "SweepSearchGenerator", "read_budget", "write_budget", "raised_only"]
@@ -115,20 +120,14 @@ class RecordedTrials:
         self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
 
     def __getstate__(self) -> dict[str, Any]:
-        from orchestrator.tracking import credentials
-
         return {**self.__dict__, "tracking_uri": credentials.without_password(self.tracking_uri)}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        from orchestrator.tracking.server import restored_tracking_uri
-
         self.__dict__.update({**state, "tracking_uri": restored_tracking_uri(state["tracking_uri"])})
 
     def complete(self) -> dict[str, str]:
         """Tune trial id → MLflow run id of its COMPLETE run."""
-        from mlflow.tracking import MlflowClient
-
-        from orchestrator.results import schema
+        from mlflow.tracking import MlflowClient  # mlflow: imported on first use (start-up cost)
 
         client = MlflowClient(self.tracking_uri)
         parent = client.get_run(self.parent_run_id)
@@ -149,7 +148,7 @@ def finished_after_snapshot(searcher: Searcher, recorded: RecordedTrials | None 
     finished trials (COMPLETE, PRUNED, FAIL) the restored searcher does not hold, and the COMPLETE MLflow
     runs of Tune trials it does not hold (a trial can finish in MLflow before the driver tells Optuna).
     Unwraps Tune's ConcurrencyLimiter."""
-    import optuna
+    import optuna  # imported on first use (start-up cost)
 
     while hasattr(searcher, "searcher"):
         searcher = searcher.searcher
@@ -160,7 +159,7 @@ def finished_after_snapshot(searcher: Searcher, recorded: RecordedTrials | None 
     known = {trial.number for trial in held.values()}
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
     # one key per trial: its MLflow run id once it has one (a told trial and its COMPLETE run count once)
-    orphans = {str(t.user_attrs.get("mlflow_run_id") or f"optuna trial {t.number}")
+    orphans = {str(t.user_attrs.get(OptunaAttr.MLFLOW_RUN_ID) or f"optuna trial {t.number}")
                for t in study.get_trials(deepcopy=False, states=finished) if t.number not in known}
     if recorded is not None:
         orphans |= {run_id for trial_id, run_id in recorded.complete().items() if trial_id not in held}

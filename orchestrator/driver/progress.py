@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 from ray import tune
 
 from orchestrator.results.frontier import IncrementalFrontier, TrialRow, trial_outcomes
-from orchestrator.results.schema import FINAL_REPORT, epoch_metric, report_error
+from orchestrator.results.schema import ReportKey, epoch_metric, report_error
+from pxd.metrics import primary_metric
 
 if TYPE_CHECKING:
     from orchestrator.space.spec import SweepSpec
@@ -69,7 +70,7 @@ class SweepProgress(tune.Callback):
         outcomes = trial_outcomes(rows)
         for row in rows:
             outcome = outcomes[row.trial_id]
-            if outcome == "COMPLETE" and row.state == "COMPLETE" and "val_top1" in row.metrics:
+            if outcome == "COMPLETE" and row.state == "COMPLETE" and primary_metric() in row.metrics:
                 self._record_done(row)
             elif outcome == "FAILED":
                 self.failed.add(row.trial_id)
@@ -89,17 +90,17 @@ class SweepProgress(tune.Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if report_error(result):
             self.failed.add(trial.trial_id)  # an error that would repeat: finished, not retried
-        elif result.get(FINAL_REPORT) and "val_top1" in result:
+        elif result.get(ReportKey.FINAL) and primary_metric() in result:
             self.failed.discard(trial.trial_id)
             self._record_done(TrialRow(
-                trial_id=trial.trial_id, run_id=result.get("mlflow_run_id"),
+                trial_id=trial.trial_id, run_id=result.get(ReportKey.MLFLOW_RUN_ID),
                 metrics={k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
-                params={}, state="COMPLETE", feasible=bool(result.get("feasible", True)),
+                params={}, state="COMPLETE", feasible=bool(result.get(ReportKey.FEASIBLE, True)),
             ))
         elif time.monotonic() - self.last_print > self.every_s:
-            stage = str(result.get("stage", ""))
-            self._print(f"trial {trial.trial_id} {stage} epoch {result.get('epoch', '?')}: "
-                        f"val_top1 {result.get(epoch_metric(stage), float('nan')):.3f}")
+            stage = str(result.get(ReportKey.STAGE, ""))
+            self._print(f"trial {trial.trial_id} {stage} epoch {result.get(ReportKey.EPOCH, '?')}: "
+                        f"{primary_metric()} {result.get(epoch_metric(stage), float('nan')):.3f}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.running.discard(trial.trial_id)
@@ -109,7 +110,8 @@ class SweepProgress(tune.Callback):
         row = self.done.get(trial.trial_id)
         if row is None:
             self.stopped.add(trial.trial_id)  # ended without its final result: stopped (time budget)
-        detail = f"val_top1 {row.metrics['val_top1']:.3f}" if row else "stopped before its final result"
+        primary = primary_metric()
+        detail = f"{primary} {row.metrics[primary]:.3f}" if row else "stopped before its final result"
         self._print(f"trial {trial.trial_id} finished ({detail})")
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.results.schema import FINAL_REPORT, report_error, report_over_budget
-
-if TYPE_CHECKING:
-    from orchestrator.space.spec import SweepSpec
+from orchestrator.results.schema import OptunaAttr, ReportKey, report_error, report_over_budget
+from orchestrator.space.spec import SweepSpec, constraint_names, define_by_run, make_sampler
+from orchestrator.tracking.credentials import PrivateRDBStorage
 
 __all__ = ["ParetoOptunaSearch", "make_searcher"]
 
@@ -41,7 +40,7 @@ class ParetoOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is not None:
             # the link from the study to Tune's trial and its MLflow run (tag pxd.trial_id)
-            ot_trial.set_user_attr("tune_trial_id", trial_id)
+            ot_trial.set_user_attr(OptunaAttr.TUNE_TRIAL_ID, trial_id)
         return config
 
     def _tell_no_values(self, ot_trial: optuna.Trial, state: optuna.trial.TrialState) -> None:
@@ -66,41 +65,38 @@ class ParetoOptunaSearch(OptunaSearch):
         if result and report_over_budget(result):
             # refused before training (a hard limit on gmacs/params/pixels): PRUNED, with its constraint values
             # so that constrained samplers (TPE) count the region as infeasible
-            for name, value in zip(self._constraint_names, result.get("constraints") or []):
+            for name, value in zip(self._constraint_names, result.get(ReportKey.CONSTRAINTS) or []):
                 ot_trial.set_constraint(name, value)
-            ot_trial.set_user_attr("pxd_pruned", str(report_over_budget(result))[:1000])
-            if result.get("mlflow_run_id"):
-                ot_trial.set_user_attr("mlflow_run_id", result["mlflow_run_id"])
+            ot_trial.set_user_attr(OptunaAttr.PRUNED, str(report_over_budget(result))[:1000])
+            if result.get(ReportKey.MLFLOW_RUN_ID):
+                ot_trial.set_user_attr(OptunaAttr.MLFLOW_RUN_ID, result[ReportKey.MLFLOW_RUN_ID])
             self._tell_no_values(ot_trial, optuna.trial.TrialState.PRUNED)
             self._completed_trials.add(trial_id)
             return
         metrics = self._metric if isinstance(self._metric, list) else [self._metric]
         values = [result.get(m) for m in metrics] if result else []
         complete = (
-            not error and result is not None and bool(result.get(FINAL_REPORT))
+            not error and result is not None and bool(result.get(ReportKey.FINAL))
             and all(isinstance(v, (int, float)) and not math.isnan(v) for v in values)
         )
-        if result and result.get("mlflow_run_id"):
-            ot_trial.set_user_attr("mlflow_run_id", result["mlflow_run_id"])
+        if result and result.get(ReportKey.MLFLOW_RUN_ID):
+            ot_trial.set_user_attr(OptunaAttr.MLFLOW_RUN_ID, result[ReportKey.MLFLOW_RUN_ID])
         if not complete:
             # Ray hands a stopped trial's last partial result to the searcher, marked `done`, as if it had
-            # completed: only a report marked FINAL_REPORT is a result. A trial that ended without error and
+            # completed: only a report marked ReportKey.FINAL is a result. A trial that ended without error and
             # without it was stopped (early stopping, the time budget): PRUNED. One that raised: FAIL.
-            stopped = (not error and result is not None and not result.get(FINAL_REPORT)
+            stopped = (not error and result is not None and not result.get(ReportKey.FINAL)
                        and not report_error(result))  # an error that would repeat ends a trial with a report
             state = optuna.trial.TrialState.PRUNED if stopped else optuna.trial.TrialState.FAIL
             self._tell_no_values(ot_trial, state)
             self._completed_trials.add(trial_id)
             return
-        for name, value in zip(self._constraint_names, result.get("constraints") or []):
+        for name, value in zip(self._constraint_names, result.get(ReportKey.CONSTRAINTS) or []):
             ot_trial.set_constraint(name, value)  # ≤ 0 means satisfied
         super().on_trial_complete(trial_id, result=result, error=False)
 
 
 def make_searcher(spec: SweepSpec, study_name: str, storage_url: str) -> ParetoOptunaSearch:
-    from orchestrator.space.spec import constraint_names, define_by_run, make_sampler
-    from orchestrator.tracking.credentials import PrivateRDBStorage
-
     return ParetoOptunaSearch(
         space=define_by_run(spec),
         metric=list(spec.objective_metrics),

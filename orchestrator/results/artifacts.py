@@ -10,6 +10,7 @@ from orchestrator.results.frontier import write_table
 from orchestrator.results.plots import plot_html, plot_png
 from orchestrator.tracking import credentials
 from pxd import metrics as registry
+from pxd.metrics import Mode
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -21,7 +22,7 @@ def cost_axes(table: dict[str, Any]) -> tuple[str, ...]:
     """Every cost metric the table's trials have (registered, lower is better), hardware latencies
     included: the axes a reader of the Pareto page may choose from."""
     present = {key for row in table["rows"] for key in row["metrics"]}
-    axes = [m.name for m in registry.METRICS.values() if m.mode == "min" and m.summary and m.name in present]
+    axes = [m.name for m in registry.METRICS.values() if m.mode is Mode.MIN and m.summary and m.name in present]
     return tuple(axes + sorted(k for k in present if k.startswith("latency_ms.") and k not in axes))
 
 

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.results import schema
 from orchestrator.results.frontier import TrialRow, frontier_table
+from orchestrator.tracking.server import fluent_tracking_uri
 from pxd.errors import ConfigError
-from pxd.metrics import check_hardware_label, get_metric, hardware_cv_metric, hardware_metric
+from pxd.metrics import check_hardware_label, get_metric, hardware_cv_metric, hardware_metric, primary_metric
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -64,7 +65,7 @@ _COUNTS = (("--threads", "threads", 1), ("--batch", "batch_size", 1), ("--repeat
 def check_request(request: TimingRequest, *, local: bool) -> None:
     """Refuse, before any model loads, a request that cannot measure what it says. `local`: the timing
     runs in this process, so its device must exist here (on Ray nodes, `_check_resource` looks)."""
-    import torch
+    import torch  # torch, mlflow and ray in this module: imported on first use (start-up cost of the CLI)
 
     try:
         check_hardware_label(request.label)
@@ -87,9 +88,7 @@ def check_request(request: TimingRequest, *, local: bool) -> None:
 
 
 def _load_student(model_uri: str, tracking_uri: str) -> Any:
-    import mlflow
-
-    from orchestrator.tracking.server import fluent_tracking_uri
+    import mlflow  # start-up cost
 
     with fluent_tracking_uri(tracking_uri):
         return mlflow.pytorch.load_model(model_uri, map_location="cpu")
@@ -101,6 +100,7 @@ def time_student(model_uri: str, resolution: int, request: TimingRequest, tracki
 
 
 def _time_model(model: Any, resolution: int, request: TimingRequest) -> dict[str, Any]:
+    # pxd.cost brings torch (start-up cost)
     import torch
 
     from pxd.cost import measure_runtime
@@ -113,7 +113,7 @@ def _time_model(model: Any, resolution: int, request: TimingRequest) -> dict[str
 
 def _node_id() -> str:
     try:
-        import ray
+        import ray  # start-up cost
 
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
     except Exception:  # noqa: BLE001 - outside Ray there is no node id to report
@@ -169,7 +169,7 @@ def remeasure(client: MlflowClient, tracking_uri: str, sweep: str, request: Timi
     client.set_tag(parent.info.run_id, schema.hardware_tag(request.label), json.dumps(asdict(request)))
     labels = set(hardware_labels(client.get_run(parent.info.run_id))) | {request.label}
     client.set_tag(parent.info.run_id, schema.Tag.HARDWARE_LABELS, json.dumps(sorted(labels)))
-    from orchestrator.results.artifacts import log_frontier
+    from orchestrator.results.artifacts import log_frontier  # imports matplotlib: on first use (start-up cost)
 
     table = hardware_table(client, parent.info.run_id, request.label)
     parent = client.get_run(parent.info.run_id)
@@ -177,7 +177,7 @@ def remeasure(client: MlflowClient, tracking_uri: str, sweep: str, request: Timi
     # the sweep's own Pareto page again, now with this hardware's latency among its cost axes
     objectives, reference, ideal = schema.sweep_objectives(parent)
     own = frontier_table(schema.collect_rows(client, parent), objectives, reference, ideal)
-    log_frontier(client, parent, own, "frontier", png_axes=tuple(m for m, _ in objectives if m != "val_top1"))
+    log_frontier(client, parent, own, "frontier", png_axes=tuple(m for m, _ in objectives if m != primary_metric()))
     # timed_runs: the trials whose students were timed (a copy shares one of them)
     return {**table, "timed": sorted(results), "timed_runs": sorted({t["timed_run"] for t in results.values()}),
             "skipped": skipped}
@@ -190,7 +190,7 @@ def _reference_tag(label: str) -> str:
 def _timing_key(model: Any, resolution: int, request: TimingRequest) -> str:
     """What decides a student's timing: the sweep's latency-sharing key (architecture, parameter shapes,
     input size) with this request's settings."""
-    from pxd.cost import LatencyCache
+    from pxd.cost import LatencyCache  # torch (start-up cost)
 
     settings = {k: v for k, v in asdict(request).items() if k != "label"}
     return LatencyCache(scope=f"remeasure:{request.label}").key(model, resolution, {}, settings)
@@ -240,7 +240,7 @@ def _time_all(rows: list[TrialRow], request: TimingRequest, tracking_uri: str, r
 
 def _check_resource(resource: str, request: TimingRequest) -> None:
     """Refuse, before any model loads, a resource no Ray node offers, or CUDA timing on nodes without a GPU."""
-    import ray
+    import ray  # start-up cost
 
     nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
     offering = [offered for offered in nodes if offered.get(resource, 0) > 0]
@@ -256,7 +256,7 @@ def _check_resource(resource: str, request: TimingRequest) -> None:
 
 def _time_on_ray(groups: dict[str, list[TrialRow]], request: TimingRequest, tracking_uri: str, resource: str,
                  report: Callable[[str], None], results: dict[str, dict[str, Any]], skipped: dict[str, str]) -> None:
-    import ray
+    import ray  # start-up cost
 
     # a task reserving no GPU sees none (Ray hides them from it)
     gpus = 1 if request.device == "cuda" else 0
@@ -292,11 +292,11 @@ def hardware_labels(parent: Run) -> list[str]:
 def hardware_objectives(objectives: list[tuple[str, str]], label: str) -> list[tuple[str, str]]:
     """The sweep's objectives with `label`'s latency as the compute axis (replacing latency_ms, gmacs or
     params_m, in that order of preference; appended when the sweep had no compute axis)."""
-    metric = hardware_metric(label).name
+    latency = hardware_metric(label)
     for axis in _COMPUTE_AXES:
         if any(name == axis for name, _ in objectives):
-            return [(metric, "min") if name == axis else (name, mode) for name, mode in objectives]
-    return [*objectives, (metric, "min")]
+            return [(latency.name, latency.mode) if name == axis else (name, mode) for name, mode in objectives]
+    return [*objectives, (latency.name, latency.mode)]
 
 
 def hardware_table(client: MlflowClient, sweep: str, label: str) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Pictures of a frontier table (``orchestrator.results.frontier.frontier_table``): a PNG and one HTML page.
 
-Both show one panel per cost metric (x) against accuracy (y): every eligible trial in grey, the
+Both show one panel per cost metric (x) against accuracy (y, the primary metric `val_top1` unless
+told otherwise): every eligible trial in grey, the
 frontier trials highlighted, and a step line through the frontier points giving the best y reachable
 at each x. The HTML page is self-contained (inline SVG, inline CSS and a few lines of inline JS, no
 network) so it opens from MLflow's artifact view; its tooltips are SVG ``<title>`` elements, which
@@ -21,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from orchestrator.results.frontier import table_to_json
+from pxd.metrics import Mode, hardware_metric, primary_metric
 
 __all__ = ["plot_png", "plot_html", "plot_comparison_png"]
 
@@ -36,20 +38,17 @@ class _Panel:
     steps: list[tuple[float, float]]  # frontier envelope, drawn as steps-post
 
 
-def _mode(table: Mapping[str, Any], metric: str, default: str) -> str:
+def _mode(table: Mapping[str, Any], metric: str, default: Mode) -> Mode:
     # A metric that is not an objective is drawn as if x were a cost and y an accuracy.
     for objective in table["objectives"]:
         if objective["name"] == metric:
-            return str(objective["mode"])
+            return Mode(objective["mode"])
     return default
 
 
-def _envelope(
-    front: list[tuple[float, float]], x_mode: str, y_mode: str
-) -> list[tuple[float, float]]:
+def _envelope(front: list[tuple[float, float]], x_mode: Mode, y_mode: Mode) -> list[tuple[float, float]]:
     """Frontier points where y improves, walking x from best to worst: the 2-D attainment steps."""
-    sign_x = -1.0 if x_mode == "max" else 1.0
-    sign_y = -1.0 if y_mode == "max" else 1.0
+    sign_x, sign_y = x_mode.sign, y_mode.sign
     steps: list[tuple[float, float]] = []
     best = math.inf
     for x, y in sorted(front, key=lambda p: (sign_x * p[0], sign_y * p[1])):
@@ -75,8 +74,8 @@ def _panels(table: Mapping[str, Any], x_metrics: Sequence[str], y_metric: str) -
             if math.isfinite(x) and math.isfinite(y):
                 points.append((float(x), float(y), index))
         front = [(x, y) for x, y, index in points if rows[index]["on_frontier"]]
-        x_mode = _mode(table, x_metric, "min")
-        y_mode = _mode(table, y_metric, "max")
+        x_mode = _mode(table, x_metric, Mode.MIN)
+        y_mode = _mode(table, y_metric, Mode.MAX)
         steps = _envelope(front, x_mode, y_mode)
         panels.append(_Panel(x_metric, y_metric, points, steps))
     if not panels:
@@ -88,10 +87,11 @@ def plot_png(
     table: Mapping[str, Any],
     path: str | Path,
     x_metrics: Sequence[str] = ("gmacs", "pixels"),
-    y_metric: str = "val_top1",
+    y_metric: str | None = None,
 ) -> Path:
-    """Write one PNG with a scatter panel per x metric; frontier points highlighted and stepped."""
-    panels = _panels(table, x_metrics, y_metric)
+    """Write one PNG with a scatter panel per x metric (y: the primary metric unless `y_metric`); frontier
+    points highlighted and stepped."""
+    panels = _panels(table, x_metrics, y_metric or primary_metric())
     # Figure + FigureCanvasAgg instead of pyplot: no global backend switch, safe in worker threads.
     figure = Figure(figsize=(5.0 * len(panels), 4.0), dpi=110, layout="constrained")
     FigureCanvasAgg(figure)
@@ -232,7 +232,7 @@ td,th{border:1px solid #ccc;padding:2px 6px}
 
 # Hovering a point (or a table line) outlines the same trial in every panel and in the table,
 # and prints it under the panels. textContent only: no string from the data becomes markup.
-_SCRIPT = """(function(){
+_SCRIPT = r"""(function(){
 var data=JSON.parse(document.getElementById('pxd-frontier-data').textContent);
 var selected=document.getElementById('pxd-selected');
 function mark(i,on){
@@ -287,14 +287,15 @@ def plot_html(
     table: Mapping[str, Any],
     path: str | Path,
     x_metrics: Sequence[str] = ("gmacs", "pixels"),
-    y_metric: str = "val_top1",
+    y_metric: str | None = None,
     *,
     experiment_id: str | None = None,
     tracking_uri: str | None = None,
 ) -> Path:
-    """Write one self-contained interactive HTML page: a chooser of the cost axis, scatter panels whose
-    points show the trial on hover and open its MLflow run on click (`experiment_id`), the frontier table."""
-    panels = _panels(table, x_metrics, y_metric)
+    """Write one self-contained interactive HTML page: a chooser of the cost axis, scatter panels (y: the
+    primary metric unless `y_metric`) whose points show the trial on hover and open its MLflow run on
+    click (`experiment_id`), the frontier table."""
+    panels = _panels(table, x_metrics, y_metric or primary_metric())
     table = {**table, "links": {"experiment_id": experiment_id, "tracking_uri": tracking_uri}}
     options = "".join(_tag("option", html.escape(p.x_metric), value=p.x_metric) for p in panels)
     chooser = f'<label>cost axis <select id="pxd-axis" hidden>{options}</select></label>' if panels else ""
@@ -332,9 +333,8 @@ def plot_html(
 def plot_comparison_png(first: Mapping[str, Any], second: Mapping[str, Any], path: str | Path) -> Path:
     """Two hardware frontiers side by side (accuracy against each label's latency): the models that stay
     on the frontier, leave it or join it between the two labels are coloured apart."""
-    from pxd.metrics import hardware_metric
-
     path = Path(path)
+    y_metric = primary_metric()
     fronts = [{r["run_id"] for r in t["rows"] if r["on_frontier"]} for t in (first, second)]
     colours = {"stay": "#1f77b4", "leave": _FRONT_COLOUR, "join": "#2ca02c", "neither": _OTHER_COLOUR}
     figure = Figure(figsize=(11, 4.5))
@@ -346,10 +346,10 @@ def plot_comparison_png(first: Mapping[str, Any], second: Mapping[str, Any], pat
             run = row["run_id"]
             status = ("stay" if run in fronts[0] and run in fronts[1] else "leave" if run in fronts[0]
                       else "join" if run in fronts[1] else "neither")
-            axis.scatter(row["metrics"].get(metric, math.nan), row["metrics"].get("val_top1", math.nan),
+            axis.scatter(row["metrics"].get(metric, math.nan), row["metrics"].get(y_metric, math.nan),
                          color=colours[status], s=36, zorder=3 if status != "neither" else 2)
         axis.set_xlabel(f"{metric} (ms)")
-        axis.set_ylabel("val_top1")
+        axis.set_ylabel(y_metric)
         axis.set_title(f"hardware {table['hardware']}")
         axis.grid(alpha=0.3)
     handles = [figure.axes[0].scatter([], [], color=c, label=k) for k, c in colours.items()]

@@ -295,7 +295,7 @@ def _metric(key: str, value: float) -> Any:
 
 
 def _set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
-    from mlflow.entities import RunTag
+    from mlflow.entities import RunTag  # start-up cost
 
     client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
@@ -363,7 +363,7 @@ def sweep_objectives(parent: Run) -> tuple[list[tuple[str, Mode]], dict[str, flo
 
 def find_sweep_run(client: MlflowClient, sweep: str) -> Run | None:
     """A sweep's parent run, by run id or by sweep name (the most recent launch)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # start-up cost
 
     try:
         run = client.get_run(sweep)

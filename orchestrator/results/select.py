@@ -1,9 +1,10 @@
 """`pxd select SWEEP`: choose a model from the frontier under constraints and register it.
 
 Among the frontier's points (the sweep's own, or a hardware label's after `pxd remeasure`) that meet
-every given limit, the rule picks the most accurate (`val_top1`); ties go to the lower latency on the
-chosen hardware (else `latency_ms`), then fewer `gmacs`, then fewer `pixels`, then the run id, so the
-choice is deterministic. The model is registered in the MLflow Model Registry under a name and an alias
+every given limit (judged as constraints are, `orchestrator.space.constraints.violation`), the rule
+picks the best on the primary metric (the most accurate: `val_top1`); ties go to the lower latency on
+the chosen hardware (else `latency_ms`), then fewer `gmacs`, then fewer `pixels`, then the run id, so
+the choice is deterministic. The model is registered in the MLflow Model Registry under a name and an alias
 (registry stages are deprecated), with tags saying where it came from; `models:/NAME@ALIAS` loads it.
 
 Every input is checked before anything is read or written (`check_limits`, `check_registry_names`, with
@@ -13,15 +14,16 @@ registry is touched (`register`): an error registers nothing.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.results import schema
 from orchestrator.results.frontier import frontier_table
+from orchestrator.results.hardware import hardware_table
+from orchestrator.space.constraints import violation
 from pxd.errors import ConfigError
-from pxd.metrics import hardware_metric
+from pxd.metrics import get_metric, hardware_metric, primary_metric
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -30,6 +32,7 @@ __all__ = ["Limits", "Choice", "check_limits", "check_registry_names", "choose",
            "select_and_register"]
 
 LATENCY_FLAG = "--max-latency-ms"  # the one limit new hardware (pxd remeasure) can change
+_TIES = ("gmacs", "pixels")  # after the primary metric and the latency, in this order
 
 
 @dataclass(frozen=True)
@@ -39,13 +42,14 @@ class Limits:
     max_pixels: float | None = None
     min_top1: float | None = None
 
-    def checks(self, latency_metric: str) -> list[tuple[str, str, float, str]]:
-        """(flag, metric, limit, "max"|"min") for every limit given."""
-        given = [(LATENCY_FLAG, latency_metric, self.max_latency_ms, "max"),
-                 ("--max-gmacs", "gmacs", self.max_gmacs, "max"),
-                 ("--max-pixels", "pixels", self.max_pixels, "max"),
-                 ("--min-top1", "val_top1", self.min_top1, "min")]
-        return [(flag, metric, float(limit), kind) for flag, metric, limit, kind in given if limit is not None]
+    def checks(self, latency_metric: str) -> list[tuple[str, str, float]]:
+        """(flag, metric, limit) for every limit given; a limit bounds its metric's worse side (the
+        registry's mode), as a constraint does."""
+        given = [(LATENCY_FLAG, latency_metric, self.max_latency_ms),
+                 ("--max-gmacs", "gmacs", self.max_gmacs),
+                 ("--max-pixels", "pixels", self.max_pixels),
+                 ("--min-top1", primary_metric(), self.min_top1)]
+        return [(flag, metric, float(limit)) for flag, metric, limit in given if limit is not None]
 
 
 def check_limits(limits: Limits) -> None:
@@ -57,13 +61,13 @@ def check_limits(limits: Limits) -> None:
     top1 = limits.min_top1
     if top1 is not None and not (math.isfinite(top1) and 0.0 <= top1 <= 1.0):
         percent = f" (for {top1:g} %, pass {top1 / 100:g})" if 1.0 < top1 <= 100.0 else ""
-        raise ConfigError("--min-top1", f"val_top1 is a fraction in [0, 1], got {top1:g}{percent}")
+        raise ConfigError("--min-top1", f"{primary_metric()} is a fraction in [0, 1], got {top1:g}{percent}")
 
 
 def check_registry_names(name: str | None, alias: str) -> None:
     """The registered model name (None: the default) and the alias, by MLflow's own rules, so that an
     invalid one is refused before a version is registered (MLflow checks the alias only when it is set)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: imported on first use (start-up cost), as below
     from mlflow.utils import validation
 
     # MLflow's own (private) validators, where this MLflow has them; an older one checks reserved alias
@@ -99,35 +103,33 @@ class Choice:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _meets(row: dict[str, Any], metric: str, limit: float, kind: str) -> bool:
-    value = row["metrics"].get(metric, math.nan)
-    return not math.isnan(value) and (value <= limit if kind == "max" else value >= limit)
+def _meets(row: dict[str, Any], metric: str, limit: float) -> bool:
+    return violation(get_metric(metric).mode, row["metrics"].get(metric, math.nan), limit) <= 0
+
+
+def _rank(row: dict[str, Any], metrics: tuple[str, ...]) -> tuple[Any, ...]:
+    """Best first on each metric in turn (its registry mode; a missing value last), then the run id."""
+    values = row["metrics"]
+    return (*(get_metric(m).mode.sign * values[m] if m in values else math.inf for m in metrics), str(row["run_id"]))
 
 
 def choose(table: dict[str, Any], limits: Limits, latency_metric: str) -> Choice:
-    """The most accurate frontier point meeting every limit; ConfigError naming the tightest limit if none."""
+    """The frontier point best on the primary metric meeting every limit; ConfigError naming the tightest
+    limit if none."""
     front = [r for r in table["rows"] if r["on_frontier"]]
     checks = limits.checks(latency_metric)
-    feasible = [r for r in front if all(_meets(r, m, lim, k) for _, m, lim, k in checks)]
+    feasible = [r for r in front if all(_meets(r, m, lim) for _, m, lim in checks)]
     if not feasible:
         if not front:
             raise ConfigError("sweep", "its frontier is empty (no complete, feasible trial); nothing to select")
         # the tightest limit: the one that alone rules out the most frontier points
-        flag, metric, limit, kind = max(checks, key=lambda c: sum(not _meets(r, c[1], c[2], c[3]) for r in front))
-        values = [r["metrics"].get(metric, math.nan) for r in front]
-        best = min(values) if kind == "max" else max(values)
+        flag, metric, limit = max(checks, key=lambda c: sum(not _meets(r, c[1], c[2]) for r in front))
+        best = get_metric(metric).mode.best(r["metrics"].get(metric, math.nan) for r in front)
         remedy = "relax it (or re-time with pxd remeasure)" if flag == LATENCY_FLAG else "relax it"
         raise ConfigError(flag, f"no frontier point meets every limit; the tightest is {flag} {limit:g}: the best "
                                 f"{metric} on the frontier is {best:.4g}; {remedy}")
-
-    def order(row: dict[str, Any]) -> tuple[float, ...]:
-        m = row["metrics"]
-        return (-m.get("val_top1", -math.inf), m.get(latency_metric, math.inf), m.get("gmacs", math.inf),
-                m.get("pixels", math.inf), 0.0)
-
-    ranked = sorted(feasible, key=lambda r: (*order(r)[:-1], str(r["run_id"])))
-    chosen = ranked[0]
-    limits_text = ", ".join(f"{flag} {limit:g}" for flag, _, limit, _ in checks) or "no limits"
+    chosen = min(feasible, key=lambda r: _rank(r, (primary_metric(), latency_metric, *_TIES)))
+    limits_text = ", ".join(f"{flag} {limit:g}" for flag, _, limit in checks) or "no limits"
     why = (f"the most accurate of {len(feasible)} frontier point(s) meeting {limits_text} "
            f"(of {len(front)} on the frontier; ties: lower {latency_metric}, gmacs, pixels)")
     return Choice(row=chosen, why=why, candidates=len(feasible), frontier=len(front))
@@ -147,8 +149,6 @@ class SweepChoice:
 def choose_for_sweep(client: MlflowClient, sweep: str, limits: Limits, *, hardware: str | None,
                      name: str | None) -> SweepChoice:
     """The choice on `sweep`'s frontier (on `hardware`'s, if given); only reads from MLflow."""
-    from orchestrator.results.hardware import hardware_table
-
     check_limits(limits)
     parent = schema.require_sweep_run(client, sweep)
     sweep_name = parent.data.tags.get(schema.Tag.SWEEP, sweep)
@@ -175,9 +175,9 @@ def register(client: MlflowClient, chosen: SweepChoice, alias: str) -> dict[str,
     model_id = row["model_uri"].split("/")[-1] if str(row["model_uri"]).startswith("models:/m-") else None
     version = client.create_model_version(model_name, row["model_uri"], run_id=row["run_id"], model_id=model_id)
     resolution = int(round(math.sqrt(row["metrics"]["pixels"])))
-    tags = {"pxd.sweep": chosen.sweep, "pxd.trial_run": row["run_id"], "pxd.input_size": f"{resolution}x{resolution}",
-            "pxd.objectives": json.dumps({name: row["metrics"].get(name) for name in chosen.objectives}),
-            "pxd.hardware": hardware or "(the sweep's own device)", "pxd.selection_rule": chosen.choice.why}
+    tags = schema.model_version_tags(sweep=chosen.sweep, trial_run=row["run_id"], resolution=resolution,
+                                     objectives={name: row["metrics"].get(name) for name in chosen.objectives},
+                                     hardware=hardware, why=chosen.choice.why)
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version.version, key, str(value))
     client.set_registered_model_alias(model_name, alias, version.version)
@@ -195,7 +195,7 @@ def select_and_register(client: MlflowClient, sweep: str, limits: Limits, *, har
 
 
 def _registered(client: MlflowClient, name: str) -> bool:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # start-up cost
 
     try:
         client.get_registered_model(name)

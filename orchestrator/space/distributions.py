@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Any
 
 import optuna
 
+from orchestrator.space.fields import finite_float
 from pxd.config import PipelineConfig
 from pxd.errors import ConfigError
 from pxd.models import BLOCKWISE_FAMILIES
@@ -39,7 +39,6 @@ __all__ = [
     "parse_distribution",
     "collect_params",
     "is_active",
-    "finite_float",
     "suggest_all",
     "DefineByRun",
     "substitute",
@@ -167,18 +166,6 @@ def _as_float(value: Any, kind: str, field: str) -> float:
     if number is None:
         raise ConfigError(field, f"{kind} bounds must be finite numbers, got {value!r}")
     return number
-
-
-def finite_float(value: Any) -> float | None:
-    """`value` as a finite float, or None if it is not one (booleans are not numbers here)."""
-    if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-        try:
-            value = float(value)
-        except ValueError:
-            return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def _parse_int(bounds: Any, step: Any, field: str) -> Distribution:

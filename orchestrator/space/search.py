@@ -1,64 +1,45 @@
 """The `search:` section of a search space: typed by `pxd.config.parse_dataclass` into `SearchConfig`,
 then the checks that span fields (objectives and modes against the metric registry, a reference point
-trials can beat, the ideal point, constraint keys, sampler options), all before any compute.
+trials can beat, the ideal point, constraint keys, sampler options), all before any compute. The
+sampler section is `orchestrator.space.samplers`'s, the constraints `orchestrator.space.constraints`'s.
 """
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import math
-import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import optuna
-
-from orchestrator.space.distributions import Param, finite_float
+from orchestrator.space.constraints import parse_constraints
+from orchestrator.space.distributions import Param
+from orchestrator.space.fields import check_known, finite_number, number_above, whole_number
+# sampler_for: bench/search_quality.py imports it from here
+from orchestrator.space.samplers import SamplerConfig, check_sampler, sampler_for  # noqa: F401
 from pxd import metrics as registry
 from pxd.config import PipelineConfig, parse_dataclass
 from pxd.errors import ConfigError
+from pxd.metrics import Mode
 
 __all__ = [
-    "SAMPLERS",
     "Objective",
-    "SamplerConfig",
     "ResourcesConfig",
     "LatencyConfig",
     "EarlyStoppingConfig",
     "SearchConfig",
     "parse_search",
-    "sampler_for",
     "optuna_directions",
-    "check_known",
 ]
 
-SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
-_SAMPLER_CLASSES = {
-    "tpe": optuna.samplers.TPESampler,
-    "nsga2": optuna.samplers.NSGAIISampler,
-    "gp": optuna.samplers.GPSampler,
-    "random": optuna.samplers.RandomSampler,
-    "grid": optuna.samplers.GridSampler,
-}
-# Arguments make_sampler sets itself; everything else in a sampler's constructor may go in options.
-_SAMPLER_RESERVED = ("self", "seed", "constraints_func", "search_space")
-_DEFAULT_OBJECTIVES = ("val_top1", "gmacs", "pixels")
+_COST_OBJECTIVES = ("gmacs", "pixels")  # a space without objectives: the primary metric against these
 _LATENCY_DEVICES = ("auto", "cpu", "cuda")
+_OPTUNA_DIRECTIONS = {Mode.MAX: "maximize", Mode.MIN: "minimize"}
 
 
 @dataclass(frozen=True)
 class Objective:
     metric: str  # a registered objective metric (`pxd.metrics`)
-    mode: str | None = None  # "max" | "min"; None in a file means the metric's own mode
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    name: str = "tpe"  # one of SAMPLERS
-    seed: int | None = None  # None: the space's top-level seed
-    options: dict[str, Any] = field(default_factory=dict)  # passed to the Optuna sampler
+    mode: Mode | None = None  # "max" | "min" in a file; None there means the metric's own mode
 
 
 @dataclass(frozen=True)
@@ -95,7 +76,7 @@ class SearchConfig:
     trials: int | None = None  # required
     max_concurrent: int = 1
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    objectives: tuple[Objective, ...] = ()  # empty in a file: val_top1 max, gmacs min, pixels min
+    objectives: tuple[Objective, ...] = ()  # empty in a file: the primary metric (val_top1) max, gmacs min, pixels min
     # constraint key (`max_gmacs`, `min_val_top1`, one per constrainable metric) → limit; a trial that
     # breaks one is infeasible: never on the frontier
     constraints: dict[str, float] = field(default_factory=dict)
@@ -126,46 +107,18 @@ class SearchConfig:
         return tuple(o.metric for o in self.objectives)
 
     @property
-    def objective_modes(self) -> tuple[str, ...]:
-        return tuple(str(o.mode) for o in self.objectives)
+    def objective_modes(self) -> tuple[Mode, ...]:
+        return tuple(Mode(o.mode) for o in self.objectives)
 
     @property
-    def objective_pairs(self) -> list[tuple[str, str]]:
+    def objective_pairs(self) -> list[tuple[str, Mode]]:
         """[(metric, mode), ...] in objective order: what the frontier functions take."""
         return list(zip(self.objective_metrics, self.objective_modes))
 
 
 def optuna_directions(modes: Sequence[str]) -> list[str]:
     """Optuna's words for modes: max → maximize, min → minimize."""
-    return ["maximize" if mode == "max" else "minimize" for mode in modes]
-
-
-def check_known(key: Any, known: Iterable[str], prefix: str, what: str) -> None:
-    known = tuple(known)
-    if key in known:
-        return
-    close = difflib.get_close_matches(str(key), known, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ConfigError(f"{prefix}{key}", f"unknown {what}; {hint}known: {', '.join(known)}")
-
-
-def sampler_for(sampler: SamplerConfig, params: Sequence[Param]) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler `sampler` names, seeded (grid: over every parameter's choices).
-
-    Constraints reach the samplers the way Optuna 5 reads them: `trial.set_constraint(name, value)`
-    before `study.tell` (`orchestrator.driver.searcher`), which tpe, nsga2 and gp use while sampling; random
-    and grid ignore them, and then they only decide feasibility on the frontier.
-    """
-    cls = _SAMPLER_CLASSES[sampler.name]
-    kwargs: dict[str, Any] = {"multivariate": True} if sampler.name == "tpe" else {}
-    kwargs.update(sampler.options)
-    kwargs["seed"] = sampler.seed
-    if sampler.name == "grid":
-        kwargs["search_space"] = {p.name: list(p.distribution.values) for p in params}
-    with warnings.catch_warnings():
-        # multivariate TPE is marked experimental; the user cannot act on it
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return cls(**kwargs)
+    return [_OPTUNA_DIRECTIONS[Mode(mode)] for mode in modes]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,34 +129,34 @@ def parse_search(raw_search: Any, raw: dict[str, Any], params: tuple[Param, ...]
     search = parse_dataclass(SearchConfig, raw_search, prefix="search")
     if search.trials is None:
         raise ConfigError("search.trials", "missing; set how many trials to run, e.g. trials: 20")
-    _int(search.trials, "search.trials", minimum=1)
-    _int(search.max_concurrent, "search.max_concurrent", minimum=1)
+    whole_number(search.trials, "search.trials", minimum=1)
+    whole_number(search.max_concurrent, "search.max_concurrent", minimum=1)
     top_seed = raw.get("seed", PipelineConfig.seed)
-    sampler = _check_sampler(search.sampler, top_seed if isinstance(top_seed, int) else 0, params)
+    sampler = check_sampler(search.sampler, top_seed if isinstance(top_seed, int) else 0, params)
     objectives = _check_objectives(search.objectives, given=raw_search is not None and "objectives" in raw_search)
     teacher = raw.get("teacher") if isinstance(raw.get("teacher"), dict) else {}
     teacher_resolution = teacher.get("resolution")
     if not isinstance(teacher_resolution, int):
         teacher_resolution = PipelineConfig().teacher.resolution
-    _number(search.resources.cpu, "search.resources.cpu")
+    number_above(search.resources.cpu, "search.resources.cpu")
     _check_gpu(search.resources.gpu)
     if search.latency.device is not None and search.latency.device not in _LATENCY_DEVICES:
         raise ConfigError(
             "search.latency.device",
             f"unknown {search.latency.device!r}; use auto, cpu or cuda (or omit it for the trial's device)",
         )
-    _int(search.latency.repeats, "search.latency.repeats", minimum=1)
-    _int(search.latency.warmup, "search.latency.warmup", minimum=0)
+    whole_number(search.latency.repeats, "search.latency.repeats", minimum=1)
+    whole_number(search.latency.warmup, "search.latency.warmup", minimum=0)
     if search.timeout_s is not None:
-        _int(search.timeout_s, "search.timeout_s", minimum=1)
-    _int(search.stage_wait_timeout_s, "search.stage_wait_timeout_s", minimum=1)
+        whole_number(search.timeout_s, "search.timeout_s", minimum=1)
+    whole_number(search.stage_wait_timeout_s, "search.stage_wait_timeout_s", minimum=1)
     _check_early_stopping(search.early_stopping, objectives)
-    _int(search.max_retries, "search.max_retries", minimum=0)
+    whole_number(search.max_retries, "search.max_retries", minimum=0)
     return replace(
         search,
         sampler=sampler,
         objectives=objectives,
-        constraints=_check_constraints(search.constraints),
+        constraints=parse_constraints(search.constraints),
         reference_point=(reference := _check_reference(search.reference_point, objectives, teacher_resolution,
                                                        _student_pixels(raw, params))),
         ideal_point=_check_ideal(search.ideal_point, objectives, reference),
@@ -213,65 +166,18 @@ def parse_search(raw_search: Any, raw: dict[str, Any], params: tuple[Param, ...]
 def _check_early_stopping(early: EarlyStoppingConfig, objectives: Sequence[Objective]) -> None:
     if early.kind not in EARLY_STOPPING:
         raise ConfigError("search.early_stopping.kind", f"unknown {early.kind!r}; use one of {', '.join(EARLY_STOPPING)}")
-    _int(early.grace_period, "search.early_stopping.grace_period", minimum=1)
-    _int(early.reduction_factor, "search.early_stopping.reduction_factor", minimum=2)
-    if early.kind == "moasha" and "val_top1" not in {o.metric for o in objectives}:
-        raise ConfigError("search.early_stopping.kind", "moasha ranks trials on their current val_top1, which is not "
-                                                        "an objective of this space; add it, or set kind: none")
-
-
-def _int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(name, f"must be a whole number ≥ {minimum}, got {value!r}")
-    return value
-
-
-def _finite(value: Any, name: str, requirement: str = "") -> float:
-    number = finite_float(value)
-    if number is None:
-        raise ConfigError(name, f"must be a finite number{requirement}, got {value!r}")
-    return number
-
-
-def _number(value: Any, name: str, *, low: float = 0.0, low_inclusive: bool = False) -> float:
-    bound = f" ≥ {low:g}" if low_inclusive else f" > {low:g}"
-    number = _finite(value, name, bound)
-    if number < low or (number == low and not low_inclusive):
-        raise ConfigError(name, f"must be a finite number{bound}, got {value!r}")
-    return number
-
-
-def _check_sampler(sampler: SamplerConfig, default_seed: int, params: tuple[Param, ...]) -> SamplerConfig:
-    if sampler.name not in SAMPLERS:
-        raise ConfigError("search.sampler.name", f"unknown sampler {sampler.name!r}; use one of {', '.join(SAMPLERS)}")
-    seed = _int(default_seed if sampler.seed is None else sampler.seed, "search.sampler.seed", minimum=0)
-    if sampler.name == "grid":
-        for param in params:
-            if param.distribution.kind != "choice":
-                raise ConfigError(
-                    param.name,
-                    f"the grid sampler needs every parameter to be a choice, this is {param.distribution.kind}; "
-                    "make it {choice: [...]} or use tpe, nsga2, gp or random",
-                )
-    allowed = [p for p in inspect.signature(_SAMPLER_CLASSES[sampler.name]).parameters if p not in _SAMPLER_RESERVED]
-    if sampler.options and not allowed:
-        raise ConfigError("search.sampler.options", f"the {sampler.name} sampler takes no options; remove them")
-    for key in sampler.options:
-        check_known(key, allowed, "search.sampler.options.", "key")
-    checked = replace(sampler, seed=seed)
-    try:  # constructing a sampler is cheap and checks option values with Optuna's own messages
-        sampler_for(checked, params)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            "search.sampler.options",
-            f"{sampler.name} rejects these options ({exc}); fix or remove them",
-        ) from None
-    return checked
+    whole_number(early.grace_period, "search.early_stopping.grace_period", minimum=1)
+    whole_number(early.reduction_factor, "search.early_stopping.reduction_factor", minimum=2)
+    primary = registry.primary_metric()
+    if early.kind == "moasha" and primary not in {o.metric for o in objectives}:
+        raise ConfigError("search.early_stopping.kind", f"moasha ranks trials on their current {primary}, which is "
+                                                        "not an objective of this space; add it, or set kind: none")
 
 
 def _check_objectives(objectives: tuple[Objective, ...], *, given: bool) -> tuple[Objective, ...]:
     if not given:
-        return tuple(Objective(name, registry.get_metric(name).mode) for name in _DEFAULT_OBJECTIVES)
+        names = (registry.primary_metric(), *_COST_OBJECTIVES)
+        return tuple(Objective(name, registry.get_metric(name).mode) for name in names)
     if len(objectives) < 2:
         raise ConfigError(
             "search.objectives",
@@ -291,10 +197,10 @@ def _check_objectives(objectives: tuple[Objective, ...], *, given: bool) -> tupl
         if mode not in registry.MODES:
             raise ConfigError(f"{name}.mode", f"must be max or min, got {mode!r}")
         if mode != nature.mode:
-            better = "higher" if nature.mode == "max" else "lower"
+            better = "higher" if nature.mode is Mode.MAX else "lower"
             raise ConfigError(f"{name}.mode", f"{objective.metric} ({nature.description}) is better {better}: its mode is "
                                               f"{nature.mode}; remove mode or set mode: {nature.mode}")
-        checked.append(Objective(objective.metric, mode))
+        checked.append(Objective(objective.metric, Mode(mode)))
     return tuple(checked)
 
 
@@ -324,10 +230,11 @@ def _check_reference(raw: dict[str, float], objectives: tuple[Objective, ...], t
     point = {}
     for objective in objectives:
         name = f"search.reference_point.{objective.metric}"
+        default = registry.get_metric(objective.metric).default_reference
         if objective.metric in raw:
-            point[objective.metric] = _finite(raw[objective.metric], name)
-        elif objective.metric == "val_top1" and objective.mode == "max":
-            point["val_top1"] = 0.0
+            point[objective.metric] = finite_number(raw[objective.metric], name)
+        elif default is not None:
+            point[objective.metric] = default
         else:
             hint = (f"pixels: {_pixels_reference(teacher_resolution, student_pixels):g}" if objective.metric == "pixels"
                     else registry.get_metric(objective.metric).hint(teacher_resolution))
@@ -352,8 +259,8 @@ def _check_reference_reachable(objective: Objective, value: float, teacher_resol
     if metric.bounds is not None:
         hint = metric.hint(teacher_resolution)
         low, high = metric.bounds
-        best = high if objective.mode == "max" else low
-        if objective.mode == "max" and value >= high or objective.mode == "min" and value <= low:
+        best = objective.mode.best((low, high))
+        if not objective.mode.better(best, value):
             raise ConfigError(name, f"{value:g} is at or beyond the best {objective.metric} can be ({best:g}), so no trial "
                                     f"could count in the hypervolume; use a worse value, e.g. {hint}")
     if objective.metric == "pixels" and student_pixels and value <= max(student_pixels):
@@ -369,33 +276,17 @@ def _check_ideal(raw: dict[str, float], objectives: tuple[Objective, ...], refer
     ideal = {}
     for objective in objectives:
         name = f"search.ideal_point.{objective.metric}"
-        value = _finite(raw[objective.metric], name) if objective.metric in raw else registry.get_metric(objective.metric).ideal
-        better = value > reference[objective.metric] if objective.mode == "max" else value < reference[objective.metric]
-        if not math.isfinite(value) or not better:
+        value = (finite_number(raw[objective.metric], name) if objective.metric in raw
+                 else registry.get_metric(objective.metric).ideal)
+        if not math.isfinite(value) or not objective.mode.better(value, reference[objective.metric]):
             raise ConfigError(name, f"{value:g} must be better than the reference {reference[objective.metric]:g} "
                                     f"({objective.metric} mode {objective.mode}); set search.ideal_point.{objective.metric}")
         ideal[objective.metric] = value
     return ideal
 
 
-def _check_constraints(raw: dict[str, float]) -> dict[str, float]:
-    keys = registry.constraint_keys()
-    limits = {}
-    for key, value in raw.items():
-        check_known(key, keys, "search.constraints.", "key")
-        limits[key] = _number(value, f"search.constraints.{key}")
-        bounds = registry.get_metric(keys[key]).bounds
-        if bounds is not None and not bounds[0] <= limits[key] <= bounds[1]:
-            raise ConfigError(
-                f"search.constraints.{key}",
-                f"{keys[key]} takes values in [{bounds[0]:g}, {bounds[1]:g}], got {limits[key]:g}"
-                + ("; e.g. 0.7 for 70%" if bounds == (0.0, 1.0) else ""),
-            )
-    return limits
-
-
 def _check_gpu(value: Any) -> float:
-    gpu = _number(value, "search.resources.gpu", low_inclusive=True)
+    gpu = number_above(value, "search.resources.gpu", low_inclusive=True)
     if gpu > 1 and not gpu.is_integer():
         raise ConfigError(
             "search.resources.gpu",

@@ -13,9 +13,8 @@ The format is documented for users in `search_spaces/README.md`.
 from __future__ import annotations
 
 import copy
-import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,12 @@ from typing import Any
 import optuna
 import yaml
 
+from orchestrator.space.constraints import (  # re-exported: a trial's feasibility is a question to its space
+    broken_before_training,
+    constraint_names,
+    constraint_values,
+    is_feasible,
+)
 from orchestrator.space.distributions import (
     DefineByRun,
     Param,
@@ -31,22 +36,22 @@ from orchestrator.space.distributions import (
     suggest_all,
     validate_every_value,
 )
+from orchestrator.space.fields import check_known
+from orchestrator.space.samplers import SAMPLERS, SamplerConfig, sampler_for
 from orchestrator.space.search import (  # re-exported: the search section's types belong to a SweepSpec
-    SAMPLERS,
     LatencyConfig,
     Objective,
     ResourcesConfig,
-    SamplerConfig,
     SearchConfig,
-    check_known,
     optuna_directions,
     parse_search,
-    sampler_for,
 )
-from pxd import metrics as registry
-from pxd.config import PipelineConfig
+from pxd.config import DistillConfig, PipelineConfig, StageTrainConfig, TrainConfig
 from pxd.errors import ConfigError
+from pxd.metrics import Mode
+from pxd.models import BLOCKWISE_FAMILIES
 from pxd.paths import set_path
+from pxd.pipeline import stage_identities
 
 __all__ = [
     "SAMPLERS",
@@ -69,6 +74,7 @@ __all__ = [
     "constraint_names",
     "constraint_values",
     "is_feasible",
+    "broken_before_training",
 ]
 
 _PATH_FIELDS = ("dataset.path", "dataset.cache_dir", "teacher.checkpoint", "student.checkpoint")
@@ -98,8 +104,13 @@ class SweepSpec:
         return self.require_search().objective_metrics
 
     @property
-    def objective_modes(self) -> tuple[str, ...]:
+    def objective_modes(self) -> tuple[Mode, ...]:
         return self.require_search().objective_modes
+
+    @property
+    def constraints(self) -> Mapping[str, float]:
+        """The hard limits, constraint key → limit (`orchestrator.space.constraints` judges them)."""
+        return self.require_search().constraints
 
     def fixed_config(self) -> PipelineConfig:
         """The single-point config of a file without distributions (what `pxd train` runs)."""
@@ -234,8 +245,6 @@ def _drop_unused_blockwise_lists(raw: dict[str, Any]) -> tuple[str, ...]:
     block-wise draws of `student.arch`; a trial of another architecture drops them. A fixed arch that is
     not block-wise (`pxd train SPACE --set student.arch=resnet10t ...`, reproducing such a trial) drops
     them the same way, so the run is the trial's run."""
-    from pxd.models import BLOCKWISE_FAMILIES
-
     student = raw.get("student")
     if "search" not in raw or not isinstance(student, dict) or not isinstance(student.get("arch"), str):
         return ()
@@ -251,8 +260,6 @@ def _fix_assistant_weights(raw: dict[str, Any], params: tuple[Param, ...]) -> tu
     that is searched does not reach it. Where the space searches `distill.X` (or an optimiser setting
     `train.X`) and leaves `assistant.distill.X` (`assistant.train.X`) unset, the assistant gets pxd's
     default for X, written into the space, and a note says so."""
-    from pxd.config import DistillConfig, StageTrainConfig, TrainConfig
-
     defaults = {"distill": (DistillConfig(), DistillConfig.__dataclass_fields__),
                 "train": (TrainConfig(), StageTrainConfig.__dataclass_fields__)}
     searched = [p.name.split(".", 1) for p in params if p.name.split(".", 1)[0] in defaults]
@@ -275,9 +282,6 @@ def _fix_assistant_weights(raw: dict[str, Any], params: tuple[Param, ...]) -> tu
 
 def _check_one_teacher(raw: dict[str, Any], params: tuple[Param, ...], base: PipelineConfig) -> None:
     """A sweep trains one teacher: refuse a space in which a searched value would change it."""
-    from pxd.config import StageTrainConfig
-    from pxd.pipeline import stage_identities
-
     teacher = stage_identities(base)["teacher"]
     first = {p.name: p.distribution.first for p in params}
     for param in params:
@@ -340,60 +344,9 @@ def materialize(spec: SweepSpec, params: dict[str, Any]) -> PipelineConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# samplers and constraints
+# the sampler (`orchestrator.space.samplers`); constraints are `orchestrator.space.constraints`'s
 
 
 def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler of the space's `search.sampler`, seeded (`orchestrator.space.search.sampler_for`)."""
+    """The Optuna sampler of the space's `search.sampler`, seeded (`orchestrator.space.samplers.sampler_for`)."""
     return sampler_for(spec.require_search().sampler, spec.params)
-
-
-def constraint_names(spec: SweepSpec) -> tuple[str, ...]:
-    """The set constraints (`max_gmacs`, ...), in the order of `constraint_values`."""
-    return tuple(spec.require_search().constraints)
-
-
-def constraint_values(spec: SweepSpec, metrics: dict[str, float]) -> list[float]:
-    """One value per set constraint, in Optuna's convention: ≤ 0 means satisfied.
-
-    A metric that is missing or NaN gives +inf: a trial cannot be shown to meet the limit.
-    """
-    return constraint_values_of(spec, metrics, *spec.require_search().constraints)
-
-
-def constraint_values_of(spec: SweepSpec, metrics: dict[str, float], *keys: str) -> list[float]:
-    """`constraint_values` for the constraints `keys` only."""
-    values = []
-    limits = spec.require_search().constraints
-    for key in keys:
-        limit = limits[key]
-        metric = registry.constraint_metric(key)
-        measured = metrics.get(metric.name)
-        if measured is None or math.isnan(measured):
-            values.append(math.inf)
-        else:
-            sign = -1.0 if metric.mode == "max" else 1.0  # min_val_top1: limit − value ≤ 0
-            values.append(sign * (float(measured) - limit))
-    return values
-
-
-def is_feasible(spec: SweepSpec, metrics: dict[str, float]) -> bool:
-    return all(value <= 0 for value in constraint_values(spec, metrics))
-
-
-def broken_before_training(spec: SweepSpec, metrics: dict[str, float]) -> tuple[list[str], list[float]]:
-    """The hard limits (`search.constraints`) a trial breaks on metrics known before training (`gmacs`,
-    `params_m`, `pixels`: fixed by architecture and input), readable (`gmacs 0.52 > max_gmacs 0.4`), and
-    its constraint values for Optuna (those known; 0, i.e. not shown broken, for the rest)."""
-    broken, values = [], []
-    for key, limit in spec.require_search().constraints.items():
-        metric = registry.constraint_metric(key)
-        if not metric.known_before_training or metric.name not in metrics:
-            values.append(0.0)
-            continue
-        (value,) = constraint_values_of(spec, {metric.name: metrics[metric.name]}, key)
-        values.append(value)
-        if value > 0:
-            relation = "<" if metric.mode == "max" else ">"
-            broken.append(f"{metric.name} {metrics[metric.name]:.6g} {relation} {key} {limit:g}")
-    return broken, values

@@ -7,13 +7,13 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from pxd.config import DatasetConfig
 from pxd.data.cache import cache_root
 from pxd.data.cifar import cifar_layout, load_cifar
 from pxd.data.folder import imagefolder_layout, load_imagefolder
 from pxd.data.synthetic import make_synthetic
 from pxd.data.views import TwoViewSampler, iterate_batches
 from pxd.errors import ConfigError
+from pxd.sections import DatasetConfig
 from pxd.types import DatasetSplits
 
 __all__ = [

@@ -37,11 +37,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from pxd.config import DatasetConfig
 from pxd.data.fingerprint import file_digests
 from pxd.data.plan import Item, Plan, plan_fingerprint
 from pxd.errors import DatasetError
+from pxd.sections import DatasetConfig
 from pxd.types import DatasetSplits, ImageSet
 
 __all__ = ["CACHE_FORMAT_VERSION", "MARKER", "Decoder", "CachedData", "cache_root", "load_planned", "load_or_build"]
@@ -309,6 +310,4 @@ def _progress_bar(total: int, description: str, progress: bool | None) -> Any:
         progress = sys.stderr.isatty()
     if not progress:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=description, unit="img", file=sys.stderr, dynamic_ncols=True)

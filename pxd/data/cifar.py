@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from pxd.config import DatasetConfig
 from pxd.data.cache import cache_root, load_planned
 from pxd.data.fingerprint import file_digests
 from pxd.data.folder import layout_error
 from pxd.data.plan import Item, Plan, apply_caps, hold_out
+from pxd.sections import DatasetConfig
 from pxd.types import DatasetSplits
 
 __all__ = ["CIFAR_LAYOUT", "CifarFiles", "cifar_layout", "load_cifar"]

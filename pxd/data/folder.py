@@ -14,13 +14,21 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pxd.config import DatasetConfig
 from pxd.data.cache import load_planned
 from pxd.data.plan import Item, Plan, apply_caps, hold_out
 from pxd.errors import DatasetError
+from pxd.sections import DatasetConfig
 from pxd.types import DatasetSplits
 
-__all__ = ["IMAGE_EXTENSIONS", "IMAGEFOLDER_LAYOUT", "imagefolder_layout", "load_imagefolder", "image_files", "decode_image", "layout_error"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "IMAGEFOLDER_LAYOUT",
+    "imagefolder_layout",
+    "load_imagefolder",
+    "image_files",
+    "decode_image",
+    "layout_error",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -99,7 +107,7 @@ def _class_folders(folder: Path) -> list[str]:
 def image_files(root: Path, folder: str) -> list[str]:
     """Sorted posix paths, relative to `root`, of the images under `root/folder` (hidden entries skipped).
 
-    Plain strings and os.walk: a million files must list in seconds (pathlib objects cost ~10× more).
+    Plain strings and os.walk: a million files must list in seconds (pathlib objects cost several times more).
     """
     found = []
     for directory, subdirs, names in os.walk(os.path.join(root, folder)):

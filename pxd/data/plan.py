@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from pxd.config import DatasetConfig
 from pxd.data.fingerprint import FILE_HASH
+from pxd.sections import DatasetConfig
 
 __all__ = ["DECODE_VERSION", "SPLITS", "Item", "Plan", "hold_out", "apply_caps", "plan_fingerprint"]
 

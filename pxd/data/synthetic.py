@@ -13,10 +13,9 @@ At 32 px (2× fewer pixels per side) the fine one sits just above the Nyquist li
 attenuated, the coarse one is plain but faint; at 16 px the fine one aliases away and the coarse one
 is the attenuated one (2.6 px). So each halving of the side keeps a weaker, noisier version of the
 cue: cross-entropy at a short budget learns it poorly, with 10× the images it nearly reaches the
-ceiling, and a teacher that sees it clearly can say what the student's faint input means. Measured
-with `resnet10t`, 64 images per class, 5 epochs (`bench/distillation.py`, docs/benchmarks.md): CE
-0.73 at 32 px and 0.50 at 16 px, against 1.00 and 0.97 with 10× the images. `make_synthetic` keeps
-the `DatasetConfig` knobs (`image_size`, `num_classes`, `train_per_class`, `val_per_class`).
+ceiling, and a teacher that sees it clearly can say what the student's faint input means
+(`bench/distillation.py`; its figures are in docs/benchmarks.md). `make_synthetic` keeps the
+`DatasetConfig` knobs (`image_size`, `num_classes`, `train_per_class`, `val_per_class`).
 
 Labels are ``shape · 2 + orientation``: ``num_classes`` 8 is 4 shapes × 2 orientations; an odd count
 leaves the last shape with one orientation.
@@ -31,7 +30,7 @@ import math
 
 import torch
 
-from pxd.config import DatasetConfig
+from pxd.sections import DatasetConfig
 from pxd.types import DatasetSplits, ImageSet
 
 __all__ = ["GENERATOR_VERSION", "SHAPES", "ORIENTATIONS", "GRATINGS", "make_synthetic", "synthetic_class_names"]
@@ -42,8 +41,8 @@ SHAPES = ("circle", "square", "triangle", "diamond", "ring", "cross")
 ORIENTATIONS = ("h", "v")
 # (period as a fraction of image_size (±10 % per image, both gratings alike), amplitude): 5.1 px and
 # 10.2 px at 64 px, so the cue is near the Nyquist limit, attenuated, at 32 px for one and 16 px for the
-# other (v2 had one grating at 0.09: aliased away at a quarter of the side, where CE with 10× the data
-# learned nothing of it)
+# other; neither is so fine that it aliases away at a quarter of the side, where no amount of data would
+# teach cross-entropy the cue
 GRATINGS = ((0.08, 0.10), (0.16, 0.10))
 _PERIOD_JITTER = 0.10
 _NOISE_STD = 0.06

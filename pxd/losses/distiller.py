@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from pxd.errors import ConfigError
-from pxd.losses.terms import TermContext, stage_loss_weights, term
+from pxd.losses.terms import LOSS_TERMS, TermContext, stage_loss_weights, term
 from pxd.types import TapInfo, Taps
 
 if TYPE_CHECKING:
-    from pxd.config import DistillConfig
+    from pxd.sections import DistillConfig
 
 __all__ = ["Distiller"]
 
@@ -43,9 +43,10 @@ class Distiller(nn.Module):
             distill, distilling=self.distilling,
             student_resolution=student_resolution, teacher_resolution=teacher_resolution,
         )
-        self.temperature = weights.pop("temperature", None)
-        self.weights = weights
-        if not weights:
+        # the active terms' weights; the rest are their settings (`pxd.losses.terms.Setting`)
+        self.weights = {name: value for name, value in weights.items() if name in LOSS_TERMS}
+        settings = {name: value for name, value in weights.items() if name not in self.weights}
+        if not self.weights:
             raise ConfigError(
                 "distill",
                 "every loss weight of this stage is 0 (the label term's weight is ce·(1 − kd); isrd applies "
@@ -53,9 +54,9 @@ class Distiller(nn.Module):
             )
         context = TermContext(
             student=student, teacher=teacher, student_resolution=student_resolution,
-            teacher_resolution=teacher_resolution, temperature=self.temperature or 1.0,
+            teacher_resolution=teacher_resolution, settings=settings,
         )
-        self.terms = nn.ModuleDict({name: term(name).build(context) for name in weights})
+        self.terms = nn.ModuleDict({name: term(name).build(context) for name in self.weights})
         self.warnings: list[str] = [w for module in self.terms.values() for w in getattr(module, "warnings", [])]
 
     def forward(

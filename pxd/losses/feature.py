@@ -31,17 +31,14 @@ is a `ConfigError` when the stage is built, before it trains.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pxd.errors import ConfigError
+from pxd.losses.terms import LossTerm, TermContext, register
 from pxd.types import Taps
-
-if TYPE_CHECKING:
-    from pxd.losses.terms import TermContext
 
 __all__ = [
     "FeatureAdapter",
@@ -178,3 +175,17 @@ class AttentionTerm(nn.Module):
     def forward(self, student: Taps, teacher: Taps | None, labels: torch.Tensor, teacher_image: torch.Tensor | None) -> torch.Tensor:
         student_maps, teacher_maps = _stage_maps(student), _stage_maps(teacher)
         return torch.stack([attention_loss(student_maps[s], teacher_maps[t]) for s, t in self.pairs]).sum()
+
+
+register(LossTerm(
+    name="feature", default=0.0, build=FeatureKDTerm, order=30,
+    check=lambda context: spatial_stage_pairs(context, "feature"),
+    doc="cross-resolution feature MSE on every stage with a map larger than 1×1",
+    paper="FitNets-style hint, Guo et al. 2024 stage-2 feature KD",
+))
+register(LossTerm(
+    name="attention", default=0.0, build=AttentionTerm, order=40,
+    check=lambda context: spatial_stage_pairs(context, "attention"),
+    doc="attention transfer (Zagoruyko & Komodakis 2017; paper β = 1000)",
+    paper="Zagoruyko & Komodakis, ICLR 2017",
+))

@@ -27,16 +27,13 @@ R_T = 2·R_s, or a patch-8 ViT token map 7×7 → 56) s·h equals the target and
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pxd.losses.terms import LossTerm, TermContext, register
 from pxd.types import Taps
-
-if TYPE_CHECKING:
-    from pxd.losses.terms import TermContext
 
 __all__ = ["ISRDDecoder", "ISRDTerm", "isrd_loss", "isrd_scale"]
 
@@ -91,3 +88,10 @@ class ISRDTerm(nn.Module):
         if teacher_image is None:
             raise ValueError("the isrd term needs teacher_image (the teacher-resolution view)")
         return isrd_loss(self.decoder(student.input_map), teacher_image)
+
+
+register(LossTerm(
+    name="isrd", default=10.0, build=ISRDTerm, order=20, needs_lower_resolution=True,
+    doc="ISRD weight η (paper: 10 at 2× fewer pixels per side, 50 at 4×); student only",
+    paper="Guo et al., TPAMI 2024",
+))

@@ -5,22 +5,20 @@ Network", 2015).
 
 The T² factor keeps the gradient magnitude of the soft targets comparable to the hard-label
 cross-entropy when T changes (Hinton et al. 2015, sec. 2). A stage combines it with the label term
-convexly, as the official Pixel Distillation `KDLoss` does: (1 − α)·CE + α·L_KD with α = `distill.kd`
-(the weights come from `pxd.losses.terms.stage_loss_weights`; this file only computes the terms).
+convexly, as the official Pixel Distillation `KDLoss` does: (1 − α)·CE + α·L_KD with α = `distill.kd`.
+This file registers both terms, `ce` (the labels) and `kd`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pxd.losses.terms import LossTerm, Setting, TermContext, register
 from pxd.types import Taps
-
-if TYPE_CHECKING:
-    from pxd.losses.terms import TermContext
 
 __all__ = ["kd_loss", "LabelTerm", "LogitKDTerm"]
 
@@ -53,7 +51,25 @@ class LogitKDTerm(nn.Module):
 
     def __init__(self, context: TermContext) -> None:
         super().__init__()
-        self.temperature = context.temperature
+        self.temperature = context.settings["temperature"]
 
     def forward(self, student: Taps, teacher: Taps | None, labels: torch.Tensor, teacher_image: torch.Tensor | None) -> torch.Tensor:
         return kd_loss(student.logits, teacher.logits, self.temperature)
+
+
+def _label_weight(values: Mapping[str, float]) -> float:
+    # the convex (1 − α)·CE + α·KD of the official KDLoss; α > 1 leaves no label term
+    return values["ce"] * max(0.0, 1.0 - values["kd"])
+
+
+register(LossTerm(
+    name="ce", default=1.0, build=LabelTerm, order=0, weight=_label_weight, without_upstream=1.0,
+    doc="scale of the label term: its weight is ce·(1 − kd) while distilling, 1 with no upstream",
+    paper="labels",
+))
+register(LossTerm(
+    name="kd", default=0.9, build=LogitKDTerm, order=10,
+    doc="α, the share of logit KD (paper: 0.9)",
+    settings=(Setting("temperature", 4.0, "KD temperature T (paper: 4)"),),
+    paper="Hinton et al. 2015",
+))

@@ -27,16 +27,14 @@ and treated as a constant.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pxd.losses.terms import LossTerm, TermContext, register
 from pxd.types import Taps
-
-if TYPE_CHECKING:
-    from pxd.losses.terms import TermContext
 
 __all__ = [
     "EmbeddingAdapter",
@@ -209,3 +207,12 @@ class AdversarialTerm(nn.Module):
         if state:
             self._optimizer = torch.optim.Adam(self.critic_parameters(), **CRITIC_OPTIMIZER)
             self._optimizer.load_state_dict(state)
+
+
+register(LossTerm(name="pairwise", default=0.0, build=PairwiseTerm, order=50,
+                  doc="RAKD pair-wise similarity (Feng et al., TIP 2021)", paper="Feng et al., TIP 2021"))
+register(LossTerm(name="mmd", default=0.0, build=MMDTerm, order=60,
+                  doc="RAKD maximum mean discrepancy", paper="Feng et al., TIP 2021"))
+register(LossTerm(name="adversarial", default=0.0, build=AdversarialTerm, order=70,
+                  doc="RAKD adversarial feature discriminator (non-saturating, own optimiser)",
+                  paper="Feng et al., TIP 2021"))

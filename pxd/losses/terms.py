@@ -1,31 +1,32 @@
-"""The loss-term table: every term pxd can train with, registered once.
+"""The loss-term registry: every term pxd can train with, registered once, by its own file.
 
-A row says what a term is (`build`: the module that computes its unweighted value from the student's
-and the teacher's taps, holding any adapter it trains), how its weight follows from `DistillConfig`
-(`weight`), and when it applies (`needs_teacher`, `needs_lower_resolution`). `stage_loss_weights`
-reads the table to give a stage its active terms; the `Distiller` builds and sums exactly those, and
-`pxd.pipeline.stage_keys` hashes exactly those weights. Adding a loss is one file with its module and
-one row here (plus its weight field in `DistillConfig` and its name in `DISTILL_TERMS`).
+A row (`LossTerm`) says what a term is: its name, which is also its weight field in the `distill:`
+section, that field's default, any setting the term reads besides its weight (KD's `temperature`), when
+the term applies (with no upstream, as the teacher trains; only below the upstream's resolution), what
+it checks before any compute, and `build`, the module that computes its unweighted value from a stage's
+taps (holding any adapter it trains). Everything else is derived from this table: the fields of
+`pxd.config.DistillConfig` (names, defaults, their checks), a stage's active terms and weights
+(`stage_loss_weights`, hence its stage key), the modules the `Distiller` builds, and the order it sums
+them in.
+
+**Adding a loss term is one new file under `pxd/losses/`** holding its loss function, its module and one
+`register(LossTerm(...))` call. Every module of the package is imported the first time the table is read
+(`loss_terms`), so nothing else lists the terms.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from torch import nn
 
-from pxd.losses.feature import AttentionTerm, FeatureKDTerm
-from pxd.losses.isrd import ISRDTerm
-from pxd.losses.kd import LabelTerm, LogitKDTerm
-from pxd.losses.rakd import AdversarialTerm, MMDTerm, PairwiseTerm
 from pxd.types import TapInfo
 
-if TYPE_CHECKING:
-    from pxd.config import DistillConfig
-
-__all__ = ["TermContext", "LossTerm", "LOSS_TERMS", "stage_loss_weights"]
+__all__ = ["TermContext", "Setting", "LossTerm", "LOSS_TERMS", "register", "loss_terms", "term", "stage_loss_weights"]
 
 
 @dataclass(frozen=True)
@@ -36,69 +37,122 @@ class TermContext:
     teacher: TapInfo | None
     student_resolution: int
     teacher_resolution: int
-    temperature: float
+    settings: Mapping[str, float] = field(default_factory=dict)  # the active terms' settings (`Setting`)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A number a term reads from the `distill:` section besides its weight; it must be > 0."""
+
+    name: str
+    default: float
+    doc: str = ""
 
 
 @dataclass(frozen=True)
 class LossTerm:
-    name: str
+    name: str  # the weight field in `distill:` (and `assistant.distill:`), the key of the stage's loss
+    default: float  # the weight field's default; 0 leaves the term off unless a user sets it
     # context → module; module(student_taps, teacher_taps, labels, teacher_image) → unweighted scalar
     build: Callable[[TermContext], nn.Module]
-    weight: Callable[[DistillConfig], float]
-    needs_teacher: bool = True
-    # ISRD reconstructs the teacher's pixels: only a stage that sees fewer of them can learn from it
+    # Where the term comes among the others: its field's place in `distill:`, its loss's place in a stage's
+    # losses and in their sum (a float sum depends on its order).
+    order: int
+    doc: str = ""  # what the weight means, shown in `DistillConfig`'s documentation
+    # The stage's weight from the section's values (by field name); None: the term's own field.
+    weight: Callable[[Mapping[str, float]], float] | None = None
+    # The weight in a stage that trains with no upstream (the teacher; whatever `distill:` says); None: the
+    # term applies only to stages distilled from an upstream.
+    without_upstream: float | None = None
+    # Only a stage at a lower resolution than its upstream's can use the term (ISRD reconstructs pixels).
     needs_lower_resolution: bool = False
-    uses_temperature: bool = False
+    settings: tuple[Setting, ...] = ()
+    # Run on the stage's tap shapes (built on the meta device) before any compute; raises `ConfigError`
+    # when the stage cannot use the term (e.g. every feature map is 1×1).
+    check: Callable[[TermContext], object] | None = None
     paper: str = ""
 
-
-def _label_weight(distill: DistillConfig) -> float:
-    # the convex (1 − α)·CE + α·KD of the official KDLoss; α > 1 leaves no label term
-    return distill.ce * max(0.0, 1.0 - distill.kd)
+    def stage_weight(self, values: Mapping[str, float]) -> float:
+        return float(self.weight(values) if self.weight is not None else values[self.name])
 
 
-def _field(name: str) -> Callable[[DistillConfig], float]:
-    return lambda distill: float(getattr(distill, name))
+class TermTable:
+    """The registered terms by name; the package's modules are imported the first time it is read."""
+
+    def __init__(self, package: str) -> None:
+        self.package = package
+        self.rows: dict[str, LossTerm] = {}  # by name, as registered
+        self.imported = False
+
+    def register(self, row: LossTerm) -> LossTerm:
+        """Add a row; a name, and a place in the order, may be registered once."""
+        taken = {other.order: other.name for other in self.rows.values()}
+        if row.name in self.rows:
+            raise ValueError(f"loss term {row.name!r} is already registered")
+        if row.order in taken:
+            raise ValueError(f"loss term {row.name!r}: order {row.order} is already {taken[row.order]!r}'s")
+        self.rows[row.name] = row
+        return row
+
+    def _import_every_term(self) -> None:
+        if self.imported:
+            return
+        package = importlib.import_module(self.package)
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{self.package}.{module.name}")
+        self.imported = True
+
+    def __iter__(self) -> Iterator[LossTerm]:
+        self._import_every_term()
+        return iter(sorted(self.rows.values(), key=lambda row: row.order))
+
+    def __getitem__(self, name: str) -> LossTerm:
+        self._import_every_term()
+        try:
+            return self.rows[name]
+        except KeyError:
+            raise KeyError(f"no loss term {name!r}; the table has {[row.name for row in self]}") from None
+
+    def __contains__(self, name: object) -> bool:
+        self._import_every_term()
+        return name in self.rows
 
 
-LOSS_TERMS: tuple[LossTerm, ...] = (
-    LossTerm("ce", LabelTerm, _label_weight, needs_teacher=False, paper="labels"),
-    LossTerm("kd", LogitKDTerm, _field("kd"), uses_temperature=True, paper="Hinton et al. 2015"),
-    LossTerm("isrd", ISRDTerm, _field("isrd"), needs_lower_resolution=True, paper="Guo et al., TPAMI 2024"),
-    LossTerm("feature", FeatureKDTerm, _field("feature"), paper="FitNets-style hint, Guo et al. 2024 stage-2 feature KD"),
-    LossTerm("attention", AttentionTerm, _field("attention"), paper="Zagoruyko & Komodakis, ICLR 2017"),
-    LossTerm("pairwise", PairwiseTerm, _field("pairwise"), paper="Feng et al., TIP 2021"),
-    LossTerm("mmd", MMDTerm, _field("mmd"), paper="Feng et al., TIP 2021"),
-    LossTerm("adversarial", AdversarialTerm, _field("adversarial"), paper="Feng et al., TIP 2021"),
-)
-# The table and pxd.config.DISTILL_TERMS name the same terms, in order (tests/pxd/test_losses.py checks it;
-# pxd.config must not import this module at load time).
+LOSS_TERMS = TermTable(__name__.rpartition(".")[0])
+register = LOSS_TERMS.register
 
 
-def stage_loss_weights(
-    distill: DistillConfig | None, *, distilling: bool, student_resolution: int, teacher_resolution: int
-) -> dict[str, float]:
-    """The weight of every term a stage trains with (only those > 0), plus `temperature` when a term
-    that uses it is active. Plain training (no teacher: the teacher stage, a cross-entropy baseline) is
-    ``{"ce": 1.0}``, whatever `distill` says, so the teacher never depends on a distillation setting.
-    """
-    if not distilling or distill is None:
-        return {"ce": 1.0}
-    weights: dict[str, float] = {}
-    for row in LOSS_TERMS:
-        if row.needs_lower_resolution and student_resolution >= teacher_resolution:
-            continue
-        value = row.weight(distill)
-        if value > 0:
-            weights[row.name] = value
-    if any(term(name).uses_temperature for name in weights):
-        weights["temperature"] = float(distill.temperature)
-    return weights
+def loss_terms() -> tuple[LossTerm, ...]:
+    """Every registered term, in order."""
+    return tuple(LOSS_TERMS)
 
 
 def term(name: str) -> LossTerm:
-    """The table's row for `name` (read at call time, so the table is the only source)."""
-    for row in LOSS_TERMS:
-        if row.name == name:
-            return row
-    raise KeyError(f"no loss term {name!r}; the table has {[row.name for row in LOSS_TERMS]}")
+    """The table's row for `name`."""
+    return LOSS_TERMS[name]
+
+
+def stage_loss_weights(
+    distill: Any, *, distilling: bool, student_resolution: int, teacher_resolution: int
+) -> dict[str, float]:
+    """The weight of every term a stage trains with (only those > 0), plus the settings of those terms.
+
+    `distill` is the stage's `DistillConfig`. Plain training (no upstream: the teacher stage, a
+    cross-entropy baseline) takes each term's `without_upstream` weight (``{"ce": 1.0}``), whatever
+    `distill` says, so the teacher never depends on a distillation setting.
+    """
+    rows = loss_terms()
+    if not distilling or distill is None:
+        return {row.name: row.without_upstream for row in rows if row.without_upstream is not None}
+    values = {f.name: getattr(distill, f.name) for f in fields(distill)}
+    weights: dict[str, float] = {}
+    for row in rows:
+        if row.needs_lower_resolution and student_resolution >= teacher_resolution:
+            continue
+        value = row.stage_weight(values)
+        if value > 0:
+            weights[row.name] = value
+    for row in rows:
+        if row.name in weights:
+            weights.update({setting.name: float(values[setting.name]) for setting in row.settings})
+    return weights

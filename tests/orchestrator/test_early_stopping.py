@@ -11,7 +11,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune.schedulers import TrialScheduler
 
-from orchestrator.driver.early_stopping import MOASHA, goes_on, keep_best, nondominated_ranks, rungs
+from orchestrator.driver.early_stopping import MOASHA, goes_on, keep_best, rungs
+from orchestrator.results.pareto import nondominated_ranks
 from orchestrator.driver.launch import SweepOptions, run_sweep
 from orchestrator.results import schema
 from orchestrator.space.spec import parse_spec
@@ -62,7 +63,8 @@ def test_moasha_keeps_a_front_trial_that_classic_mo_asha_stops(tmp_path):
 
 
 def _result(trial_epoch: int, val: float, pixels: float, stage: str = "student") -> dict:
-    return {"stage": stage, "epoch": trial_epoch, schema.epoch_metric("student"): val, "pixels": pixels}
+    return {schema.ReportKey.STAGE: stage, schema.ReportKey.EPOCH: trial_epoch, schema.epoch_metric("student"): val,
+            "pixels": pixels}
 
 
 def test_moasha_stops_dominated_trials_at_a_rung_and_keeps_its_records_across_a_resume(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -12,6 +13,7 @@ from orchestrator.results import schema
 from orchestrator.space.spec import parse_spec
 from orchestrator.worker.context import TrialContext
 from orchestrator.worker.kept import WorkerState
+from orchestrator.worker.trainable import TuneTrial
 from orchestrator.worker.trial import OVERHEAD_CUTS_ENV, TRIAL_SECTIONS, run_trial
 from pxd.pipeline import TIMED_SECTIONS
 from tests.orchestrator.conftest import tiny_space
@@ -82,3 +84,14 @@ def test_a_kept_worker_process_loads_the_dataset_once(monkeypatch):
     assert len(state.dataset(other).train) == 4 * first.num_classes
     monkeypatch.setenv(OVERHEAD_CUTS_ENV, "0")
     assert WorkerState.from_environment().dataset(config) is None  # the pipeline loads it itself
+
+
+def test_the_trainable_keeps_one_worker_state_per_process_and_never_ships_it():
+    """Tune ships the trainable to each worker process by pickling it: what a process keeps stays there, and
+    each process starts with none (it creates its own `WorkerState` on its first trial)."""
+    trainable = TuneTrial()
+    trainable.state = WorkerState.from_environment()
+    trainable.state.datasets[("kept", 0)] = object()
+    shipped = pickle.loads(pickle.dumps(trainable))
+    assert shipped.state is None
+    assert trainable.state.datasets  # the sender's own state is untouched

@@ -7,6 +7,7 @@ import torch
 
 from pxd.config import ModelConfig, PipelineConfig
 from pxd.errors import ConfigError
+from pxd.memo import ProcessMemory
 from pxd.models import create_model, forward_taps
 from pxd.pipeline import run_tas
 from pxd.train import upstream_forward
@@ -26,10 +27,12 @@ def test_a_compiled_upstream_gives_the_taps_of_the_eager_one():
     images = torch.rand(8, 3, 32, 32)
     with torch.no_grad():
         eager = forward_taps(teacher, images)
-        compiled = upstream_forward(teacher, compiled=True)(images)
-        again = upstream_forward(teacher, compiled=True)(images * 0.5)  # the same function, another batch
+        memory = ProcessMemory()
+        compiled = upstream_forward(teacher, compiled=True, memory=memory)(images)
+        again = upstream_forward(teacher, compiled=True, memory=memory)(images * 0.5)  # the same function, another batch
     for name in ("logits", "input_map", "feature_map"):
         assert torch.allclose(getattr(compiled, name), getattr(eager, name), atol=1e-5, rtol=1e-4), name
+    assert memory.compiled_taps is not None  # the process's one compiled function, kept in its memory
     assert len(compiled.stage_maps) == len(eager.stage_maps)
     for got, want in zip(compiled.stage_maps, eager.stage_maps, strict=True):
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)

@@ -22,7 +22,7 @@ from pxd.config import DatasetConfig, PipelineConfig
 from pxd.data import TwoViewSampler, iterate_batches, load_dataset
 from pxd.data.cache import MARKER
 from pxd.errors import DatasetError
-from pxd.pipeline import stage_keys
+from pxd.stages import stage_keys
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ("ant", "bee", "cow")

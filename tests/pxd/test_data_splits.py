@@ -10,8 +10,8 @@ import torch
 from pxd.config import DatasetConfig, PipelineConfig
 from pxd.data import load_dataset
 from pxd.errors import ConfigError
+from pxd.evaluate import evaluate
 from pxd.pipeline import run_tas
-from pxd.train import evaluate
 from tests.pxd.test_data_cache import folder_cfg, write_jpeg_tree
 
 

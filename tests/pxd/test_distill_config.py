@@ -10,7 +10,8 @@ import pytest
 from pxd.config import AssistantConfig, DistillConfig, PipelineConfig
 from pxd.errors import ConfigError
 from pxd.losses import stage_loss_weights
-from pxd.pipeline import ASSISTANT_GAP_WARNING, StageOutcome, _pipeline_warnings, stage_keys
+from pxd.pipeline import ASSISTANT_GAP_WARNING, _pipeline_warnings
+from pxd.stages import StageOutcome, stage_keys
 from pxd.train import StageResult
 
 

@@ -9,26 +9,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pxd.config import DISTILL_TERMS, DistillConfig
+from pxd.config import DistillConfig
 from pxd.errors import ConfigError
-from pxd.losses import (
-    Distiller,
+from pxd.losses import Distiller, stage_loss_weights
+from pxd.losses.feature import FeatureAdapter, attention_loss, feature_loss
+from pxd.losses.isrd import ISRDDecoder, isrd_loss
+from pxd.losses.kd import kd_loss
+from pxd.losses.rakd import (
     EmbeddingAdapter,
-    FeatureAdapter,
     FeatureDiscriminator,
-    ISRDDecoder,
     adversarial_loss,
-    attention_loss,
-    feature_loss,
-    isrd_loss,
-    kd_loss,
     mmd_loss,
     pairwise_similarity_loss,
     pooled_embedding,
-    stage_loss_weights,
 )
-from pxd.losses.terms import LOSS_TERMS, TermContext
+from pxd.losses.terms import LOSS_TERMS, TermContext, loss_terms
 from pxd.models import ModelTapInfo, ModelTaps
+
+# every registered term's name, in the table's order
+DISTILL_TERMS = tuple(row.name for row in loss_terms())
 
 RATIOS = (1, 2, 4, 8)
 
@@ -284,7 +283,8 @@ def _distiller(config: DistillConfig | None, *, student_resolution: int = 16, te
 
 
 def test_the_table_has_one_row_per_config_term_in_order() -> None:
-    assert tuple(term.name for term in LOSS_TERMS) == DISTILL_TERMS
+    fields = [f.name for f in dataclasses.fields(DistillConfig)]
+    assert fields == [name for row in loss_terms() for name in (row.name, *(s.name for s in row.settings))]
     assert all(hasattr(DistillConfig(), name) for name in DISTILL_TERMS)
 
 
@@ -304,8 +304,6 @@ def test_distiller_returns_every_active_term_and_gradients_reach_student_and_ada
 
 def test_the_table_drives_the_distiller(monkeypatch: pytest.MonkeyPatch) -> None:
     """A row added to the table is built and summed with no other change (here: replacing `mmd`)."""
-    from pxd.losses import terms
-
     class Constant(torch.nn.Module):
         def __init__(self, context: TermContext) -> None:
             super().__init__()
@@ -314,8 +312,7 @@ def test_the_table_drives_the_distiller(monkeypatch: pytest.MonkeyPatch) -> None
         def forward(self, student, teacher, labels, teacher_image) -> torch.Tensor:
             return student.logits.sum() * 0 + 3.0
 
-    rows = tuple(dataclasses.replace(row, build=Constant) if row.name == "mmd" else row for row in terms.LOSS_TERMS)
-    monkeypatch.setattr(terms, "LOSS_TERMS", rows)
+    monkeypatch.setitem(LOSS_TERMS.rows, "mmd", dataclasses.replace(LOSS_TERMS["mmd"], build=Constant))
     distiller = _distiller(DistillConfig(ce=1.0, kd=0.0, isrd=0.0, mmd=2.0))
     assert isinstance(distiller.terms["mmd"], Constant) and distiller.terms["mmd"].seen_resolution == 16
     losses = distiller(_taps(STUDENT), _taps(TEACHER), torch.randint(0, NUM_CLASSES, (4,)))

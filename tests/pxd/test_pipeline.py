@@ -9,8 +9,11 @@ import torch
 
 from pxd.config import PipelineConfig
 from pxd.errors import DivergedError
+from pxd.memo import ProcessMemory
 from pxd.models import create_model
-from pxd.pipeline import init_from, run_tas, stage_keys
+from pxd.pipeline import run_tas
+from pxd.stages import StageOutcome, stage_keys
+from pxd.weights import init_from
 
 
 def test_tas_runs_and_reports_student_metrics(tiny_raw):
@@ -101,8 +104,6 @@ class _KeepingProvider:
         self.results: dict[str, object] = {}
 
     def get_or_train(self, kind, key, describe, train):
-        from pxd.pipeline import StageOutcome
-
         reused = key in self.results
         if not reused:
             self.results[key] = train()
@@ -112,43 +113,54 @@ class _KeepingProvider:
 def test_a_process_builds_its_teacher_and_assistant_once_and_trains_the_same_student(tiny_raw, monkeypatch):
     from pxd import pipeline
 
-    monkeypatch.setattr(pipeline, "_KEPT_UPSTREAM", {})
-    monkeypatch.setattr(pipeline, "_STATIC_COSTS", {})
+    memory = ProcessMemory()
     built = []
     real_new_model = pipeline._new_model
     monkeypatch.setattr(pipeline, "_new_model", lambda model, *a, **k: built.append(model.arch) or real_new_model(model, *a, **k))
     config = PipelineConfig.from_dict(tiny_raw)
     provider = _KeepingProvider()
-    run_tas(config, provider=provider, measure_latency=False)
+    run_tas(config, provider=provider, measure_latency=False, memory=memory)
     assert len(built) == 3  # teacher, assistant, student
     # ISRD weighs the student stage only: the same teacher and assistant, another student
     other_student = dataclasses.replace(config, distill=dataclasses.replace(config.distill, isrd=1.5))
     built.clear()
-    kept = run_tas(other_student, provider=provider, measure_latency=False)
+    kept = run_tas(other_student, provider=provider, measure_latency=False, memory=memory)
     assert built == [config.student.arch]  # only the new student: teacher and assistant were kept
     assert set(kept.stages) == {"teacher", "assistant", "student"} and kept.stages["assistant"].reused
 
     # the same trial in a process that kept nothing (its stages still come from the store)
-    monkeypatch.setattr(pipeline, "_KEPT_UPSTREAM", {})
-    monkeypatch.setattr(pipeline, "_STATIC_COSTS", {})
     del provider.results[kept.stages["student"].key]
-    fresh = run_tas(other_student, provider=provider, measure_latency=False)
+    fresh = run_tas(other_student, provider=provider, measure_latency=False, memory=ProcessMemory())
     assert fresh.metrics["val_top1"] == kept.metrics["val_top1"]
     assert fresh.metrics["gmacs"] == kept.metrics["gmacs"] and fresh.metrics["params_m"] == kept.metrics["params_m"]
     for name, tensor in kept.student.state_dict().items():
         assert torch.equal(tensor, fresh.student.state_dict()[name]), name
 
 
-def test_a_kept_upstream_is_not_used_for_a_stage_that_trains_again(tiny_raw, monkeypatch):
+def test_a_kept_upstream_is_not_used_for_a_stage_that_trains_again(tiny_raw):
     """A provider that trains the stage again (a store that lost it, force_retrain) gets a new module: the
     kept one is only ever read."""
-    from pxd import pipeline
-
-    monkeypatch.setattr(pipeline, "_KEPT_UPSTREAM", {})
+    memory = ProcessMemory()
     config = PipelineConfig.from_dict(tiny_raw)
-    run_tas(config, measure_latency=False)  # the default provider trains: new result objects every time
-    kept_teacher = next(m for (kind, _), (_, m) in pipeline._KEPT_UPSTREAM.items() if kind == "teacher")
+    run_tas(config, measure_latency=False, memory=memory)  # the default provider trains: new result objects every time
+    kept_teacher = next(m for (kind, _), (_, m) in memory.upstream.items() if kind == "teacher")
     before = {k: v.clone() for k, v in kept_teacher.state_dict().items()}
-    second = run_tas(config, measure_latency=False)
+    second = run_tas(config, measure_latency=False, memory=memory)
     assert all(torch.equal(before[k], v) for k, v in kept_teacher.state_dict().items())
     assert second.stages["teacher"].reused is False
+
+
+def test_a_teacher_prepared_with_the_process_memory_is_not_built_again_by_the_next_run(tiny_raw, monkeypatch):
+    from pxd import pipeline
+
+    memory = ProcessMemory()
+    config = PipelineConfig.from_dict(tiny_raw)
+    provider = _KeepingProvider()
+    prepared = pipeline.prepare_teacher(config, provider=provider, progress=False, memory=memory)
+    assert [kind for kind, _ in memory.upstream] == ["teacher"]
+    built = []
+    real_new_model = pipeline._new_model
+    monkeypatch.setattr(pipeline, "_new_model", lambda model, *a, **k: built.append(a[1]) or real_new_model(model, *a, **k))
+    result = run_tas(config, provider=provider, measure_latency=False, memory=memory)
+    assert built == ["student", "student"]  # the student and the assistant (the student's architecture): no teacher
+    assert result.stages["teacher"].reused and result.stages["teacher"].key == prepared.key

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from pxd.config import DistillConfig, PipelineConfig
-from pxd.pipeline import stage_keys
+from pxd.stages import stage_keys
 
 FINGERPRINT = "fingerprint-of-the-data"
 

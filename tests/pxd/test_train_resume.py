@@ -12,7 +12,8 @@ import torch
 from pxd.config import PipelineConfig
 from pxd.data import load_dataset
 from pxd.models import create_model
-from pxd.pipeline import ResumableTraining, StageOutcome, run_tas
+from pxd.pipeline import run_tas
+from pxd.stages import ResumableTraining, StageOutcome
 from pxd.train import Checkpointing, StageResult, train_stage
 
 
