@@ -40,7 +40,8 @@ from orchestrator.driver.early_stopping import MOASHA
 from orchestrator.results.frontier import IncrementalFrontier
 from orchestrator.results.schema import epoch_metric
 from orchestrator.space.distributions import suggest_all
-from orchestrator.space.search import optuna_directions, sampler_for
+from orchestrator.space.samplers import sampler_for
+from orchestrator.space.search import optuna_directions
 from orchestrator.space.spec import SweepSpec, load_spec
 
 __all__ = ["BUDGET_FRACTIONS", "hypervolume_curve", "sampler_curve", "summarise_curves", "quality_targets",

@@ -7,7 +7,6 @@ What torch, Ray, MLflow, Optuna or matplotlib bring is imported inside the handl
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shlex
@@ -79,7 +78,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     remeasure = sub.add_parser("remeasure", help="re-time every trained student of a sweep on new hardware (no retraining)")
     remeasure.add_argument("sweep", help="sweep name or parent run id")
     remeasure.add_argument("--hardware", required=True, metavar="LABEL", help="name of the target (letters, digits, _ and -), e.g. laptop-ort")
-    remeasure.add_argument("--runtime", choices=("torch", "torch-compile", "onnxruntime"), default="torch", help="deployment runtime (default: eager torch)")
+    remeasure.add_argument("--runtime", default="torch", help="deployment runtime, a name registered in pxd.runtimes "
+                           "(torch, torch-compile and onnxruntime ship; default: eager torch); a wrong name lists them")
     remeasure.add_argument("--device", default="cpu", help="cpu or cuda on the target (default: cpu); cuda needs CUDA where the timing runs")
     remeasure.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="compute dtype (bf16/fp16: the torch runtimes, under autocast on the --device; onnxruntime times float32)")
     remeasure.add_argument("--threads", type=int, default=1, help="intra-op threads while timing (default: 1)")
@@ -253,9 +253,6 @@ def cmd_remeasure(args: argparse.Namespace) -> int:
     request = TimingRequest(label=args.hardware, runtime=args.runtime, device=args.device, threads=args.threads,
                             warmup=args.warmup, repeats=args.repeats, batch_size=args.batch, dtype=args.dtype)
     check_request(request, local=args.resource is None)
-    if args.runtime == "onnxruntime":
-        if importlib.util.find_spec("onnxruntime") is None:
-            raise ConfigError("--runtime", "onnxruntime is not installed; pip install 'pxd[onnx]'")
     if args.ray_address and not args.resource:
         raise ConfigError("--ray-address", "is for timing on Ray nodes: add --resource NAME (the custom resource "
                                            "of the target nodes), or omit --ray-address to time on this machine")

@@ -11,6 +11,7 @@ from orchestrator.results.artifacts import log_frontier
 from orchestrator.results.frontier import TrialRow, format_table, frontier_table, trial_outcomes
 from orchestrator.results.schema import Tag
 from orchestrator.tracking import credentials
+from pxd.metrics import primary_metric
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -31,7 +32,7 @@ def finish_sweep(client: MlflowClient, parent_run_id: str, stopped: dict[str, st
     for row in rows:
         if row.state == "COMPLETE":
             client.set_tag(row.run_id, Tag.ON_FRONTIER, str(row.run_id in on_front).lower())
-    x_metrics = tuple(m for m, _ in objectives if m != "val_top1") or ("gmacs",)
+    x_metrics = tuple(m for m, _ in objectives if m != primary_metric()) or ("gmacs",)
     log_frontier(client, parent, table, "frontier", png_axes=x_metrics)
     outcomes = trial_outcomes(rows)
     counts = {state: sum(s == state for s in outcomes.values()) for state in ("COMPLETE", "FAILED", "PRUNED")}

@@ -9,7 +9,7 @@ import optuna
 
 from orchestrator.results import schema
 from orchestrator.results.frontier import TrialRow
-from orchestrator.results.schema import Tag
+from orchestrator.results.schema import OptunaAttr, Tag
 from orchestrator.space.spec import constraint_names, constraint_values
 
 if TYPE_CHECKING:
@@ -37,12 +37,12 @@ def close_optuna_trials(study_name: str, storage_url: str, *, stopped: bool, spe
         parent = client.get_run(parent_run_id)
         recorded = {run.data.tags[Tag.TRIAL_ID]: run for run in schema.trial_runs(client, parent, state="COMPLETE")}
     for trial in running:
-        run = recorded.get(str(trial.user_attrs.get("tune_trial_id", "")))
+        run = recorded.get(str(trial.user_attrs.get(OptunaAttr.TUNE_TRIAL_ID, "")))
         if run is not None and _tell_recorded(study, trial, run, spec):
             continue
         study.tell(trial.number, state=state)
-    return {str(t.user_attrs["tune_trial_id"]) for t in study.get_trials(deepcopy=False)
-            if t.state == optuna.trial.TrialState.PRUNED and t.user_attrs.get("tune_trial_id")}
+    return {str(t.user_attrs[OptunaAttr.TUNE_TRIAL_ID]) for t in study.get_trials(deepcopy=False)
+            if t.state == optuna.trial.TrialState.PRUNED and t.user_attrs.get(OptunaAttr.TUNE_TRIAL_ID)}
 
 
 def _tell_recorded(study: Any, trial: Any, run: Any, spec: SweepSpec) -> bool:
@@ -55,7 +55,7 @@ def _tell_recorded(study: Any, trial: Any, run: Any, spec: SweepSpec) -> bool:
     live = optuna.trial.Trial(study, trial._trial_id)
     for name, value in zip(constraint_names(spec), constraint_values(spec, metrics)):
         live.set_constraint(name, value)
-    live.set_user_attr("mlflow_run_id", run.info.run_id)
+    live.set_user_attr(OptunaAttr.MLFLOW_RUN_ID, run.info.run_id)
     study.tell(live, values)
     return True
 

@@ -16,6 +16,7 @@ import pxd.pipeline  # noqa: F401
 from orchestrator.worker.context import TrialContext
 from orchestrator.worker.provider import make_provider
 from pxd.data import load_dataset
+from pxd.metrics import primary_metric
 from pxd.pipeline import prepare_teacher
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def _prepare_teacher_task(context: TrialContext, threads: int) -> dict[str, Any]
         outcome = prepare_teacher(context.spec.base, provider=make_provider(context), progress=False)
     finally:
         torch.set_num_threads(previous)  # the worker may next run a one-CPU task or trial
-    return {"key": outcome.key, "reused": outcome.reused, "val_top1": outcome.result.metrics.get("val_top1")}
+    return {"key": outcome.key, "reused": outcome.reused, "score": outcome.result.metrics.get(primary_metric())}
 
 
 def warm_up_cpus(search: Any, available_cpus: float, largest_node_cpus: float) -> float:
@@ -81,4 +82,4 @@ def warm_teacher(context: TrialContext, resources: dict[str, float], *, quiet: b
     info = ray.get(task.remote(context, max(1, int(cpus))))
     if not quiet:
         state = "reused from the stage store" if info["reused"] else "trained"
-        print(f"[pxd] teacher {info['key'][:12]} {state} (val_top1 {info['val_top1']:.3f})", file=sys.stderr, flush=True)
+        print(f"[pxd] teacher {info['key'][:12]} {state} ({primary_metric()} {info['score']:.3f})", file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ is refused before any model loads; a run that times no student records nothing f
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from pxd.errors import ConfigError
 from pxd.metrics import check_hardware_label, get_metric, hardware_cv_metric, hardware_metric, primary_metric
 
 if TYPE_CHECKING:
+    from pxd.runtimes import Runtime
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
@@ -57,7 +59,6 @@ class TimingRequest:
 
 _DEVICES = ("cpu", "cuda")
 _DTYPES = ("float32", "bfloat16", "float16")
-_AUTOCAST_RUNTIMES = ("torch", "torch-compile")  # bf16/fp16 run under autocast, on CPU or CUDA (`measure_runtime`)
 _COUNTS = (("--threads", "threads", 1), ("--batch", "batch_size", 1), ("--repeats", "repeats", 2),
            ("--warmup", "warmup", 0))
 
@@ -66,6 +67,8 @@ def check_request(request: TimingRequest, *, local: bool) -> None:
     """Refuse, before any model loads, a request that cannot measure what it says. `local`: the timing
     runs in this process, so its device must exist here (on Ray nodes, `_check_resource` looks)."""
     import torch  # torch, mlflow and ray in this module: imported on first use (start-up cost of the CLI)
+
+    from pxd.runtimes import RUNTIMES  # deferred with torch, which it imports
 
     try:
         check_hardware_label(request.label)
@@ -78,13 +81,27 @@ def check_request(request: TimingRequest, *, local: bool) -> None:
         raise ConfigError("--device", f"use cpu or cuda, got {request.device!r}")
     if request.dtype not in _DTYPES:
         raise ConfigError("--dtype", f"use one of {', '.join(_DTYPES)}, got {request.dtype!r}")
-    if request.dtype != "float32" and request.runtime not in _AUTOCAST_RUNTIMES:
-        raise ConfigError("--dtype", f"{request.dtype} is for the torch runtimes (under autocast, on CPU or CUDA); "
-                                     f"{request.runtime} times float32: drop --dtype")
+    runtime = _registered_runtime(request.runtime)
+    if request.dtype not in runtime.dtypes:
+        honoured = [r.name for r in RUNTIMES.values() if request.dtype in r.dtypes]
+        raise ConfigError("--dtype", f"{request.dtype} is for the runtimes {', '.join(honoured)} (under autocast, on CPU "
+                                     f"or CUDA); {request.runtime} times {', '.join(runtime.dtypes)}: drop --dtype")
     if local and request.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device", "cuda, but CUDA is not available on this machine (torch.cuda.is_available() "
                                       "is False), where the timing would run; use --device cpu, run pxd remeasure "
                                       "on a machine with an NVIDIA GPU, or time on Ray nodes with one (--resource)")
+
+
+def _registered_runtime(name: str) -> Runtime:
+    """The request's runtime from `pxd.runtimes.RUNTIMES`, with its optional module installed."""
+    from pxd.runtimes import RUNTIMES  # deferred: it imports torch (start-up cost of the CLI)
+
+    if name not in RUNTIMES:
+        raise ConfigError("--runtime", f"use one of {', '.join(RUNTIMES)} (pxd.runtimes), got {name!r}")
+    runtime = RUNTIMES[name]
+    if runtime.module is not None and importlib.util.find_spec(runtime.module) is None:
+        raise ConfigError("--runtime", f"{runtime.name} needs {runtime.module}, which is not installed; {runtime.install}")
+    return runtime
 
 
 def _load_student(model_uri: str, tracking_uri: str) -> Any:

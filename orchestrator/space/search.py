@@ -14,8 +14,7 @@ from typing import Any
 from orchestrator.space.constraints import parse_constraints
 from orchestrator.space.distributions import Param
 from orchestrator.space.fields import check_known, finite_number, number_above, whole_number
-# sampler_for: bench/search_quality.py imports it from here
-from orchestrator.space.samplers import SamplerConfig, check_sampler, sampler_for  # noqa: F401
+from orchestrator.space.samplers import SamplerConfig, check_sampler
 from pxd import metrics as registry
 from pxd.config import PipelineConfig, parse_dataclass
 from pxd.errors import ConfigError

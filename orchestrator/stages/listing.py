@@ -8,6 +8,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from orchestrator.results.schema import STAGES_EXPERIMENT, Tag
+from pxd.metrics import primary_metric
 
 __all__ = ["list_stages"]
 
@@ -31,7 +32,7 @@ def list_stages(tracking_uri: str) -> list[dict[str, Any]]:
             "stage": tags.get(Tag.STAGE, ""),
             "arch": run.data.params.get("arch", ""),
             "resolution": run.data.params.get("resolution", ""),
-            "val_top1": run.data.metrics.get("val_top1", float("nan")),
+            primary_metric(): run.data.metrics.get(primary_metric(), float("nan")),
             "train_seconds": run.data.metrics.get("train_seconds", float("nan")),
             "size_mb": run.data.metrics.get("checkpoint_bytes", 0.0) / 1e6,
             "state": state,

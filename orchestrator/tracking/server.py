@@ -29,6 +29,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from orchestrator.tracking import credentials
 from pxd.errors import ConfigError
 
 __all__ = [
@@ -82,6 +83,7 @@ def launch_tracking(uri: str) -> Iterator[None]:
 
 
 def _forget_artifact_repos() -> None:
+    # deferred, as every MLflow import here: the CLI imports this module before it parses its arguments
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
     cache = getattr(tracking_utils, "_artifact_repos_cache", None)
@@ -92,8 +94,6 @@ def _forget_artifact_repos() -> None:
 def restored_tracking_uri(pickled: str) -> str:
     """The tracking URI for one that an object pickled (password-free): this launch's while a launch
     runs (`launch_tracking`), else the pickled one with its password back (`credentials.full_url`)."""
-    from orchestrator.tracking import credentials
-
     return _LAUNCH_URI[-1] if _LAUNCH_URI else credentials.full_url(pickled)
 
 
@@ -290,7 +290,7 @@ def fluent_tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's fluent API (start_run, log_model, load_model) for `uri`, then the caller's URI back.
     `mlflow.set_tracking_uri` is process-wide and also sets MLFLOW_TRACKING_URI: code that runs in the
     caller's process (a trial run directly, `pxd remeasure` timing here) must not leak it."""
-    import mlflow
+    import mlflow  # deferred: the CLI imports this module before it parses its arguments
 
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)

@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from orchestrator.results import schema
+from orchestrator.results.schema import ReportKey
 from orchestrator.space.spec import broken_before_training, constraint_values, is_feasible, materialize
 from orchestrator.stages.threads import SharedThreads
 from orchestrator.tracking import credentials
@@ -38,6 +39,7 @@ from orchestrator.worker.failures import will_repeat
 from orchestrator.worker.kept import OVERHEAD_CUTS_ENV, WorkerState
 from orchestrator.worker.model_log import ModelLoggingWarmUp, log_student
 from orchestrator.worker.provider import make_provider
+from pxd.metrics import primary_metric
 from pxd.paths import flatten
 from pxd.pipeline import LatencySettings, PipelineResult, run_tas
 
@@ -156,11 +158,12 @@ def _train(trial: _Trial, run_id: str, warm_up: ModelLoggingWarmUp) -> tuple[Pip
     def on_epoch(kind: str, epoch: int, record: dict[str, float]) -> None:
         warm_up.start()
         mlflow.log_metrics({schema.epoch_metric(kind, k): v for k, v in record.items()
-                            if k != "epoch" and math.isfinite(v)}, step=epoch)
+                            if k != ReportKey.EPOCH and math.isfinite(v)}, step=epoch)
         if trial.in_tune:
             name = schema.epoch_metric(kind)
             # with the cost metrics known before training: what early stopping ranks trials on
-            tune.report({"stage": kind, "epoch": epoch, name: record["val_top1"], "mlflow_run_id": run_id,
+            tune.report({ReportKey.STAGE: kind, ReportKey.EPOCH: epoch, name: record[primary_metric()],
+                         ReportKey.MLFLOW_RUN_ID: run_id,
                          **trial.known})
 
     search = context.spec.require_search()

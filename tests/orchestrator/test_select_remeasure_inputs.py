@@ -222,6 +222,23 @@ def test_remeasure_refuses_a_request_that_cannot_measure_what_it_says(sweep, mlf
     assert _parent_tags(mlflow_server, sweep["parent"]) == before
 
 
+def test_remeasure_takes_its_runtimes_from_the_registry(sweep, mlflow_server, capsys, monkeypatch):
+    """--runtime accepts what pxd.runtimes registers and nothing else; an unknown name lists the registered ones."""
+    from pxd import runtimes
+
+    before = _parent_tags(mlflow_server, sweep["parent"])
+    assert main(["remeasure", SWEEP, "--hardware", "h", "--runtime", "tflite", "--tracking-uri", mlflow_server]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pxd: error: --runtime: use one of ") and all(name in err for name in runtimes.RUNTIMES)
+    # a runtime registered beside the shipped ones is one the request check accepts (it refuses only its dtype)
+    monkeypatch.setitem(runtimes.RUNTIMES, "eager-copy", runtimes.Runtime("eager-copy", prepare=lambda m, r, d, t: m,
+                                                                          autocast=False))
+    assert main(["remeasure", SWEEP, "--hardware", "h", "--runtime", "eager-copy", "--dtype", "float16",
+                 "--tracking-uri", mlflow_server]) == 2
+    assert "--dtype: float16 is for the runtimes torch, torch-compile" in capsys.readouterr().err
+    assert _parent_tags(mlflow_server, sweep["parent"]) == before
+
+
 def test_remeasure_with_an_unreachable_ray_address_fails_at_once(sweep, mlflow_server, capsys):
     import ray
 
