@@ -49,13 +49,13 @@ import torch.nn.functional as F
 
 from pxd.config import DistillConfig, ModelConfig, TrainConfig
 from pxd.data import TwoViewSampler
+from pxd.device import to_memory_format
 from pxd.losses.isrd import ISRDTerm
 from pxd.losses.terms import TermContext
 from pxd.models import create_model, forward_taps, tap_info
 from pxd.train import (
     _make_distiller,
     _optimizer,
-    _to_memory_format,
     autocast_dtype,
     resolve_device,
     train_step,
@@ -96,9 +96,9 @@ def build(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[
 
     isrd_info = tap_info(student, low)
     isrd = ISRDTerm(TermContext(student=isrd_info, teacher=tap_info(assistant, high), student_resolution=low,
-                                teacher_resolution=high, temperature=1.0)).to(device)
+                                teacher_resolution=high, settings={"temperature": 1.0})).to(device)
     with torch.no_grad():
-        taps = forward_taps(student, _to_memory_format(student_view, device, channels_last))
+        taps = forward_taps(student, to_memory_format(student_view, device, channels_last))
     input_map = taps.input_map.detach().clone().requires_grad_(True)
 
     plain = timm.create_model(args.student, num_classes=num_classes, pretrained=False).to(device).train()
@@ -113,7 +113,7 @@ def build(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[
 
     def upstream() -> None:
         with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            forward_taps(assistant, _to_memory_format(teacher_view, device, channels_last))
+            forward_taps(assistant, to_memory_format(teacher_view, device, channels_last))
 
     def student_ce_step() -> None:
         train_step(ce_student, None, ce_distiller, ce_optimizer, teacher_view, student_view, labels, device=device,
@@ -130,7 +130,7 @@ def build(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[
 
     def plain_step() -> None:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = F.cross_entropy(plain(_to_memory_format(student_view, device, channels_last)), labels)
+            loss = F.cross_entropy(plain(to_memory_format(student_view, device, channels_last)), labels)
         plain_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         plain_optimizer.step()
@@ -149,7 +149,7 @@ def build(args: argparse.Namespace, device: torch.device) -> dict[str, Callable[
 
         def upstream_compiled() -> None:
             with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                compiled(_to_memory_format(teacher_view, device, channels_last))
+                compiled(to_memory_format(teacher_view, device, channels_last))
 
         started = time.perf_counter()
         upstream_compiled()  # compiles
