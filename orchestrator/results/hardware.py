@@ -34,9 +34,10 @@ from pxd.errors import ConfigError
 from pxd.metrics import check_hardware_label, get_metric, hardware_cv_metric, hardware_metric, primary_metric
 
 if TYPE_CHECKING:
-    from pxd.runtimes import Runtime
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
+
+    from pxd.runtimes import Runtime
 
 __all__ = ["TimingRequest", "check_request", "time_student", "remeasure", "hardware_objectives", "hardware_table",
            "compare_tables"]

@@ -12,9 +12,9 @@ from mlflow.tracking import MlflowClient
 from ray.tune.schedulers import TrialScheduler
 
 from orchestrator.driver.early_stopping import MOASHA, goes_on, keep_best, rungs
-from orchestrator.results.pareto import nondominated_ranks
 from orchestrator.driver.launch import SweepOptions, run_sweep
 from orchestrator.results import schema
+from orchestrator.results.pareto import nondominated_ranks
 from orchestrator.space.spec import parse_spec
 from pxd.errors import ConfigError
 from tests.orchestrator.conftest import tiny_space
