@@ -7,7 +7,7 @@ says what to do, and is raised before any compute is spent. A programming error 
 
 from __future__ import annotations
 
-__all__ = ["PxdError", "ConfigError", "DatasetError", "DivergedError", "first_line"]
+__all__ = ["PxdError", "ConfigError", "DatasetError", "DivergedError", "StudentRefused", "first_line"]
 
 
 class PxdError(Exception):
@@ -29,6 +29,11 @@ class DatasetError(ConfigError):
 
 class DivergedError(PxdError, RuntimeError):
     """A loss became NaN or infinite; the stage stops instead of producing a model."""
+
+
+class StudentRefused(PxdError, ValueError):
+    """A saved student pxd will not load: its weights do not match their recorded sha256, or it is not
+    tensors (a pickled model, which would run code on load). The message names the student and what to do."""
 
 
 def first_line(err: BaseException) -> str:

@@ -20,6 +20,7 @@ from orchestrator.results.frontier import format_table, frontier_table, table_to
 from orchestrator.results.hardware import TimingRequest, check_request, compare_tables, hardware_table, remeasure
 from orchestrator.results.schema import Tag, collect_rows, require_sweep_run, sweep_objectives
 from orchestrator.results.select import Limits, check_limits, check_registry_names, choose_for_sweep, register
+from orchestrator.results.students import TRUST_FLAG
 from orchestrator.tracking.server import (
     EmbeddedServer,
     TrackingTarget,
@@ -40,6 +41,10 @@ __all__ = ["add_subcommands", "cmd_train", "cmd_sweep", "cmd_frontier", "cmd_sta
 def _tracking_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the embedded store under --root)")
     parser.add_argument("--root", default=None, help="results root for embedded stores (default: PXD_HOME or ./pxd-results)")
+
+
+_TRUST_HELP = ("accept students an earlier pxd logged as pickles (MLflow's pytorch flavor): loading one runs code "
+               "from whoever can write the tracking server's artifacts. Without it they are refused")
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
@@ -89,6 +94,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     remeasure.add_argument("--resource", default=None, metavar="NAME", help="time on the Ray nodes that offer this custom resource (ray start --resources '{\"NAME\": 1}') instead of this machine")
     remeasure.add_argument("--ray-address", default=None, help="with --resource: the Ray cluster (HOST:PORT of its head; default: the cluster of this node)")
     remeasure.add_argument("--json", action="store_true", help="print the hardware frontier as JSON")
+    remeasure.add_argument(TRUST_FLAG, action="store_true", help=_TRUST_HELP)
     _tracking_flags(remeasure)
     remeasure.set_defaults(handler=cmd_remeasure)
 
@@ -102,6 +108,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     select.add_argument("--name", default=None, help="registered model name (default: <experiment>-student)")
     select.add_argument("--alias", default="champion", help="registry alias to point at the chosen version (default: champion)")
     select.add_argument("--json", action="store_true", help="print the choice as JSON")
+    select.add_argument(TRUST_FLAG, action="store_true", help=_TRUST_HELP)
     _tracking_flags(select)
     select.set_defaults(handler=cmd_select)
 
@@ -251,7 +258,8 @@ def cmd_remeasure(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient  # start-up cost
 
     request = TimingRequest(label=args.hardware, runtime=args.runtime, device=args.device, threads=args.threads,
-                            warmup=args.warmup, repeats=args.repeats, batch_size=args.batch, dtype=args.dtype)
+                            warmup=args.warmup, repeats=args.repeats, batch_size=args.batch, dtype=args.dtype,
+                            trust_pickles=args.trust_pickles)
     check_request(request, local=args.resource is None)
     if args.ray_address and not args.resource:
         raise ConfigError("--ray-address", "is for timing on Ray nodes: add --resource NAME (the custom resource "
@@ -313,8 +321,8 @@ def cmd_select(args: argparse.Namespace) -> int:
         lookup.close()
     target = _open_tracking(args)
     try:
-        chosen = register(MlflowClient(target.uri), choice, args.alias)
-        load = _load_instructions(target, chosen["uri"], chosen["input_size"])
+        chosen = register(MlflowClient(target.uri), choice, args.alias, trust_pickles=args.trust_pickles)
+        load = _load_instructions(target, chosen["uri"], chosen["input_size"], trust_pickles=chosen["pickled"])
     finally:
         target.close()
     if args.json:
@@ -330,12 +338,15 @@ def cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_instructions(target: TrackingTarget, uri: str, input_size: int) -> list[str]:
-    """Shell lines that load the registered model as written. A `models:/` URI resolves through a tracking
-    server, and the embedded store's artifacts are proxied (mlflow-artifacts:/), so its server must run."""
+def _load_instructions(target: TrackingTarget, uri: str, input_size: int, *, trust_pickles: bool = False) -> list[str]:
+    """Shell lines that load the registered model as written, with pxd's checked loader (tensors only,
+    `orchestrator.results.students.load_student`). A `models:/` URI resolves through a tracking server, and the
+    embedded store's artifacts are proxied (mlflow-artifacts:/), so its server must run."""
     from orchestrator.tracking import credentials  # optuna (start-up cost)
 
-    code = (f"import mlflow, torch; m = mlflow.pytorch.load_model({json.dumps(uri)}); "
+    trusted = ", trust_pickles=True" if trust_pickles else ""  # a pickle the user registered with --trust-pickles
+    code = (f"import torch; from orchestrator.results.students import load_student; "
+            f"m = load_student({json.dumps(uri)}{trusted}); "
             f"print(m(torch.zeros(1, 3, {input_size}, {input_size})).shape)")
     python = f"python -c {shlex.quote(code)}"
     if target.store is not None:

@@ -13,7 +13,7 @@ import sys
 
 from orchestrator.cli import commands
 from orchestrator.tracking.server import login_error
-from pxd.errors import ConfigError
+from pxd.errors import ConfigError, StudentRefused
 
 __all__ = ["main", "build_parser", "EXIT_BAD_INPUT"]
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
-    except ConfigError as exc:
+    except (ConfigError, StudentRefused) as exc:  # bad input, or a logged student pxd will not load
         print(f"pxd: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

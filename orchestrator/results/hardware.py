@@ -1,6 +1,7 @@
 """Re-run a sweep's frontier for new hardware: re-time every trained student, no retraining.
 
-`pxd remeasure SWEEP --hardware LABEL` loads each COMPLETE trial's student from MLflow and times it on the
+`pxd remeasure SWEEP --hardware LABEL` loads each COMPLETE trial's student from MLflow (checked, from tensors:
+`orchestrator.results.students`; a pickled one only with `TimingRequest.trust_pickles`) and times it on the
 target hardware with a deployment runtime (`pxd.cost.measure_runtime`: torch, torch-compile, onnxruntime),
 either in this process (the current machine) or as Ray tasks on the nodes that carry a Ray custom
 resource (`--resource NAME`), so the timing runs there and not on the driver. The latency is logged to the
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.results import schema
 from orchestrator.results.frontier import TrialRow, frontier_table
-from orchestrator.tracking.server import fluent_tracking_uri
+from orchestrator.results.students import load_student
 from pxd.errors import ConfigError
 from pxd.metrics import check_hardware_label, get_metric, hardware_cv_metric, hardware_metric, primary_metric
 
@@ -56,6 +57,8 @@ class TimingRequest:
     repeats: int = 30
     batch_size: int = 16
     dtype: str = "float32"  # float32 | bfloat16 | float16 (torch runtimes, under autocast on CPU or CUDA)
+    # load students an earlier pxd logged as pickles (`--trust-pickles`): it runs code from the artifact store
+    trust_pickles: bool = False
 
 
 _DEVICES = ("cpu", "cuda")
@@ -105,16 +108,14 @@ def _registered_runtime(name: str) -> Runtime:
     return runtime
 
 
-def _load_student(model_uri: str, tracking_uri: str) -> Any:
-    import mlflow  # start-up cost
-
-    with fluent_tracking_uri(tracking_uri):
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+def _load_student(model_uri: str, tracking_uri: str, request: TimingRequest) -> Any:
+    """The student, checked and rebuilt from tensors (`orchestrator.results.students.load_student`)."""
+    return load_student(model_uri, tracking_uri, trust_pickles=request.trust_pickles)
 
 
 def time_student(model_uri: str, resolution: int, request: TimingRequest, tracking_uri: str) -> dict[str, Any]:
     """Load a logged student and time it here; returns the timing and where it ran (host, node, threads)."""
-    return _time_model(_load_student(model_uri, tracking_uri), resolution, request)
+    return _time_model(_load_student(model_uri, tracking_uri, request), resolution, request)
 
 
 def _time_model(model: Any, resolution: int, request: TimingRequest) -> dict[str, Any]:
@@ -210,7 +211,7 @@ def _timing_key(model: Any, resolution: int, request: TimingRequest) -> str:
     input size) with this request's settings."""
     from pxd.cost import LatencyCache  # torch (start-up cost)
 
-    settings = {k: v for k, v in asdict(request).items() if k != "label"}
+    settings = {k: v for k, v in asdict(request).items() if k not in ("label", "trust_pickles")}
     return LatencyCache(scope=f"remeasure:{request.label}").key(model, resolution, {}, settings)
 
 
@@ -228,7 +229,7 @@ def _time_all(rows: list[TrialRow], request: TimingRequest, tracking_uri: str, r
     groups: dict[str, list[TrialRow]] = {}  # timing key → its trials, the first one the trial timed
     for index, row in enumerate(rows, 1):
         try:
-            model = _load_student(row.model_uri, tracking_uri)
+            model = _load_student(row.model_uri, tracking_uri, request)
             key = _timing_key(model, _resolution(row), request)
             if key in groups:
                 timed = groups[key][0].run_id

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,9 @@ __all__ = [
     "STAGES_EXPERIMENT", "STAGE_CHECKPOINT", "KIND_SWEEP", "KIND_TRIAL", "KIND_STAGE", "STATES", "EXPERIMENT_KIND",
     "FINAL_REPORT", "epoch_metric", "stage_tag", "hardware_tag", "model_version_tags",
     "TrialResult", "failed_report", "report_error", "over_budget_report", "report_over_budget",
-    "trial_start_tags", "log_trial_result", "log_trial_failure", "log_trial_over_budget", "read_trial_row",
+    "trial_start_tags",
+    "new_run_token",
+    "drop_duplicate_runs", "log_trial_result", "log_trial_failure", "log_trial_over_budget", "read_trial_row",
     "recorded_result", "find_sweep_run", "require_sweep_run", "sweep_run_tags", "sweep_objectives", "trial_runs",
     "collect_rows",
 ]
@@ -64,12 +67,16 @@ class Tag:
     HOSTNAME = "pxd.hostname"
     NODE_ID = "pxd.node_id"  # Ray node id the trial ran on
     PID = "pxd.pid"  # the trial's process on that host (what an out-of-memory killer's log names)
+    # a token unique to one run's creation (trial and stage runs): a creation MLflow retried after its answer
+    # was lost made a second run with the same token (`new_run_token`, `drop_duplicate_runs`)
+    CREATED_AS = "pxd.created_as"
     DEVICE = "pxd.device"
     STOPPED_REASON = "pxd.stopped_reason"  # why early stopping stopped a trial (set when it stops)
     ERROR = "pxd.error"  # first line of the error of a FAILED trial (error.txt holds the traceback)
     WARNINGS = "pxd.warnings"  # JSON list: what the pipeline warned about (e.g. an assistant far below its teacher)
     FEASIBLE = "pxd.feasible"  # "true" | "false": meets every search.constraints limit
     MODEL_URI = "pxd.model_uri"  # the logged student (models:/...)
+    STUDENT_SHA256 = "pxd.student_sha256"  # its weights file's sha256, checked before it loads (results/students.py)
     ON_FRONTIER = "pxd.on_frontier"  # "true" | "false", set when the sweep finishes
     # stage runs (experiment pxd-stages)
     STAGE = "pxd.stage"  # teacher | assistant | student
@@ -235,6 +242,24 @@ def report_over_budget(result: Mapping[str, Any]) -> str | None:
 def report_error(result: Mapping[str, Any]) -> str | None:
     """The error a final report carries (`failed_report`), else None."""
     return result.get(ReportKey.ERROR)
+
+
+def new_run_token() -> dict[str, str]:
+    """The tag that makes one run's creation recognisable (`Tag.CREATED_AS`)."""
+    return {Tag.CREATED_AS: uuid.uuid4().hex}
+
+
+def drop_duplicate_runs(client: MlflowClient, experiment_id: str, tags: Mapping[str, str], kept: str) -> list[str]:
+    """Delete the runs that one creation left besides `kept`. MLflow's client retries a POST whose answer was
+    lost (the tracking server died after committing it), and the server then creates a second run: the one
+    whose id the caller never saw would stay RUNNING forever (for a trial, an extra, lost attempt). Returns
+    the ids deleted. One search per created run."""
+    token = tags[Tag.CREATED_AS]
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{Tag.CREATED_AS}` = '{token}'", max_results=50)
+    duplicates = [run.info.run_id for run in runs if run.info.run_id != kept]
+    for run_id in duplicates:
+        client.delete_run(run_id)
+    return duplicates
 
 
 def trial_start_tags(*, sweep: str, parent_run_id: str, trial_id: str, params: Mapping[str, Any],

@@ -7,6 +7,11 @@ the chosen hardware (else `latency_ms`), then fewer `gmacs`, then fewer `pixels`
 the choice is deterministic. The model is registered in the MLflow Model Registry under a name and an alias
 (registry stages are deprecated), with tags saying where it came from; `models:/NAME@ALIAS` loads it.
 
+Before a version is registered, the chosen student is checked as it would load
+(`orchestrator.results.students.check_student`: pxd's tensor format, its weights against the sha256 on its
+trial run); a student that fails is refused naming its run, and one an earlier pxd logged as a pickle is
+registered only with `trust_pickles` (`--trust-pickles`).
+
 Every input is checked before anything is read or written (`check_limits`, `check_registry_names`, with
 MLflow's own rules for model and alias names), and the choice is made (`choose_for_sweep`) before the
 registry is touched (`register`): an error registers nothing.
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.results import schema
 from orchestrator.results.frontier import frontier_table
 from orchestrator.results.hardware import hardware_table
+from orchestrator.results.students import PICKLE, check_student
 from orchestrator.space.constraints import violation
 from pxd.errors import ConfigError
 from pxd.metrics import get_metric, hardware_metric, primary_metric
@@ -165,10 +171,12 @@ def choose_for_sweep(client: MlflowClient, sweep: str, limits: Limits, *, hardwa
                        objectives=[o["name"] for o in table["objectives"]], hardware=hardware)
 
 
-def register(client: MlflowClient, chosen: SweepChoice, alias: str) -> dict[str, Any]:
-    """Register the chosen student as a new version of `chosen.model_name`, tag it, point `alias` at it."""
+def register(client: MlflowClient, chosen: SweepChoice, alias: str, *, trust_pickles: bool = False) -> dict[str, Any]:
+    """Register the chosen student as a new version of `chosen.model_name`, tag it, point `alias` at it; first
+    check that it loads safely (`check_student`; `pxd.errors.StudentRefused` naming its run, nothing registered)."""
     check_registry_names(chosen.model_name, alias)
     row, model_name, hardware = chosen.choice.row, chosen.model_name, chosen.hardware
+    stored = check_student(row["model_uri"], client.tracking_uri, trust_pickles=trust_pickles)
     if not _registered(client, model_name):
         client.create_registered_model(model_name, description="pxd students selected from a sweep's frontier (pxd select)")
     # MLflow 3: a logged model (models:/m-...) is registered by its model id
@@ -184,14 +192,15 @@ def register(client: MlflowClient, chosen: SweepChoice, alias: str) -> dict[str,
     return {"model_name": model_name, "version": str(version.version), "alias": alias,
             "uri": f"models:/{model_name}@{alias}", "run_id": row["run_id"], "model_uri": row["model_uri"],
             "input_size": resolution, "metrics": row["metrics"], "params": row["params"], "why": chosen.choice.why,
-            "hardware": hardware}
+            "hardware": hardware, "pickled": stored == PICKLE}
 
 
 def select_and_register(client: MlflowClient, sweep: str, limits: Limits, *, hardware: str | None, name: str | None,
-                        alias: str) -> dict[str, Any]:
+                        alias: str, trust_pickles: bool = False) -> dict[str, Any]:
     """Choose, register under `name` with `alias`, tag the version; returns what was done."""
     check_registry_names(name, alias)
-    return register(client, choose_for_sweep(client, sweep, limits, hardware=hardware, name=name), alias)
+    return register(client, choose_for_sweep(client, sweep, limits, hardware=hardware, name=name), alias,
+                    trust_pickles=trust_pickles)
 
 
 def _registered(client: MlflowClient, name: str) -> bool:

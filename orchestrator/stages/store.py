@@ -49,7 +49,9 @@ from orchestrator.results.schema import (
     STAGE_CHECKPOINT,
     STAGES_EXPERIMENT,
     Tag,
+    drop_duplicate_runs,
     epoch_metric,
+    new_run_token,
 )
 from orchestrator.stages.checkpoints import IncompleteStage
 from orchestrator.stages.io import StageUnavailable, checkpoint_interval_s, with_retries
@@ -251,8 +253,11 @@ class MlflowStageStore:
         """A new, incomplete stage run (status RUNNING) with its describing params."""
         tags = {Tag.KIND: KIND_STAGE, Tag.STAGE: kind, Tag.STAGE_KEY: key, Tag.STAGE_COMPLETE: "false"}
 
+        created = new_run_token()
         run = self.client.create_run(self.experiment_id, run_name=f"{kind}-{key[:10]}",
-                                     tags={**tags, **self.holder_tags()})
+                                     tags={**tags, **self.holder_tags(), **created})
+        # a creation MLflow retried after a lost answer left a second run, which would stay RUNNING: gone
+        drop_duplicate_runs(self.client, self.experiment_id, created, kept=run.info.run_id)
         self.client.log_batch(run.info.run_id, params=[Param(name, str(value)) for name, value in describe.items()])
         return str(run.info.run_id)
 

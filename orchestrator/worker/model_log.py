@@ -1,21 +1,34 @@
 """Logging the trained student to MLflow so it can be loaded and served, and warming MLflow's model logging up
-in the background while the stages train."""
+in the background while the stages train.
+
+The student is logged as tensors plus data (`pxd.students`: its weights and the architecture to rebuild it
+from), as an MLflow model whose one flavor is `python_function` with pxd's own loader module, so nothing in
+it is unpickled on load; the weights file's sha256 goes to the trial run (`Tag.STUDENT_SHA256`), and
+`orchestrator.results.students` reads it back, checked.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import tempfile
 import threading
+from pathlib import Path
 from typing import Any
 
 import mlflow
-import mlflow.pytorch
+import mlflow.pyfunc
 import numpy as np
 import timm
 import torch
 from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from torch import nn
+
+from orchestrator.results.schema import Tag
+from orchestrator.results.students import MODEL_DATA, MODEL_NAME
+from pxd.config import ModelConfig
+from pxd.students import LOADER_MODULE, save_student, student_architecture, weights_format, write_student
 
 __all__ = ["ModelLoggingWarmUp", "log_student"]
 
@@ -44,12 +57,12 @@ class ModelLoggingWarmUp:
 
     @staticmethod
     def _run() -> None:
-
         try:
-
             with tempfile.TemporaryDirectory(prefix="pxd-warm-up-") as folder:
-                mlflow.pytorch.save_model(torch.nn.Linear(1, 1), f"{folder}/model", pip_requirements=_requirements(),
-                                          signature=_signature((-1, 1), (-1, 1)), serialization_format="pickle")
+                files = _student_folder(folder)
+                write_student(torch.nn.Linear(1, 1).state_dict(), {"warm_up": True}, files)
+                mlflow.pyfunc.save_model(f"{folder}/model", loader_module=LOADER_MODULE, data_path=str(files),
+                                         pip_requirements=_requirements(), signature=_signature((-1, 1), (-1, 1)))
         except Exception:  # noqa: BLE001 - the real log repeats the work and raises what is wrong
             logger.warning("warming up MLflow's model logging failed; the student's log will take longer",
                            exc_info=True)
@@ -60,9 +73,18 @@ class ModelLoggingWarmUp:
 
 
 def _requirements() -> list[str]:
-    # explicit requirements: inferring them starts a subprocess per trial
+    """What loading the student needs, stated: inferring it starts a subprocess per trial. pxd itself (the
+    loader module) must be installed where it loads, but is not named: it is installed from its source, and a
+    requirement on a package index could install something else under its name."""
+    stated = [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"]
+    if weights_format() == "safetensors":
+        stated.append(f"safetensors=={importlib.metadata.version('safetensors')}")
+    return stated
 
-    return [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}"]
+
+def _student_folder(folder: str) -> Path:
+    """Where the student's files are written so that MLflow copies them to `MODEL_DATA` in the model."""
+    return Path(folder) / Path(MODEL_DATA).name
 
 
 def _signature(inputs: tuple[int, ...], outputs: tuple[int, ...]) -> Any:
@@ -72,22 +94,25 @@ def _signature(inputs: tuple[int, ...], outputs: tuple[int, ...]) -> Any:
                           outputs=Schema([TensorSpec(np.dtype(np.float32), outputs)]))
 
 
-def log_student(student: nn.Module, resolution: int) -> str:
-    """Log the student so it can be loaded and served: its signature takes any batch of RGB float32 images at
-    its own resolution and gives one row of logits per image. Stated, not inferred from an input example:
-    MLflow would then run the model twice more (inferring, then validating a serving example), and save and
-    upload two more files, per trial."""
-
+def log_student(student: nn.Module, config: ModelConfig) -> str:
+    """Log the student so it can be loaded and served: its weights and architecture (`config`, the trial's
+    student section), and its weights file's sha256 on the active (trial) run. Its signature takes any batch
+    of RGB float32 images at its own resolution and gives one row of logits per image. Stated, not inferred
+    from an input example: MLflow would then run the model twice more (inferring, then validating a serving
+    example), and save and upload two more files, per trial."""
     student.eval()
+    resolution = config.resolution
     with torch.no_grad():
         classes = int(student(torch.zeros(1, 3, resolution, resolution)).shape[-1])
-    info = mlflow.pytorch.log_model(
-        student,
-        name="student",
-        signature=_signature((-1, 3, resolution, resolution), (-1, classes)),
-        pip_requirements=_requirements(),
-        # the whole module: MLflow 3.17's default (pt2, torch.export) pins the batch size of the input
-        # example (1), and a deployed student must take any batch (pxd remeasure times batch N too)
-        serialization_format="pickle",
-    )
+    with tempfile.TemporaryDirectory(prefix="pxd-student-") as folder:
+        files = _student_folder(folder)
+        sha256 = save_student(student, student_architecture(config, classes), files)
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            loader_module=LOADER_MODULE,
+            data_path=str(files),
+            signature=_signature((-1, 3, resolution, resolution), (-1, classes)),
+            pip_requirements=_requirements(),
+        )
+    mlflow.set_tag(Tag.STUDENT_SHA256, sha256)
     return str(info.model_uri)

@@ -117,10 +117,12 @@ def _run(trial: _Trial) -> schema.TrialResult | None:
     config, context = trial.config, trial.context
     tags = schema.trial_start_tags(sweep=context.sweep_name, parent_run_id=context.parent_run_id, trial_id=trial_id,
                                    params=trial.params, hostname=socket.gethostname(), node_id=_node_id(),
-                                   pid=os.getpid())
+                                   pid=os.getpid()) | schema.new_run_token()
     run_name = f"{config.student.arch}@{config.student.resolution}-{trial_id}"
     with mlflow.start_run(experiment_id=context.experiment_id, run_name=run_name, tags=tags) as run:
         run_id = run.info.run_id
+        # a creation MLflow retried after a lost answer left a second run: not an attempt of this trial
+        schema.drop_duplicate_runs(trial.client, context.experiment_id, tags, kept=run_id)
         mlflow.log_params({k: ("" if v is None else v) for k, v in flatten(config.to_dict()).items()})
         try:
             outcome, loading = _train(trial, run_id, warm_up)
@@ -198,7 +200,7 @@ def _result(trial: _Trial, run_id: str, outcome: PipelineResult, loading: float,
     reused = [o for o in outcome.stages.values() if o.reused]
     started = time.perf_counter()
     warm_up.wait()
-    model_uri = log_student(outcome.student, trial.config.student.resolution)
+    model_uri = log_student(outcome.student, trial.config.student)
     sections = {**outcome.timings, "log_model": time.perf_counter() - started}
     sections["data"] = sections.get("data", 0.0) + loading
     trained_seconds = sections.pop("training", 0.0)

@@ -89,12 +89,12 @@ def test_every_trial_is_a_child_run_with_metrics_params_and_a_loadable_model(fir
         assert "student.val_top1" in {m for m in run.data.metrics}  # per-epoch history
         combos.add((run.data.params["student.arch"], resolution))
     assert len(combos) == 6, "the grid sampler covers every combination once"
-    # the student model loads from MLflow and runs at its own resolution
-    import mlflow
+    # the student model loads from MLflow (tensors, checked against its run's sha256) at its own resolution
+    from orchestrator.results.students import load_student
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # as a user would, to resolve models:/ URIs
     run = children[0]
-    model = mlflow.pytorch.load_model(run.data.tags["pxd.model_uri"])
+    model = load_student(run.data.tags["pxd.model_uri"])
     resolution = int(run.data.params["student.resolution"])
     assert model(torch.zeros(1, 3, resolution, resolution)).shape == (1, 4)
 
@@ -357,7 +357,7 @@ def test_frontier_per_hardware_and_the_comparison_of_two(remeasured, mlflow_serv
 
 def test_select_registers_the_most_accurate_feasible_frontier_point_and_it_loads(remeasured, mlflow_server, capsys,
                                                                                 monkeypatch):
-    import mlflow
+    from orchestrator.results.students import load_student
 
     outcome, tables, _ = remeasured
     front = [r for r in tables["here-ort"]["rows"] if r["on_frontier"]]
@@ -374,7 +374,7 @@ def test_select_registers_the_most_accurate_feasible_frontier_point_and_it_loads
     assert version.tags["pxd.sweep"] == outcome.sweep_name and version.tags["pxd.trial_run"] == chosen["run_id"]
     assert version.tags["pxd.hardware"] == "here-ort"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # as a user would, to resolve models:/ URIs
-    model = mlflow.pytorch.load_model("models:/tiny-student@edge")
+    model = load_student("models:/tiny-student@edge")
     side = chosen["input_size"]
     assert model(torch.zeros(3, 3, side, side)).shape == (3, 4)
 
