@@ -44,6 +44,7 @@ from orchestrator.results.frontier import TrialRow
 from orchestrator.results.schema import Tag
 from orchestrator.stages.threads import SHARES_FILE
 from orchestrator.tracking import credentials
+from orchestrator.tracking.retries import install_body_retries
 from orchestrator.tracking.server import launch_tracking, resolve_tracking, results_root, ui_command
 from orchestrator.worker.context import TrialContext
 from orchestrator.worker.trainable import TuneTrial
@@ -60,6 +61,7 @@ def run_sweep(spec: SweepSpec, options: SweepOptions) -> SweepOutcome:
     validate_launch(spec, options)  # bad input: one clear error, nothing created or launched
     for url in (options.optuna_storage, options.tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")):
         credentials.remember(url)  # kept out of what the sweep records and prints
+    install_body_retries()  # the driver's MLflow calls, too, survive a tracking server restart mid-answer
     _start_ray(spec, options)
     root = results_root(options.root)
     name, sweep_dir = claim_sweep(root, spec, options)

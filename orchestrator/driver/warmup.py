@@ -13,6 +13,7 @@ import sqlalchemy  # noqa: F401
 import torch
 
 import pxd.pipeline  # noqa: F401
+from orchestrator.tracking.retries import install_body_retries
 from orchestrator.worker.context import TrialContext
 from orchestrator.worker.provider import make_provider
 from pxd.data import load_dataset
@@ -47,7 +48,7 @@ def ready_warm_up_worker(spec: SweepSpec) -> Any:
 
 
 def _prepare_teacher_task(context: TrialContext, threads: int) -> dict[str, Any]:
-
+    install_body_retries()  # the teacher's stage store survives a tracking server restart mid-answer
     # Ray sets OMP_NUM_THREADS for the task, but a pooled worker that imported torch before keeps its count
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -1,4 +1,4 @@
 """Results: the MLflow run schema (writer and reader), Pareto maths and frontiers, plots, logged students read back
 safely, `pxd select`, `pxd remeasure`."""
 
-__all__ = ["schema", "pareto", "frontier", "plots", "artifacts", "students", "select", "hardware"]
+__all__ = ["schema", "run_creation", "pareto", "frontier", "plots", "artifacts", "students", "select", "hardware"]

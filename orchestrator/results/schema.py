@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -242,24 +241,6 @@ def report_over_budget(result: Mapping[str, Any]) -> str | None:
 def report_error(result: Mapping[str, Any]) -> str | None:
     """The error a final report carries (`failed_report`), else None."""
     return result.get(ReportKey.ERROR)
-
-
-def new_run_token() -> dict[str, str]:
-    """The tag that makes one run's creation recognisable (`Tag.CREATED_AS`)."""
-    return {Tag.CREATED_AS: uuid.uuid4().hex}
-
-
-def drop_duplicate_runs(client: MlflowClient, experiment_id: str, tags: Mapping[str, str], kept: str) -> list[str]:
-    """Delete the runs that one creation left besides `kept`. MLflow's client retries a POST whose answer was
-    lost (the tracking server died after committing it), and the server then creates a second run: the one
-    whose id the caller never saw would stay RUNNING forever (for a trial, an extra, lost attempt). Returns
-    the ids deleted. One search per created run."""
-    token = tags[Tag.CREATED_AS]
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{Tag.CREATED_AS}` = '{token}'", max_results=50)
-    duplicates = [run.info.run_id for run in runs if run.info.run_id != kept]
-    for run_id in duplicates:
-        client.delete_run(run_id)
-    return duplicates
 
 
 def trial_start_tags(*, sweep: str, parent_run_id: str, trial_id: str, params: Mapping[str, Any],

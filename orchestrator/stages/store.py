@@ -43,15 +43,14 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from orchestrator.results.run_creation import drop_duplicate_runs, new_run_token
 from orchestrator.results.schema import (
     EXPERIMENT_KIND,
     KIND_STAGE,
     STAGE_CHECKPOINT,
     STAGES_EXPERIMENT,
     Tag,
-    drop_duplicate_runs,
     epoch_metric,
-    new_run_token,
 )
 from orchestrator.stages.checkpoints import IncompleteStage
 from orchestrator.stages.io import StageUnavailable, checkpoint_interval_s, with_retries

@@ -29,10 +29,12 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 from orchestrator.results import schema
+from orchestrator.results.run_creation import drop_duplicate_runs, new_run_token
 from orchestrator.results.schema import ReportKey
 from orchestrator.space.spec import broken_before_training, constraint_values, is_feasible, materialize
 from orchestrator.stages.threads import SharedThreads
 from orchestrator.tracking import credentials
+from orchestrator.tracking.retries import install_body_retries
 from orchestrator.tracking.server import fluent_tracking_uri
 from orchestrator.worker.context import TrialContext
 from orchestrator.worker.failures import will_repeat
@@ -81,6 +83,7 @@ def run_trial(params: dict[str, Any], context: TrialContext, state: WorkerState 
     failed with an error that would repeat, recorded on its run and reported (`schema.failed_report`).
     `state`: what this worker process keeps between trials (None: a fresh one, kept for this trial only)."""
     state = state if state is not None else WorkerState.from_environment()
+    install_body_retries()  # a tracking server restart mid-answer costs no attempt
     for url in (context.tracking_uri, context.lease_url):
         credentials.remember(url)  # error texts recorded on the run mask their passwords
     config = materialize(context.spec, params)
@@ -117,12 +120,12 @@ def _run(trial: _Trial) -> schema.TrialResult | None:
     config, context = trial.config, trial.context
     tags = schema.trial_start_tags(sweep=context.sweep_name, parent_run_id=context.parent_run_id, trial_id=trial_id,
                                    params=trial.params, hostname=socket.gethostname(), node_id=_node_id(),
-                                   pid=os.getpid()) | schema.new_run_token()
+                                   pid=os.getpid()) | new_run_token()
     run_name = f"{config.student.arch}@{config.student.resolution}-{trial_id}"
     with mlflow.start_run(experiment_id=context.experiment_id, run_name=run_name, tags=tags) as run:
         run_id = run.info.run_id
         # a creation MLflow retried after a lost answer left a second run: not an attempt of this trial
-        schema.drop_duplicate_runs(trial.client, context.experiment_id, tags, kept=run_id)
+        drop_duplicate_runs(trial.client, context.experiment_id, tags, kept=run_id)
         mlflow.log_params({k: ("" if v is None else v) for k, v in flatten(config.to_dict()).items()})
         try:
             outcome, loading = _train(trial, run_id, warm_up)

@@ -1,11 +1,13 @@
-"""A tracking server that goes down mid-request costs a trial nothing: a write whose response was lost is
-retried by MLflow's client, and a retried run creation leaves no second run behind.
+"""A tracking server that goes down mid-request costs a trial nothing: a write whose answer was lost is
+asked again, and a run creation asked again leaves no second run behind.
 
 When the server dies after it committed a `runs/create` but before its answer reached the trial, MLflow's
 client retries the POST (it retries every method) and the server creates a second run. The first one,
 whose id the trial never saw, would stay RUNNING under the sweep and count as an extra, lost attempt of the
 trial. A real MLflow server sits behind a real TCP proxy here that forwards the request and cuts the
-connection before the answer, once.
+connection before the answer, once. When the server dies while its answer's body is on the wire, MLflow's
+client does not ask again by itself (`ChunkedEncodingError`: "IncompleteRead"); pxd's
+`orchestrator.tracking.retries` does. The proxy cuts such an answer after its headers and one byte.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from tests.orchestrator.conftest import free_port, tiny_space
 
 class AnswerCuttingProxy:
     """Forwards TCP to `upstream`; the first request whose first line starts with `cut` reaches the server, and
-    its answer is dropped and the client's connection closed, as if the server had died just after committing."""
+    its answer is dropped (`mid_body`: all but its headers and one byte) and the client's connection closed, as
+    if the server had died just after committing."""
 
-    def __init__(self, upstream: tuple[str, int], cut: bytes) -> None:
-        self.upstream, self.cut = upstream, cut
+    def __init__(self, upstream: tuple[str, int], cut: bytes, *, mid_body: bool = False) -> None:
+        self.upstream, self.cut, self.mid_body = upstream, cut, mid_body
         self.port = free_port()
         self.cuts = 0
         self._listener = socket.create_server(("127.0.0.1", self.port))
@@ -48,7 +51,7 @@ class AnswerCuttingProxy:
             server = socket.create_connection(self.upstream)
             cutting = threading.Event()
             threading.Thread(target=self._requests, args=(client, server, cutting), daemon=True).start()
-            threading.Thread(target=self._answers, args=(server, client, cutting), daemon=True).start()
+            threading.Thread(target=self._answers, args=(server, client, cutting, self.mid_body), daemon=True).start()
 
     def _requests(self, client: socket.socket, server: socket.socket, cutting: threading.Event) -> None:
         try:
@@ -62,10 +65,13 @@ class AnswerCuttingProxy:
             pass
 
     @staticmethod
-    def _answers(server: socket.socket, client: socket.socket, cutting: threading.Event) -> None:
+    def _answers(server: socket.socket, client: socket.socket, cutting: threading.Event, mid_body: bool) -> None:
         try:
             while chunk := server.recv(65536):
                 if cutting.is_set():  # the server has answered the request it committed: the answer is lost
+                    end = chunk.find(b"\r\n\r\n")
+                    if mid_body and end >= 0:
+                        client.sendall(chunk[: end + 5])  # the headers and one byte of the body
                     break
                 client.sendall(chunk)
         except OSError:
@@ -81,16 +87,18 @@ class AnswerCuttingProxy:
         self._listener.close()
 
 
-@pytest.fixture
-def cut_run_creation(mlflow_server):
+CUTS = {
+    "run creation, answer lost": (b"POST /api/2.0/mlflow/runs/create", False),
+    "params, answer broken off mid-body": (b"POST /api/2.0/mlflow/runs/log-batch", True),
+}
+
+
+@pytest.mark.parametrize("cut", CUTS, ids=list(CUTS))
+def test_a_trial_whose_answer_is_cut_completes_with_one_run(cut, mlflow_server, monkeypatch):
     host, port = mlflow_server.removeprefix("http://").rsplit(":", 1)
-    proxy = AnswerCuttingProxy((host, int(port)), b"POST /api/2.0/mlflow/runs/create")
-    yield proxy, f"http://127.0.0.1:{proxy.port}"
-    proxy.close()
-
-
-def test_a_trial_whose_run_creation_answer_is_lost_leaves_one_run(cut_run_creation, mlflow_server, monkeypatch):
-    proxy, through_proxy = cut_run_creation
+    request, mid_body = CUTS[cut]
+    proxy = AnswerCuttingProxy((host, int(port)), request, mid_body=mid_body)
+    through_proxy = f"http://127.0.0.1:{proxy.port}"
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # MLflow's own retries, quickly
     raw = tiny_space()
     raw["student"]["arch"], raw["student"]["resolution"] = "resnet10t", 8
@@ -103,9 +111,12 @@ def test_a_trial_whose_run_creation_answer_is_lost_leaves_one_run(cut_run_creati
     context = TrialContext(spec=spec, sweep_name=name, tracking_uri=through_proxy, experiment_id=experiment_id,
                            parent_run_id=parent)
 
-    result = run_trial({}, context, WorkerState.from_environment())
+    try:
+        result = run_trial({}, context, WorkerState.from_environment())
+    finally:
+        proxy.close()
 
-    assert proxy.cuts == 1, "the proxy must have cut the answer to the run's creation"
+    assert proxy.cuts == 1, f"the proxy must have cut the answer to {request.decode()}"
     runs = schema.trial_runs(client, client.get_run(parent))
     assert [run.info.run_id for run in runs] == [result.run_id], [
         (run.info.run_id, run.info.status, run.data.tags.get(Tag.STATE)) for run in runs]
