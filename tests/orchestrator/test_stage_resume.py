@@ -269,6 +269,8 @@ def test_a_new_stage_is_searched_for_twice_before_it_trains(mlflow_server, monke
     searches: list[str] = []
     store = _counting_searches(_store(mlflow_server), searches, monkeypatch)
     outcome = store.get_or_train("teacher", key, {"arch": "io-test"}, ResumableTraining(lambda _checkpointing: _result(3.0)))
-    assert not outcome.reused and len(searches) == 2
+    look_ups = [search for search in searches if Tag.STAGE_KEY in search]
+    created = [search for search in searches if Tag.CREATED_AS in search]  # its run's creation, checked once
+    assert not outcome.reused and len(look_ups) == 2 and len(created) == 1
     again = _store(mlflow_server).get_or_train("teacher", key, {"arch": "io-test"}, _must_not_train)
     assert again.reused and again.ref == outcome.ref
