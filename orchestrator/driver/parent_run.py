@@ -7,6 +7,7 @@ import os
 from typing import TYPE_CHECKING
 
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from orchestrator.results import schema
@@ -49,7 +50,13 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
             client.restore_experiment(experiment.experiment_id)
         experiment_id = str(experiment.experiment_id)
     else:
-        experiment_id = str(client.create_experiment(name))
+        try:
+            experiment_id = str(client.create_experiment(name))
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            # another sweep of the same space, launched at the same moment, created it first
+            experiment_id = str(client.get_experiment_by_name(name).experiment_id)
     client.set_experiment_tag(experiment_id, *schema.EXPERIMENT_KIND)
     return experiment_id
 

@@ -8,6 +8,7 @@ test process does not reach Ray workers (a plugin registers its metrics in a mod
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -106,3 +107,20 @@ def test_hardware_latencies_are_registered_but_never_computed_by_a_trial():
         assert metric.name not in values and values["latency_ms"] == 2.0 and values["val_top1"] == 0.5
     finally:
         registry.unregister(metric.name)
+
+
+class _RacedClient(MlflowClient):
+    """A client whose first look-up of an experiment misses it while another sweep creates it right after."""
+
+    def get_experiment_by_name(self, name):
+        found = super().get_experiment_by_name(name)
+        if found is None and not getattr(self, "raced", False):
+            self.raced = True
+            MlflowClient(self.tracking_uri).create_experiment(name)  # the other sweep, a moment later
+        return found
+
+
+def test_two_sweeps_of_one_space_creating_its_experiment_at_once_share_it(mlflow_server):
+    name = f"raced-{uuid.uuid4().hex[:6]}"
+    experiment_id = ensure_experiment(_RacedClient(mlflow_server), name)
+    assert experiment_id == MlflowClient(mlflow_server).get_experiment_by_name(name).experiment_id
