@@ -126,8 +126,8 @@ class AssistantConfig:
 _DISTILL_DOC = """Loss weights of the assistant and student stages (the teacher always trains on labels alone).
 
     Logit KD uses the papers' convex weighting (Hinton et al. 2015; Guo et al., TPAMI 2024, official
-    `KDLoss`): ``ce·(1 − α)·CE + α·T²·KL`` with ``α = kd``. ``kd: 0`` is cross-entropy only; α > 1 is
-    accepted (the label term's weight is then 0 and KD is scaled by α). 0 switches any term off.
+    `KDLoss`): ``ce·(1 − α)·CE + α·T²·KL`` with ``α = kd``. ``kd: 0`` is cross-entropy only, ``kd: 1``
+    KD only; α > 1 is refused (it would train without the label term). 0 switches any term off.
 
     One weight field per loss term the registry holds (`pxd.losses.terms`), each followed by the term's
     settings:
@@ -238,6 +238,8 @@ def validate_distill(prefix: str, distill: DistillConfig, given: dict[str, Any] 
         value = getattr(distill, row.name)
         if not math.isfinite(value) or value < 0:
             raise ConfigError(where(row.name), f"weight must be a finite number ≥ 0 (got {value})")
+        if row.maximum is not None and value > row.maximum:
+            raise ConfigError(where(row.name), f"must be ≤ {row.maximum:g} (got {value:g}): {row.above_maximum}")
     for setting in (setting for row in rows for setting in row.settings):
         positive(where(setting.name), getattr(distill, setting.name))
 

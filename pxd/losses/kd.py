@@ -58,7 +58,7 @@ class LogitKDTerm(nn.Module):
 
 
 def _label_weight(values: Mapping[str, float]) -> float:
-    # the convex (1 − α)·CE + α·KD of the official KDLoss; α > 1 leaves no label term
+    # the convex (1 − α)·CE + α·KD of the official KDLoss (α ≤ 1: `maximum` on the kd row)
     return values["ce"] * max(0.0, 1.0 - values["kd"])
 
 
@@ -72,4 +72,7 @@ register(LossTerm(
     doc="α, the share of logit KD (paper: 0.9)",
     settings=(Setting("temperature", 4.0, "KD temperature T (paper: 4)"),),
     paper="Hinton et al. 2015",
+    maximum=1.0,
+    above_maximum=("kd is α in (1 − α)·CE + α·T²·KL, and above 1 the stage trains without its labels; a value "
+                   "written for pxd's earlier additive kd (CE + kd·KD) is α = kd / (1 + kd): e.g. 2 → 0.667"),
 ))

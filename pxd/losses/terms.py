@@ -71,6 +71,9 @@ class LossTerm:
     # when the stage cannot use the term (e.g. every feature map is 1×1).
     check: Callable[[TermContext], object] | None = None
     paper: str = ""
+    # The largest weight that means what `doc` says, and what to tell a user who sets more; None: no limit.
+    maximum: float | None = None
+    above_maximum: str = ""
 
     def stage_weight(self, values: Mapping[str, float]) -> float:
         return float(self.weight(values) if self.weight is not None else values[self.name])

@@ -93,3 +93,18 @@ def test_run_tas_reports_warnings_as_a_list(tiny_raw):
     assert isinstance(result.warnings, list)
     # the 16 px blockwise student's last stages are 1×1: skipped, and said so
     assert any("student: distill.attention: skipped" in w for w in result.warnings)
+
+
+@pytest.mark.parametrize("section", ["distill", "assistant"])
+def test_kd_above_one_is_refused_with_the_conversion_from_the_additive_kd(tiny_raw, section):
+    """kd is α of (1 − α)·CE + α·T²·KL: above 1 a stage would train without its labels, silently."""
+    raw = copy.deepcopy(tiny_raw)
+    target = raw["distill"] if section == "distill" else raw.setdefault("assistant", {}).setdefault("distill", {})
+    target["kd"] = 2.0
+    with pytest.raises(ConfigError) as err:
+        PipelineConfig.from_dict(raw)
+    message = str(err.value)
+    assert message.startswith(f"{'distill' if section == 'distill' else 'assistant.distill'}.kd: must be ≤ 1 (got 2)")
+    assert "α = kd / (1 + kd)" in message
+    target["kd"] = 1.0  # KD only: the edge is allowed
+    assert PipelineConfig.from_dict(raw)
