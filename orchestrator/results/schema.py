@@ -38,7 +38,7 @@ __all__ = [
     "FINAL_REPORT", "epoch_metric", "stage_tag", "hardware_tag", "model_version_tags",
     "TrialResult", "failed_report", "report_error", "over_budget_report", "report_over_budget",
     "trial_start_tags",
-    "drop_duplicate_runs", "log_trial_result", "log_trial_failure", "log_trial_over_budget", "read_trial_row",
+    "log_trial_result", "log_trial_failure", "log_trial_over_budget", "read_trial_row",
     "recorded_result", "find_sweep_run", "require_sweep_run", "sweep_run_tags", "sweep_objectives", "trial_runs",
     "collect_rows",
 ]

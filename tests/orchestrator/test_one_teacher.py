@@ -54,7 +54,7 @@ def test_train_epochs_may_be_searched_freely():
 
 def test_searched_student_weights_do_not_split_assistants():
     # a continuous kd, a temperature and an lr for the student: still one assistant per architecture
-    raw = _space(distill__kd={"uniform": [0.1, 2.0]}, distill__temperature={"choice": [1.0, 2.0, 4.0]},
+    raw = _space(distill__kd={"uniform": [0.1, 1.0]}, distill__temperature={"choice": [1.0, 2.0, 4.0]},
                  train__lr={"loguniform": [0.01, 0.1]}, teacher__train={"lr": 0.05})
     spec = parse_spec(raw)
     assert any("assistant.distill.kd" in note for note in spec.notes)

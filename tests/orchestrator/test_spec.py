@@ -49,7 +49,7 @@ def small_space() -> dict[str, Any]:
             "depths": [1, {"choice": [1, 2]}, 1, 1],
             "widths": [8, 16, {"choice": [16, 32]}, 32],
         },
-        "distill": {"kd": {"uniform": [0.0, 2.0]}, "temperature": {"choice": [2.0, 4.0]}},
+        "distill": {"kd": {"uniform": [0.0, 1.0]}, "temperature": {"choice": [2.0, 4.0]}},
         "train": {"lr": {"loguniform": [0.01, 0.1]}, "epochs": 1},
         "search": {"trials": 4, "reference_point": {"gmacs": 1.0, "pixels": 2048}},  # above 32 px students
     }
@@ -138,7 +138,7 @@ def test_define_by_run_samples_inside_ranges_and_depths_only_for_blockwise():
     assert archs == {"resnet10t", "blockwise_resnet"}
     for params in sampled:
         assert params["student.resolution"] in (8, 16, 24, 32)
-        assert 0.0 <= params["distill.kd"] <= 2.0
+        assert 0.0 <= params["distill.kd"] <= 1.0
         assert 0.01 <= params["train.lr"] <= 0.1
         assert params["distill.temperature"] in (2.0, 4.0)
         if params["student.arch"] in BLOCKWISE_FAMILIES:
@@ -364,6 +364,7 @@ MALFORMED = [
     (_set("search.trails", 2), "search.trails", "did you mean 'trials'"),
     (_set("distill.kd", {"choice": [1.0], "uniform": [0.0, 1.0]}), "distill.kd", "exactly one"),
     (_set("distill.kd", {"uniform": [2.0, 1.0]}), "distill.kd", "lo < hi"),
+    (_set("distill.kd", {"uniform": [0.0, 2.0]}), "distill.kd", "α = kd / (1 + kd)"),  # the earlier additive kd
     (_set("train.lr", {"loguniform": [0.0, 0.1]}), "train.lr", "use uniform"),
     (_set("student.arch", {"choice": []}), "student.arch", "non-empty list"),
     (_set("student.arch", {"choice": ["resnet10t", "resnet1800", "blockwise_resnet"]}), "student.arch", "resnet1800"),
