@@ -73,6 +73,7 @@ register(LossTerm(
     settings=(Setting("temperature", 4.0, "KD temperature T (paper: 4)"),),
     paper="Hinton et al. 2015",
     maximum=1.0,
-    above_maximum=("kd is α in (1 − α)·CE + α·T²·KL, and above 1 the stage trains without its labels; a value "
-                   "written for pxd's earlier additive kd (CE + kd·KD) is α = kd / (1 + kd): e.g. 2 → 0.667"),
+    above_maximum=("kd is α in (1 − α)·CE + α·T²·KL, and above 1 the label term vanishes; for KD alone write "
+                   "kd: 1 (or ce: 0); a value written for pxd's earlier additive kd (CE + kd·KD) is "
+                   "α = kd / (1 + kd): e.g. 2 → 0.667"),
 ))

@@ -203,7 +203,7 @@ def test_failed_trials_are_recorded_and_never_enter_the_frontier(ray_local, mlfl
     raw = tiny_space(trials=4)
     raw["student"]["arch"] = "blockwise_resnet"
     raw["student"]["resolution"] = {"choice": [8, 16]}
-    raw["distill"]["kd"] = {"choice": [1.0, 1e39]}  # 1e39 overflows float32: those trials diverge
+    raw["distill"]["temperature"] = {"choice": [4.0, 1e30]}  # T² overflows float32: those trials diverge
     spec = parse_spec(raw, source_path="tiny-fail.yaml")
     outcome = run_sweep(spec, SweepOptions(name="tiny-fail", tracking_uri=mlflow_server, root=str(results_root), quiet=True))
     client = MlflowClient(mlflow_server)
