@@ -99,7 +99,6 @@ class MlflowStageStore:
         lending: SharedThreads | None = None,
         memory: StageMemory | None = None,
     ) -> None:
-
         self.client = MlflowClient(tracking_uri)
         self.tracking_uri = tracking_uri
         self.leases = leases
