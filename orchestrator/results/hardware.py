@@ -24,7 +24,7 @@ import math
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -85,7 +85,7 @@ def check_request(request: TimingRequest, *, local: bool) -> None:
         raise ConfigError("--device", f"use cpu or cuda, got {request.device!r}")
     if request.dtype not in _DTYPES:
         raise ConfigError("--dtype", f"use one of {', '.join(_DTYPES)}, got {request.dtype!r}")
-    runtime = _registered_runtime(request.runtime)
+    runtime = _registered_runtime(request.runtime, RUNTIMES)
     if request.dtype not in runtime.dtypes:
         honoured = [r.name for r in RUNTIMES.values() if request.dtype in r.dtypes]
         raise ConfigError("--dtype", f"{request.dtype} is for the runtimes {', '.join(honoured)} (under autocast, on CPU "
@@ -96,13 +96,11 @@ def check_request(request: TimingRequest, *, local: bool) -> None:
                                       "on a machine with an NVIDIA GPU, or time on Ray nodes with one (--resource)")
 
 
-def _registered_runtime(name: str) -> Runtime:
-    """The request's runtime from `pxd.runtimes.RUNTIMES`, with its optional module installed."""
-    from pxd.runtimes import RUNTIMES  # deferred: it imports torch (start-up cost of the CLI)
-
-    if name not in RUNTIMES:
-        raise ConfigError("--runtime", f"use one of {', '.join(RUNTIMES)} (pxd.runtimes), got {name!r}")
-    runtime = RUNTIMES[name]
+def _registered_runtime(name: str, runtimes: Mapping[str, Runtime]) -> Runtime:
+    """The request's runtime from `runtimes` (`pxd.runtimes.RUNTIMES`), with its optional module installed."""
+    if name not in runtimes:
+        raise ConfigError("--runtime", f"use one of {', '.join(runtimes)} (pxd.runtimes), got {name!r}")
+    runtime = runtimes[name]
     if runtime.module is not None and importlib.util.find_spec(runtime.module) is None:
         raise ConfigError("--runtime", f"{runtime.name} needs {runtime.module}, which is not installed; {runtime.install}")
     return runtime
