@@ -73,7 +73,7 @@ class Mode(str, enum.Enum):
 
 
 MODES = tuple(Mode)
-SOURCES = ("training", "cost", "remeasure")
+SOURCES = ("training", "cost", "remeasure", "control")
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,8 @@ class Metric:
     unit: str
     description: str
     # "training": set from the student's stage result; "cost": read from the `Cost` (the field of the
-    # same name unless `from_cost` computes it); "remeasure": logged later by `pxd remeasure`, never by a trial
+    # same name unless `from_cost` computes it); "remeasure": logged later by `pxd remeasure`, never by a trial;
+    # "control": from the student's cross-entropy control (`pxd.control`), when a sweep trains one
     source: str = "cost"
     from_cost: Callable[[Cost], float] | None = None
     objective: bool = True  # may be a search objective
@@ -207,6 +208,12 @@ _builtin(name="val_top1", mode=Mode.MAX, unit="fraction", source="training", bou
 _builtin(name="test_top1", mode=Mode.MAX, unit="fraction", source="training", bounds=(0.0, 1.0), ideal=1.0,
          objective=False, constrainable=False,
          description="top-1 accuracy on the held-out test split, evaluated once at the selected epoch; never used to choose")
+_builtin(name="gain_vs_ce", mode=Mode.MAX, unit="fraction", source="control", objective=False, constrainable=False,
+         bounds=(-1.0, 1.0), ideal=1.0,
+         description="val_top1 minus that of the student's cross-entropy control (search.ce_control; pxd.control)")
+_builtin(name="control_val_top1", mode=Mode.MAX, unit="fraction", source="control", objective=False,
+         constrainable=False, summary=False, bounds=(0.0, 1.0), ideal=1.0,
+         description="val_top1 of the student's cross-entropy control: same student, labels only, no teacher")
 _builtin(name="gmacs", mode=Mode.MIN, unit="GMACs", known_before_training=True,
          description="multiply-accumulates per image, billions")
 _builtin(name="params_m", mode=Mode.MIN, unit="M", known_before_training=True,

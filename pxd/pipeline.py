@@ -44,7 +44,7 @@ from pxd.stages import (
     stage_keys,
 )
 from pxd.threads import CpuThreads
-from pxd.train import Checkpointing, EpochCallback, StageResult, train_stage
+from pxd.train import Checkpointing, EpochCallback, StageResult, StageTrainer, train_stage
 from pxd.types import DatasetSplits
 from pxd.weights import init_from
 
@@ -134,6 +134,11 @@ class _Run:
     timings: dict[str, float]
     memory: ProcessMemory | None
     common: dict[str, Any]  # the `train_stage` arguments every stage of the run passes
+    train: StageTrainer = train_stage  # what trains a stage (`pxd.simulated` in benchmarks of the orchestration)
+
+    def describe(self, kind: str) -> dict[str, Any]:
+        """What a stored stage records beside it: `pxd.stages.describe`, and a trainer's own identity."""
+        return {**describe(self.cfg, kind), **_trainer_identity(self.train)}
 
 
 def run_tas(
@@ -148,6 +153,7 @@ def run_tas(
     before_training: Callable[[dict[str, float]], None] | None = None,
     memory: ProcessMemory | None = None,
     cpu_threads: CpuThreads | None = None,
+    train: StageTrainer = train_stage,
 ) -> PipelineResult:
     """Run the whole chain and measure the student's cost. Raises `DivergedError` on a NaN loss.
 
@@ -158,13 +164,14 @@ def run_tas(
     for its next run (`ProcessMemory`: the teacher and assistant modules, the student's cost known before
     training, the compiled upstream forward); None builds, counts and compiles everything again (to
     measure what keeping saves, bench/overhead.py). `cpu_threads` reaches every stage this run trains
-    (`pxd.train.train_stage`).
+    (`pxd.train.train_stage`). `train` trains each stage (default `train_stage`; a `pxd.simulated.SimulatedTraining`
+    only sleeps, to benchmark what runs around training, and its identity joins the stage keys).
     """
     timings = {section: 0.0 for section in TIMED_SECTIONS}
     device = resolve_device(cfg.train.device)
     with _timed(timings, "data"):
         data = data or load_dataset(cfg.dataset, cfg.seed)
-    keys = stage_keys(cfg, data.fingerprint)
+    keys = stage_keys(cfg, data.fingerprint, _trainer_identity(train))
     with _timed(timings, "models"):
         # trained in stage 2 below: counting does not change it (eval mode, no grad), and training seeds itself
         student = _new_model(cfg.student, data.num_classes, "student", cfg.seed)
@@ -174,7 +181,8 @@ def run_tas(
         before_training(metrics_before_training(static))
     common = dict(data=data, image_resolution=cfg.teacher.resolution, train=cfg.train, seed=cfg.seed, device=device,
                   on_epoch=on_epoch, progress=progress, cpu_threads=cpu_threads, memory=memory)
-    run = _Run(cfg, data, _TimedProvider(provider or TrainingProvider(), timings), keys, timings, memory, common)
+    run = _Run(cfg, data, _TimedProvider(provider or TrainingProvider(), timings), keys, timings, memory, common,
+               train)
 
     outcomes, teacher, upstream = _upstream_chain(run)
     outcomes["student"] = _student_stage(run, student, upstream)
@@ -205,7 +213,7 @@ def _upstream_chain(run: _Run) -> tuple[dict[str, StageOutcome], nn.Module, nn.M
         upstream, outcomes["assistant"] = _upstream_stage(
             run, "assistant",
             build=lambda: _new_model(assistant_cfg, run.data.num_classes, "student", cfg.seed),
-            train=lambda assistant, checkpointing: train_stage(
+            train=lambda assistant, checkpointing: run.train(
                 "assistant", assistant, resolution=high, teacher=teacher, distill=cfg.assistant_distill,
                 epochs=cfg.assistant_epochs, checkpointing=checkpointing, **{**run.common, "train": cfg.assistant_train}),
         )
@@ -219,8 +227,8 @@ def _student_stage(run: _Run, student: nn.Module, upstream: nn.Module) -> StageO
         with _timed(run.timings, "models"):
             init_from(upstream.state_dict(), student)
     outcome = run.provider.get_or_train(
-        "student", run.keys["student"], describe(cfg, "student"),
-        ResumableTraining(lambda checkpointing: train_stage(
+        "student", run.keys["student"], run.describe("student"),
+        ResumableTraining(lambda checkpointing: run.train(
             "student", student, resolution=cfg.student.resolution, teacher=upstream, distill=cfg.distill,
             epochs=cfg.student_epochs, checkpointing=checkpointing, **run.common)),
     )
@@ -291,7 +299,7 @@ def _teacher_stage(run: _Run) -> tuple[nn.Module, StageOutcome]:
             state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
             return StageResult("teacher", state, {"val_top1": top1, "epochs": 0.0, "train_seconds": 0.0})
         # the teacher trains with its own optimiser settings (`teacher.train` over `train`)
-        return train_stage("teacher", teacher, resolution=high, teacher=None, distill=None, epochs=cfg.teacher.epochs,
+        return run.train("teacher", teacher, resolution=high, teacher=None, distill=None, epochs=cfg.teacher.epochs,
                            checkpointing=checkpointing, **{**run.common, "train": cfg.teacher_train})
 
     return _upstream_stage(run, "teacher", build=lambda: _new_model(cfg.teacher, data.num_classes, "teacher", cfg.seed),
@@ -317,7 +325,7 @@ def _upstream_stage(
             model = build()
         return train(model, checkpointing)
 
-    outcome = run.provider.get_or_train(kind, key, describe(run.cfg, kind), ResumableTraining(train_stage_model))
+    outcome = run.provider.get_or_train(kind, key, run.describe(kind), ResumableTraining(train_stage_model))
     if kept is not None and kept[0] is outcome.result:
         return remember(memory.upstream, (kind, key), kept, memory.upstream_limit)[1], outcome  # now the newest
     with _timed(run.timings, "models"):
@@ -340,14 +348,22 @@ def _static_cost(model_cfg: ModelConfig, num_classes: int, model: nn.Module, mem
     return dataclasses.replace(kept, threads=torch.get_num_threads())
 
 
+def _trainer_identity(train: StageTrainer) -> dict[str, Any]:
+    """What a trainer other than `train_stage` adds to every stage's identity (e.g. a simulated one)."""
+    return dict(getattr(train, "identity", {}))
+
+
 def prepare_teacher(
-    cfg: PipelineConfig, *, provider: StageProvider, progress: bool | None = None, memory: ProcessMemory | None = None
+    cfg: PipelineConfig, *, provider: StageProvider, progress: bool | None = None, memory: ProcessMemory | None = None,
+    on_epoch: EpochCallback | None = None, train: StageTrainer = train_stage,
 ) -> StageOutcome:
     """Get (or train) only the teacher stage, e.g. once before a sweep launches its trials; with `memory`,
-    the teacher's module is kept there for the runs that follow in this process."""
+    the teacher's module is kept there for the runs that follow in this process. `on_epoch`: as `run_tas`'s,
+    for the teacher's epochs trained here."""
     device = resolve_device(cfg.train.device)
     data = load_dataset(cfg.dataset, cfg.seed)
     common = dict(data=data, image_resolution=cfg.teacher.resolution, train=cfg.train, seed=cfg.seed,
-                  device=device, on_epoch=None, progress=progress, memory=memory)
-    run = _Run(cfg, data, provider, stage_keys(cfg, data.fingerprint), {}, memory, common)
+                  device=device, on_epoch=on_epoch, progress=progress, memory=memory)
+    run = _Run(cfg, data, provider, stage_keys(cfg, data.fingerprint, _trainer_identity(train)), {}, memory, common,
+               train)
     return _teacher_stage(run)[1]

@@ -27,6 +27,8 @@ __all__ = [
     "stage_keys",
     "digest",
     "describe",
+    "model_identity",
+    "optimiser_identity",
 ]
 
 # Bump when a change to the training code would change what a stage produces, so stores miss.
@@ -78,7 +80,7 @@ def digest(payload: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _model_identity(model: ModelConfig, resolution: int) -> dict[str, Any]:
+def model_identity(model: ModelConfig, resolution: int) -> dict[str, Any]:
     identity = dataclasses.asdict(model)
     identity.pop("epochs", None)
     identity["resolution"] = resolution
@@ -88,7 +90,7 @@ def _model_identity(model: ModelConfig, resolution: int) -> dict[str, Any]:
     return identity
 
 
-def _optimiser_identity(train: TrainConfig) -> dict[str, Any]:
+def optimiser_identity(train: TrainConfig) -> dict[str, Any]:
     identity = dataclasses.asdict(train)
     # speed, or set per stage
     for not_a_result in ("epochs", "device", "max_device_data_bytes", "channels_last", "compile_upstream"):
@@ -107,33 +109,35 @@ def stage_identities(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
     """
     common = {"version": STAGE_KEY_VERSION, "seed": cfg.seed, "eval_crop": cfg.dataset.eval_crop}
     identities = {"teacher": {**common, "kind": "teacher", "epochs": cfg.teacher.epochs,
-                              "train": _optimiser_identity(cfg.teacher_train),
-                              "model": _model_identity(cfg.teacher, cfg.teacher.resolution)}}
+                              "train": optimiser_identity(cfg.teacher_train),
+                              "model": model_identity(cfg.teacher, cfg.teacher.resolution)}}
     upstream = "teacher"
     if cfg.assistant.enabled:
         # exactly the assistant's active loss terms (pxd.losses.terms): isrd, which needs a lower
         # resolution than the teacher's, never splits assistants that are otherwise the same
         identities["assistant"] = {**common, "kind": "assistant", "epochs": cfg.assistant_epochs,
-                                   "train": _optimiser_identity(cfg.assistant_train),
-                                   "model": _model_identity(cfg.student, cfg.teacher.resolution),
+                                   "train": optimiser_identity(cfg.assistant_train),
+                                   "model": model_identity(cfg.student, cfg.teacher.resolution),
                                    "distill": _stage_distill(cfg.assistant_distill, cfg, cfg.teacher.resolution),
                                    "upstream": upstream}
         upstream = "assistant"
     identities["student"] = {**common, "kind": "student", "epochs": cfg.student_epochs,
-                             "train": _optimiser_identity(cfg.train),
+                             "train": optimiser_identity(cfg.train),
                              "init_from_upstream": cfg.assistant.enabled and cfg.assistant.init_student,
-                             "model": _model_identity(cfg.student, cfg.student.resolution),
+                             "model": model_identity(cfg.student, cfg.student.resolution),
                              "distill": _stage_distill(cfg.distill, cfg, cfg.student.resolution),
                              "upstream": upstream}
     return identities
 
 
-def stage_keys(cfg: PipelineConfig, dataset_fingerprint: str) -> dict[str, str]:
-    """Content-addressed keys: `stage_identities` plus the dataset, each chained to its upstream key."""
+def stage_keys(cfg: PipelineConfig, dataset_fingerprint: str, trainer: dict[str, Any] | None = None) -> dict[str, str]:
+    """Content-addressed keys: `stage_identities` plus the dataset, each chained to its upstream key. `trainer`:
+    what a trainer other than `pxd.train.train_stage` adds to every identity (`pxd.simulated`), so its stages
+    never pass for trained ones."""
     keys: dict[str, str] = {}
     for kind, identity in stage_identities(cfg).items():
         upstream = identity.get("upstream")
-        keys[kind] = digest({**identity, "dataset": dataset_fingerprint,
+        keys[kind] = digest({**identity, **(trainer or {}), "dataset": dataset_fingerprint,
                               "upstream": keys[upstream] if upstream else None})
     return keys
 

@@ -35,6 +35,7 @@ from pxd.types import DatasetSplits
 __all__ = [
     "StageResult",
     "EpochCallback",
+    "StageTrainer",
     "CpuThreads",
     "Checkpointing",
     "DEFAULT_CHECKPOINT_INTERVAL_S",
@@ -48,6 +49,8 @@ __all__ = [
 
 # on_epoch(stage kind, epoch number from 1, metrics of that epoch)
 EpochCallback = Callable[[str, int, dict[str, float]], None]
+# what trains one stage: `train_stage`, or a stand-in called the same way (`pxd.simulated.SimulatedTraining`)
+StageTrainer = Callable[..., "StageResult"]
 
 DEFAULT_CHECKPOINT_INTERVAL_S = 300.0
 # Bump when the layout of a training state (`Checkpointing.save`'s argument) changes: older ones are not resumed.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.driver.options import SweepOutcome
@@ -11,12 +13,14 @@ from orchestrator.results.artifacts import log_frontier
 from orchestrator.results.frontier import TrialRow, format_table, frontier_table, trial_outcomes
 from orchestrator.results.schema import Tag
 from orchestrator.tracking import credentials
+from orchestrator.tracking.server import experiment_page
+from pxd.control import CONTROL
 from pxd.metrics import primary_metric
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-__all__ = ["finish_sweep", "summary"]
+__all__ = ["finish_sweep", "summary", "distillation_paid"]
 
 
 def finish_sweep(client: MlflowClient, parent_run_id: str, stopped: dict[str, str] | None = None
@@ -56,13 +60,26 @@ def _log_stage_totals(client: MlflowClient, parent_run_id: str, rows: list[Trial
         max_results=5000,
     ) if experiment is not None else []
     metric = schema.SweepMetric
-    for kind in ("teacher", "assistant", "student"):
+    for kind in ("teacher", "assistant", "student", CONTROL):
         count = sum(run.data.tags.get(Tag.STAGE) == kind for run in trained)
         client.log_metric(parent_run_id, metric.trained(kind), float(count))
     client.log_metric(parent_run_id, metric.STAGES_TRAINED, float(len(trained)))
     client.log_metric(parent_run_id, metric.STAGES_REUSED, float(sum(row.metrics.get(metric.STAGES_REUSED, 0.0) for row in rows)))
     client.log_metric(parent_run_id, metric.STAGE_SECONDS_SAVED,
                       float(sum(row.metrics.get(metric.STAGE_SECONDS_SAVED, 0.0) for row in rows)))
+
+
+def distillation_paid(table: Mapping[str, Any]) -> str | None:
+    """One line answering "did distillation pay here?" from the frontier points' `gain_vs_ce`
+    (search.ce_control), or None when the sweep trained no controls."""
+    gains = sorted(row["metrics"]["gain_vs_ce"] for row in table["rows"]
+                   if row["on_frontier"] and row["metrics"].get("gain_vs_ce") is not None)
+    if not gains:
+        return None
+    better = sum(gain > 0 for gain in gains)
+    return (f"did distillation pay? gain_vs_ce (val_top1 minus the same student trained on labels alone) on the "
+            f"{len(gains)} frontier point(s): median {statistics.median(gains):+.3f}, from {gains[0]:+.3f} to "
+            f"{gains[-1]:+.3f}; {better} of {len(gains)} above their control")
 
 
 def summary(outcome: SweepOutcome) -> str:
@@ -73,12 +90,15 @@ def summary(outcome: SweepOutcome) -> str:
                  f"({outcome.table['hypervolume']:.6g} in the objectives' units) · frontier "
                  f"{sum(r['on_frontier'] for r in outcome.table['rows'])} of {outcome.table['n_eligible']} eligible"
                  f" · {failed} failed · {stopped} stopped")
+    paid = distillation_paid(outcome.table)
+    if paid:
+        lines.append(paid)
     if failed or stopped:  # raising search.trials by one after a lost trial would otherwise seem to run none
         raised = max(outcome.trials_budget, len(outcomes)) + failed + stopped
         lines.append(f"failed, stopped and infeasible trials count toward search.trials, as in the Optuna study: "
                      f"to run {failed + stopped} more, resume with it raised by as many (--resume --name "
                      f"{outcome.sweep_name} --set search.trials={raised})")
     lines.append(f"sweep {outcome.sweep_name}: parent run {outcome.parent_run_id} (experiment {outcome.experiment_id}) at {outcome.tracking_uri}")
-    lines.append(f"MLflow UI: {outcome.ui}")
+    lines.append(f"MLflow UI: {experiment_page(outcome.ui, outcome.experiment_id)}")
     lines.append(f"frontier runs in the UI: filter  tags.`{Tag.ON_FRONTIER}` = 'true'")
     return credentials.scrub("\n".join(lines))

@@ -5,25 +5,33 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import mlflow.tracking  # noqa: F401
 import ray
 import sqlalchemy  # noqa: F401
 import torch
+from ray.util.queue import Queue
 
 import pxd.pipeline  # noqa: F401
+from orchestrator.driver.progress import EPOCH_SECONDS, epoch_line
 from orchestrator.tracking.retries import install_body_retries
 from orchestrator.worker.context import TrialContext
+from orchestrator.worker.kept import WorkerState
 from orchestrator.worker.provider import make_provider
 from pxd.data import load_dataset
 from pxd.metrics import primary_metric
 from pxd.pipeline import prepare_teacher
+from pxd.train import EpochCallback
 
 if TYPE_CHECKING:
     from orchestrator.space.spec import SweepSpec
 
-__all__ = ["ready_warm_up_worker", "warm_up_cpus", "warm_teacher"]
+__all__ = ["ready_warm_up_worker", "warm_teacher", "warm_up_cpus"]
+
+_POLL_S = 0.5  # how often the driver prints the teacher's epochs while its task trains
 
 
 def _ready_worker_task(spec: SweepSpec) -> int:
@@ -47,14 +55,27 @@ def ready_warm_up_worker(spec: SweepSpec) -> Any:
     return ray.remote(num_cpus=0, num_gpus=gpus, max_retries=0)(_ready_worker_task).remote(spec)
 
 
-def _prepare_teacher_task(context: TrialContext, threads: int) -> dict[str, Any]:
+def _pushing_epochs(epochs: Queue | None) -> EpochCallback | None:
+    """The teacher's on_epoch in its task: each epoch (stage, epoch, val_top1, seconds) pushed into `epochs`,
+    which the driver prints from; None when nothing is printed (quiet)."""
+    if epochs is None:
+        return None
+
+    def on_epoch(kind: str, epoch: int, record: dict[str, float]) -> None:
+        epochs.put((kind, epoch, record[primary_metric()], record[EPOCH_SECONDS]))
+
+    return on_epoch
+
+
+def _prepare_teacher_task(context: TrialContext, threads: int, epochs: Queue | None) -> dict[str, Any]:
     install_body_retries()  # the teacher's stage store survives a tracking server restart mid-answer
     # Ray sets OMP_NUM_THREADS for the task, but a pooled worker that imported torch before keeps its count
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         # the space's base config holds the sweep's one teacher and dataset
-        outcome = prepare_teacher(context.spec.base, provider=make_provider(context), progress=False)
+        outcome = prepare_teacher(context.spec.base, provider=make_provider(context), progress=False,
+                                  on_epoch=_pushing_epochs(epochs), train=WorkerState.from_environment().stage_trainer())
     finally:
         torch.set_num_threads(previous)  # the worker may next run a one-CPU task or trial
     return {"key": outcome.key, "reused": outcome.reused, "score": outcome.result.metrics.get(primary_metric())}
@@ -80,7 +101,31 @@ def warm_teacher(context: TrialContext, resources: dict[str, float], *, quiet: b
         print(f"[pxd] preparing the shared teacher stage on {cpus:g} CPU(s) before launching trials ...",
               file=sys.stderr, flush=True)
     task = ray.remote(num_cpus=cpus, num_gpus=resources["gpu"], max_retries=0)(_prepare_teacher_task)
-    info = ray.get(task.remote(context, max(1, int(cpus))))
+    if quiet:
+        info = ray.get(task.remote(context, max(1, int(cpus)), None))
+    else:
+        info = _printing_epochs(lambda epochs: task.remote(context, max(1, int(cpus)), epochs),
+                                context.spec.base.teacher.epochs)
     if not quiet:
         state = "reused from the stage store" if info["reused"] else "trained"
         print(f"[pxd] teacher {info['key'][:12]} {state} ({primary_metric()} {info['score']:.3f})", file=sys.stderr, flush=True)
+
+
+def _printing_epochs(start: Callable[[Queue], Any], epochs: int) -> dict[str, Any]:
+    """The warm-up task's result, started by `start` with the queue it pushes each teacher epoch into; the
+    driver prints every epoch as it arrives. Ray does not bring the task's own output to the driver
+    (`log_to_driver=False`), and a queue (a small actor holding no CPU) works wherever the task runs."""
+    started = time.monotonic()
+    trained = Queue(actor_options={"num_cpus": 0})
+    try:
+        pending = start(trained)
+        while True:
+            finished, _ = ray.wait([pending], timeout=_POLL_S)
+            waiting = trained.qsize()  # what the task pushed before it finished is all there
+            for stage, epoch, top1, seconds in trained.get_nowait_batch(waiting) if waiting else []:
+                print(f"[pxd] teacher warm-up · {time.monotonic() - started:5.0f}s  | "
+                      f"{epoch_line(stage, epoch, epochs, top1, seconds)}", file=sys.stderr, flush=True)
+            if finished:
+                return ray.get(pending)
+    finally:
+        trained.shutdown(force=True)  # every epoch was read

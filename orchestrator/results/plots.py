@@ -5,7 +5,8 @@ told otherwise): every eligible trial in grey, the
 frontier trials highlighted, and a step line through the frontier points giving the best y reachable
 at each x. The HTML page is self-contained (inline SVG, inline CSS and a few lines of inline JS, no
 network) so it opens from MLflow's artifact view; its tooltips are SVG ``<title>`` elements, which
-work even where the viewer's sandbox disables scripts.
+work even where the viewer's sandbox disables scripts. Every point links to its trial's MLflow run, opened
+in a new tab (see `_SCRIPT` for what MLflow's viewer lets a click do).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = ["plot_png", "plot_html", "plot_comparison_png"]
 
 _FRONT_COLOUR = "#d62728"
 _OTHER_COLOUR = "#9a9a9a"
+_GAIN = "gain_vs_ce"  # pxd.metrics: val_top1 minus the trial's CE control's (search.ce_control)
 
 
 @dataclass
@@ -134,13 +136,21 @@ def _range(values: list[float]) -> tuple[float, float]:
     return low - pad, high + pad
 
 
+def _gain(row: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether the row carries `gain_vs_ce` (on the row, or among its metrics), and its text ("n/a": no control)."""
+    gain = row[_GAIN] if _GAIN in row else row["metrics"].get(_GAIN)
+    return _GAIN in row or _GAIN in row["metrics"], "n/a" if gain is None else f"{gain:+.6g}"
+
+
 def _tooltip(row: Mapping[str, Any]) -> str:
     side = int(round(math.sqrt(row["metrics"]["pixels"]))) if "pixels" in row["metrics"] else None
     lines = [f"{row.get('arch') or 'student'} at {side}×{side} px" if side else str(row.get("arch") or "student"),
              f"trial {row['trial_id']}", f"run {row['run_id']}"]
     # the figures a reader compares: registry metrics and hardware latencies, not per-epoch histories
     lines += [f"{key} = {value:.6g}" for key, value in row["metrics"].items()
-              if "." not in key or key.startswith(("latency_ms.", "latency_cv."))]
+              if key != _GAIN and ("." not in key or key.startswith(("latency_ms.", "latency_cv.")))]
+    has_gain, gain = _gain(row)
+    lines += [f"{_GAIN} = {gain} (val_top1 minus its CE control's)"] if has_gain else []
     lines += [f"{key} = {value}" for key, value in row["params"].items()]
     return "\n".join(lines)
 
@@ -193,8 +203,9 @@ def _svg_panel(panel: _Panel, rows: Sequence[Mapping[str, Any]]) -> str:
     for x, y, index in sorted(panel.points, key=lambda p: rows[p[2]]["on_frontier"]):
         front = rows[index]["on_frontier"]
         title = _tag("title", esc(_tooltip(rows[index])))
-        parts.append(_tag("circle", title, class_="pt front" if front else "pt other",
-                          data_row=index, cx=sx(x), cy=sy(y), r=5 if front else 3.5))
+        point = _tag("circle", title, class_="pt front" if front else "pt other",
+                     data_row=index, cx=sx(x), cy=sy(y), r=5 if front else 3.5)
+        parts.append(_tag("a", point, class_="run-link", data_run=index, target="_blank", rel="noopener"))
     viewbox = f"0 0 {width} {height}"
     body = "\n".join(parts)
     return _tag("svg", body, class_="panel", width=width, height=height, viewBox=viewbox, data_axis=panel.x_metric)
@@ -203,15 +214,16 @@ def _svg_panel(panel: _Panel, rows: Sequence[Mapping[str, Any]]) -> str:
 def _html_frontier_table(table: Mapping[str, Any]) -> str:
     rows = table["rows"]
     metrics = [o["name"] for o in table["objectives"]]
-    metrics += sorted({k for r in rows for k in r["metrics"]} - set(metrics))
+    gains = [_GAIN] if any(_gain(r)[0] for r in rows) else []  # beside the objectives: "did distillation pay?"
+    metrics += sorted({k for r in rows for k in r["metrics"]} - {*metrics, _GAIN})
     params = sorted({k for r in rows for k in r["params"]})
-    columns = ["trial_id", "run_id", "model_uri", *metrics, *params]
+    columns = ["trial_id", "run_id", "model_uri", *gains, *metrics, *params]
     head = "".join(_tag("th", html.escape(column)) for column in columns)
     body = []
     for index, row in enumerate(rows):
         if not row["on_frontier"]:
             continue
-        cells = [row["trial_id"], row["run_id"], row["model_uri"]]
+        cells = [row["trial_id"], row["run_id"], row["model_uri"], *(_gain(row)[1] for _ in gains)]
         cells += [f"{row['metrics'][m]:.6g}" if m in row["metrics"] else "" for m in metrics]
         cells += [row["params"].get(p, "") for p in params]
         tds = "".join(_tag("td", html.escape("" if c is None else str(c)), **({"class_": "run"} if i == 1 else {}))
@@ -244,9 +256,8 @@ function mark(i,on){
   'trial '+r.trial_id+'  run '+r.run_id+'  '+JSON.stringify(r.metrics);
 }
 // The MLflow UI's address. Inside MLflow's artifact viewer this page is a blob: URL whose text holds
-// the UI's origin (relative links do not work in a blob, and the viewer's sandbox blocks new windows and
-// top-level navigation, so a click opens the run in this frame); opened from the server it is ours;
-// opened as a file, the tracking URI recorded when the page was written.
+// the UI's origin (relative links do not work in a blob); opened from the server it is ours; opened as a
+// file, the tracking URI recorded when the page was written.
 function base(){
  try{var h=location.href;
   if(h.indexOf('blob:')===0)return new URL(h.slice(5)).origin;
@@ -262,11 +273,29 @@ document.querySelectorAll('[data-row]').forEach(function(e){
  var i=e.getAttribute('data-row');
  e.addEventListener('mouseenter',function(){mark(i,true);});
  e.addEventListener('mouseleave',function(){mark(i,false);});
- e.addEventListener('click',function(){var u=runUrl(i);if(u)location.href=u;});
 });
 document.querySelectorAll('tr[data-row] td.run').forEach(function(td){
- var u=runUrl(td.parentNode.getAttribute('data-row'));if(!u)return;
- var a=document.createElement('a');a.href=u;a.textContent=td.textContent;td.textContent='';td.appendChild(a);
+ var a=document.createElement('a');a.setAttribute('data-run',td.parentNode.getAttribute('data-row'));
+ a.target='_blank';a.rel='noopener';a.textContent=td.textContent;td.textContent='';td.appendChild(a);
+});
+// Every point and run id is a link to the run, opened in a new tab. MLflow's artifact viewer (3.x) shows
+// this page in an iframe sandboxed to "allow-scripts": no popups, no top-level navigation, and the UI cannot
+// run inside the frame (a blank frame). A new-tab click (Ctrl/Cmd- or middle-click) on a link is the
+// browser's own and still opens the run; a plain click tries a new tab and, where that is blocked, says so.
+var notice=document.getElementById('pxd-open');
+function explain(i,u){
+ notice.textContent="MLflow's artifact viewer does not let this page open tabs: Ctrl-click (Cmd-click on a Mac) "+
+  'or middle-click the point, or this link, to open run '+data.rows[i].run_id+' in a new tab: ';
+ var a=document.createElement('a');a.href=u;a.target='_blank';a.rel='noopener';a.textContent=u;notice.appendChild(a);
+}
+document.querySelectorAll('a[data-run]').forEach(function(a){
+ var i=a.getAttribute('data-run'),u=runUrl(i);if(!u)return;
+ a.setAttribute('href',u);
+ a.addEventListener('click',function(e){
+  if(e.ctrlKey||e.metaKey||e.shiftKey||e.button!==0)return;  // the browser opens it in a tab or window
+  e.preventDefault();var w=window.open(u,'_blank');
+  if(w)w.opener=null;else explain(i,u);
+ });
 });
 // one cost axis at a time; without scripts every panel shows
 var axis=document.getElementById('pxd-axis');
@@ -293,8 +322,8 @@ def plot_html(
     tracking_uri: str | None = None,
 ) -> Path:
     """Write one self-contained interactive HTML page: a chooser of the cost axis, scatter panels (y: the
-    primary metric unless `y_metric`) whose points show the trial on hover and open its MLflow run on
-    click (`experiment_id`), the frontier table."""
+    primary metric unless `y_metric`) whose points show the trial on hover and link to its MLflow run
+    (`experiment_id`), opened in a new tab, the frontier table (with `gain_vs_ce` where the rows carry it)."""
     panels = _panels(table, x_metrics, y_metric or primary_metric())
     table = {**table, "links": {"experiment_id": experiment_id, "tracking_uri": tracking_uri}}
     options = "".join(_tag("option", html.escape(p.x_metric), value=p.x_metric) for p in panels)
@@ -315,9 +344,11 @@ def plot_html(
 <style>{_STYLE}</style></head><body>
 <h1>Pareto frontier</h1>
 <p>{esc(summary)}</p>
-<p>{chooser} · hover a point for its trial, click it to open its MLflow run</p>
+<p>{chooser} · hover a point for its trial; click it to open its MLflow run in a new tab (in MLflow's artifact
+viewer: Ctrl-click, Cmd-click on a Mac, or middle-click)</p>
 <div class="panels">{"".join(_svg_panel(panel, table["rows"]) for panel in panels)}</div>
 <p id="pxd-selected"></p>
+<p id="pxd-open" role="status"></p>
 <h2>Frontier trials</h2>
 {_html_frontier_table(table)}
 <script type="application/json" id="pxd-frontier-data">{_script_json(table)}</script>

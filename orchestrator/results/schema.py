@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.results.frontier import TrialRow
+from orchestrator.tracking.artifacts import upload_json
 from pxd.errors import ConfigError
 from pxd.metrics import Mode, get_metric, primary_metric
 
@@ -40,6 +41,7 @@ __all__ = [
     "trial_start_tags",
     "log_trial_result", "log_trial_failure", "log_trial_over_budget", "read_trial_row",
     "recorded_result", "find_sweep_run", "require_sweep_run", "sweep_run_tags", "sweep_objectives", "trial_runs",
+
     "collect_rows",
 ]
 
@@ -76,6 +78,8 @@ class Tag:
     MODEL_URI = "pxd.model_uri"  # the logged student (models:/...)
     STUDENT_SHA256 = "pxd.student_sha256"  # its weights file's sha256, checked before it loads (results/students.py)
     ON_FRONTIER = "pxd.on_frontier"  # "true" | "false", set when the sweep finishes
+    # "true" on a trial run whose stages' training was simulated (`pxd.simulated`: benchmarks and tests only)
+    SIMULATED_TRAINING = "pxd.simulated_training"
     # stage runs (experiment pxd-stages)
     STAGE = "pxd.stage"  # teacher | assistant | student
     STAGE_KEY = "pxd.stage_key"
@@ -128,6 +132,8 @@ class Param:
     TRIALS = "trials"
     OBJECTIVES = "objectives"
     REFERENCE_POINT = "reference_point"
+    # on a trial run (with `Tag.SIMULATED_TRAINING`): the seconds each simulated epoch slept
+    SIMULATED_TRAINING = "simulated_training_s_per_epoch"
 
 
 class SweepMetric:
@@ -258,10 +264,10 @@ def trial_start_tags(*, sweep: str, parent_run_id: str, trial_id: str, params: M
 
 
 def log_trial_result(client: MlflowClient, result: TrialResult, *, stages: Mapping[str, Any], device: str,
-                     cost: Mapping[str, Any], warnings: Sequence[str] = ()) -> None:
-    """Write a COMPLETE trial: final metrics, feasibility, the stages it used, its model, its warnings."""
-    client.log_batch(result.run_id, metrics=[_metric(k, v) for k, v in result.metrics.items() if math.isfinite(v)])
-    client.log_dict(result.run_id, dict(cost), COST_ARTIFACT)
+                     cost: Mapping[str, Any], warnings: Sequence[str] = (), artifact_uri: str | None = None) -> None:
+    """Write a COMPLETE trial: its cost (`COST_ARTIFACT`; `artifact_uri`: the run's, if the caller holds it), then
+    in one request its final metrics, feasibility, the stages it used, its model, its warnings and state."""
+    upload_json(client, result.run_id, artifact_uri, dict(cost), COST_ARTIFACT)
     tags = {Tag.STATE: "COMPLETE", Tag.FEASIBLE: _true(result.feasible), Tag.DEVICE: device}
     if result.model_uri:
         tags[Tag.MODEL_URI] = result.model_uri
@@ -272,7 +278,7 @@ def log_trial_result(client: MlflowClient, result: TrialResult, *, stages: Mappi
         tags[stage_tag(kind, "reused")] = _true(outcome.reused)
         if outcome.ref:
             tags[stage_tag(kind, "run_id")] = outcome.ref
-    _set_tags(client, result.run_id, tags)
+    _set_tags(client, result.run_id, tags, [_metric(k, v) for k, v in result.metrics.items() if math.isfinite(v)])
 
 
 def log_trial_failure(client: MlflowClient, run_id: str, error: str, traceback_text: str,
@@ -299,10 +305,10 @@ def _metric(key: str, value: float) -> Any:
     return Metric(key, float(value), int(time.time() * 1000), 0)
 
 
-def _set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+def _set_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str], metrics: Sequence[Any] = ()) -> None:
     from mlflow.entities import RunTag  # start-up cost
 
-    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    client.log_batch(run_id, metrics=list(metrics), tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def read_trial_row(run: Run) -> TrialRow:
@@ -328,14 +334,17 @@ def recorded_result(run: Run, constraints: Sequence[float]) -> TrialResult:
                        model_uri=row.model_uri, constraints=list(constraints))
 
 
-def trial_runs(client: MlflowClient, parent: Run, *, trial_id: str | None = None, state: str | None = None) -> list[Run]:
-    """A sweep's trial runs (optionally one Tune trial's, in one state), newest first."""
-    parts = [f"tags.`{Tag.PARENT_RUN}` = '{parent.info.run_id}'", f"tags.`{Tag.KIND}` = '{KIND_TRIAL}'"]
+def trial_runs(client: MlflowClient, parent: Run | tuple[str, str], *, trial_id: str | None = None,
+               state: str | None = None) -> list[Run]:
+    """A sweep's trial runs (optionally one Tune trial's, in one state), newest first; `parent`: the sweep's
+    run, or (its run id, its experiment id) when the caller holds them (one request, not two)."""
+    parent_id, experiment_id = parent if isinstance(parent, tuple) else (parent.info.run_id, parent.info.experiment_id)
+    parts = [f"tags.`{Tag.PARENT_RUN}` = '{parent_id}'", f"tags.`{Tag.KIND}` = '{KIND_TRIAL}'"]
     if trial_id is not None:
         parts.append(f"tags.`{Tag.TRIAL_ID}` = '{trial_id}'")
     if state is not None:
         parts.append(f"tags.`{Tag.STATE}` = '{state}'")
-    return list(client.search_runs([parent.info.experiment_id], filter_string=" and ".join(parts),
+    return list(client.search_runs([experiment_id], filter_string=" and ".join(parts),
                                    order_by=["attributes.start_time DESC"], max_results=50000))
 
 

@@ -100,6 +100,10 @@ class SearchConfig:
     # torch threads, on pxd's own local Ray only: `orchestrator.driver.lending`); false: each trial keeps
     # search.resources.cpu threads throughout
     lend_idle_cpus: bool = True
+    # true: every trial also gets its student's cross-entropy control (same architecture, side, data, epochs
+    # and seed, labels only: `pxd.control`), a shared stage trained once per arch × side × schedule × seed,
+    # and logs `gain_vs_ce` (its val_top1 minus the control's); controls never enter the frontier
+    ce_control: bool = False
 
     @property
     def objective_metrics(self) -> tuple[str, ...]:

@@ -25,11 +25,12 @@ LOADED_LIMIT = 4  # checkpoints kept (a sweep's teacher and its few assistants),
 @dataclass
 class StageMemory:
     """Verified stage checkpoints by (stage run id, sha256), and — when `remember_found` — the (run id, sha256)
-    of the complete run found for each (tracking URI, stage key)."""
+    of the complete run found for each (tracking URI, stage key); the stages experiment's id per tracking URI."""
 
     remember_found: bool = True
     loaded: dict[tuple[str, str], StageResult] = field(default_factory=dict)
     found: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    experiments: dict[str, str] = field(default_factory=dict)  # tracking URI → the stages experiment's id
 
     def loaded_result(self, run_id: str, sha256: str) -> StageResult | None:
         return self.loaded.get((run_id, sha256))

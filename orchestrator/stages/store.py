@@ -56,6 +56,7 @@ from orchestrator.stages.checkpoints import IncompleteStage
 from orchestrator.stages.io import StageUnavailable, checkpoint_interval_s, with_retries
 from orchestrator.stages.leases import Heartbeat, Leases, LocalLeases, SqlLeases, lease_ttl_s
 from orchestrator.stages.memory import StageMemory
+from orchestrator.tracking.artifacts import upload_bytes
 from pxd.errors import PxdError
 from pxd.pipeline import ResumableTraining, StageOutcome
 from pxd.train import TRAINING_STATE_VERSION, Checkpointing, StageResult
@@ -112,23 +113,25 @@ class MlflowStageStore:
         # what this worker process keeps between trials; a store of its own keeps it for its own life only
         self.memory = memory if memory is not None else StageMemory()
         self.owner = f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._experiment_id: str | None = None
+        self._artifact_uris: dict[str, str] = {}  # run id → artifact location, of the runs this store created
 
     # -- lookup and load ---------------------------------------------------------------------------
     @property
     def experiment_id(self) -> str:
-        if self._experiment_id is None:
-
+        """The stages experiment's id (created if needed), looked up once per worker process (`StageMemory`)."""
+        known = self.memory.experiments.get(self.tracking_uri)
+        if known is None:
             experiment = self.client.get_experiment_by_name(STAGES_EXPERIMENT)
             if experiment is None:
                 try:
-                    self._experiment_id = self.client.create_experiment(
-                        STAGES_EXPERIMENT, tags={EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]})
+                    known = self.client.create_experiment(STAGES_EXPERIMENT,
+                                                          tags={EXPERIMENT_KIND[0]: EXPERIMENT_KIND[1]})
                 except MlflowException:  # another trial created it first
-                    self._experiment_id = self.client.get_experiment_by_name(STAGES_EXPERIMENT).experiment_id
+                    known = self.client.get_experiment_by_name(STAGES_EXPERIMENT).experiment_id
             else:
-                self._experiment_id = experiment.experiment_id
-        return str(self._experiment_id)
+                known = experiment.experiment_id
+            known = self.memory.experiments[self.tracking_uri] = str(known)
+        return known
 
     def lookup(self, key: str) -> Run | None:
         """The newest usable (complete, FINISHED, not corrupt) run of the stage."""
@@ -247,8 +250,8 @@ class MlflowStageStore:
         return None
 
     # -- save ------------------------------------------------------------------------------------------
-    def create_run(self, kind: str, key: str, describe: dict[str, Any]) -> str:
-        """A new, incomplete stage run (status RUNNING) with its describing params."""
+    def create_run(self, kind: str, key: str, describe: dict[str, Any], metrics: list[Metric] | None = None) -> str:
+        """A new, incomplete stage run (status RUNNING) with its describing params (and ≤ _BATCH `metrics`)."""
         tags = {Tag.KIND: KIND_STAGE, Tag.STAGE: kind, Tag.STAGE_KEY: key, Tag.STAGE_COMPLETE: "false"}
 
         created = new_run_token()
@@ -256,7 +259,9 @@ class MlflowStageStore:
                                      tags={**tags, **self.holder_tags(), **created})
         # a creation MLflow retried after a lost answer left a second run, which would stay RUNNING: gone
         drop_duplicate_runs(self.client, self.experiment_id, created, kept=run.info.run_id)
-        self.client.log_batch(run.info.run_id, params=[Param(name, str(value)) for name, value in describe.items()])
+        self._artifact_uris[run.info.run_id] = run.info.artifact_uri
+        self.client.log_batch(run.info.run_id, params=[Param(name, str(value)) for name, value in describe.items()],
+                              metrics=metrics or [])
         return str(run.info.run_id)
 
     def holder_tags(self) -> dict[str, str]:
@@ -272,6 +277,8 @@ class MlflowStageStore:
         folder, name = artifact.rsplit("/", 1)
 
         def attempt() -> None:
+            if run_id in self._artifact_uris:  # a run this store created: no look-up of the run first
+                return upload_bytes(self.tracking_uri, self._artifact_uris[run_id], artifact, payload)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / name
                 path.write_bytes(payload)
@@ -288,15 +295,16 @@ class MlflowStageStore:
         torch.save(result.state_dict, buffer)
         payload = buffer.getvalue()
 
-        run_id = run_id or self.create_run(kind, key, describe)
+        # one request per _BATCH metrics, not per value; a stage saved to a new run sends the first with its params
+        now = int(time.time() * 1000)
+        metrics = [Metric(name, float(value), now, 0) for name, value in result.metrics.items()]
+        metrics += [Metric(epoch_metric(kind, name), float(value), now, int(record.get("epoch", 0)))
+                    for record in result.history for name, value in record.items() if name != "epoch"]
+        metrics.append(Metric("checkpoint_bytes", float(len(payload)), now, 0))
+        first = 0 if run_id is not None else _BATCH
+        run_id = run_id or self.create_run(kind, key, describe, metrics=metrics[:_BATCH])
         try:
-            # batched: one request per _BATCH metrics instead of one per value (each is a round trip to the server)
-            now = int(time.time() * 1000)
-            metrics = [Metric(name, float(value), now, 0) for name, value in result.metrics.items()]
-            metrics += [Metric(epoch_metric(kind, name), float(value), now, int(record.get("epoch", 0)))
-                        for record in result.history for name, value in record.items() if name != "epoch"]
-            metrics.append(Metric("checkpoint_bytes", float(len(payload)), now, 0))
-            for start in range(0, len(metrics), _BATCH):
+            for start in range(first, len(metrics), _BATCH):
                 self.client.log_batch(run_id, metrics=metrics[start : start + _BATCH])
             self.upload(run_id, CHECKPOINT, payload)
             # usable only from here on: the artifact is complete and its hash recorded (one request, both tags)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -41,6 +43,7 @@ __all__ = [
     "check_tracking",
     "login_error",
     "ui_command",
+    "experiment_page",
     "fluent_tracking_uri",
     "launch_tracking",
     "restored_tracking_uri",
@@ -367,3 +370,11 @@ def ui_command(target: TrackingTarget) -> str:
         return "open the experiment in your Databricks workspace"
     # a database or file store the user named: serve it with MLflow's own UI
     return f"mlflow ui --backend-store-uri {target.uri} --port 5000   # then open http://127.0.0.1:5000"
+
+
+def experiment_page(ui: str, experiment_id: str) -> str:
+    """`ui` (a `ui_command`) with the address it opens taken to the experiment's runs in MLflow's Model-training
+    view. MLflow 3 opens an experiment in its GenAI view unless the address asks (`workflowType`): the sidebar's
+    choice is kept per browser, and the experiment's `mlflow.experimentKind` tag does not switch it."""
+    page = f"/#/experiments/{urllib.parse.quote(experiment_id, safe='')}/runs?workflowType=machine_learning"
+    return re.sub(r"\bopen (https?://[^\s#?]+?)/?(?=\s|$)", lambda m: f"open {m.group(1)}{page}", ui, count=1)

@@ -51,8 +51,8 @@ def _completed_before(context: TrialContext) -> dict[str, Any] | None:
     """
 
     client = MlflowClient(context.tracking_uri)
-    parent = client.get_run(context.parent_run_id)
-    runs = schema.trial_runs(client, parent, trial_id=str(tune.get_context().get_trial_id()), state="COMPLETE")
+    runs = schema.trial_runs(client, (context.parent_run_id, context.experiment_id),
+                             trial_id=str(tune.get_context().get_trial_id()), state="COMPLETE")
     if not runs:
         return None
     metrics = dict(runs[0].data.metrics)

@@ -41,6 +41,7 @@ from orchestrator.worker.failures import will_repeat
 from orchestrator.worker.kept import OVERHEAD_CUTS_ENV, WorkerState
 from orchestrator.worker.model_log import ModelLoggingWarmUp, log_student
 from orchestrator.worker.provider import make_provider
+from pxd.control import CONTROL, control_metrics, train_ce_control
 from pxd.metrics import primary_metric
 from pxd.paths import flatten
 from pxd.pipeline import LatencySettings, PipelineResult, run_tas
@@ -121,12 +122,14 @@ def _run(trial: _Trial) -> schema.TrialResult | None:
     tags = schema.trial_start_tags(sweep=context.sweep_name, parent_run_id=context.parent_run_id, trial_id=trial_id,
                                    params=trial.params, hostname=socket.gethostname(), node_id=_node_id(),
                                    pid=os.getpid()) | new_run_token()
+    marks = _simulated_marks(trial.state)
+    tags |= {schema.Tag.SIMULATED_TRAINING: "true"} if marks else {}
     run_name = f"{config.student.arch}@{config.student.resolution}-{trial_id}"
     with mlflow.start_run(experiment_id=context.experiment_id, run_name=run_name, tags=tags) as run:
         run_id = run.info.run_id
         # a creation MLflow retried after a lost answer left a second run: not an attempt of this trial
         drop_duplicate_runs(trial.client, context.experiment_id, tags, kept=run_id)
-        mlflow.log_params({k: ("" if v is None else v) for k, v in flatten(config.to_dict()).items()})
+        mlflow.log_params(_run_params(config, marks))
         try:
             outcome, loading = _train(trial, run_id, warm_up)
         except OverBudget as over:
@@ -150,7 +153,7 @@ def _run(trial: _Trial) -> schema.TrialResult | None:
             logger.warning("trial %s: its Ray node is gone; the result is not recorded", trial_id)
             raise SystemExit(1)
         schema.log_trial_result(trial.client, result, stages=outcome.stages, device=outcome.cost.get("device", ""),
-                                cost=outcome.cost, warnings=outcome.warnings)
+                                cost=outcome.cost, warnings=outcome.warnings, artifact_uri=run.info.artifact_uri)
     if trial.in_tune:
         tune.report(result.report())
     return result
@@ -168,6 +171,8 @@ def _train(trial: _Trial, run_id: str, warm_up: ModelLoggingWarmUp) -> tuple[Pip
             name = schema.epoch_metric(kind)
             # with the cost metrics known before training: what early stopping ranks trials on
             tune.report({ReportKey.STAGE: kind, ReportKey.EPOCH: epoch, name: record[primary_metric()],
+                         # the epoch's seconds, for the driver's per-epoch progress line
+                         schema.epoch_metric(kind, "epoch_seconds"): record["epoch_seconds"],
                          ReportKey.MLFLOW_RUN_ID: run_id,
                          **trial.known})
 
@@ -181,8 +186,23 @@ def _train(trial: _Trial, run_id: str, warm_up: ModelLoggingWarmUp) -> tuple[Pip
     provider = make_provider(context, state.stages, parent_run_id=run_id, lending=threads)
     outcome = run_tas(config, provider=provider, on_epoch=on_epoch, progress=False, latency=latency,
                       before_training=_budget_check(context.spec, trial.known), data=data,
-                      memory=state.pipeline_memory(), cpu_threads=threads)
+                      memory=state.pipeline_memory(), cpu_threads=threads, train=state.stage_trainer())
+    if search.ce_control:
+        _add_control(outcome, provider, data, state, threads)
     return outcome, loading
+
+
+def _add_control(outcome: PipelineResult, provider: Any, data: Any, state: WorkerState, threads: Any) -> None:
+    """The student's cross-entropy control (`pxd.control`), got from the stage store or trained under its
+    lease: a stage of the trial beside the others, and `control_val_top1` / `gain_vs_ce` among its metrics."""
+    started = time.perf_counter()
+    control = train_ce_control(outcome.config, provider=provider, data=data, memory=state.pipeline_memory(),
+                               cpu_threads=threads, train=state.stage_trainer())
+    trained = 0.0 if control.reused else float(control.result.metrics.get("train_seconds", 0.0))
+    outcome.timings["training"] = outcome.timings.get("training", 0.0) + trained
+    outcome.timings["stages"] = outcome.timings.get("stages", 0.0) + max(0.0, time.perf_counter() - started - trained)
+    outcome.stages[CONTROL] = control
+    outcome.metrics.update(control_metrics(outcome.metrics, control))
 
 
 def _over_budget(trial: _Trial, run_id: str, over: OverBudget) -> schema.TrialResult:
@@ -203,7 +223,7 @@ def _result(trial: _Trial, run_id: str, outcome: PipelineResult, loading: float,
     reused = [o for o in outcome.stages.values() if o.reused]
     started = time.perf_counter()
     warm_up.wait()
-    model_uri = log_student(outcome.student, trial.config.student)
+    model_uri = log_student(outcome.student, trial.config.student, params=_run_params(trial.config, {}))
     sections = {**outcome.timings, "log_model": time.perf_counter() - started}
     sections["data"] = sections.get("data", 0.0) + loading
     trained_seconds = sections.pop("training", 0.0)
@@ -224,6 +244,18 @@ def _result(trial: _Trial, run_id: str, outcome: PipelineResult, loading: float,
         model_uri=model_uri,
         constraints=constraint_values(spec, outcome.metrics),
     )
+
+
+def _run_params(config: PipelineConfig, marks: dict[str, str]) -> dict[str, Any]:
+    """The trial run's params: its whole resolved config as dotted names, and what marks a simulated trial."""
+    return {**{k: ("" if v is None else v) for k, v in flatten(config.to_dict()).items()}, **marks}
+
+
+def _simulated_marks(state: WorkerState) -> dict[str, str]:
+    """The param that marks a trial whose stages' training is simulated (`PXD_SIMULATED_TRAINING`); {} otherwise."""
+    if state.simulated is None:
+        return {}
+    return {schema.Param.SIMULATED_TRAINING: str(state.simulated.seconds_per_epoch)}
 
 
 def _cpu_threads(context: TrialContext, trial_id: str) -> SharedThreads | None:

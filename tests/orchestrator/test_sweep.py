@@ -411,8 +411,15 @@ def _chromium() -> str:
 
 def test_the_pareto_page_works_inside_the_mlflow_ui(first_sweep, mlflow_server, tmp_path):
     """In headless Chromium: the sweep's frontier.html in MLflow's own artifact viewer shows one point per
-    eligible trial, a hover names the trial, and a click opens that trial's MLflow run."""
-    from playwright.sync_api import sync_playwright
+    eligible trial, a hover names the trial, and a click on a point shows that trial's run in the whole MLflow UI,
+    in a new tab. MLflow's viewer sandboxes the page to scripts only (no popups, no top-level navigation), so a
+    plain click there says to Ctrl-click; a Ctrl-click opens the run. The address pxd prints opens the
+    experiment's runs in the Model-training view in a fresh browser."""
+    import re
+
+    from playwright.sync_api import expect, sync_playwright
+
+    from orchestrator.tracking.server import experiment_page
 
     executable = _chromium()
     _, outcome = first_sweep
@@ -427,8 +434,9 @@ def test_the_pareto_page_works_inside_the_mlflow_ui(first_sweep, mlflow_server, 
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.on("framenavigated", lambda frame: navigated.append(frame.url))
+            context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            context.on("page", lambda tab: tab.on("framenavigated", lambda frame: navigated.append(frame.url)))
+            page = context.new_page()
             page.goto(url)
             frame = page.frame_locator("iframe.mlflow-html-iframe")
             frame.locator("svg[data-axis]").first.wait_for(timeout=120_000)
@@ -439,12 +447,32 @@ def test_the_pareto_page_works_inside_the_mlflow_ui(first_sweep, mlflow_server, 
             assert (tmp_path / "pareto.png").stat().st_size > 10_000
             front = frame.locator("svg[data-axis]:visible circle.pt.front").first
             row = table["rows"][int(front.get_attribute("data-row"))]
+            run_name = client.get_run(row["run_id"]).info.run_name
             front.hover()
             assert row["run_id"] in frame.locator("#pxd-selected").text_content()
             tooltip = front.locator("title").text_content()
             assert row["arch"] in tooltip and f"run {row['run_id']}" in tooltip and "val_top1" in tooltip
-            front.dispatch_event("click")
-            page.wait_for_timeout(3000)
+            if "allow-popups" not in (page.locator("iframe.mlflow-html-iframe").get_attribute("sandbox") or ""):
+                front.click()  # the sandbox blocks the new tab: the page stays and says what opens the run
+                expect(frame.locator("#pxd-open")).to_contain_text(
+                    f"Ctrl-click (Cmd-click on a Mac) or middle-click the point, or this link, to open run {row['run_id']}")
+                expect(front).to_be_visible()
+                assert len(context.pages) == 1
+            with context.expect_page(timeout=30_000) as opened:
+                front.click(modifiers=["ControlOrMeta"])
+            tab = opened.value
+            expect(tab.get_by_text(run_name, exact=True).first).to_be_visible(timeout=60_000)  # the run's own page
+            expect(tab.get_by_text(row["run_id"]).first).to_be_visible()
+            tab.screenshot(path=str(tmp_path / "run.png"))
+            navigated.append(tab.url)  # a new tab's first navigation can precede its framenavigated hook
+            # the address pxd prints, in a fresh browser (MLflow would otherwise open its GenAI view)
+            address = re.search(r"https?://\S+", experiment_page(outcome.ui, outcome.experiment_id)).group(0)
+            fresh = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+            fresh.goto(address)
+            sweep_run = client.get_run(outcome.parent_run_id).info.run_name
+            expect(fresh.get_by_text(sweep_run, exact=True).first).to_be_visible(timeout=60_000)
+            expect(fresh.get_by_text("Model registry", exact=True).first).to_be_visible()  # its sidebar, not GenAI's
+            assert f"/#/experiments/{outcome.experiment_id}/runs?" in fresh.url  # GenAI's would move to its overview
         finally:
             browser.close()
     assert any(u.endswith(f"/#/experiments/{outcome.experiment_id}/runs/{row['run_id']}") for u in navigated), navigated
