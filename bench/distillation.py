@@ -15,7 +15,10 @@ student budget (epochs, data, crops, initial weights):
     tas_no_init   the same, student from scratch (the paper's TAS)
 
 Distilled variants use pxd's DistillConfig defaults (the paper's α = 0.9, T = 4, η) unless flags say
-otherwise. The teacher, the assistant and the CE model at R are trained once per seed and shared.
+otherwise. The teacher, the assistant and the CE model at R are trained once per seed and shared; with
+`--teacher-checkpoint` every seed distils from that one stored teacher (a sweep's teacher stage, downloaded
+from its MLflow run: `stage/checkpoint.pt`), as a team reuses one teacher across sweeps. `--variants` picks
+the variants to run; Δ vs ce is paired by seed, with its 95 % interval (Student's t over the seeds).
 
     PYTHONPATH=. python bench/distillation.py                     # synthetic set at 64 px, seeds 0 1 2
     PYTHONPATH=. python bench/distillation.py --dataset ../shared/datasets/flowers128 --seeds 0 1 2
@@ -82,16 +85,18 @@ def base_config(args: argparse.Namespace, seed: int, student_resolution: int) ->
     else:  # an ImageFolder tree, every image (`load_bench_data` caps the training images)
         dataset = {"kind": "imagefolder", "path": args.dataset, "image_size": args.resolution,
                    "train_per_class": 0, "val_per_class": 0}
-    distill = {"temperature": args.temperature}
-    if args.kd is not None:
-        distill["kd"] = args.kd
-    if args.isrd is not None:
-        distill["isrd"] = args.isrd
+    distill = {}
+    for name in ("kd", "temperature", "isrd", "attention"):
+        if getattr(args, name) is not None:
+            distill[name] = getattr(args, name)
+    teacher = {"arch": args.teacher, "resolution": args.resolution, "epochs": args.teacher_epochs}
+    if args.teacher_checkpoint is not None:  # one stored teacher for every seed, used as is
+        teacher.update(checkpoint=str(args.teacher_checkpoint), epochs=0)
     return PipelineConfig.from_dict({
         "name": "bench-distillation",
         "seed": seed,
         "dataset": dataset,
-        "teacher": {"arch": args.teacher, "resolution": args.resolution, "epochs": args.teacher_epochs},
+        "teacher": teacher,
         "student": {"arch": args.student, "resolution": student_resolution},
         "distill": distill,
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "device": args.device,
@@ -178,13 +183,13 @@ def run_seed(args: argparse.Namespace, seed: int, started: float) -> dict[int, d
     for resolution in args.student_resolutions:
         cfg = base_config(args, seed, resolution)
         data = data or load_bench_data(cfg, args, seed)
-        if high_ce_state is None:
+        if high_ce_state is None and "ce_init" in args.variants:
             high, high_ce_state = run_ce(cfg, data, cfg.teacher.resolution, _printer(seed, f"ce@{cfg.teacher.resolution}", started))
             runs[cfg.teacher.resolution] = {"ce": high}
         row: dict[str, dict[str, float]] = {}
         tag = f"@{resolution}"
         row["ce"], _ = run_ce(cfg, data, resolution, _printer(seed, "ce" + tag, started))
-        if not args.no_ceiling:
+        if not args.no_ceiling and "ce_10x" in args.variants:
             if cfg.dataset.kind == "synthetic":  # 10× the images (the val split does not change)
                 more = dataclasses.replace(cfg.dataset, train_per_class=cfg.dataset.train_per_class * CEILING_FACTOR)
                 big = load_dataset(more, seed)
@@ -193,8 +198,11 @@ def run_seed(args: argparse.Namespace, seed: int, started: float) -> dict[int, d
             else:
                 row["ce_10x"], _ = run_ce(cfg, data, resolution, _printer(seed, "ce_10x" + tag, started),
                                           epochs=cfg.student_epochs * CEILING_FACTOR)
-        row["ce_init"], _ = run_ce(cfg, data, resolution, _printer(seed, "ce_init" + tag, started), init=high_ce_state)
+        if "ce_init" in args.variants:
+            row["ce_init"], _ = run_ce(cfg, data, resolution, _printer(seed, "ce_init" + tag, started), init=high_ce_state)
         for name, overrides in DISTILL_VARIANTS.items():
+            if name not in args.variants:
+                continue
             variant = PipelineConfig.from_dict(_merge(cfg.to_dict(), overrides))
             row[name] = run_distilled(variant, data, cache, _printer(seed, name + tag, started))
         runs[resolution] = row
@@ -210,16 +218,31 @@ def _mean_spread(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {spread:.3f}"
 
 
+# two-sided 95 % quantiles of Student's t by degrees of freedom (seeds − 1)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired_interval(deltas: list[float]) -> tuple[float, float, float]:
+    """Mean of paired differences and its 95 % interval (t over the seeds; n = 1: no interval)."""
+    mean = statistics.fmean(deltas)
+    if len(deltas) < 2:
+        return mean, float("nan"), float("nan")
+    half = T95.get(len(deltas) - 1, 1.96) * statistics.stdev(deltas) / len(deltas) ** 0.5
+    return mean, mean - half, mean + half
+
+
 def summarise(per_seed: dict[int, dict[int, dict[str, dict[str, float]]]], args: argparse.Namespace) -> str:
     """Markdown tables; ± is the sample standard deviation over seeds, Δ is paired by seed."""
     seeds = sorted(per_seed)
     lines: list[str] = []
     high = args.resolution
-    high_ce = [per_seed[s][high]["ce"]["val_top1"] for s in seeds]
-    lines += [f"CE at the teacher's resolution {high}×{high} (student arch): {_mean_spread(high_ce)}"]
+    if high in per_seed[seeds[0]]:
+        high_ce = [per_seed[s][high]["ce"]["val_top1"] for s in seeds]
+        lines += [f"CE at the teacher's resolution {high}×{high} (student arch): {_mean_spread(high_ce)}"]
+    distilled = [n for n in DISTILL_VARIANTS if n in per_seed[seeds[0]][args.student_resolutions[0]]]
     for key in ("teacher_val_top1", "assistant_val_top1"):
-        values = [per_seed[s][args.student_resolutions[0]]["tas"].get(key) for s in seeds]
-        if all(v is not None for v in values):
+        values = [per_seed[s][args.student_resolutions[0]][n].get(key) for s in seeds for n in distilled]
+        if values and all(v is not None for v in values):
             lines.append(f"{key.replace('_val_top1', '')} val_top1 {_mean_spread(values)}")
     lines.append("")
     for resolution in args.student_resolutions:
@@ -229,13 +252,16 @@ def summarise(per_seed: dict[int, dict[int, dict[str, dict[str, float]]]], args:
             return [per_seed[s][resolution][name][metric] for s in seeds]
 
         lines += [f"student at {resolution}×{resolution} ({_count(seeds)})", "",
-                  "| variant | val_top1 | Δ vs ce (paired) | Δ vs ce_init (paired) | per seed | student s |",
-                  "|---|---|---|---|---|---|"]
+                  "| variant | val_top1 | Δ vs ce (paired) | 95 % interval | Δ vs ce_init (paired) | per seed | student s |",
+                  "|---|---|---|---|---|---|---|"]
         for name in names:
             delta_ce = [a - b for a, b in zip(column(name), column("ce"))]
-            delta_init = [a - b for a, b in zip(column(name), column("ce_init"))]
+            mean, low, high_end = paired_interval(delta_ce)
+            interval = "n/a" if low != low else f"[{low:+.3f}, {high_end:+.3f}]"
+            delta_init = (_mean_spread([a - b for a, b in zip(column(name), column("ce_init"))])
+                          if "ce_init" in names else "n/a")
             per = " ".join(f"{v:.3f}" for v in column(name))
-            lines.append(f"| {name} | {_mean_spread(column(name))} | {_mean_spread(delta_ce)} | {_mean_spread(delta_init)}"
+            lines.append(f"| {name} | {_mean_spread(column(name))} | {mean:+.3f} | {interval} | {delta_init}"
                          f" | {per} | {statistics.fmean(column(name, 'student_seconds')):.0f} |")
         lines.append("")
     return "\n".join(lines)
@@ -263,9 +289,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--teacher-epochs", type=int, default=30,
                         help="the teacher trains once per seed, to convergence (a user distils a good teacher)")
     parser.add_argument("--epochs", type=int, default=5, help="assistant and student epochs (every variant)")
-    parser.add_argument("--temperature", type=float, default=4.0, help="KD temperature T (pxd's default 4)")
+    parser.add_argument("--temperature", type=float, default=None, help="KD temperature T (default: pxd's)")
     parser.add_argument("--kd", type=float, default=None, help="α (default: pxd's DistillConfig default)")
     parser.add_argument("--isrd", type=float, default=None, help="ISRD weight η (default: pxd's DistillConfig default)")
+    parser.add_argument("--attention", type=float, default=None, help="attention-transfer weight (default: pxd's)")
+    parser.add_argument("--teacher-checkpoint", type=Path, default=None,
+                        help="one stored teacher for every seed (teacher.checkpoint; --teacher-epochs is then unused)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
+                        help="variants to run (ce always runs: every Δ is paired against it)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=None, help="SGD lr of every stage (default: pxd's train.lr)")
     parser.add_argument("--num-classes", type=int, default=8, help="synthetic only")

@@ -42,6 +42,7 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import subprocess
 import sys
 import threading
@@ -60,6 +61,7 @@ from tests.orchestrator.test_cluster import (
     REPO,
     Cluster,
     _admin_engine,
+    _descendants,
     _kill_tree,
     _pg_url,
     _postgres_unavailable,
@@ -69,6 +71,9 @@ from tests.orchestrator.test_cluster import (
 )
 
 SPACE = Path(__file__).resolve().parent / "scale.yaml"
+# pxd's driver asks for no worker logs (`log_to_driver=False`): a node's log monitor would only poll its files
+# (~60 MB and the most idle CPU of a node, each)
+RAY_NODE_ARGS = ("--include-log-monitor=false",)
 
 
 @dataclass
@@ -84,6 +89,7 @@ class ScaleSettings:
     sampler_budget_s: float = 600.0
     page_points: int = 1000  # 0: no page
     timeout_s: float = 4 * 3600.0  # a guard against a sweep that never ends; nothing asserts on durations
+    logs: str | None = None  # a folder the server's and the driver's logs are copied to before the cluster stops
 
     @property
     def slots(self) -> int:
@@ -192,7 +198,7 @@ class NodeKiller(threading.Thread):
         try:
             while not self.stop.wait(1.0):
                 if self._complete(engine) >= int(self.settings.kill_node_at or 0):
-                    index = len(self.cluster.workers) // 2
+                    index = self._node_with_a_trial()
                     _kill_tree(self.cluster.workers[index])
                     self.killed = {"node_index": index, "at_complete": self._complete(engine), "at": time.time()}
                     print(f"[scale] killed worker node {index} at {self.killed['at_complete']} complete trials",
@@ -200,6 +206,15 @@ class NodeKiller(threading.Thread):
                     return
         finally:
             engine.dispose()
+
+    def _node_with_a_trial(self) -> int:
+        """A worker node that holds a trial's process (Tune's actor, `ray::ImplicitFunc`), else the middle one."""
+        for index, node in enumerate(self.cluster.workers):
+            for pid in _descendants(node.pid):
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ImplicitFunc"):
+                        return index
+        return len(self.cluster.workers) // 2
 
     @staticmethod
     def _complete(engine: sa.Engine) -> int:
@@ -218,13 +233,17 @@ def run_scale(settings: ScaleSettings, *, progress: bool = True) -> dict[str, An
     load_before = os.getloadavg()
     with fresh_databases() as names:
         started = time.perf_counter()
-        with running_cluster(names, head_cpus=0, worker_cpus=(1,) * settings.nodes,
-                             env_extra=node_environment(settings)) as cluster:
+        with running_cluster(names, head_cpus=0, worker_cpus=(1,) * settings.nodes, env_extra=node_environment(settings),
+                             ray_args=RAY_NODE_ARGS) as cluster:
             cluster_start_s = time.perf_counter() - started
             if progress:
                 print(f"[scale] {settings.nodes} worker nodes + head and mlflow server up in {cluster_start_s:.0f} s; "
                       f"sweep of {settings.trials} trials, {settings.slots} at a time ...", file=sys.stderr, flush=True)
             driver = run_driver(cluster, settings)
+            if settings.logs:
+                Path(settings.logs).mkdir(parents=True, exist_ok=True)
+                for log in ("mlflow.log", "driver.log"):
+                    shutil.copy(cluster.workdir / log, Path(settings.logs) / log)
             if driver.returncode != 0:
                 raise RuntimeError(f"pxd sweep exited {driver.returncode}:\n{_tail(driver.log, 60)}")
             requests = request_counts(cluster.workdir / "mlflow.log", since=driver.started, until=driver.ended)
@@ -279,12 +298,13 @@ def main() -> int:
                         help="samplers whose ask+tell is timed at 100/500/1,000 trials (none: skip)")
     parser.add_argument("--sampler-budget-s", type=float, default=600.0, help="per sampler; gp stops early")
     parser.add_argument("--page-points", type=int, default=1000, help="points of the Pareto page timed (0: skip)")
+    parser.add_argument("--logs", default=None, help="copy the tracking server's and the driver's logs here")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     settings = ScaleSettings(trials=args.trials, nodes=args.nodes, concurrency=args.concurrency, sampler=args.sampler,
                              kill_node_at=args.kill_node_at, seconds_per_epoch=args.seconds_per_epoch,
                              samplers=args.samplers, sampler_budget_s=args.sampler_budget_s,
-                             page_points=args.page_points)
+                             page_points=args.page_points, logs=args.logs)
     result = run_scale(settings)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     from bench.scale_readback import summary  # the printed table

@@ -75,6 +75,8 @@ def read_back(cluster: Cluster, settings: ScaleSettings, driver: Driver, request
         "trials_complete": len(per_trial),
         "trials_completed_twice": sum(count > 1 for count in per_trial.values()),
         "trial_runs": len(runs),
+        "simulated_trial_runs": sum(r.data.tags.get(Tag.SIMULATED_TRAINING) == "true" for r in runs),
+        "nodes_used": len({r.data.tags.get(Tag.NODE_ID) for r in complete}),
         "optuna_trials": dict(states),
         "runs_left_running": sum(left.values()),
         "left_running": left,

@@ -1,147 +1,296 @@
-"""Search quality and early stopping, on a tabular benchmark.
+"""Search quality and early stopping, replayed on a tabular benchmark.
 
-Every point of a small fixed space (bench/search_quality.yaml: 3 student architectures × 5 input
-sizes × 2 KD temperatures) is trained once through pxd's pipeline (bench/search_table.py); then
+Every point of a space whose parameters are all choices is trained with `--seeds` training seeds through
+pxd's pipeline (bench/search_table.py; the table is written after each point and a build resumes). Then:
 
-  2a  each sampler (pxd's default TPE as the space configures it, NSGA-II, GP, random), over several
-      seeds, runs an Optuna study with pxd's objectives and directions, built with pxd's own
-      `sampler_for` and `suggest_all`, whose trials look their results up in the table. After each
-      trial: the normalised hypervolume of the trials so far (`IncrementalFrontier`), as a fraction of
-      the whole grid's (the true frontier's). Reported at N = 1/6, 1/3, 1/2 of the grid size.
-  2b  every grid point, in a seeded order with a simulated concurrency, is replayed through pxd's
-      `MOASHA` scheduler (its `on_trial_result` on the per-epoch results a trial reports) against no
-      early stopping: the hypervolume of the trials that complete, and the student epochs trained.
+  samplers   each sampler (pxd's TPE as the space configures it, NSGA-II, GP, random, and grid as the
+             reference; `tpe:n_startup_trials=4` names a variant) runs an Optuna study with pxd's
+             objectives, directions, `sampler_for` and `suggest_all` whose trials look their values up in
+             the table, `--replays` times (seeds 0 … n−1). After each trial: the normalised hypervolume of
+             the trials so far as a fraction of the whole grid's, and the share of the grid's frontier
+             points among them. Median and IQR at 1/8, 1/4, 1/3 and 1/2 of the grid; each sampler against
+             random, paired by replay seed (Wilcoxon signed-rank, two-sided).
+  early      every grid point, in a seeded order `--concurrency` at a time, replayed through pxd's `MOASHA`
+             on the stored per-epoch curves, with both of its rules (keep_front and classic) against no
+             early stopping: student epochs spent, hypervolume and frontier share kept, same seeds.
 
-    PYTHONPATH=. python bench/search_quality.py --table search_quality_table.json \\
-        --plot search_quality.png --out results.json
+A point's value is the mean over its training seeds; with `--noise` each trial is told one training
+seed's value instead (drawn per trial), while what a search found is always scored on the means. The
+accuracy axis of the hypervolume starts at `--accuracy-reference`: `ce_floor` (the lowest mean val_top1 of
+a CE control over the space's students; the default when the table has controls), `chance`
+(1 / classes), `space` (the space's search.reference_point) or a number; the cost axes keep the space's.
 
-The table (minutes of training) is saved to `--table` and reused when it exists.
+    PYTHONPATH=. python bench/search_quality.py --space bench/search_quality_flowers128.yaml --seeds 0 1 2 \\
+        --table search_quality_table_flowers128.json --plot curves.png --out results.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from math import lgamma
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import optuna
+import timm
+import torch
+import yaml
 
-from bench.search_table import SearchTable, TablePoint, check_complete, load_or_build_table, objective_values, point_key
+from bench.search_table import (
+    SearchTable,
+    TablePoint,
+    check_complete,
+    load_or_build_table,
+    objective_values,
+    point_key,
+)
 from orchestrator.driver.early_stopping import MOASHA
 from orchestrator.results.frontier import IncrementalFrontier
+from orchestrator.results.pareto import non_dominated_mask, normalise
 from orchestrator.results.schema import epoch_metric
 from orchestrator.space.distributions import suggest_all
-from orchestrator.space.samplers import sampler_for
+from orchestrator.space.samplers import SamplerConfig, check_sampler, sampler_for
 from orchestrator.space.search import optuna_directions
 from orchestrator.space.spec import SweepSpec, load_spec
+from pxd.errors import ConfigError
 
-__all__ = ["BUDGET_FRACTIONS", "hypervolume_curve", "sampler_curve", "summarise_curves", "quality_targets",
-           "replay_early_stopping", "main"]
+try:  # the paired test; without scipy an exact sign test is used, and the output names which
+    from scipy import stats
+except ImportError:  # pragma: no cover - scipy comes with optuna's GP sampler
+    stats = None
+PAIRED_TEST = "Wilcoxon signed-rank, two-sided" if stats is not None else "exact sign test, two-sided (no scipy)"
+
+__all__ = ["BUDGET_FRACTIONS", "Scoring", "accuracy_reference", "early_stopping_runs", "main", "paired_test",
+           "replay_early_stopping", "replay_sampler", "sampler_replays", "scoring_for", "spread", "summarise"]
 
 DEFAULT_SPACE = Path(__file__).with_name("search_quality.yaml")
-COMPARED_SAMPLERS = ("tpe", "nsga2", "gp", "random")
-BUDGET_FRACTIONS = (1 / 6, 1 / 3, 1 / 2)  # of the grid size
-TARGET_FRACTION_OF_GRID = 0.90  # target: default sampler, ≤ 1/3 of the grid's trials, median of seeds
-TARGET_BUDGET_FRACTION = 1 / 3
-TARGET_EARLY_HYPERVOLUME = 0.95  # target: early stopping keeps ≥ 95 % of the hypervolume ...
-TARGET_EARLY_EPOCHS = 0.60  # ... at ≤ 60 % of the trained epochs
-
-
-def hypervolume_curve(points: Sequence[TablePoint], spec: SweepSpec) -> list[float]:
-    """The normalised hypervolume after each point, in order (pxd's live-frontier computation)."""
-    search = spec.require_search()
-    front = IncrementalFrontier(search.objective_pairs, search.reference_point, search.ideal_point)
-    curve = []
-    for point in points:
-        front.add(point.metrics)
-        curve.append(float(front.normalised))
-    return curve
-
-
-def grid_hypervolume(table: SearchTable, spec: SweepSpec) -> float:
-    return hypervolume_curve(table.points, spec)[-1]
-
-
-def sampler_trials(table: SearchTable, spec: SweepSpec, sampler_name: str, seed: int, trials: int) -> list[TablePoint]:
-    """The table rows an Optuna study with pxd's sampler, objectives and directions asks for, in order.
-    A repeated point counts as a trial (a sweep would run it again). The space's own sampler keeps
-    the space's options (the quickstart's TPE: `n_startup_trials: 4`); the others use Optuna's defaults."""
-    search = spec.require_search()
-    options = search.sampler.options if sampler_name == search.sampler.name else {}
-    sampler = sampler_for(replace(search.sampler, name=sampler_name, seed=seed, options=options), spec.params)
-    study = optuna.create_study(directions=optuna_directions(search.objective_modes), sampler=sampler)
-    rows = table.lookup()
-    asked = []
-    for _ in range(trials):
-        trial = study.ask()
-        point = rows[point_key(suggest_all(spec.params, trial))]
-        study.tell(trial, objective_values(point, search.objective_pairs))
-        asked.append(point)
-    return asked
-
-
-def sampler_curve(table: SearchTable, spec: SweepSpec, sampler_name: str, seed: int, trials: int) -> list[float]:
-    """Fraction of the grid's normalised hypervolume reached after each trial."""
-    grid = grid_hypervolume(table, spec)
-    return [value / grid for value in hypervolume_curve(sampler_trials(table, spec, sampler_name, seed, trials), spec)]
-
-
-def budgets(grid_size: int) -> list[int]:
-    return [max(1, round(grid_size * fraction)) for fraction in BUDGET_FRACTIONS]
-
-
-def summarise_curves(curves: dict[str, list[list[float]]], at: Sequence[int]) -> dict[str, dict[int, dict[str, float]]]:
-    """Per sampler and budget N (trials): median, 25th and 75th percentile over seeds of the fraction."""
-    summary: dict[str, dict[int, dict[str, float]]] = {}
-    for name, per_seed in curves.items():
-        summary[name] = {}
-        for n in at:
-            values = np.array([curve[n - 1] for curve in per_seed])
-            low, median, high = np.percentile(values, [25, 50, 75])
-            summary[name][n] = {"median": float(median), "q25": float(low), "q75": float(high)}
-    return summary
-
-
-def quality_targets(summary: dict[str, dict[int, dict[str, float]]], default: str, grid_size: int) -> dict[str, Any]:
-    """The search-quality targets, with the margin (positive: met by that much; negative: missed by that much)."""
-    budget = max(1, int(grid_size * TARGET_BUDGET_FRACTION))  # "≤ 1/3 of the grid's trials"
-    reached = summary[default][budget]["median"]
-    margins = {n: summary[default][n]["median"] - summary["random"][n]["median"] for n in summary[default]}
-    return {"budget": budget, "default_median": reached,
-            "reaches_90": reached >= TARGET_FRACTION_OF_GRID, "margin_90": reached - TARGET_FRACTION_OF_GRID,
-            "beats_random": margins.get(budget, float("nan")) > 0, "margin_vs_random": margins}
+COMPARED_SAMPLERS = ("tpe", "nsga2", "gp", "random", "grid")
+BASELINE = "random"
+BUDGET_FRACTIONS = (1 / 8, 1 / 4, 1 / 3, 1 / 2)  # of the grid size
+ACCURACY_REFERENCES = ("ce_floor", "chance", "space")
+SIGNIFICANCE = 0.05  # a sampler "beats random" at a budget when its paired p is below this and its median difference > 0
+TIE = 1e-12  # paired differences this small are ties (the same points found)
 
 
 # ---------------------------------------------------------------------------------------------
-# 2b: early stopping replayed through pxd's scheduler
+# scoring: hypervolume as a fraction of the grid's, and the share of the grid's frontier recovered
 
 
-def replay_early_stopping(points: Sequence[TablePoint], spec: SweepSpec, concurrency: int,
-                          stopping: bool, keep_front: bool | None = None) -> dict[str, Any]:
-    """Run `points` as trials, `concurrency` at a time in the given order, every student epoch one
-    time unit (ties: the trial started first reports first). Each epoch's result goes through
-    `MOASHA.on_trial_result` as a trial reports it (`orchestrator.worker.trial`); a STOP ends the trial there.
-    `keep_front`: the scheduler's (default: the space's `search.early_stopping.keep_front`).
-    Returns which trials completed, the student epochs trained and the hypervolume of the complete ones."""
+@dataclass(frozen=True)
+class Scoring:
+    """How a set of trials is scored, always on the points' mean values."""
+
+    objectives: tuple[tuple[str, str], ...]
+    reference: dict[str, float]
+    ideal: dict[str, float]
+    frontier: frozenset[str]  # point keys of the grid's frontier (mean values)
+    grid_hypervolume: float  # normalised
+    accuracy: dict[str, Any]  # the accuracy reference: rule, value, what it means
+
+    def _front(self) -> IncrementalFrontier:
+        return IncrementalFrontier(self.objectives, self.reference, self.ideal)
+
+    def hypervolume_curve(self, points: Sequence[TablePoint]) -> list[float]:
+        """The fraction of the grid's normalised hypervolume after each point."""
+        front, curve = self._front(), []
+        for point in points:
+            front.add(point.metrics())
+            curve.append(float(front.normalised) / self.grid_hypervolume)
+        return curve
+
+    def recovered_curve(self, points: Sequence[TablePoint]) -> list[float]:
+        """The share of the grid's frontier points among the points so far, after each point."""
+        found, curve = set(), []
+        for point in points:
+            if point_key(point.params) in self.frontier:
+                found.add(point_key(point.params))
+            curve.append(len(found) / len(self.frontier))
+        return curve
+
+
+def accuracy_reference(table: SearchTable, spec: SweepSpec, rule: str) -> dict[str, Any]:
+    """The accuracy axis' reference: `ce_floor`, `chance`, `space` or a number, with what it means."""
+    if rule == "ce_floor":
+        if not table.has_controls:
+            raise ConfigError("--accuracy-reference", "ce_floor needs CE controls in the table; build it from a "
+                                                      "space with search.ce_control: true, or use chance")
+        value = min(float(np.mean(point.ce_val_top1)) for point in table.points)
+        meaning = "the space's CE floor: the lowest mean val_top1 of a CE control (labels only) over its students"
+    elif rule == "chance":
+        value, meaning = 1.0 / table.num_classes, f"chance: 1 / {table.num_classes} classes"
+    elif rule == "space":
+        value, meaning = spec.require_search().reference_point["val_top1"], "the space's search.reference_point"
+    else:
+        try:
+            value, meaning = float(rule), "set on the command line"
+        except ValueError:
+            raise ConfigError("--accuracy-reference", f"got {rule!r}; use {', '.join(ACCURACY_REFERENCES)} "
+                                                      "or a val_top1 value such as 0.25") from None
+    return {"rule": rule, "val_top1": float(value), "meaning": meaning}
+
+
+def scoring_for(table: SearchTable, spec: SweepSpec, rule: str) -> Scoring:
     search = spec.require_search()
-    early = search.early_stopping
-    epochs = len(points[0].student_val_top1)
+    objectives = tuple((name, str(mode)) for name, mode in search.objective_pairs)
+    accuracy = accuracy_reference(table, spec, rule)
+    reference = {**search.reference_point, "val_top1": accuracy["val_top1"]}
+    values = normalise([objective_values(point, objectives) for point in table.points], [m for _, m in objectives])
+    mask = non_dominated_mask(values)
+    frontier = frozenset(point_key(point.params) for point, on in zip(table.points, mask) if on)
+    front = IncrementalFrontier(objectives, reference, search.ideal_point)
+    for point in table.points:
+        front.add(point.metrics())
+    if not front.hypervolume > 0:
+        raise ConfigError("--accuracy-reference", f"no point of the table beats the reference {reference} on every "
+                                                  "objective, so every hypervolume is 0; lower the accuracy reference")
+    return Scoring(objectives, reference, dict(search.ideal_point), frontier, float(front.normalised), accuracy)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampler replays
+
+
+def parse_sampler(text: str, spec: SweepSpec) -> SamplerConfig:
+    """`name` or `name:option=value,...`. The space's own sampler, named alone, keeps the space's options."""
+    name, _, options_text = text.partition(":")
+    search = spec.require_search()
+    options: dict[str, Any] = dict(search.sampler.options) if name == search.sampler.name and not options_text else {}
+    for item in filter(None, options_text.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise ConfigError("--samplers", f"{text!r}: write options as name:key=value,key=value")
+        options[key.strip()] = yaml.safe_load(value)
+    return check_sampler(SamplerConfig(name=name, seed=0, options=options), 0, spec.params)
+
+
+def replay_sampler(table: SearchTable, spec: SweepSpec, sampler: SamplerConfig, seed: int, trials: int,
+                   noise: bool = False) -> list[TablePoint]:
+    """The table rows an Optuna study with pxd's sampler, objectives and directions asks for, in order. A
+    repeated point counts as a trial (a sweep would run it again). Each trial is told the point's mean over
+    training seeds, or with `noise` one seed's value, drawn per trial."""
+    search = spec.require_search()
+    study = optuna.create_study(directions=optuna_directions(search.objective_modes),
+                                sampler=sampler_for(replace(sampler, seed=seed), spec.params))
+    rows, draws = table.lookup(), np.random.default_rng([seed, 1])
+    asked = []
+
+    def objective(trial: optuna.Trial) -> list[float]:
+        point = rows[point_key(suggest_all(spec.params, trial))]
+        seed_index = int(draws.integers(len(point.seeds))) if noise else None
+        asked.append(point)
+        return objective_values(point, search.objective_pairs, seed_index)
+
+    # optimize, not ask/tell: the grid sampler stops the study once its grid is done, which only works here
+    study.optimize(objective, n_trials=trials)
+    return asked
+
+
+def sampler_replays(table: SearchTable, spec: SweepSpec, scoring: Scoring, sampler: SamplerConfig,
+                    replays: Sequence[int], trials: int, noise: bool) -> list[dict[str, Any]]:
+    """One record per replay seed: the points asked and, after each trial, the fraction of the grid's
+    hypervolume and the share of its frontier recovered."""
+    records = []
+    for seed in replays:
+        asked = replay_sampler(table, spec, sampler, seed, trials, noise)
+        records.append({"seed": seed, "points": [point_key(point.params) for point in asked],
+                        "hypervolume": scoring.hypervolume_curve(asked), "recovered": scoring.recovered_curve(asked),
+                        "distinct": len({point_key(point.params) for point in asked})})
+    return records
+
+
+def budgets(grid_size: int) -> list[int]:
+    return sorted({max(1, round(grid_size * fraction)) for fraction in BUDGET_FRACTIONS})
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median and interquartile range (25th, 75th percentile)."""
+    low, median, high = np.percentile(np.asarray(values, dtype=float), [25, 50, 75])
+    return {"median": float(median), "q25": float(low), "q75": float(high)}
+
+
+def paired_test(values: Sequence[float], baseline: Sequence[float]) -> dict[str, Any]:
+    """Two-sided paired test of `values` against `baseline` (same replay seeds): Wilcoxon signed-rank
+    (zero differences dropped), or an exact sign test without scipy. All differences zero: p = 1."""
+    differences = np.asarray(values, dtype=float) - np.asarray(baseline, dtype=float)
+    differences[np.abs(differences) <= TIE] = 0.0
+    wins, losses = int((differences > 0).sum()), int((differences < 0).sum())
+    result = {"n": len(differences), "wins": wins, "losses": losses, "ties": len(differences) - wins - losses,
+              "median_difference": float(np.median(differences)) if len(differences) else 0.0}
+    if wins + losses == 0:
+        return {**result, "test": "none: every difference is zero", "p_value": 1.0}
+    if stats is not None:
+        test = stats.wilcoxon(differences, zero_method="wilcox", alternative="two-sided")
+        return {**result, "test": "wilcoxon signed-rank (scipy)", "p_value": float(test.pvalue)}
+    return {**result, "test": "exact sign test", "p_value": sign_test(wins, losses)}
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact binomial p-value of `wins` out of `wins + losses` at 1/2."""
+    n, extreme = wins + losses, min(wins, losses)
+    tail = sum(np.exp(_log_choose(n, k) - n * np.log(2.0)) for k in range(extreme + 1))
+    return float(min(1.0, 2.0 * tail))
+
+
+def _log_choose(n: int, k: int) -> float:
+    return lgamma(n + 1) - lgamma(k + 1) - lgamma(n - k + 1)
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]], at: Sequence[int], baseline: str = BASELINE) -> dict[str, Any]:
+    """Per sampler and budget N: the spread of the hypervolume fraction, the frontier share and the distinct
+    points, and each paired test against `baseline` (same replay seeds); per budget, the best median."""
+    summary: dict[str, Any] = {"samplers": {}, "verdicts": {}}
+    for name, records in runs.items():
+        cells = {}
+        for n in at:
+            cell = {metric: spread([record[metric][n - 1] for record in records]) for metric in ("hypervolume", "recovered")}
+            if baseline in runs and name != baseline:
+                for metric in ("hypervolume", "recovered"):
+                    cell[f"{metric}_vs_{baseline}"] = paired_test([r[metric][n - 1] for r in records],
+                                                                  [r[metric][n - 1] for r in runs[baseline]])
+            cells[n] = cell
+        summary["samplers"][name] = cells
+    for n in at:
+        contenders = [name for name in runs if name not in (baseline, "grid")]
+        if baseline not in runs or not contenders:
+            continue
+        best = max(contenders, key=lambda name: summary["samplers"][name][n]["hypervolume"]["median"])
+        test = summary["samplers"][best][n][f"hypervolume_vs_{baseline}"]
+        summary["verdicts"][n] = {"best": best, "median_difference": test["median_difference"],
+                                  "p_value": test["p_value"],
+                                  "beats_random": test["p_value"] < SIGNIFICANCE and test["median_difference"] > 0}
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# early stopping replayed through pxd's scheduler
+
+
+def replay_early_stopping(points: Sequence[TablePoint], spec: SweepSpec, scoring: Scoring, concurrency: int,
+                          stopping: bool, keep_front: bool = True, seed_indices: Sequence[int | None] | None = None,
+                          ) -> dict[str, Any]:
+    """Run `points` as trials, `concurrency` at a time in the given order, every student epoch one time unit
+    (ties: the trial started first reports first). Each epoch's `val_top1` (the mean curve, or seed
+    `seed_indices[i]`'s) goes through `MOASHA.on_trial_result` as a trial reports it; a STOP ends the trial.
+    The trials that complete are scored on their mean values."""
+    early = replace(spec.require_search().early_stopping, keep_front=keep_front)
+    curves = [point.curve(None if seed_indices is None else seed_indices[i]) for i, point in enumerate(points)]
+    epochs = len(curves[0])
     with tempfile.TemporaryDirectory(prefix="pxd-bench-moasha-") as state_dir:
-        if keep_front is not None:
-            early = replace(early, keep_front=keep_front)
-        scheduler = MOASHA.from_config(search.objective_pairs, early, max_t=epochs,
+        scheduler = MOASHA.from_config(spec.require_search().objective_pairs, early, max_t=epochs,
                                        state_path=Path(state_dir) / "early_stopping.json")
-        queue = list(range(len(points)))
-        running: dict[int, int] = {}  # trial index → epochs trained
+        queue, running = list(range(len(points))), {}  # trial index → epochs trained
         trained, complete, stopped_at = 0, [], {}
         while queue or running:
             while queue and len(running) < concurrency:
@@ -149,9 +298,9 @@ def replay_early_stopping(points: Sequence[TablePoint], spec: SweepSpec, concurr
             for index in sorted(running):  # one time unit: every running trial trains one epoch
                 running[index] += 1
                 trained += 1
-                epoch, point = running[index], points[index]
-                result = {"stage": "student", "epoch": epoch, epoch_metric("student"): point.student_val_top1[epoch - 1],
-                          **{name: point.metrics[name] for name in ("gmacs", "params_m", "pixels")}}
+                epoch = running[index]
+                result = {"stage": "student", "epoch": epoch, epoch_metric("student"): curves[index][epoch - 1],
+                          **points[index].costs}
                 decision = scheduler.on_trial_result(None, SimpleNamespace(trial_id=str(index)), result) if stopping else "CONTINUE"
                 if decision == "STOP":
                     stopped_at[index] = epoch
@@ -159,118 +308,105 @@ def replay_early_stopping(points: Sequence[TablePoint], spec: SweepSpec, concurr
                 elif epoch == epochs:
                     complete.append(index)
                     del running[index]
-    curve = hypervolume_curve([points[i] for i in sorted(complete)], spec)
+    kept = [points[i] for i in sorted(complete)]
     return {"complete": sorted(complete), "stopped_at": stopped_at, "student_epochs": trained,
-            "hypervolume": curve[-1] if curve else 0.0}
+            "hypervolume": scoring.hypervolume_curve(kept)[-1] if kept else 0.0,
+            "recovered": scoring.recovered_curve(kept)[-1] if kept else 0.0}
 
 
-def early_stopping_runs(table: SearchTable, spec: SweepSpec, seeds: Sequence[int], concurrency: int) -> list[dict[str, Any]]:
+EARLY_RULES = {"keep_front": True, "classic": False}  # MO-ASHA's two rules (orchestrator/driver/early_stopping.py)
+
+
+def early_stopping_runs(table: SearchTable, spec: SweepSpec, scoring: Scoring, replays: Sequence[int],
+                        concurrency: int, noise: bool) -> list[dict[str, Any]]:
+    """Per replay seed: a seeded order of every grid point (with `noise`, a seeded draw of one training
+    seed per point), replayed with no early stopping and with each MO-ASHA rule."""
     runs = []
-    for seed in seeds:
+    for seed in replays:
         order = np.random.default_rng(seed).permutation(len(table.points))
         points = [table.points[i] for i in order]
-        plain = replay_early_stopping(points, spec, concurrency, stopping=False)
-        moasha = replay_early_stopping(points, spec, concurrency, stopping=True)
-        # the other ranking rule, on the same orders: classic MO-ASHA when the space keeps the front
-        other = replay_early_stopping(points, spec, concurrency, stopping=True,
-                                      keep_front=not spec.require_search().early_stopping.keep_front)
-        runs.append({"seed": seed, "order": [point_key(p.params) for p in points], "none": plain, "moasha": moasha,
-                     "hypervolume_ratio": moasha["hypervolume"] / plain["hypervolume"],
-                     "epoch_ratio": moasha["student_epochs"] / plain["student_epochs"],
-                     "other_rule": other, "other_hypervolume_ratio": other["hypervolume"] / plain["hypervolume"],
-                     "other_epoch_ratio": other["student_epochs"] / plain["student_epochs"]})
+        draws = np.random.default_rng([seed, 2])
+        seed_indices = [int(draws.integers(len(p.seeds))) for p in points] if noise else None
+        none = replay_early_stopping(points, spec, scoring, concurrency, stopping=False, seed_indices=seed_indices)
+        run = {"seed": seed, "order": [point_key(p.params) for p in points], "none": none}
+        for rule, keep_front in EARLY_RULES.items():
+            replayed = replay_early_stopping(points, spec, scoring, concurrency, True, keep_front, seed_indices)
+            replayed["epoch_ratio"] = replayed["student_epochs"] / none["student_epochs"]
+            replayed["hypervolume_kept"] = replayed["hypervolume"] / none["hypervolume"]
+            run[rule] = replayed
+        runs.append(run)
     return runs
 
 
-def summarise_early(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    def spread(key: str) -> dict[str, float]:
-        low, median, high = np.percentile([run[key] for run in runs], [25, 50, 75])
-        return {"median": float(median), "q25": float(low), "q75": float(high)}
-
-    hypervolume, epochs = spread("hypervolume_ratio"), spread("epoch_ratio")
-    return {"hypervolume_ratio": hypervolume, "epoch_ratio": epochs,
-            "other_hypervolume_ratio": spread("other_hypervolume_ratio"), "other_epoch_ratio": spread("other_epoch_ratio"),
-            "keeps_95": hypervolume["median"] >= TARGET_EARLY_HYPERVOLUME,
-            "margin_95": hypervolume["median"] - TARGET_EARLY_HYPERVOLUME,
-            "at_most_60": epochs["median"] <= TARGET_EARLY_EPOCHS, "margin_60": TARGET_EARLY_EPOCHS - epochs["median"]}
+def summarise_early(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    return {rule: {metric: spread([run[rule][metric] for run in runs])
+                   for metric in ("epoch_ratio", "hypervolume_kept", "recovered")} for rule in EARLY_RULES}
 
 
 # ---------------------------------------------------------------------------------------------
 # report
 
 
-def _rule(keep_front: bool) -> str:
-    return ("keep_front: the rung's Pareto front always goes on" if keep_front
-            else "keep_front: false, classic MO-ASHA: only the best ⌈n/η⌉ go on")
-
-
-def _spread(cell: dict[str, float]) -> str:
+def _cell(cell: dict[str, float]) -> str:
     return f"{cell['median']:.3f} [{cell['q25']:.3f}, {cell['q75']:.3f}]"
 
 
-def _verdict(met: bool, margin: float) -> str:
-    return f"met (by {margin:+.3f})" if met else f"MISSED by {-margin:.3f}"
+def _p(test: dict[str, Any] | None) -> str:
+    return "" if test is None else f" p={test['p_value']:.2g}"
 
 
 def format_report(result: dict[str, Any]) -> str:
-    grid_size, default = result["grid_size"], result["default_sampler"]
-    at = sorted(next(iter(result["quality"].values())))
-    lines = [f"(2a) search quality: fraction of the grid's normalised hypervolume ({result['grid_hypervolume']:.4f}, "
-             f"{grid_size} points, {result['grid_frontier']} on the frontier) after N trials; "
-             f"median [25th, 75th percentile] over {len(result['seeds'])} seeds", "",
-             "| sampler | " + " | ".join(f"N = {n} ({n / grid_size:.2g} of grid)" for n in at) + " | distinct points at N = "
-             f"{at[-1]} |", "|---|" + "---|" * (len(at) + 1)]
-    for name, cells in result["quality"].items():
-        label = f"{name} (pxd default)" if name == default else name
-        lines.append(f"| {label} | " + " | ".join(_spread(cells[n]) for n in at) +
-                     f" | {result['distinct'][name]:.1f} |")
-    targets = result["quality_targets"]
-    lines += ["", f"target: {default} reaches ≥ {TARGET_FRACTION_OF_GRID:.0%} of the grid's hypervolume with ≤ 1/3 of its "
-                  f"trials (N = {targets['budget']}): median {targets['default_median']:.3f}, "
-                  f"{_verdict(targets['reaches_90'], targets['margin_90'])}",
-              f"target: {default} beats random at equal budget (N = {targets['budget']}): "
-              f"{_verdict(targets['beats_random'], targets['margin_vs_random'][targets['budget']])}; median difference "
-              + ", ".join(f"N = {n}: {margin:+.3f}" for n, margin in targets["margin_vs_random"].items())]
-    early, summary = result["early_stopping"], result["early_summary"]
-    plain_epochs = early[0]["none"]["student_epochs"]
-    lines += ["", f"(2b) early stopping: every grid point once, seeded order, {result['concurrency']} at a time, "
-                  f"MO-ASHA {result['moasha']} vs none ({plain_epochs} student epochs, hypervolume "
-                  f"{early[0]['none']['hypervolume']:.4f})", "",
-              "| seed | complete trials | student epochs | epochs / none | hypervolume | hypervolume / none |",
-              "|---|---|---|---|---|---|"]
-    for run in early:
-        moasha = run["moasha"]
-        lines.append(f"| {run['seed']} | {len(moasha['complete'])} / {len(run['order'])} | {moasha['student_epochs']} | "
-                     f"{run['epoch_ratio']:.3f} | {moasha['hypervolume']:.4f} | {run['hypervolume_ratio']:.3f} |")
-    lines += [f"| median [IQR] | | | {_spread(summary['epoch_ratio'])} | | {_spread(summary['hypervolume_ratio'])} |", "",
-              f"target: ≥ {TARGET_EARLY_HYPERVOLUME:.0%} of the hypervolume: "
-              f"{_verdict(summary['keeps_95'], summary['margin_95'])}; at ≤ {TARGET_EARLY_EPOCHS:.0%} of the epochs: "
-              f"{_verdict(summary['at_most_60'], summary['margin_60'])}",
-              f"the other rule ({result['other_rule']}), same orders: {_spread(summary['other_epoch_ratio'])} of the "
-              f"epochs, {_spread(summary['other_hypervolume_ratio'])} of the hypervolume (median [IQR])"]
+    grid, at, summary = result["grid_size"], result["budgets"], result["summary"]
+    accuracy = result["accuracy_reference"]
+    lines = [(f"grid: {grid} points, {result['frontier_size']} on the frontier (mean over training seeds "
+             f"{result['training_seeds']}); normalised hypervolume {result['grid_hypervolume']:.4f}"),
+             (f"accuracy reference: val_top1 {accuracy['val_top1']:.4f} ({accuracy['meaning']}); "
+             f"cost axes: the space's reference {result['reference_point']}"),
+             f"values told to the samplers: {result['values']}; {len(result['replays'])} replays per sampler"]
+    for metric, title in (("hypervolume", "fraction of the grid's hypervolume"), ("recovered", ("share of the grid's "
+                                                                                  "frontier points recovered"))):
+        lines += ["", (f"{title}, median [IQR] after N trials; p: paired test against {BASELINE} "
+                      f"({result['test']})"), "",
+                  "| sampler | " + " | ".join(f"N = {n} of {grid}" for n in at) + " |", "|---|" + "---|" * len(at)]
+        for name, cells in summary["samplers"].items():
+            lines.append(f"| {name} | " + " | ".join(_cell(cells[n][metric]) + _p(cells[n].get(f"{metric}_vs_{BASELINE}"))
+                                                     for n in at) + " |")
+    for n, verdict in summary["verdicts"].items():
+        lines.append(f"N = {n}: highest median {verdict['best']}; its paired difference to {BASELINE}: median "
+                     f"{verdict['median_difference']:+.3f}, p={verdict['p_value']:.2g}: "
+                     + ("beats random" if verdict["beats_random"] else "not beyond random's spread"))
+    early = result["early_summary"]
+    lines += ["", (f"early stopping: every grid point once, {result['concurrency']} at a time, MO-ASHA "
+                  f"{result['moasha']}; median [IQR] over the same {len(result['replays'])} seeds"), "",
+              "| rule | student epochs / none | hypervolume kept | frontier share |", "|---|---|---|---|"]
+    for rule, cells in early.items():
+        lines.append(f"| {rule} | {_cell(cells['epoch_ratio'])} | {_cell(cells['hypervolume_kept'])} | "
+                     f"{_cell(cells['recovered'])} |")
     return "\n".join(lines)
 
 
-def plot_curves(curves: dict[str, list[list[float]]], default: str, grid_size: int, path: Path) -> None:
+def plot_curves(runs: dict[str, list[dict[str, Any]]], result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name, per_seed in curves.items():
-        values = np.array(per_seed)
-        trials = np.arange(1, values.shape[1] + 1)
-        low, median, high = np.percentile(values, [25, 50, 75], axis=0)
-        line, = axis.plot(trials, median, label=f"{name} (pxd default)" if name == default else name,
-                          linewidth=2.5 if name == default else 1.5)
-        axis.fill_between(trials, low, high, color=line.get_color(), alpha=0.15)
-    axis.axhline(TARGET_FRACTION_OF_GRID, color="grey", linestyle="--", linewidth=1)
-    axis.axvline(grid_size * TARGET_BUDGET_FRACTION, color="grey", linestyle=":", linewidth=1)
-    axis.set(xlabel="trials", ylabel="fraction of the grid's hypervolume",
-             title=f"Search quality on a {grid_size}-point grid (median, IQR over {len(next(iter(curves.values())))} seeds)")
-    axis.set_ylim(0, 1.02)
-    axis.legend(loc="lower right")
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axis, metric, label in zip(axes, ("hypervolume", "recovered"),
+                                   ("fraction of the grid's hypervolume", "share of the grid's frontier recovered")):
+        for name, records in runs.items():
+            values = np.array([record[metric] for record in records])
+            trials = np.arange(1, values.shape[1] + 1)
+            low, median, high = np.percentile(values, [25, 50, 75], axis=0)
+            line, = axis.plot(trials, median, label=name, linewidth=2.5 if name == result["default_sampler"] else 1.5)
+            axis.fill_between(trials, low, high, color=line.get_color(), alpha=0.15)
+        for n in result["budgets"]:
+            axis.axvline(n, color="grey", linestyle=":", linewidth=1)
+        axis.set(xlabel="trials", ylabel=label, ylim=(0, 1.02))
+    axes[0].legend(loc="lower right")
+    figure.suptitle(f"{result['space_name']}: {result['grid_size']}-point grid, median and IQR over "
+                    f"{len(result['replays'])} replays; accuracy reference {result['accuracy_reference']['rule']} "
+                    f"({result['accuracy_reference']['val_top1']:.3f})")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -280,88 +416,137 @@ def plot_curves(curves: dict[str, list[list[float]]], default: str, grid_size: i
 # command line: progress on stderr, the report on stdout (what bench/suite.py collects)
 
 
+def machine() -> dict[str, Any]:
+    """Where the table was built."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "platform": platform.platform(), "load_average": list(os.getloadavg())}
+
+
+def versions() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "optuna": optuna.__version__, "pxd_commit": commit}
+
+
 def _progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def run(table: SearchTable, spec: SweepSpec, samplers: Sequence[str], seeds: Sequence[int], trials: int,
-        concurrency: int) -> tuple[dict[str, Any], dict[str, list[list[float]]]]:
-    grid_size = len(table.points)
-    curves, distinct = {}, {}
-    for name in samplers:
+def replay_all(table: SearchTable, spec: SweepSpec, samplers: dict[str, SamplerConfig], args: argparse.Namespace,
+               log: Callable[[str], None] = _progress) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Every replay the command line asks for; (the result, each sampler's per-seed records)."""
+    scoring = scoring_for(table, spec, args.accuracy_reference)
+    grid_size, replays = len(table.points), list(range(args.replays))
+    trials = args.trials or max(budgets(grid_size))
+    if not 1 <= trials <= grid_size:
+        raise ConfigError("--trials", f"give 1 to {grid_size} (the grid's size), got {trials}")
+    if not replays:
+        raise ConfigError("--replays", f"give at least 1 (the issue asks for 20), got {args.replays}")
+    runs = {}
+    for label, sampler in samplers.items():
         started = time.perf_counter()
-        asked = [sampler_trials(table, spec, name, seed, trials) for seed in seeds]
-        grid = grid_hypervolume(table, spec)
-        curves[name] = [[value / grid for value in hypervolume_curve(points, spec)] for points in asked]
-        distinct[name] = float(np.median([len({point_key(p.params) for p in points}) for points in asked]))
-        _progress(f"  {name}: {len(seeds)} seeds × {trials} trials in {time.perf_counter() - started:.1f}s")
+        runs[label] = sampler_replays(table, spec, scoring, sampler, replays, trials, args.noise)
+        log(f"  {label}: {len(replays)} replays × {trials} trials in {time.perf_counter() - started:.1f}s")
     at = [n for n in budgets(grid_size) if n <= trials]
-    quality = summarise_curves(curves, at)
-    default = spec.require_search().sampler.name
-    early = early_stopping_runs(table, spec, seeds, concurrency)
-    grid_front = IncrementalFrontier(spec.require_search().objective_pairs, spec.require_search().reference_point)
-    for point in table.points:
-        grid_front.add(point.metrics)
+    concurrency = args.concurrency or spec.require_search().max_concurrent
+    early = early_stopping_runs(table, spec, scoring, replays, concurrency, args.noise)
     settings = spec.require_search().early_stopping
-    result = {"grid_size": grid_size, "grid_hypervolume": grid_hypervolume(table, spec), "grid_frontier": grid_front.size,
-              "default_sampler": default, "seeds": list(seeds), "trials": trials, "concurrency": concurrency,
-              "quality": quality, "distinct": distinct,
-              "quality_targets": quality_targets(quality, default, grid_size),
-              "moasha": f"grace {settings.grace_period}, η {settings.reduction_factor}, {table.student_epochs} student epochs, "
-                        + _rule(settings.keep_front),
-              "other_rule": _rule(not settings.keep_front),
-              "early_stopping": early, "early_summary": summarise_early(early), "curves": curves}
-    return result, curves
+    result = {"space_name": spec.name, "grid_size": grid_size, "budgets": at, "trials": trials, "replays": replays,
+              "training_seeds": table.seeds, "frontier_size": len(scoring.frontier),
+              "frontier": sorted(scoring.frontier), "grid_hypervolume": scoring.grid_hypervolume,
+              "accuracy_reference": scoring.accuracy, "reference_point": scoring.reference,
+              "ideal_point": scoring.ideal, "default_sampler": spec.require_search().sampler.name,
+              "samplers": {label: vars(sampler) for label, sampler in samplers.items()},
+              "values": ("one training seed's value, drawn per trial (scored on the means)" if args.noise
+                         else "the mean over training seeds"),
+              "test": PAIRED_TEST, "summary": summarise(runs, at), "concurrency": concurrency,
+              "moasha": f"grace {settings.grace_period}, η {settings.reduction_factor}, {table.student_epochs} student "
+                        "epochs; keep_front: a rung's Pareto front always goes on; classic: the best ⌈n/η⌉ only",
+              "early_stopping": early, "early_summary": summarise_early(early), "runs": runs}
+    return result, runs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="a space whose parameters are all choices")
-    parser.add_argument("--table", type=Path, default=None, help="JSON table: reused if present, else built and saved")
-    parser.add_argument("--samplers", nargs="+", default=list(COMPARED_SAMPLERS), choices=COMPARED_SAMPLERS)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--trials", type=int, default=None, help="trials per study (default: the largest budget, 1/2 of the grid)")
-    parser.add_argument("--concurrency", type=int, default=None, help="2b (default: the space's search.max_concurrent)")
-    parser.add_argument("--reduction-factor", type=int, default=None,
-                        help="2b: MO-ASHA's η (default: the space's search.early_stopping.reduction_factor)")
-    parser.add_argument("--plot", type=Path, default=None, help="PNG of the hypervolume curves")
-    parser.add_argument("--out", type=Path, default=None, help="write every number, settings and hardware as JSON")
+    parser.add_argument("--dataset", default=None, help="an ImageFolder tree for the space's dataset.path, e.g. "
+                                                        "../shared/datasets/flowers128")
+    parser.add_argument("--teacher-checkpoint", type=Path, default=None,
+                        help="a stored teacher (weights file) used as is instead of training one")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the space, as pxd sweep --set (e.g. train.epochs=4)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of every point")
+    parser.add_argument("--table", type=Path, default=None, help="the table JSON: built, resumed or reused")
+    parser.add_argument("--stage-dir", type=Path, default=Path("pxd-results/bench/search_quality_stages"),
+                        help="where the teacher, assistants and CE controls are kept (by stage key) for a resume")
+    parser.add_argument("--build-only", action="store_true", help="build (or resume) the table, no replays")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's; 1 is far faster on a machine other work loads)")
+    parser.add_argument("--samplers", nargs="+", default=list(COMPARED_SAMPLERS),
+                        help="names from pxd's SAMPLERS, or name:option=value,... (e.g. tpe:n_startup_trials=4)")
+    parser.add_argument("--replays", type=int, default=20, help="replay seeds 0 … n−1 per sampler and for early stopping")
+    parser.add_argument("--trials", type=int, default=None, help="trials per study (default: 1/2 of the grid)")
+    parser.add_argument("--accuracy-reference", default=None,
+                        help="ce_floor (default with CE controls in the table), chance (default otherwise), space, or a value")
+    parser.add_argument("--noise", action="store_true", help="tell each trial one training seed's value, not the mean")
+    parser.add_argument("--concurrency", type=int, default=None, help="early stopping (default: search.max_concurrent)")
+    parser.add_argument("--reduction-factor", type=int, default=None, help="MO-ASHA's η (default: the space's)")
+    parser.add_argument("--plot", type=Path, default=None, help="PNG of the curves (median, IQR)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON of every number, raw replays and the table")
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from bench.distillation import _environment
+def load_space(args: argparse.Namespace) -> SweepSpec:
+    overrides = list(args.overrides)
+    if args.dataset is not None:
+        overrides.append(f"dataset.path={args.dataset}")
+    if args.teacher_checkpoint is not None:
+        overrides += [f"teacher.checkpoint={args.teacher_checkpoint}", "teacher.epochs=0"]
+    if args.reduction_factor is not None:
+        overrides.append(f"search.early_stopping.reduction_factor={args.reduction_factor}")
+    return load_spec(args.space, overrides)
 
+
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    environment = _environment()
-    spec = load_spec(args.space)
-    if args.reduction_factor is not None:
-        spec = load_spec(args.space, [f"search.early_stopping.reduction_factor={args.reduction_factor}"])
-    for needed in (spec.require_search().sampler.name, "random"):  # the issue's targets compare these two
-        if needed not in args.samplers:
-            args.samplers.append(needed)
-    print(f"pxd search-quality benchmark · {environment['cpu']} · torch {environment['torch']} · "
-          f"{environment['torch_threads']} threads · optuna {optuna.__version__}", flush=True)
-    table = load_or_build_table(spec, args.table, environment, log=_progress)
+    spec = load_space(args)
+    samplers = {label: parse_sampler(label, spec) for label in dict.fromkeys([*args.samplers, BASELINE])}
+    command = " ".join(["python", *sys.argv]) if argv is None else " ".join(["python bench/search_quality.py", *argv])
+    where = machine()
+    print(f"pxd search-quality benchmark · {spec.name} · {where['cpu']} · {where['torch_threads']} torch threads · "
+          f"optuna {optuna.__version__}", flush=True)
+    table = load_or_build_table(spec, args.table, args.seeds, command=command, machine=where, versions=versions(),
+                                stage_dir=args.stage_dir, log=_progress)
     check_complete(table, spec)
+    if args.build_only:
+        return
+    args.accuracy_reference = args.accuracy_reference or ("ce_floor" if table.has_controls else "chance")
     started = time.perf_counter()
-    result, curves = run(table, spec, args.samplers, args.seeds, args.trials or max(budgets(len(table.points))),
-                         args.concurrency or spec.require_search().max_concurrent)
+    result, runs = replay_all(table, spec, samplers, args)
     report = format_report(result)
-    print(f"\n{report}\n\nreplays {time.perf_counter() - started:.0f}s; table built in {table.build_seconds:.0f}s")
+    print(f"\n{report}\n\nreplays {time.perf_counter() - started:.0f}s; table built in {table.wall_s:.0f}s", flush=True)
     if args.plot is not None:
-        plot_curves(curves, result["default_sampler"], len(table.points), args.plot)
+        plot_curves(runs, result, args.plot)
         print(f"wrote {args.plot}")
     if args.out is not None:
         settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-        payload = {"environment": environment, "settings": settings, "space": table.space,
-                   "search": {"sampler": vars(spec.require_search().sampler),
-                              "objectives": spec.require_search().objective_pairs,
-                              "reference_point": spec.require_search().reference_point,
-                              "ideal_point": spec.require_search().ideal_point},
-                   "table": table.to_json(), "result": result, "report": report}
+        payload = {"command": command, "settings": settings, "machine": machine(), "table": table.to_json(),
+                   "result": result, "report": report}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(payload, indent=1, default=str))
         print(f"wrote {args.out}")
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from pxd.train import EpochCallback, StageResult
 
-__all__ = ["SimulatedTraining", "SIMULATED_IDENTITY", "simulated_score"]
+__all__ = ["SIMULATED_IDENTITY", "SimulatedTraining", "simulated_score"]
 
 # joins every stage's identity (`pxd.stages.stage_keys`) when training is simulated; bump the version when the
 # score changes

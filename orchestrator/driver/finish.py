@@ -18,6 +18,7 @@ from pxd.control import CONTROL
 from pxd.metrics import primary_metric
 
 if TYPE_CHECKING:
+    from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
 __all__ = ["finish_sweep", "summary", "distillation_paid"]
@@ -29,13 +30,12 @@ def finish_sweep(client: MlflowClient, parent_run_id: str, stopped: dict[str, st
     `stopped`: Tune trial id → why, for trials stopped before their final result (Optuna: PRUNED)."""
     parent = client.get_run(parent_run_id)
     objectives, reference, ideal = schema.sweep_objectives(parent)
-    rows = schema.collect_rows(client, parent)
+    runs = schema.trial_runs(client, parent)
+    rows = [schema.read_trial_row(run) for run in runs]  # as `schema.collect_rows`, keeping the runs' tags
     close_lost_trials(client, rows, stopped or {})
     table = frontier_table(rows, objectives, reference, ideal)
     on_front = {row["run_id"] for row in table["rows"] if row["on_frontier"]}
-    for row in rows:
-        if row.state == "COMPLETE":
-            client.set_tag(row.run_id, Tag.ON_FRONTIER, str(row.run_id in on_front).lower())
+    _tag_frontier(client, runs, rows, on_front)
     x_metrics = tuple(m for m, _ in objectives if m != primary_metric()) or ("gmacs",)
     log_frontier(client, parent, table, "frontier", png_axes=x_metrics)
     outcomes = trial_outcomes(rows)
@@ -49,6 +49,17 @@ def finish_sweep(client: MlflowClient, parent_run_id: str, stopped: dict[str, st
     _log_stage_totals(client, parent_run_id, rows)
     client.set_terminated(parent_run_id, status="FINISHED")
     return table, rows
+
+
+def _tag_frontier(client: MlflowClient, runs: list[Run], rows: list[TrialRow], on_front: set[str]) -> None:
+    """`Tag.ON_FRONTIER` on every COMPLETE trial run, set only where it changes: a trial writes "false" when it
+    completes (`schema.log_trial_result`), so a sweep's end sets its frontier's runs, not every trial's (one
+    request each: a thousand at the end of a 1,000-trial sweep, bench/scale.py)."""
+    tagged = {run.info.run_id: run.data.tags.get(Tag.ON_FRONTIER) for run in runs}
+    for row in rows:
+        wanted = str(row.run_id in on_front).lower()
+        if row.state == "COMPLETE" and tagged.get(row.run_id) != wanted:
+            client.set_tag(row.run_id, Tag.ON_FRONTIER, wanted)
 
 
 def _log_stage_totals(client: MlflowClient, parent_run_id: str, rows: list[TrialRow]) -> None:

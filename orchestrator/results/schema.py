@@ -77,7 +77,7 @@ class Tag:
     FEASIBLE = "pxd.feasible"  # "true" | "false": meets every search.constraints limit
     MODEL_URI = "pxd.model_uri"  # the logged student (models:/...)
     STUDENT_SHA256 = "pxd.student_sha256"  # its weights file's sha256, checked before it loads (results/students.py)
-    ON_FRONTIER = "pxd.on_frontier"  # "true" | "false", set when the sweep finishes
+    ON_FRONTIER = "pxd.on_frontier"  # "false" when a trial completes; "true" once its sweep's end finds it on the frontier
     # "true" on a trial run whose stages' training was simulated (`pxd.simulated`: benchmarks and tests only)
     SIMULATED_TRAINING = "pxd.simulated_training"
     # stage runs (experiment pxd-stages)
@@ -168,8 +168,7 @@ STAGES_EXPERIMENT = "pxd-stages"
 STAGE_CHECKPOINT = "stage/checkpoint.pt"  # artifact path of a stage run's weights
 KIND_SWEEP, KIND_TRIAL, KIND_STAGE = "sweep", "trial", "stage"
 STATES = ("RUNNING", "COMPLETE", "FAILED", "PRUNED")
-ERROR_ARTIFACT = "error.txt"
-COST_ARTIFACT = "cost.json"
+ERROR_ARTIFACT, COST_ARTIFACT = "error.txt", "cost.json"
 
 
 def epoch_metric(stage: str, name: str | None = None) -> str:
@@ -264,11 +263,12 @@ def trial_start_tags(*, sweep: str, parent_run_id: str, trial_id: str, params: M
 
 
 def log_trial_result(client: MlflowClient, result: TrialResult, *, stages: Mapping[str, Any], device: str,
-                     cost: Mapping[str, Any], warnings: Sequence[str] = (), artifact_uri: str | None = None) -> None:
+                     cost: Mapping[str, Any], warnings: Sequence[str] = (), artifact_uri: str | None = None,
+                     epochs: Sequence[Any] = ()) -> None:
     """Write a COMPLETE trial: its cost (`COST_ARTIFACT`; `artifact_uri`: the run's, if the caller holds it), then
-    in one request its final metrics, feasibility, the stages it used, its model, its warnings and state."""
+    in one request `epochs` (per-epoch metrics not sent yet), final metrics, feasibility, stages, model, state."""
     upload_json(client, result.run_id, artifact_uri, dict(cost), COST_ARTIFACT)
-    tags = {Tag.STATE: "COMPLETE", Tag.FEASIBLE: _true(result.feasible), Tag.DEVICE: device}
+    tags = {Tag.STATE: "COMPLETE", Tag.FEASIBLE: _true(result.feasible), Tag.DEVICE: device, Tag.ON_FRONTIER: "false"}
     if result.model_uri:
         tags[Tag.MODEL_URI] = result.model_uri
     if warnings:
@@ -278,7 +278,8 @@ def log_trial_result(client: MlflowClient, result: TrialResult, *, stages: Mappi
         tags[stage_tag(kind, "reused")] = _true(outcome.reused)
         if outcome.ref:
             tags[stage_tag(kind, "run_id")] = outcome.ref
-    _set_tags(client, result.run_id, tags, [_metric(k, v) for k, v in result.metrics.items() if math.isfinite(v)])
+    finals = [_metric(k, v) for k, v in result.metrics.items() if math.isfinite(v)]
+    _set_tags(client, result.run_id, tags, [*epochs, *finals])
 
 
 def log_trial_failure(client: MlflowClient, run_id: str, error: str, traceback_text: str,
@@ -335,9 +336,8 @@ def recorded_result(run: Run, constraints: Sequence[float]) -> TrialResult:
 
 
 def trial_runs(client: MlflowClient, parent: Run | tuple[str, str], *, trial_id: str | None = None,
-               state: str | None = None) -> list[Run]:
-    """A sweep's trial runs (optionally one Tune trial's, in one state), newest first; `parent`: the sweep's
-    run, or (its run id, its experiment id) when the caller holds them (one request, not two)."""
+               state: str | None = None) -> list[Run]:  # parent: the sweep's run, or (its run id, experiment id)
+    """A sweep's trial runs (one Tune trial's, in one state, if given), newest first."""
     parent_id, experiment_id = parent if isinstance(parent, tuple) else (parent.info.run_id, parent.info.experiment_id)
     parts = [f"tags.`{Tag.PARENT_RUN}` = '{parent_id}'", f"tags.`{Tag.KIND}` = '{KIND_TRIAL}'"]
     if trial_id is not None:

@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 from mlflow.entities import Metric, Param, RunTag
@@ -56,7 +56,8 @@ from orchestrator.stages.checkpoints import IncompleteStage
 from orchestrator.stages.io import StageUnavailable, checkpoint_interval_s, with_retries
 from orchestrator.stages.leases import Heartbeat, Leases, LocalLeases, SqlLeases, lease_ttl_s
 from orchestrator.stages.memory import StageMemory
-from orchestrator.tracking.artifacts import upload_bytes
+from orchestrator.tracking.artifacts import run_artifacts, upload_bytes
+from orchestrator.tracking.retries import watch_retries
 from pxd.errors import PxdError
 from pxd.pipeline import ResumableTraining, StageOutcome
 from pxd.train import TRAINING_STATE_VERSION, Checkpointing, StageResult
@@ -78,7 +79,6 @@ __all__ = [
 
 CHECKPOINT = STAGE_CHECKPOINT
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 _BATCH = 1000  # MLflow's limit of metrics per log_batch request
 class StageWaitTimeout(PxdError, RuntimeError):
     """A trial waited longer than search.stage_wait_timeout_s for a stage another trial trains."""
@@ -179,7 +179,7 @@ class MlflowStageStore:
         """The artifact's bytes when they match `sha256`; None after tagging the run corrupt when the
         artifact is missing or does not match, the only two failures that say the stage itself is bad."""
         run_id = run.info.run_id
-        payload = with_retries(lambda: self._download(run_id, artifact),
+        payload = with_retries(lambda: self._download(run, artifact),
                                f"download {artifact} of the {run.data.tags.get(Tag.STAGE)} stage run {run_id}")
         reason = None
         if payload is None:
@@ -193,13 +193,19 @@ class MlflowStageStore:
             return None
         return payload
 
-    def _download(self, run_id: str, artifact: str) -> bytes | None:
-        """The artifact's bytes, or None when the run's artifact listing has no such file."""
+    def _download(self, run: Run, artifact: str) -> bytes | None:
+        """The artifact's bytes (None: not in the run's listing), from its location (`run_artifacts`: 3 requests)."""
         folder, name = artifact.rsplit("/", 1)
-        if name not in {Path(entry.path).name for entry in self.client.list_artifacts(run_id, folder)}:
+        repository = run_artifacts(self.tracking_uri, run.info.artifact_uri)
+        if name not in {Path(entry.path).name for entry in repository.list_artifacts(folder)}:
             return None
         with tempfile.TemporaryDirectory() as tmp:
-            return Path(self.client.download_artifacts(run_id, artifact, tmp)).read_bytes()
+            return Path(self._download_file(repository, artifact, tmp)).read_bytes()
+
+    @staticmethod
+    def _download_file(repository: Any, artifact: str, folder: str) -> str:
+        """One file into `folder`, its local path (what a full disk or a dropped connection fails)."""
+        return str(repository.download_artifacts(artifact, folder))
 
     def _find(self, key: str) -> tuple[StageResult, str] | None:
         kept = self.memory.found_result(self.tracking_uri, key)
@@ -253,12 +259,12 @@ class MlflowStageStore:
     def create_run(self, kind: str, key: str, describe: dict[str, Any], metrics: list[Metric] | None = None) -> str:
         """A new, incomplete stage run (status RUNNING) with its describing params (and ≤ _BATCH `metrics`)."""
         tags = {Tag.KIND: KIND_STAGE, Tag.STAGE: kind, Tag.STAGE_KEY: key, Tag.STAGE_COMPLETE: "false"}
-
         created = new_run_token()
-        run = self.client.create_run(self.experiment_id, run_name=f"{kind}-{key[:10]}",
-                                     tags={**tags, **self.holder_tags(), **created})
+        with watch_retries() as retried:
+            run = self.client.create_run(self.experiment_id, run_name=f"{kind}-{key[:10]}",
+                                         tags={**tags, **self.holder_tags(), **created})
         # a creation MLflow retried after a lost answer left a second run, which would stay RUNNING: gone
-        drop_duplicate_runs(self.client, self.experiment_id, created, kept=run.info.run_id)
+        drop_duplicate_runs(self.client, self.experiment_id, created, kept=run.info.run_id, retried=retried)
         self._artifact_uris[run.info.run_id] = run.info.artifact_uri
         self.client.log_batch(run.info.run_id, params=[Param(name, str(value)) for name, value in describe.items()],
                               metrics=metrics or [])
@@ -274,15 +280,9 @@ class MlflowStageStore:
         return tags
 
     def upload(self, run_id: str, artifact: str, payload: bytes) -> None:
-        folder, name = artifact.rsplit("/", 1)
-
-        def attempt() -> None:
-            if run_id in self._artifact_uris:  # a run this store created: no look-up of the run first
-                return upload_bytes(self.tracking_uri, self._artifact_uris[run_id], artifact, payload)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / name
-                path.write_bytes(payload)
-                self.client.log_artifact(run_id, str(path), folder)
+        def attempt() -> None:  # where a run this store created keeps its artifacts is known: no look-up first
+            location = self._artifact_uris.get(run_id) or self.client.get_run(run_id).info.artifact_uri
+            upload_bytes(self.tracking_uri, location, artifact, payload)
 
         with_retries(attempt, f"upload {artifact} to the stage run {run_id}")
 

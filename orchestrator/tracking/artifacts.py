@@ -4,7 +4,9 @@
 the first time a process uploads to it, to learn where its artifacts go. pxd uploads once or twice to
 each new trial and stage run, and holds the run's `artifact_uri` from creating it, so that look-up is one
 request per upload: a trial's run and its stage's, two of a trial's ~30 requests at scale
-(bench/scale.py). `upload_bytes` writes straight to the artifact location instead.
+(bench/scale.py). `upload_bytes` writes straight to the artifact location instead, and `run_artifacts` is
+that location's repository, to list and download from (MLflow 3's `download_artifacts` also reads the run
+back twice and searches its logged models first: ~8 requests a file, 3 this way).
 """
 
 from __future__ import annotations
@@ -17,20 +19,26 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-__all__ = ["upload_bytes", "upload_json"]
+__all__ = ["run_artifacts", "upload_bytes", "upload_json"]
+
+
+def run_artifacts(tracking_uri: str, artifact_uri: str) -> Any:
+    """The artifact repository of a run's `artifact_uri` (`run.info.artifact_uri`), through the tracking server
+    when artifacts are proxied: `list_artifacts(folder)`, `download_artifacts(path, dst)`, `log_artifact`."""
+    # mlflow: imported on first use (start-up cost of the modules that import this one)
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    return get_artifact_repository(artifact_uri, tracking_uri=tracking_uri)
 
 
 def upload_bytes(tracking_uri: str, artifact_uri: str, artifact: str, payload: bytes) -> None:
     """Write `payload` as `artifact` ("folder/name" or "name") under a run's `artifact_uri` (from its
     creation: `run.info.artifact_uri`), through the tracking server when artifacts are proxied."""
-    # mlflow: imported on first use (start-up cost of the modules that import this one)
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
     folder, _, name = artifact.rpartition("/")
     with tempfile.TemporaryDirectory(prefix="pxd-upload-") as tmp:
         path = Path(tmp) / name
         path.write_bytes(payload)
-        get_artifact_repository(artifact_uri, tracking_uri=tracking_uri).log_artifact(str(path), folder or None)
+        run_artifacts(tracking_uri, artifact_uri).log_artifact(str(path), folder or None)
 
 
 def upload_json(client: MlflowClient, run_id: str, artifact_uri: str | None, data: Any, artifact: str) -> None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 import ray
 import torch
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from ray import tune
 
@@ -34,7 +35,7 @@ from orchestrator.results.schema import ReportKey
 from orchestrator.space.spec import broken_before_training, constraint_values, is_feasible, materialize
 from orchestrator.stages.threads import SharedThreads
 from orchestrator.tracking import credentials
-from orchestrator.tracking.retries import install_body_retries
+from orchestrator.tracking.retries import install_body_retries, watch_retries
 from orchestrator.tracking.server import fluent_tracking_uri
 from orchestrator.worker.context import TrialContext
 from orchestrator.worker.failures import will_repeat
@@ -54,6 +55,9 @@ __all__ = ["TrialContext", "run_trial", "OverBudget", "TRIAL_SECTIONS", "OVERHEA
 # what a trial times outside training beyond the pipeline's sections (`pxd.pipeline.TIMED_SECTIONS`);
 # each is logged as `schema.SweepMetric.overhead(section)`
 TRIAL_SECTIONS = ("log_model",)
+# per-epoch metrics go to the trial's run at most this often (`EpochLog`)
+EPOCH_LOG_INTERVAL_S = 10.0
+_BATCH = 1000  # MLflow's limit of metrics per log_batch request
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +89,9 @@ def run_trial(params: dict[str, Any], context: TrialContext, state: WorkerState 
     `state`: what this worker process keeps between trials (None: a fresh one, kept for this trial only)."""
     state = state if state is not None else WorkerState.from_environment()
     install_body_retries()  # a tracking server restart mid-answer costs no attempt
+    # MLflow prints a run's URL when it ends, reading the run back first: one request per run, for a stdout
+    # nobody reads (the driver sets it for itself; a cluster's worker processes do not inherit the driver's)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for url in (context.tracking_uri, context.lease_url):
         credentials.remember(url)  # error texts recorded on the run mask their passwords
     config = materialize(context.spec, params)
@@ -125,13 +132,16 @@ def _run(trial: _Trial) -> schema.TrialResult | None:
     marks = _simulated_marks(trial.state)
     tags |= {schema.Tag.SIMULATED_TRAINING: "true"} if marks else {}
     run_name = f"{config.student.arch}@{config.student.resolution}-{trial_id}"
-    with mlflow.start_run(experiment_id=context.experiment_id, run_name=run_name, tags=tags) as run:
+    with watch_retries() as retried:
+        active = mlflow.start_run(experiment_id=context.experiment_id, run_name=run_name, tags=tags)
+    with active as run:
         run_id = run.info.run_id
         # a creation MLflow retried after a lost answer left a second run: not an attempt of this trial
-        drop_duplicate_runs(trial.client, context.experiment_id, tags, kept=run_id)
+        drop_duplicate_runs(trial.client, context.experiment_id, tags, kept=run_id, retried=retried)
         mlflow.log_params(_run_params(config, marks))
+        epochs = EpochLog(trial.client, run_id)
         try:
-            outcome, loading = _train(trial, run_id, warm_up)
+            outcome, loading = _train(trial, run_id, warm_up, epochs)
         except OverBudget as over:
             return _over_budget(trial, run_id, over)
         except (SystemExit, KeyboardInterrupt):
@@ -140,6 +150,7 @@ def _run(trial: _Trial) -> schema.TrialResult | None:
             raise
         except BaseException as exc:
             error = f"{type(exc).__name__}: {exc}"
+            epochs.flush()  # the epochs it trained stay on its run
             schema.log_trial_failure(trial.client, run_id, error, traceback.format_exc())
             mlflow.end_run(status="FAILED")
             if not (trial.in_tune and will_repeat(exc)):
@@ -153,20 +164,21 @@ def _run(trial: _Trial) -> schema.TrialResult | None:
             logger.warning("trial %s: its Ray node is gone; the result is not recorded", trial_id)
             raise SystemExit(1)
         schema.log_trial_result(trial.client, result, stages=outcome.stages, device=outcome.cost.get("device", ""),
-                                cost=outcome.cost, warnings=outcome.warnings, artifact_uri=run.info.artifact_uri)
+                                cost=outcome.cost, warnings=outcome.warnings, artifact_uri=run.info.artifact_uri,
+                                epochs=epochs.take())
     if trial.in_tune:
         tune.report(result.report())
     return result
 
 
-def _train(trial: _Trial, run_id: str, warm_up: ModelLoggingWarmUp) -> tuple[PipelineResult, float]:
+def _train(trial: _Trial, run_id: str, warm_up: ModelLoggingWarmUp, epochs: EpochLog) -> tuple[PipelineResult, float]:
     """The trial's pipeline, its epochs logged to its run and reported to Tune; and the seconds its data took."""
     config, context, state = trial.config, trial.context, trial.state
 
     def on_epoch(kind: str, epoch: int, record: dict[str, float]) -> None:
         warm_up.start()
-        mlflow.log_metrics({schema.epoch_metric(kind, k): v for k, v in record.items()
-                            if k != ReportKey.EPOCH and math.isfinite(v)}, step=epoch)
+        epochs.add({schema.epoch_metric(kind, k): v for k, v in record.items()
+                    if k != ReportKey.EPOCH and math.isfinite(v)}, step=epoch)
         if trial.in_tune:
             name = schema.epoch_metric(kind)
             # with the cost metrics known before training: what early stopping ranks trials on
@@ -277,6 +289,36 @@ def _budget_check(spec: SweepSpec, known: dict[str, float]) -> Callable[[dict[st
             raise OverBudget(broken, constraints, metrics)
 
     return check
+
+
+class EpochLog:
+    """A trial's per-epoch metrics on its run, sent at most every `EPOCH_LOG_INTERVAL_S`: an epoch that ends
+    later than that after the last send goes at once, as each epoch did before; epochs faster than that wait
+    for the next send, or go with the trial's final result (`schema.log_trial_result`'s `epochs`). A sweep of
+    short trials then sends one request for all of a trial's epochs, not one per epoch (bench/scale.py)."""
+
+    def __init__(self, client: MlflowClient, run_id: str, interval_s: float = EPOCH_LOG_INTERVAL_S) -> None:
+        self.client, self.run_id, self.interval_s = client, run_id, interval_s
+        self.pending: list[Metric] = []
+        self.sent_at = time.monotonic()
+
+    def add(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.pending += [Metric(name, float(value), now, step) for name, value in metrics.items()]
+        if time.monotonic() - self.sent_at >= self.interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        for start in range(0, len(self.pending), _BATCH):  # MLflow's limit of metrics per request
+            self.client.log_batch(self.run_id, metrics=self.pending[start : start + _BATCH])
+        self.pending, self.sent_at = [], time.monotonic()
+
+    def take(self) -> list[Metric]:
+        """What is left to send, for the caller's own request (sent here first if it would not fit in one)."""
+        if len(self.pending) > _BATCH // 2:
+            self.flush()
+        taken, self.pending = self.pending, []
+        return taken
 
 
 class RayletWatch:

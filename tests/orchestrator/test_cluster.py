@@ -229,9 +229,9 @@ def cluster(databases) -> Iterator[Cluster]:
 
 @contextmanager
 def running_cluster(databases: dict[str, str], *, head_cpus: int = 1, worker_cpus: tuple[int, ...] = (1,),
-                    env_extra: dict[str, str] | None = None) -> Iterator[Cluster]:
-    """A Ray head + worker nodes (`worker_cpus`: one per node) + `mlflow server` on Postgres, each a real
-    process we own, all stopped at the end."""
+                    env_extra: dict[str, str] | None = None, ray_args: tuple[str, ...] = ()) -> Iterator[Cluster]:
+    """A Ray head + worker nodes (`worker_cpus`: one per node; `ray_args` added to every `ray start`) + `mlflow
+    server` on Postgres, each a real process we own, all stopped at the end."""
     ray_cli, mlflow_cli = _tool("ray"), _tool("mlflow")
     # Ray's unix sockets live under the temp dir and must stay under ~107 bytes: a short path
     workdir = Path(tempfile.mkdtemp(prefix="pxdcl-"))
@@ -260,7 +260,7 @@ def running_cluster(databases: dict[str, str], *, head_cpus: int = 1, worker_cpu
         result.processes.append(process)
         return process
 
-    ray_common = ["--disable-usage-stats", "--temp-dir", str(workdir / "ray"), "--block"]
+    ray_common = ["--disable-usage-stats", "--temp-dir", str(workdir / "ray"), *ray_args, "--block"]
     # this process reads the runs back as a logged-in user too (restored at the end)
     caller_login = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     os.environ.update(MLFLOW_TRACKING_USERNAME=login[0], MLFLOW_TRACKING_PASSWORD=login[1])
