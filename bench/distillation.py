@@ -320,14 +320,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"pxd distillation benchmark · {environment['cpu']} · torch {environment['torch']}"
           f" · {environment['torch_threads']} threads · seeds {args.seeds}", flush=True)
     started = time.perf_counter()
-    per_seed = {seed: run_seed(args, seed, started) for seed in args.seeds}
-    table = summarise(per_seed, args)
+    per_seed: dict[int, Any] = {}
+    for seed in args.seeds:
+        per_seed[seed] = run_seed(args, seed, started)
+        table = summarise(per_seed, args)
+        if args.out is not None:  # after every seed: an interrupted run keeps the seeds it finished
+            settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+            payload = {"environment": environment, "settings": settings, "runs": per_seed, "table": table,
+                       "wall_seconds": time.perf_counter() - started, "seeds_done": sorted(per_seed)}
+            args.out.write_text(json.dumps(payload, indent=2))
     print(f"\n{table}\n\ntotal wall-clock {time.perf_counter() - started:.0f}s")
     if args.out is not None:
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        payload = {"environment": environment, "settings": settings, "runs": per_seed, "table": table,
-                   "wall_seconds": time.perf_counter() - started}
-        args.out.write_text(json.dumps(payload, indent=2))
         print(f"wrote {args.out}")
 
 

@@ -41,7 +41,6 @@ import contextlib
 import json
 import os
 import platform
-import secrets
 import shutil
 import subprocess
 import sys
@@ -67,6 +66,7 @@ from tests.orchestrator.test_cluster import (
     _postgres_unavailable,
     _tail,
     _tool,
+    fresh_databases,
     running_cluster,
 )
 
@@ -106,23 +106,6 @@ class Driver:
     ended: float
     log: Path
     killed_node: dict[str, Any] | None = None
-
-
-@contextlib.contextmanager
-def fresh_databases(prefix: str = "pxd_scale") -> Iterator[dict[str, str]]:
-    """Two fresh Postgres databases (MLflow's; Optuna's + leases), dropped at the end."""
-    names = {kind: f"{prefix}_{secrets.token_hex(4)}_{kind}" for kind in ("mlflow", "optuna")}
-    engine = _admin_engine()
-    try:
-        with engine.connect() as conn:
-            for name in names.values():
-                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        yield names
-    finally:
-        with engine.connect() as conn:
-            for name in names.values():
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
 
 
 def node_environment(settings: ScaleSettings) -> dict[str, str]:
@@ -225,16 +208,42 @@ class NodeKiller(threading.Thread):
             return 0
 
 
+@contextlib.contextmanager
+def started_cluster(names: dict[str, str], settings: ScaleSettings, attempts: int = 3) -> Iterator[Cluster]:
+    """`running_cluster` of `settings.nodes` 1-CPU worker nodes and a head that runs no trials. On a machine whose
+    cores other work holds, a `ray start` can miss Ray's own 30 s start-up limit: the whole cluster is started
+    again (each attempt's processes stopped first), at most `attempts` times."""
+    for attempt in range(1, attempts + 1):
+        with contextlib.ExitStack() as stack:
+            try:
+                cluster = stack.enter_context(running_cluster(
+                    names, head_cpus=0, worker_cpus=(1,) * settings.nodes, env_extra=node_environment(settings),
+                    ray_args=RAY_NODE_ARGS))
+            except (Exception, _tool_failure()) as exc:
+                if attempt == attempts:
+                    raise
+                print(f"[scale] the cluster did not start ({str(exc).splitlines()[0]}); again", file=sys.stderr)
+                continue
+            yield cluster
+            return
+
+
+def _tool_failure() -> type[BaseException]:
+    """What the test helpers raise when a process does not start in time (pytest's `Failed`)."""
+    import pytest  # the helpers come from the test suite, whose runner is installed with it
+
+    return pytest.fail.Exception
+
+
 def run_scale(settings: ScaleSettings, *, progress: bool = True) -> dict[str, Any]:
     """The sweep on its cluster, then what it recorded read back; the probes without the cluster."""
     reason = _postgres_unavailable()
     if reason:
         raise RuntimeError(f"bench/scale.py needs PostgreSQL: {reason}")
     load_before = os.getloadavg()
-    with fresh_databases() as names:
+    with fresh_databases("pxd_scale") as names:
         started = time.perf_counter()
-        with running_cluster(names, head_cpus=0, worker_cpus=(1,) * settings.nodes, env_extra=node_environment(settings),
-                             ray_args=RAY_NODE_ARGS) as cluster:
+        with started_cluster(names, settings) as cluster:
             cluster_start_s = time.perf_counter() - started
             if progress:
                 print(f"[scale] {settings.nodes} worker nodes + head and mlflow server up in {cluster_start_s:.0f} s; "

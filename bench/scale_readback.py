@@ -126,7 +126,9 @@ def _requests(requests: list[tuple[float, str, int]], trials: int, first_start: 
         "mlflow_requests_per_trial": len(requests) / trials,
         "mlflow_requests_by_phase": dict(phases),
         "mlflow_requests_per_trial_by_endpoint": {k: v / trials for k, v in by_endpoint.most_common()},
-        "mlflow_errors": sum(status >= 400 for _, _, status in requests),
+        # 4xx: look-ups of what does not exist yet (the new sweep's name, experiments), by endpoint; 5xx: failures
+        "mlflow_not_found": dict(collections.Counter(e for _, e, status in requests if 400 <= status < 500)),
+        "mlflow_server_errors": sum(status >= 500 for _, _, status in requests),
     }
 
 
@@ -161,3 +163,38 @@ def summary(result: dict[str, Any]) -> str:
     lines.append(f"{environment.get('date')} · {environment.get('machine')} · {environment.get('versions')}")
     lines.append(f"command: {environment.get('command')}")
     return "\n".join(lines)
+
+
+TABLE_ROWS = [  # (label, key or function of a result)
+    ("trials × worker nodes (concurrency)", lambda r: f"{r['trials']} × {r['nodes']} ({r['concurrency']})"),
+    ("trials complete / left running", lambda r: f"{r['trials_complete']} / {r['runs_left_running']}"),
+    ("trials per minute", "trials_per_min"),
+    ("driver CPU s per trial (cores on average)", lambda r: f"{r['driver_cpu_s_per_trial']:.3f} ({r['driver_cores']:.3f})"),
+    ("driver peak RSS MB", "driver_rss_mb"),
+    ("MLflow requests per trial", "mlflow_requests_per_trial"),
+    ("per-trial orchestration s, first → last fifth (median)",
+     lambda r: f"{r['orchestration_s']['first_fifth_median']:.2f} → {r['orchestration_s']['last_fifth_median']:.2f}"),
+    ("growth ratio", "growth_ratio"),
+    ("wall ÷ ideal", "wall_over_ideal"),
+    ("start (Ray, parent run, teacher warm-up) s", "start_s"),
+    ("end of sweep s (frontier and records s)", lambda r: f"{r['end_of_sweep_s']:.1f} ({r['finish_s']:.1f})"),
+]
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """A markdown table of runs side by side (docs/benchmarks.md, Scale)."""
+    def cell(result: dict[str, Any], how: Any) -> str:
+        value = how(result) if callable(how) else result.get(how)
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    lines = ["| | " + " | ".join(f"{r['trials']} × {r['nodes']}" for r in results) + " |",
+             "|---|" + "---|" * len(results)]
+    lines += [f"| {label} | " + " | ".join(cell(r, how) for r in results) + " |" for label, how in TABLE_ROWS]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(table([json.loads(Path(path).read_text()) for path in sys.argv[1:]]))

@@ -192,8 +192,8 @@ def _without_placement(space: dict[str, Any]) -> dict[str, Any]:
 
 
 class StageCache:
-    """A `StageProvider` keeping every stage in memory by stage key, and the teacher, assistants and
-    controls also as files in `root` (None: memory only), so that a resumed build does not train them again.
+    """A `StageProvider` keeping the teacher, assistants and controls by stage key, as files in `root` (None:
+    in memory only) so that a resumed build does not train them again; students are trained, never kept.
 
     `share(cfg, first)` makes `cfg`'s teacher and assistant the ones of `first` (the same point at the first
     seed): their keys differ only by the seed, and the table wants one teacher and one assistant per
@@ -235,21 +235,25 @@ class StageCache:
                     "history": [dict(record) for record in result.history], "warnings": list(result.warnings)}, partial)
         os.replace(partial, path)
 
+    def _kept_in_memory(self, kind: str) -> bool:
+        """The shared stages, and controls when there is no folder to read them back from; never students
+        (48 points × 3 seeds of weights that no later run needs)."""
+        return kind in SHARED_KINDS or (kind in STORED_KINDS and self.root is None)
+
     def get_or_train(self, kind: str, key: str, describe: dict[str, Any], train: Callable[[], StageResult]) -> StageOutcome:
         target = self.aliases.get(key, key)
         self.described.setdefault(target, describe)
-        if target not in self.results:
-            found = self._read(kind, target)
-            if found is None and target != key:
+        found = self.results.get(target) or self._read(kind, target)
+        reused = found is not None
+        if not reused:
+            if target != key:
                 raise RuntimeError(f"the shared {kind} stage {target[:12]} was not trained by the first seed's run; "
                                    "train each point's seeds in order, the first seed first")
-            if found is None:
-                found = train()
-                self._write(kind, target, found)
-                self.results[target] = found
-                return StageOutcome(result=found, key=key, reused=False)
+            found = train()
+            self._write(kind, target, found)
+        if self._kept_in_memory(kind):
             self.results[target] = found
-        return StageOutcome(result=self.results[target], key=key, reused=True)
+        return StageOutcome(result=found, key=key, reused=reused)
 
 
 def _seed_config(spec: SweepSpec, params: dict[str, Any], seed: int) -> PipelineConfig:

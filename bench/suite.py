@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=ROOT / "pxd-results" / "bench",
                         help="JSON, table and plot of every part, and suite.json")
     parser.add_argument("--args", action="append", default=[], metavar="PART=ARGS",
-                        help='extra arguments for one part, e.g. "search=--seeds 0 1 2 3 4 5"')
+                        help='extra arguments for one part, e.g. "search=--replays 30"')
     args = parser.parse_args(argv)
     args.extra = {}
     for item in args.args:

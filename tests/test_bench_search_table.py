@@ -13,9 +13,10 @@ import yaml
 from PIL import Image
 
 from bench import search_quality
-from bench.search_table import grid_points
+from bench.search_table import StageCache, grid_points
 from orchestrator.space.spec import load_spec
 from pxd.errors import ConfigError
+from pxd.train import StageResult
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 TINY_BLOCKS = {"depths": [1, 1, 1, 1], "widths": [8, 8, 16, 16]}
@@ -139,3 +140,26 @@ def test_a_teacher_checkpoint_replaces_the_teachers_training(tiny, tmp_path):
     with pytest.raises(ConfigError, match="teacher.checkpoint"):  # checked before any compute
         search_quality.load_space(args)
     assert load_spec(tiny["space"], ["dataset.path=" + str(tiny["photos"])]).base.teacher.epochs == 1
+
+
+def test_the_stage_cache_shares_upstream_stages_keeps_controls_on_disk_and_never_students(tmp_path):
+    def trained(kind: str):
+        calls.append(kind)
+        return StageResult(kind, {"w": torch.ones(2)}, {"val_top1": 0.5}, [{"val_top1": 0.5}])
+
+    calls: list[str] = []
+    cache = StageCache(tmp_path / "stages")
+    cache.aliases["teacher-seed1"] = "teacher-seed0"
+    with pytest.raises(RuntimeError, match="first seed"):  # a later seed never trains a shared stage itself
+        cache.get_or_train("teacher", "teacher-seed1", {}, lambda: trained("teacher"))
+    first = cache.get_or_train("teacher", "teacher-seed0", {"arch": "x"}, lambda: trained("teacher"))
+    later = cache.get_or_train("teacher", "teacher-seed1", {}, lambda: trained("teacher"))
+    assert not first.reused and later.reused and later.result is first.result and calls == ["teacher"]
+    cache.get_or_train("student", "student-key", {}, lambda: trained("student"))
+    cache.get_or_train("control", "control-key", {}, lambda: trained("control"))
+    assert set(cache.results) == {"teacher-seed0"}  # students are never kept; controls are read back from disk
+    fresh = StageCache(tmp_path / "stages")  # a resumed build
+    assert fresh.get_or_train("control", "control-key", {}, lambda: trained("control")).reused
+    assert fresh.get_or_train("teacher", "teacher-seed0", {}, lambda: trained("teacher")).reused
+    assert not fresh.get_or_train("student", "student-key", {}, lambda: trained("student")).reused
+    assert calls == ["teacher", "student", "control", "student"]

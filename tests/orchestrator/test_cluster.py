@@ -203,9 +203,17 @@ def databases() -> Iterator[dict[str, str]]:
     reason = _postgres_unavailable()
     if reason:
         pytest.skip(reason)
+    with fresh_databases("pxd_it") as names:
+        yield names
+
+
+@contextmanager
+def fresh_databases(prefix: str) -> Iterator[dict[str, str]]:
+    """Two fresh databases (MLflow's; Optuna's + leases) named `<prefix>_<random>_<kind>`, dropped at the end
+    (also bench/scale.py's)."""
     import sqlalchemy as sa
 
-    prefix = f"pxd_it_{secrets.token_hex(4)}"
+    prefix = f"{prefix}_{secrets.token_hex(4)}"
     names = {"mlflow": f"{prefix}_mlflow", "optuna": f"{prefix}_optuna"}
     engine = _admin_engine()
     try:
