@@ -18,12 +18,20 @@ from pxd.config import PipelineConfig
 from pxd.device import resolve_device
 from pxd.memo import ProcessMemory
 from pxd.models import create_model
-from pxd.stages import STAGE_KEY_VERSION, ResumableTraining, StageOutcome, StageProvider, digest, model_identity, optimiser_identity
+from pxd.stages import (
+    STAGE_KEY_VERSION,
+    ResumableTraining,
+    StageOutcome,
+    StageProvider,
+    digest,
+    model_identity,
+    optimiser_identity,
+)
 from pxd.threads import CpuThreads
 from pxd.train import Checkpointing, EpochCallback, StageTrainer, train_stage
 from pxd.types import DatasetSplits
 
-__all__ = ["CONTROL", "control_identity", "control_key", "train_ce_control", "control_metrics"]
+__all__ = ["CONTROL", "control_identity", "control_key", "control_metrics", "train_ce_control"]
 
 CONTROL = "control"  # the stage kind
 

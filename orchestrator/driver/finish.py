@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
-__all__ = ["finish_sweep", "summary", "distillation_paid"]
+__all__ = ["distillation_paid", "finish_sweep", "summary"]
 
 
 def finish_sweep(client: MlflowClient, parent_run_id: str, stopped: dict[str, str] | None = None
