@@ -30,3 +30,19 @@ TINY_CONFIG: dict[str, Any] = {
 def tiny_raw() -> dict[str, Any]:
     """A fresh copy of the tiny single-point config (as a YAML file would give it)."""
     return copy.deepcopy(TINY_CONFIG)
+
+
+def write_photo_folder(root, *, side: int = 32, classes: int = 3, train: int = 6, val: int = 4) -> None:
+    """A tiny ImageFolder tree (`train/`, `val/`) of coloured noise, one hue per class, made by the test."""
+    import torch
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", train), ("val", val)):
+        for label in range(classes):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = torch.rand(side, side, 3, generator=generator) * 80
+                pixels[..., label] += 150
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / f"{index}.png")

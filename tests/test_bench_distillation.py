@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 
 from bench import distillation
 from pxd.models import create_model
 from pxd.sections import ModelConfig
+from tests.conftest import write_photo_folder
 
 
 def test_paired_interval_is_students_t_over_the_seeds():
@@ -22,16 +22,7 @@ def test_paired_interval_is_students_t_over_the_seeds():
 
 
 def _photos(root, classes: int = 3, train: int = 6, val: int = 4) -> None:
-    """A tiny ImageFolder tree of coloured noise, one hue per class."""
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", train), ("val", val)):
-        for label in range(classes):
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True)
-            for index in range(count):
-                pixels = torch.rand(32, 32, 3, generator=generator) * 80
-                pixels[..., label] += 150
-                Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / f"{index}.png")
+    write_photo_folder(root, side=32, classes=classes, train=train, val=val)
 
 
 def test_the_bench_distils_every_seed_from_one_stored_teacher(tmp_path, monkeypatch):

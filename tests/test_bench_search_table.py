@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from bench import search_quality
 from bench.search_table import StageCache, grid_points
 from orchestrator.space.spec import load_spec
 from pxd.errors import ConfigError
 from pxd.train import StageResult
+from tests.conftest import write_photo_folder
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 TINY_BLOCKS = {"depths": [1, 1, 1, 1], "widths": [8, 8, 16, 16]}
@@ -50,17 +50,8 @@ def _one_thread_and_own_cache(tmp_path, monkeypatch):
     torch.set_num_threads(threads)
 
 
-def _photos(root: Path, classes: int = 3, train: int = 6, val: int = 4) -> None:
-    """A tiny ImageFolder tree of coloured noise, one hue per class."""
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", train), ("val", val)):
-        for label in range(classes):
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True)
-            for index in range(count):
-                pixels = torch.rand(16, 16, 3, generator=generator) * 80
-                pixels[..., label] += 150
-                Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / f"{index}.png")
+def _photos(root, classes: int = 3, train: int = 6, val: int = 4) -> None:
+    write_photo_folder(root, side=16, classes=classes, train=train, val=val)
 
 
 @pytest.fixture
