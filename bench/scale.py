@@ -235,7 +235,7 @@ def _tool_failure() -> type[BaseException]:
     return pytest.fail.Exception
 
 
-def run_scale(settings: ScaleSettings, *, progress: bool = True) -> dict[str, Any]:
+def run_scale(settings: ScaleSettings, *, progress: bool = True, out: Path | None = None) -> dict[str, Any]:
     """The sweep on its cluster, then what it recorded read back; the probes without the cluster."""
     reason = _postgres_unavailable()
     if reason:
@@ -258,6 +258,8 @@ def run_scale(settings: ScaleSettings, *, progress: bool = True) -> dict[str, An
             requests = request_counts(cluster.workdir / "mlflow.log", since=driver.started, until=driver.ended)
             result = read_back(cluster, settings, driver, requests, sweep=sweep_name(settings))
         result["cluster_start_s"] = cluster_start_s
+        if out is not None:  # the sweep's figures are kept even if a probe below is cut short
+            out.write_text(json.dumps(result, indent=2, default=str))
         if settings.samplers:
             from bench.scale_probes import sampler_ms  # optional: imports the sampler probe only when asked
 
@@ -314,7 +316,7 @@ def main() -> int:
                              kill_node_at=args.kill_node_at, seconds_per_epoch=args.seconds_per_epoch,
                              samplers=args.samplers, sampler_budget_s=args.sampler_budget_s,
                              page_points=args.page_points, logs=args.logs)
-    result = run_scale(settings)
+    result = run_scale(settings, out=args.out)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     from bench.scale_readback import summary  # the printed table
 

@@ -147,6 +147,7 @@ def _run(trial: _Trial) -> schema.TrialResult | None:
         except (SystemExit, KeyboardInterrupt):
             # stopped from outside (Tune ends a trial cut by the time budget with SystemExit): not the trial's
             # failure; the driver records it when the sweep ends, as the Optuna study holds it (PRUNED)
+            epochs.flush()  # the epochs it trained stay on its run
             raise
         except BaseException as exc:
             error = f"{type(exc).__name__}: {exc}"
@@ -174,12 +175,16 @@ def _run(trial: _Trial) -> schema.TrialResult | None:
 def _train(trial: _Trial, run_id: str, warm_up: ModelLoggingWarmUp, epochs: EpochLog) -> tuple[PipelineResult, float]:
     """The trial's pipeline, its epochs logged to its run and reported to Tune; and the seconds its data took."""
     config, context, state = trial.config, trial.context, trial.state
+    search = context.spec.require_search()
+    stopping = search.early_stopping.kind != "none"
 
     def on_epoch(kind: str, epoch: int, record: dict[str, float]) -> None:
         warm_up.start()
         epochs.add({schema.epoch_metric(kind, k): v for k, v in record.items()
                     if k != ReportKey.EPOCH and math.isfinite(v)}, step=epoch)
         if trial.in_tune:
+            if stopping:  # a rung may stop the trial at this report: the epochs it trained go to its run first
+                epochs.flush()
             name = schema.epoch_metric(kind)
             # with the cost metrics known before training: what early stopping ranks trials on
             tune.report({ReportKey.STAGE: kind, ReportKey.EPOCH: epoch, name: record[primary_metric()],
@@ -188,7 +193,6 @@ def _train(trial: _Trial, run_id: str, warm_up: ModelLoggingWarmUp, epochs: Epoc
                          ReportKey.MLFLOW_RUN_ID: run_id,
                          **trial.known})
 
-    search = context.spec.require_search()
     latency = LatencySettings(search.latency.device, search.latency.repeats, search.latency.warmup,
                               cache=state.latency_cache(context.parent_run_id, config), before_timing=warm_up.wait)
     loading = time.perf_counter()
