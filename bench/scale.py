@@ -72,7 +72,7 @@ from tests.orchestrator.test_cluster import (
 
 SPACE = Path(__file__).resolve().parent / "scale.yaml"
 # pxd's driver asks for no worker logs (`log_to_driver=False`): a node's log monitor would only poll its files
-# (~60 MB and the most idle CPU of a node, each)
+# (~0.6 % of a core each, the largest part of an idle node's CPU)
 RAY_NODE_ARGS = ("--include-log-monitor=false",)
 
 
