@@ -23,6 +23,7 @@ from pxd.stages import (
     ResumableTraining,
     StageOutcome,
     StageProvider,
+    describe,
     digest,
     model_identity,
     optimiser_identity,
@@ -73,9 +74,8 @@ def train_ce_control(
                            progress=False, checkpointing=checkpointing, cpu_threads=cpu_threads, memory=memory)
 
     trainer = dict(getattr(train, "identity", {}))
-    describe = {"stage": CONTROL, "arch": cfg.student.arch, "resolution": cfg.student.resolution, "seed": cfg.seed,
-                "dataset": cfg.dataset.kind, **trainer}
-    return provider.get_or_train(CONTROL, control_key(cfg, data.fingerprint, trainer), describe,
+    described = {**describe(cfg, "student"), "stage": CONTROL, **trainer}
+    return provider.get_or_train(CONTROL, control_key(cfg, data.fingerprint, trainer), described,
                                  ResumableTraining(train_control))
 
 
