@@ -48,7 +48,7 @@ from pxd.config import PipelineConfig
 from pxd.cost import measure_cost
 from pxd.data import load_dataset
 from pxd.models import create_model
-from pxd.pipeline import StageOutcome, init_from, run_tas
+from pxd.pipeline import StageOutcome, init_from, prepare_teacher, run_tas
 from pxd.train import StageResult, resolve_device, train_stage
 from pxd.types import DatasetSplits, ImageSet
 
@@ -90,6 +90,8 @@ def base_config(args: argparse.Namespace, seed: int, student_resolution: int) ->
         if getattr(args, name) is not None:
             distill[name] = getattr(args, name)
     teacher = {"arch": args.teacher, "resolution": args.resolution, "epochs": args.teacher_epochs}
+    if args.teacher_lr is not None:
+        teacher["train"] = {"lr": args.teacher_lr}
     if args.teacher_checkpoint is not None:  # one stored teacher for every seed, used as is
         teacher.update(checkpoint=str(args.teacher_checkpoint), epochs=0)
     return PipelineConfig.from_dict({
@@ -295,6 +297,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attention", type=float, default=None, help="attention-transfer weight (default: pxd's)")
     parser.add_argument("--teacher-checkpoint", type=Path, default=None,
                         help="one stored teacher for every seed (teacher.checkpoint; --teacher-epochs is then unused)")
+    parser.add_argument("--save-teacher", type=Path, default=None,
+                        help="train one teacher (first seed, every training image) into this file, or reuse the file, "
+                             "and distil every seed from it")
+    parser.add_argument("--teacher-lr", type=float, default=None, help="the teacher's own SGD lr (default: --lr)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                         help="variants to run (ce always runs: every Δ is paired against it)")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -307,11 +313,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--out", type=Path, default=None, help="write every number and the settings as JSON")
     args = parser.parse_args(argv)
+    if args.save_teacher is not None and args.teacher_checkpoint is not None:
+        parser.error("--save-teacher and --teacher-checkpoint: give one (--save-teacher reuses its file where it exists)")
     if args.resolution is None:
         args.resolution = 64 if args.dataset == "synthetic" else 128
     if args.student_resolutions is None:
         args.student_resolutions = [args.resolution // 2, args.resolution // 4]
     return args
+
+
+def stored_teacher(args: argparse.Namespace, started: float) -> dict[str, float]:
+    """`--save-teacher`: the one teacher every seed distils from, trained here unless its file exists."""
+    path = args.save_teacher
+    if path.exists():
+        print(f"teacher: reusing {path}", flush=True)
+        return {}
+    cfg = base_config(args, args.seeds[0], args.student_resolutions[0])
+    outcome = prepare_teacher(cfg, provider=MemoryStageCache(), on_epoch=_printer(args.seeds[0], "teacher", started))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": outcome.result.state_dict}, path)
+    metrics = {"val_top1": outcome.result.metrics["val_top1"], "train_seconds": outcome.result.metrics["train_seconds"]}
+    print(f"teacher: val_top1 {metrics['val_top1']:.3f} after {cfg.teacher.epochs} epochs, stored in {path}", flush=True)
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -320,13 +343,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"pxd distillation benchmark · {environment['cpu']} · torch {environment['torch']}"
           f" · {environment['torch_threads']} threads · seeds {args.seeds}", flush=True)
     started = time.perf_counter()
+    teacher = {}
+    if args.save_teacher is not None:
+        teacher = stored_teacher(args, started)
+        args.teacher_checkpoint, args.save_teacher = args.save_teacher, None
     per_seed: dict[int, Any] = {}
     for seed in args.seeds:
         per_seed[seed] = run_seed(args, seed, started)
         table = summarise(per_seed, args)
         if args.out is not None:  # after every seed: an interrupted run keeps the seeds it finished
             settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-            payload = {"environment": environment, "settings": settings, "runs": per_seed, "table": table,
+            payload = {"environment": environment, "settings": settings, "teacher": teacher, "runs": per_seed, "table": table,
                        "wall_seconds": time.perf_counter() - started, "seeds_done": sorted(per_seed)}
             args.out.write_text(json.dumps(payload, indent=2))
     print(f"\n{table}\n\ntotal wall-clock {time.perf_counter() - started:.0f}s")
