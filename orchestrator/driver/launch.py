@@ -30,7 +30,7 @@ from orchestrator.driver.attempts import LostAttempts
 from orchestrator.driver.budget import BUDGET_FILE, LaunchBudget, RecordedTrials, SweepSearchGenerator, write_budget
 from orchestrator.driver.checks import check_cluster_can_run, check_reachable, lease_url, validate_launch
 from orchestrator.driver.early_stopping import MOASHA, STATE_FILE
-from orchestrator.driver.finish import finish_sweep
+from orchestrator.driver.finish import SweepWatch, finish_sweep
 from orchestrator.driver.folder import check_name_is_free, claim_sweep
 from orchestrator.driver.lending import IdleCpuLending
 from orchestrator.driver.options import SweepOptions, SweepOutcome
@@ -187,14 +187,21 @@ def _fit_and_finish(tuner: tune.Tuner, progress: SweepProgress, context: TrialCo
     # this launch's budget; the time budget counts from here, as Tune's own time_budget_s would
     write_budget(sweep_dir, trials=search.trials, timeout_s=search.timeout_s)
     started = time.monotonic()
-    tuner.fit()
+    # the trial and stage runs, read as they end: the end reads only the last few (bench/scale.py)
+    watched = SweepWatch(MlflowClient(context.tracking_uri), client.get_run(context.parent_run_id)).start()
+    try:
+        tuner.fit()
+    except BaseException:
+        watched.stop()
+        raise
     progress.close()
     budget_ran_out = search.timeout_s is not None and time.monotonic() - started >= search.timeout_s
     stopped = close_optuna_trials(context.sweep_name, storage_url, stopped=budget_ran_out, spec=context.spec,
                                   client=client, parent_run_id=context.parent_run_id)
     reason = (f"stopped when the time budget search.timeout_s = {search.timeout_s}s ran out" if budget_ran_out
               else "stopped before its final result")
-    return finish_sweep(client, context.parent_run_id, stopped={trial_id: reason for trial_id in stopped})
+    return finish_sweep(client, context.parent_run_id, stopped={trial_id: reason for trial_id in stopped},
+                        watched=watched)
 
 
 def _lending(search: Any, sweep_dir: Path, budget_path: Path) -> Any:
