@@ -27,7 +27,7 @@ from typing import Any
 import cloudpickle
 import ray
 from ray import tune
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from orchestrator.results import schema
 from orchestrator.tracking import credentials
@@ -45,8 +45,14 @@ def lost_cause(error: BaseException | None, *, node_id: str, hostname: str, node
         return f"its node died (shut down, preempted or lost): {where}"
     if isinstance(error, RayActorError):
         return f"worker process died (killed or out of memory) on {where}"
-    first_line = str(error).strip().splitlines()[0] if error is not None and str(error).strip() else "unknown error"
-    return f"trial process lost on {where}: {type(error).__name__}: {first_line}"
+    raised = getattr(error, "cause", None) if isinstance(error, RayTaskError) else None
+    if isinstance(raised, BaseException):  # the attempt raised past its own error handling: name what it raised
+        return f"the trial raised {type(raised).__name__} outside its own error handling on {where}: {_first_line(raised)}"
+    return f"trial process lost on {where}: {type(error).__name__}: {_first_line(error)}"
+
+
+def _first_line(error: BaseException | None) -> str:
+    return str(error).strip().splitlines()[0] if error is not None and str(error).strip() else "unknown error"
 
 
 def _trial_error(trial: Any) -> BaseException | None:

@@ -67,6 +67,18 @@ def test_the_cause_of_a_lost_attempt_names_the_node_and_host():
     assert "RuntimeError: boom" in lost_cause(RuntimeError("boom\nmore"), node_id="n1", hostname="h1", node_alive=True)
 
 
+def test_an_exception_raised_past_the_trials_own_handling_is_named_not_called_a_lost_process():
+    from ray.exceptions import RayTaskError
+
+    try:
+        raise ValueError("RESOURCE_DOES_NOT_EXIST: run abc not found\ntraceback")
+    except ValueError as exc:
+        wrapped = RayTaskError("ImplicitFunc.train", "Traceback ...", exc)
+    cause = lost_cause(wrapped, node_id="n1", hostname="h1", node_alive=True)
+    assert cause == ("the trial raised ValueError outside its own error handling on node n1 (host h1): "
+                     "RESOURCE_DOES_NOT_EXIST: run abc not found")
+
+
 def test_a_retried_trial_counts_once_by_its_last_attempt():
     def row(trial_id: str, state: str) -> TrialRow:
         return TrialRow(trial_id=trial_id, run_id=f"{trial_id}-{state}", metrics={}, params={}, state=state)
