@@ -265,10 +265,16 @@ def run_scale(settings: ScaleSettings, *, progress: bool = True, out: Path | Non
 
             result["sampler_ms"] = sampler_ms(settings.samplers, [100, 500, 1000], storage=_pg_url(names["optuna"]),
                                               budget_s=settings.sampler_budget_s)
+            if out is not None:  # kept if the page probe fails
+                out.write_text(json.dumps(result, indent=2, default=str))
     if settings.page_points:
         from bench.scale_probes import pareto_page  # optional: playwright
 
-        result["pareto_page"] = pareto_page(points=settings.page_points)
+        try:
+            result["pareto_page"] = pareto_page(points=settings.page_points)
+        except Exception as exc:  # noqa: BLE001 - e.g. no Chromium: the sweep's and samplers' figures stand
+            result["pareto_page"] = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"}
+            print(f"[scale] the Pareto page probe failed: {result['pareto_page']['error']}", file=sys.stderr, flush=True)
     result["environment"] = environment(load_before, settings)
     return result
 
