@@ -17,6 +17,7 @@ from orchestrator.results.frontier import TrialRow, format_table, frontier_table
 from orchestrator.results.schema import Tag
 from orchestrator.tracking import credentials
 from orchestrator.tracking.server import experiment_page
+from orchestrator.tracking.watch import RunsWatch
 from pxd.control import CONTROL
 from pxd.metrics import primary_metric
 
@@ -32,8 +33,6 @@ class SweepWatch:
     that its end reads only the last few: the end then takes about as long at 1,000 trials as at 100."""
 
     def __init__(self, client: MlflowClient, parent: Run) -> None:
-        from orchestrator.tracking.watch import RunsWatch
-
         self.trials = RunsWatch(client, lambda: parent.info.experiment_id, schema.trial_filter(parent.info.run_id))
         stages: list[str] = []
 
@@ -44,7 +43,7 @@ class SweepWatch:
                     stages.append(experiment.experiment_id)
             return stages[0] if stages else None
 
-        self.stages = RunsWatch(client, stages_experiment, schema.trained_stages_filter(parent.data.tags[Tag.SWEEP]))
+        self.stages = RunsWatch(client, stages_experiment, _trained_stages_filter(parent.data.tags[Tag.SWEEP]))
 
     def start(self) -> SweepWatch:
         self.trials.start()
@@ -98,11 +97,16 @@ def _tag_frontier(client: MlflowClient, runs: list[Run], rows: list[TrialRow], o
             client.set_tag(row.run_id, Tag.ON_FRONTIER, wanted)
 
 
+def _trained_stages_filter(sweep: str) -> str:
+    """The MLflow filter of the stage runs a sweep trained to the end (in `schema.STAGES_EXPERIMENT`)."""
+    return f"tags.`{Tag.SWEEP}` = '{sweep}' and tags.`{Tag.STAGE_COMPLETE}` = 'true'"
+
+
 def _trained_stages(client: MlflowClient, parent: Run) -> list[Run]:
     experiment = client.get_experiment_by_name(schema.STAGES_EXPERIMENT)
     if experiment is None:
         return []
-    return client.search_runs([experiment.experiment_id], schema.trained_stages_filter(parent.data.tags[Tag.SWEEP]),
+    return client.search_runs([experiment.experiment_id], _trained_stages_filter(parent.data.tags[Tag.SWEEP]),
                               max_results=50000)
 
 

@@ -34,42 +34,12 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 __all__ = [
-    "EXPERIMENT_KIND",
-    "FINAL_REPORT",
-    "KIND_STAGE",
-    "KIND_SWEEP",
-    "KIND_TRIAL",
-    "STAGES_EXPERIMENT",
-    "STAGE_CHECKPOINT",
-    "STATES",
-    "OptunaAttr",
-    "Param",
-    "ReportKey",
-    "SweepMetric",
-    "Tag",
-    "TrialResult",
-    "collect_rows",
-    "epoch_metric",
-    "failed_report",
-    "find_sweep_run",
-    "hardware_tag",
-    "log_trial_failure",
-    "log_trial_over_budget",
-    "log_trial_result",
-    "model_version_tags",
-    "over_budget_report",
-    "read_trial_row",
-    "recorded_result",
-    "report_error",
-    "report_over_budget",
-    "require_sweep_run",
-    "stage_tag",
-    "sweep_objectives",
-    "sweep_run_tags",
-    "trained_stages_filter",
-    "trial_filter",
-    "trial_runs",
-    "trial_start_tags",
+    "EXPERIMENT_KIND", "FINAL_REPORT", "KIND_STAGE", "KIND_SWEEP", "KIND_TRIAL", "STAGES_EXPERIMENT",
+    "STAGE_CHECKPOINT", "STATES", "OptunaAttr", "Param", "ReportKey", "SweepMetric", "Tag", "TrialResult",
+    "collect_rows", "epoch_metric", "failed_report", "find_sweep_run", "hardware_tag", "log_trial_failure",
+    "log_trial_over_budget", "log_trial_result", "model_version_tags", "over_budget_report", "read_trial_row",
+    "recorded_result", "report_error", "report_over_budget", "require_sweep_run", "stage_tag", "sweep_objectives",
+    "sweep_run_tags", "trial_filter", "trial_runs", "trial_start_tags",
 ]
 
 
@@ -366,11 +336,8 @@ def trial_runs(client: MlflowClient, parent: Run | tuple[str, str], *, trial_id:
                state: str | None = None) -> list[Run]:  # parent: the sweep's run, or (its run id, experiment id)
     """A sweep's trial runs (one Tune trial's, in one state, if given), newest first."""
     parent_id, experiment_id = parent if isinstance(parent, tuple) else (parent.info.run_id, parent.info.experiment_id)
-    parts = [trial_filter(parent_id)]
-    if trial_id is not None:
-        parts.append(f"tags.`{Tag.TRIAL_ID}` = '{trial_id}'")
-    if state is not None:
-        parts.append(f"tags.`{Tag.STATE}` = '{state}'")
+    parts = [trial_filter(parent_id), *([f"tags.`{Tag.TRIAL_ID}` = '{trial_id}'"] if trial_id is not None else []),
+             *([f"tags.`{Tag.STATE}` = '{state}'"] if state is not None else [])]
     return list(client.search_runs([experiment_id], filter_string=" and ".join(parts),
                                    order_by=["attributes.start_time DESC"], max_results=50000))
 
@@ -378,11 +345,6 @@ def trial_runs(client: MlflowClient, parent: Run | tuple[str, str], *, trial_id:
 def trial_filter(parent_id: str) -> str:
     """The MLflow filter of a sweep's trial runs (`trial_runs`; the driver's `RunsWatch`)."""
     return f"tags.`{Tag.PARENT_RUN}` = '{parent_id}' and tags.`{Tag.KIND}` = '{KIND_TRIAL}'"
-
-
-def trained_stages_filter(sweep: str) -> str:
-    """The MLflow filter of the stage runs a sweep trained to the end (in `STAGES_EXPERIMENT`)."""
-    return f"tags.`{Tag.SWEEP}` = '{sweep}' and tags.`{Tag.STAGE_COMPLETE}` = 'true'"
 
 
 def collect_rows(client: MlflowClient, parent: Run) -> list[TrialRow]:
