@@ -60,10 +60,11 @@ def finish_sweep(client: MlflowClient, parent_run_id: str, stopped: dict[str, st
     """Frontier of the sweep → the parent run (table, plots, hypervolume) and tags on frontier runs.
     `stopped`: Tune trial id → why, for trials stopped before their final result (Optuna: PRUNED).
     `watched`: the sweep's trial and stage runs as the driver read them while they ended (`SweepWatch`);
-    without it, both are read back here."""
+    without it, both are read back here (a watch never started reads everything at its end)."""
     parent = client.get_run(parent_run_id)
     objectives, reference, ideal = schema.sweep_objectives(parent)
-    runs = watched.trials.final() if watched is not None else schema.trial_runs(client, parent)
+    watched = watched or SweepWatch(client, parent)
+    runs = watched.trials.final()
     rows = [schema.read_trial_row(run) for run in runs]  # as `schema.collect_rows`, keeping the runs' tags
     close_lost_trials(client, rows, stopped or {})
     table = frontier_table(rows, objectives, reference, ideal)
@@ -78,8 +79,7 @@ def finish_sweep(client: MlflowClient, parent_run_id: str, stopped: dict[str, st
               metric.HYPERVOLUME_NORMALISED: float(table["hypervolume_normalised"]),
               metric.FRONTIER_SIZE: float(len(on_front)), metric.TRIALS_COMPLETE: float(counts["COMPLETE"]),
               metric.TRIALS_FAILED: float(counts["FAILED"]), metric.TRIALS_STOPPED: float(counts["PRUNED"])}
-    trained = watched.stages.final() if watched is not None else _trained_stages(client, parent)
-    totals.update(_stage_totals(rows, trained))
+    totals.update(_stage_totals(rows, watched.stages.final()))
     now = int(time.time() * 1000)
     client.log_batch(parent_run_id, metrics=[Metric(key, value, now, 0) for key, value in totals.items()])
     client.set_terminated(parent_run_id, status="FINISHED")
@@ -100,14 +100,6 @@ def _tag_frontier(client: MlflowClient, runs: list[Run], rows: list[TrialRow], o
 def _trained_stages_filter(sweep: str) -> str:
     """The MLflow filter of the stage runs a sweep trained to the end (in `schema.STAGES_EXPERIMENT`)."""
     return f"tags.`{Tag.SWEEP}` = '{sweep}' and tags.`{Tag.STAGE_COMPLETE}` = 'true'"
-
-
-def _trained_stages(client: MlflowClient, parent: Run) -> list[Run]:
-    experiment = client.get_experiment_by_name(schema.STAGES_EXPERIMENT)
-    if experiment is None:
-        return []
-    return client.search_runs([experiment.experiment_id], _trained_stages_filter(parent.data.tags[Tag.SWEEP]),
-                              max_results=50000)
 
 
 def _stage_totals(rows: list[TrialRow], trained: list[Run]) -> dict[str, float]:

@@ -44,7 +44,6 @@ class RunsWatch:
         self.interval_s, self.skew_ms = interval_s, skew_ms
         self.runs: dict[str, Run] = {}
         self.latest_end_ms: int | None = None  # the latest end time read so far
-        self.reads = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -73,7 +72,6 @@ class RunsWatch:
                 return
             since = 0 if self.latest_end_ms is None else self.latest_end_ms - self.skew_ms
             ended = self._search(experiment, f"attributes.end_time >= {since}")
-            self.reads += 1
             for run in ended:
                 self.runs[run.info.run_id] = run
                 if run.info.end_time is not None:
