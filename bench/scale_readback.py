@@ -93,6 +93,8 @@ def read_back(cluster: Cluster, settings: ScaleSettings, driver: Driver, request
                             "median": statistics.median(orchestration) if orchestration else None},
         "growth_ratio": (statistics.median(orchestration[-fifth:]) / statistics.median(orchestration[:fifth])
                          if orchestration else None),
+        "orchestration_sections_s": _sections(complete, orchestration, fifth),
+        "per_trial": _per_trial(complete, orchestration, first_start),
         "simulated_trial_s": trial_s,
         "wall_over_ideal": driver.wall_s / (trials * trial_s / settings.slots),
         "start_s": first_start - driver.started,  # Ray, the server checks, the parent run, the teacher warm-up
@@ -100,6 +102,38 @@ def read_back(cluster: Cluster, settings: ScaleSettings, driver: Driver, request
         "finish_s": finished - last_end if finished else None,  # reconciliation and frontier, to the sweep run's end
         "killed_node": driver.killed_node,
     }
+
+
+def _section_values(runs: list[Any], orchestration: list[float]) -> dict[str, list[float]]:
+    """Each trial's orchestration seconds by section: the `overhead.<section>_s` metrics the trial logged, and
+    "other", what they leave out (the final result's log, the run's end, anything between)."""
+    prefix, suffix = "overhead.", "_s"
+    names = sorted({k[len(prefix):-len(suffix)] for r in runs for k in r.data.metrics
+                    if k.startswith(prefix) and k.endswith(suffix)})
+    values = {name: [r.data.metrics.get(schema.SweepMetric.overhead(name), 0.0) for r in runs] for name in names}
+    values["other"] = [total - sum(parts) for total, *parts in zip(orchestration, *values.values())]
+    return values
+
+
+def _sections(runs: list[Any], orchestration: list[float], fifth: int) -> dict[str, dict[str, float]]:
+    """Per section: the median of the first and the last fifth of trials by start, and their difference;
+    what grew is where the difference is."""
+    found = {}
+    for name, values in _section_values(runs, orchestration).items():
+        if not values:
+            continue
+        first, last = statistics.median(values[:fifth]), statistics.median(values[-fifth:])
+        found[name] = {"first_fifth_median": first, "last_fifth_median": last, "change": last - first}
+    return found
+
+
+def _per_trial(runs: list[Any], orchestration: list[float], first_start: float) -> dict[str, list[float]]:
+    """Columns, one row per complete trial by start: its start (s after the first trial's), its orchestration
+    seconds and each section's: kept so that a question about growth needs no second run."""
+    columns = {"start_s": [round(r.info.start_time / 1000 - first_start, 3) for r in runs],
+               "orchestration_s": [round(v, 4) for v in orchestration]}
+    columns |= {f"{name}_s": [round(v, 4) for v in values] for name, values in _section_values(runs, orchestration).items()}
+    return columns
 
 
 def parent_end(client: MlflowClient, parent: Any) -> float | None:
@@ -142,6 +176,9 @@ def summary(result: dict[str, Any]) -> str:
             "growth_ratio", "wall_over_ideal", "start_s", "end_of_sweep_s", "finish_s", "cluster_start_s"]
     lines = [f"{key:<28}{show(result.get(key))}" for key in keys]
     lines.append(f"{'orchestration_s':<28}{result['orchestration_s']}")
+    for name, row in (result.get("orchestration_sections_s") or {}).items():
+        lines.append(f"  section {name:<18} first → last fifth median {row['first_fifth_median']:.3f} → "
+                     f"{row['last_fifth_median']:.3f} s ({row['change']:+.3f})")
     lines.append(f"{'left_running':<28}{result['left_running']}")
     lines.append(f"{'requests by phase':<28}{result['mlflow_requests_by_phase']}")
     lines.append("requests per trial by endpoint:")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace as copy_with
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from bench.search_table import (
     read_table,
     training_space,
 )
+from bench.table_gain import gains, report
 from orchestrator.space.spec import load_spec
 from pxd.errors import ConfigError
 
@@ -247,3 +249,23 @@ def test_a_table_missing_a_point_is_refused(spec, table):
     with pytest.raises(ConfigError, match="no row"):
         check_complete(partial, spec)
     assert not math.isnan(scoring_for(partial, spec, "chance").grid_hypervolume)
+
+
+def test_table_gain_pairs_every_student_with_its_control_per_distillation_setting(table):
+    found = gains(table)
+    # by construction: the control is 0.05 below the plain point; kd adds 0.04, isrd 0.03
+    expected = {(0.0, 0.0): 0.05, (0.9, 0.0): 0.09, (0.0, 10.0): 0.08, (0.9, 10.0): 0.12}
+    assert len(found) == 4
+    for setting, row in found.items():
+        weights = json.loads(setting)
+        assert row["mean"] == pytest.approx(expected[(weights["distill.kd"], weights["distill.isrd"])])
+        assert len(row["students"]) == 12 and row["gained"] == 12  # 3 architectures × 4 sides
+        assert row["low"] == pytest.approx(row["mean"]) and set(row["by_side"]) == {8, 12, 16, 24}
+    text = report(table, "hand-made")
+    assert text.index('"distill.isrd": 10.0, "distill.kd": 0.9') < text.index('"distill.isrd": 0.0, "distill.kd": 0.0')
+
+
+def test_table_gain_refuses_a_table_without_controls(table):
+    bare = copy_with(table, points=[copy_with(point, ce_val_top1=[]) for point in table.points])
+    with pytest.raises(SystemExit, match="no CE controls"):
+        gains(bare)

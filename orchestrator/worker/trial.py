@@ -54,7 +54,8 @@ if TYPE_CHECKING:
 __all__ = ["TrialContext", "run_trial", "OverBudget", "TRIAL_SECTIONS", "OVERHEAD_CUTS_ENV", "RayletWatch"]
 # what a trial times outside training beyond the pipeline's sections (`pxd.pipeline.TIMED_SECTIONS`);
 # each is logged as `schema.SweepMetric.overhead(section)`
-TRIAL_SECTIONS = ("log_model",)
+# run_start: the trial run's creation and its params; log_model: the student's model log
+TRIAL_SECTIONS = ("run_start", "log_model")
 # per-epoch metrics go to the trial's run at most this often (`EpochLog`)
 EPOCH_LOG_INTERVAL_S = 10.0
 _BATCH = 1000  # MLflow's limit of metrics per log_batch request
@@ -113,6 +114,7 @@ class _Trial:
     state: WorkerState
     trial_id: str | None = field(default_factory=lambda: _trial_id())
     known: dict[str, float] = field(default_factory=dict)  # gmacs, params_m, pixels: known before any stage trains
+    run_start_s: float = 0.0  # the run's creation and its params (section "run_start")
 
     @property
     def in_tune(self) -> bool:
@@ -132,6 +134,7 @@ def _run(trial: _Trial) -> schema.TrialResult | None:
     marks = _simulated_marks(trial.state)
     tags |= {schema.Tag.SIMULATED_TRAINING: "true"} if marks else {}
     run_name = f"{config.student.arch}@{config.student.resolution}-{trial_id}"
+    started = time.perf_counter()
     with watch_retries() as retried:
         active = mlflow.start_run(experiment_id=context.experiment_id, run_name=run_name, tags=tags)
     with active as run:
@@ -139,6 +142,7 @@ def _run(trial: _Trial) -> schema.TrialResult | None:
         # a creation MLflow retried after a lost answer left a second run: not an attempt of this trial
         drop_duplicate_runs(trial.client, context.experiment_id, tags, kept=run_id, retried=retried)
         mlflow.log_params(_run_params(config, marks))
+        trial.run_start_s = time.perf_counter() - started
         epochs = EpochLog(trial.client, run_id)
         try:
             outcome, loading = _train(trial, run_id, warm_up, epochs)
@@ -240,7 +244,7 @@ def _result(trial: _Trial, run_id: str, outcome: PipelineResult, loading: float,
     started = time.perf_counter()
     warm_up.wait()
     model_uri = log_student(outcome.student, trial.config.student, params=_run_params(trial.config, {}))
-    sections = {**outcome.timings, "log_model": time.perf_counter() - started}
+    sections = {**outcome.timings, "log_model": time.perf_counter() - started, "run_start": trial.run_start_s}
     sections["data"] = sections.get("data", 0.0) + loading
     trained_seconds = sections.pop("training", 0.0)
     metrics = {

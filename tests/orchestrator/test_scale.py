@@ -50,3 +50,16 @@ def test_the_tracking_server_gets_at_most_30_requests_per_trial(scale):
     assert scale["mlflow_requests_per_trial"] <= REQUESTS_PER_TRIAL, by_endpoint
     # MLflow's model logging reads a run's metric histories back, one request per metric: pxd logs without it
     assert not [endpoint for endpoint in by_endpoint if "get-history" in endpoint]
+
+
+def test_each_trials_orchestration_time_is_kept_by_section_to_explain_growth(scale):
+    """A growth ratio is only actionable when it says where the time went: every complete trial's orchestration
+    seconds, split by the sections the trial timed (run start, stage look-ups, model log, ...) and "other"."""
+    sections = scale["orchestration_sections_s"]
+    assert {"run_start", "stages", "log_model", "other"} <= set(sections), sections
+    per_trial = scale["per_trial"]
+    assert len(per_trial["orchestration_s"]) == TRIALS and len(per_trial["run_start_s"]) == TRIALS
+    assert all(seconds > 0 for seconds in per_trial["run_start_s"]), "a run's creation takes a request"
+    for row in range(TRIALS):  # the sections and "other" add up to the trial's orchestration time
+        parts = sum(per_trial[f"{name}_s"][row] for name in sections)
+        assert parts == pytest.approx(per_trial["orchestration_s"][row], abs=0.01)
