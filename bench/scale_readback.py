@@ -93,6 +93,10 @@ def read_back(cluster: Cluster, settings: ScaleSettings, driver: Driver, request
                             "median": statistics.median(orchestration) if orchestration else None},
         "growth_ratio": (statistics.median(orchestration[-fifth:]) / statistics.median(orchestration[:fifth])
                          if orchestration else None),
+        # the least-squares trend of orchestration seconds over the trials in start order, per 1,000 trials:
+        # growth that the fifths' medians can hide or invent (warm-up at the start, the last trials' tail)
+        "orchestration_slope_s_per_1000": (1000 * statistics.linear_regression(range(len(orchestration)), orchestration).slope
+                                           if len(orchestration) > 1 else None),
         "orchestration_sections_s": _sections(complete, orchestration, fifth),
         "per_trial": _per_trial(complete, orchestration, first_start),
         "simulated_trial_s": trial_s,
@@ -173,7 +177,7 @@ def summary(result: dict[str, Any]) -> str:
 
     keys = ["trials", "nodes", "concurrency", "trials_complete", "trials_completed_twice", "runs_left_running",
             "trials_per_min", "driver_cpu_s_per_trial", "driver_cores", "driver_rss_mb", "mlflow_requests_per_trial",
-            "growth_ratio", "wall_over_ideal", "start_s", "end_of_sweep_s", "finish_s", "cluster_start_s"]
+            "growth_ratio", "orchestration_slope_s_per_1000", "wall_over_ideal", "start_s", "end_of_sweep_s", "finish_s", "cluster_start_s"]
     lines = [f"{key:<28}{show(result.get(key))}" for key in keys]
     lines.append(f"{'orchestration_s':<28}{result['orchestration_s']}")
     for name, row in (result.get("orchestration_sections_s") or {}).items():
@@ -212,6 +216,7 @@ TABLE_ROWS = [  # (label, key or function of a result)
     ("per-trial orchestration s, first → last fifth (median)",
      lambda r: f"{r['orchestration_s']['first_fifth_median']:.2f} → {r['orchestration_s']['last_fifth_median']:.2f}"),
     ("growth ratio", "growth_ratio"),
+    ("orchestration trend, s per 1,000 trials (least squares)", "orchestration_slope_s_per_1000"),
     ("wall ÷ ideal", "wall_over_ideal"),
     ("start (Ray, parent run, teacher warm-up) s", "start_s"),
     ("end of sweep s (frontier and records s)", lambda r: f"{r['end_of_sweep_s']:.1f} ({r['finish_s']:.1f})"),

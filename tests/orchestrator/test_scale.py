@@ -11,6 +11,7 @@ Needs Postgres (skipped with the reason otherwise); ~2-3 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from bench.scale import ScaleSettings, run_scale
@@ -63,3 +64,6 @@ def test_each_trials_orchestration_time_is_kept_by_section_to_explain_growth(sca
     for row in range(TRIALS):  # the sections and "other" add up to the trial's orchestration time
         parts = sum(per_trial[f"{name}_s"][row] for name in sections)
         assert parts == pytest.approx(per_trial["orchestration_s"][row], abs=0.01)
+    # the trend over the trials in start order, per 1,000 trials: what a growth would show beside the fifths
+    slope = np.polyfit(np.arange(TRIALS), per_trial["orchestration_s"], 1)[0] * 1000
+    assert scale["orchestration_slope_s_per_1000"] == pytest.approx(slope, abs=0.01)
