@@ -231,7 +231,8 @@ def paired_interval(deltas: list[float]) -> tuple[float, float, float]:
     mean = statistics.fmean(deltas)
     if len(deltas) < 2:
         return mean, float("nan"), float("nan")
-    half = T95.get(len(deltas) - 1, 1.96) * statistics.stdev(deltas) / len(deltas) ** 0.5
+    degrees = len(deltas) - 1  # between tabulated ones, the next lower one's quantile (a little wider)
+    half = T95[max(df for df in T95 if df <= degrees)] * statistics.stdev(deltas) / len(deltas) ** 0.5
     return mean, mean - half, mean + half
 
 

@@ -63,6 +63,7 @@ def read_back(cluster: Cluster, settings: ScaleSettings, driver: Driver, request
     orchestration = [(r.info.end_time - r.info.start_time) / 1000
                      - r.data.metrics.get(schema.SweepMetric.STAGE_SECONDS_TRAINED, 0.0) for r in complete]
     fifth = max(1, len(orchestration) // 5)
+    sections = _section_values(complete, orchestration)
     first_start = min(r.info.start_time for r in runs) / 1000 if runs else driver.started
     last_end = max((r.info.end_time or 0) for r in runs) / 1000 if runs else driver.ended
     trials = settings.trials
@@ -97,8 +98,8 @@ def read_back(cluster: Cluster, settings: ScaleSettings, driver: Driver, request
         # growth that the fifths' medians can hide or invent (warm-up at the start, the last trials' tail)
         "orchestration_slope_s_per_1000": (1000 * statistics.linear_regression(range(len(orchestration)), orchestration).slope
                                            if len(orchestration) > 1 else None),
-        "orchestration_sections_s": _sections(complete, orchestration, fifth),
-        "per_trial": _per_trial(complete, orchestration, first_start),
+        "orchestration_sections_s": _sections(sections, fifth),
+        "per_trial": _per_trial(complete, orchestration, sections, first_start),
         "simulated_trial_s": trial_s,
         "wall_over_ideal": driver.wall_s / (trials * trial_s / settings.slots),
         "start_s": first_start - driver.started,  # Ray, the server checks, the parent run, the teacher warm-up
@@ -119,11 +120,11 @@ def _section_values(runs: list[Any], orchestration: list[float]) -> dict[str, li
     return values
 
 
-def _sections(runs: list[Any], orchestration: list[float], fifth: int) -> dict[str, dict[str, float]]:
-    """Per section: the median of the first and the last fifth of trials by start, and their difference;
-    what grew is where the difference is."""
+def _sections(sections: dict[str, list[float]], fifth: int) -> dict[str, dict[str, float]]:
+    """Per section (`_section_values`): the median of the first and the last fifth of trials by start, and
+    their difference; what grew is where the difference is."""
     found = {}
-    for name, values in _section_values(runs, orchestration).items():
+    for name, values in sections.items():
         if not values:
             continue
         first, last = statistics.median(values[:fifth]), statistics.median(values[-fifth:])
@@ -131,12 +132,13 @@ def _sections(runs: list[Any], orchestration: list[float], fifth: int) -> dict[s
     return found
 
 
-def _per_trial(runs: list[Any], orchestration: list[float], first_start: float) -> dict[str, list[float]]:
+def _per_trial(runs: list[Any], orchestration: list[float], sections: dict[str, list[float]],
+               first_start: float) -> dict[str, list[float]]:
     """Columns, one row per complete trial by start: its start (s after the first trial's), its orchestration
     seconds and each section's: kept so that a question about growth needs no second run."""
     columns = {"start_s": [round(r.info.start_time / 1000 - first_start, 3) for r in runs],
                "orchestration_s": [round(v, 4) for v in orchestration]}
-    columns |= {f"{name}_s": [round(v, 4) for v in values] for name, values in _section_values(runs, orchestration).items()}
+    columns |= {f"{name}_s": [round(v, 4) for v in values] for name, values in sections.items()}
     return columns
 
 
